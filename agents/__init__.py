@@ -1,0 +1,1 @@
+"""Reference agents; each is deployable alone with ``mesh run agents.<module>:<agent>``."""

@@ -1,0 +1,52 @@
+"""Kafka agent mesh: AI agents as independent stream processors on typed Kafka topics.
+
+Example:
+    >>> from mesh import App, Context, Topic, agent  # the public API
+"""
+
+from __future__ import annotations
+
+from mesh.agent import Agent, App, Context, agent
+from mesh.codec import Codec
+from mesh.config import MeshSettings
+from mesh.embedded import EmbeddedBroker
+from mesh.envelope import Envelope, derive_event_id
+from mesh.errors import (
+    ConfigError,
+    DecodeError,
+    HandlerError,
+    InputError,
+    MeshError,
+    PayloadInvalid,
+    PayloadTooLarge,
+    TransportError,
+)
+from mesh.provision import apply_topics
+from mesh.runtime import AgentRunner, Mesh
+from mesh.serde import AvroSerde
+from mesh.topic import Topic
+
+__all__ = [
+    "Agent",
+    "AgentRunner",
+    "App",
+    "AvroSerde",
+    "Codec",
+    "ConfigError",
+    "Context",
+    "DecodeError",
+    "EmbeddedBroker",
+    "Envelope",
+    "HandlerError",
+    "InputError",
+    "Mesh",
+    "MeshError",
+    "MeshSettings",
+    "PayloadInvalid",
+    "PayloadTooLarge",
+    "Topic",
+    "TransportError",
+    "agent",
+    "apply_topics",
+    "derive_event_id",
+]

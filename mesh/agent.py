@@ -1,0 +1,215 @@
+"""Agent declarations: what an agent consumes, what it produces, and its handler.
+
+An agent is a stream processor. It consumes one or more typed topics in its own
+consumer group (so two agents on one topic each see every event: fan-out by wiring),
+and its outputs go to the topics it declares it produces. Chains emerge from wiring:
+A produces to the topic B consumes.
+
+Example:
+    >>> from pydantic import BaseModel
+    >>> class Question(BaseModel):
+    ...     qid: str
+    ...     text: str
+    >>> class Answer(BaseModel):
+    ...     qid: str
+    ...     text: str
+    >>> questions = Topic("qa.questions", Question, key="qid")
+    >>> answers = Topic("qa.answers", Answer, key="qid")
+    >>> @agent(consumes=questions, produces=answers)
+    ... async def answerer(question: Question, ctx: Context) -> Answer:
+    ...     return Answer(qid=question.qid, text=question.text.upper())
+    >>> answerer.name, answerer.group
+    ('answerer', 'answerer')
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from mesh.envelope import Envelope
+from mesh.errors import ConfigError
+from mesh.topic import Topic, collect_topics
+
+P = TypeVar("P", bound=BaseModel)
+M = TypeVar("M", bound=BaseModel)
+
+Handler = Callable[[Any, "Context"], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Emitted:
+    """One output a handler asked for: a payload for a topic, with an optional key."""
+
+    topic: Topic[Any]
+    payload: BaseModel
+    key: bytes | None
+
+
+class Context:
+    """What a handler gets beside its payload: the event's metadata, ``emit``, a logger.
+
+    Outputs are buffered and produced after the handler returns; the input's offset is
+    committed only once the broker has acknowledged all of them (at-least-once).
+    """
+
+    def __init__(self, agent: Agent[Any], event: Envelope[Any]) -> None:
+        self.agent = agent
+        self.event = event
+        self.outputs: list[Emitted] = []
+        self.logger = logging.LoggerAdapter(
+            logging.getLogger(f"mesh.agent.{agent.name}"),
+            {"agent": agent.name, "correlation_id": event.correlation_id})
+
+    @property
+    def correlation_id(self) -> str:
+        """The workflow the input belongs to; outputs carry it on."""
+        return self.event.correlation_id
+
+    @property
+    def event_id(self) -> str:
+        return self.event.event_id
+
+    @property
+    def attempt(self) -> int:
+        """The delivery attempt of the input, 1-based."""
+        return self.event.attempt
+
+    def emit(self, topic: Topic[M], payload: M, *, key: bytes | str | None = None) -> None:
+        """Produce ``payload`` to ``topic`` once the handler succeeds.
+
+        ``topic`` must be one the agent declares it produces. The key defaults to the
+        topic's key field, else the input's key (so per-key order carries on).
+        """
+        if topic not in self.agent.produces:
+            known = ", ".join(t.name for t in self.agent.produces) or "none"
+            raise ConfigError(f"Agent {self.agent.name!r} emits to {topic.name!r}, which it "
+                              f"does not declare (produces: {known}). Add it to produces=.")
+        if not isinstance(payload, topic.model):
+            raise ConfigError(f"Topic {topic.name!r} carries {topic.model.__name__}, but "
+                              f"{type(payload).__name__} was emitted to it.")
+        raw_key = key.encode() if isinstance(key, str) else key
+        if raw_key is None:
+            raw_key = topic.key_of(payload) if topic.key else self.event.key
+        self.outputs.append(Emitted(topic, payload, raw_key))
+
+
+class Agent(Generic[P]):
+    """A declared agent. Build one with :func:`agent`, or subclass and override
+    :meth:`handle`.
+
+    Args:
+        name: unique in the mesh; the default consumer group and ``mesh-source``.
+        consumes: the topic(s) it reads.
+        produces: the topics it may write; a handler's return value goes to the one
+            whose model matches.
+        handler: ``async (payload, ctx) -> None | payload | list[payload]``.
+        group: consumer group id (default: ``name``). Replicas share it.
+        description: shown by ``mesh graph`` and ``mesh topics list``.
+    """
+
+    def __init__(self, name: str, *, consumes: Topic[P] | Sequence[Topic[Any]],
+                 produces: Topic[Any] | Sequence[Topic[Any]] = (),
+                 handler: Handler | None = None, group: str | None = None,
+                 description: str = "") -> None:
+        self.name = name
+        self.consumes: tuple[Topic[Any], ...] = _topics(consumes)
+        self.produces: tuple[Topic[Any], ...] = _topics(produces)
+        self.group = group or name
+        self.description = description
+        self._handler = handler
+        if not name:
+            raise ConfigError("An agent needs a name.")
+        if not self.consumes:
+            raise ConfigError(f"Agent {name!r} consumes nothing: pass consumes=<Topic>.")
+        collect_topics(self.consumes + self.produces)  # same name, two declarations: fail
+
+    async def handle(self, payload: P, ctx: Context) -> Any:
+        """Process one input. Override in a subclass, or pass ``handler=``."""
+        if self._handler is None:
+            raise ConfigError(f"Agent {self.name!r} has no handler: pass handler= or "
+                              "override handle().")
+        return await self._handler(payload, ctx)
+
+    def topic_named(self, name: str) -> Topic[Any]:
+        """The consumed topic called ``name``."""
+        for topic in self.consumes:
+            if topic.name == name:
+                return topic
+        raise ConfigError(f"Agent {self.name!r} does not consume {name!r}.")
+
+    def outputs_of(self, result: Any) -> list[tuple[Topic[Any], BaseModel]]:
+        """Route a handler's return value to the produced topics, by payload model."""
+        if result is None:
+            return []
+        items = list(result) if isinstance(result, (list, tuple)) else [result]
+        routed = []
+        for item in items:
+            matches = [t for t in self.produces if isinstance(item, t.model)]
+            if len(matches) != 1:
+                why = "no produced topic carries" if not matches else "several produced topics carry"
+                raise ConfigError(f"Agent {self.name!r} returned a {type(item).__name__}, but "
+                                  f"{why} it; use ctx.emit(topic, payload) to choose.")
+            routed.append((matches[0], item))
+        return routed
+
+    def __repr__(self) -> str:
+        return (f"Agent({self.name!r}, consumes={[t.name for t in self.consumes]}, "
+                f"produces={[t.name for t in self.produces]})")
+
+
+def _topics(value: Topic[Any] | Sequence[Topic[Any]]) -> tuple[Topic[Any], ...]:
+    return (value,) if isinstance(value, Topic) else tuple(value)
+
+
+def agent(*, consumes: Topic[Any] | Sequence[Topic[Any]],
+          produces: Topic[Any] | Sequence[Topic[Any]] = (), name: str | None = None,
+          group: str | None = None) -> Callable[[Handler], Agent[Any]]:
+    """Declare an agent from an async handler ``(payload, ctx)``; see the module example."""
+
+    def wrap(handler: Handler) -> Agent[Any]:
+        return Agent(name or handler.__name__, consumes=consumes, produces=produces,
+                     handler=handler, group=group, description=(handler.__doc__ or "").strip())
+
+    return wrap
+
+
+class App:
+    """A set of agents (and extra topics) deployed together by ``mesh dev module:app``.
+
+    Example:
+        >>> app = App("qa", agents=[answerer])  # doctest: +SKIP
+        >>> sorted(app.topics)  # doctest: +SKIP
+        ['qa.answers', 'qa.questions']
+    """
+
+    def __init__(self, name: str, *, agents: Iterable[Agent[Any]] = (),
+                 topics: Iterable[Topic[Any]] = ()) -> None:
+        self.name = name
+        self.agents: list[Agent[Any]] = []
+        self._extra = list(topics)
+        for item in agents:
+            self.add(item)
+
+    def add(self, item: Agent[Any]) -> Agent[Any]:
+        """Register an agent; names are unique."""
+        if any(a.name == item.name for a in self.agents):
+            raise ConfigError(f"App {self.name!r} already has an agent named {item.name!r}.")
+        self.agents.append(item)
+        return item
+
+    def agent(self, **kwargs: Any) -> Callable[[Handler], Agent[Any]]:
+        """Like :func:`agent`, and registers the result in this app."""
+        return lambda handler: self.add(agent(**kwargs)(handler))
+
+    @property
+    def topics(self) -> dict[str, Topic[Any]]:
+        """Every topic the app declares, consumes or produces, by name."""
+        declared: list[Topic[Any]] = list(self._extra)
+        for item in self.agents:
+            declared.extend(item.consumes + item.produces)
+        return collect_topics(declared)

@@ -1,0 +1,164 @@
+"""Settings for every mesh process, read from the environment.
+
+All settings use the ``MESH_`` prefix, nested with ``__``::
+
+    MESH_KAFKA__BOOTSTRAP_SERVERS=broker:9092
+    MESH_KAFKA__SECURITY_PROTOCOL=SASL_SSL
+    MESH_KAFKA__SASL_MECHANISM=SCRAM-SHA-512
+    MESH_KAFKA__SASL_PLAIN_USERNAME=agent
+    MESH_KAFKA__SASL_PLAIN_PASSWORD=...        # a SecretStr: never logged
+    MESH_SCHEMA_REGISTRY__URL=http://registry:8081
+    MESH_RUNTIME__MAX_MESSAGE_BYTES=1048576
+
+When ``MESH_KAFKA__BOOTSTRAP_SERVERS`` is unset the mesh starts its embedded broker and
+uses the *embedded profile*: short group timings, because the embedded broker holds a
+join for about half the session timeout, and a fetch wait that keeps idle hops quick
+(the embedded broker holds an empty fetch for about half of it).
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"]
+
+
+class KafkaSettings(BaseModel):
+    """How to reach the Kafka cluster; passed through to aiokafka."""
+
+    bootstrap_servers: str | None = None
+    profile: Literal["auto", "embedded", "kafka"] = "auto"
+    client_id: str = "mesh"
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+    request_timeout_ms: int = Field(default=30_000, gt=0)
+    session_timeout_ms: int | None = Field(default=None, gt=0)
+    heartbeat_interval_ms: int | None = Field(default=None, gt=0)
+    max_poll_interval_ms: int = Field(default=300_000, gt=0)
+    fetch_max_wait_ms: int | None = Field(default=None, ge=50)
+    linger_ms: int = Field(default=5, ge=0)
+    max_batch_size: int = Field(default=262_144, gt=0)
+    acks: Literal["all", "1", "0"] = "all"
+
+    @model_validator(mode="after")
+    def _check_sasl(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError(
+                f"security_protocol={self.security_protocol} needs MESH_KAFKA__SASL_MECHANISM "
+                "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)."
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no cluster is configured: the mesh starts its embedded broker."""
+        return not self.bootstrap_servers
+
+    @property
+    def embedded_profile(self) -> bool:
+        """True when talking to the embedded broker (timings tuned to its behaviour)."""
+        return self.profile == "embedded" or (self.profile == "auto" and self.embedded)
+
+    def group_timings(self) -> dict[str, int]:
+        """Session, heartbeat and fetch-wait settings; shorter on the embedded broker."""
+        if self.embedded_profile:
+            session, heartbeat, fetch_wait = 6_000, 500, 100
+        else:
+            session, heartbeat, fetch_wait = 10_000, 3_000, 500
+        return {
+            "session_timeout_ms": self.session_timeout_ms or session,
+            "heartbeat_interval_ms": self.heartbeat_interval_ms or heartbeat,
+            "fetch_max_wait_ms": self.fetch_max_wait_ms or fetch_wait,
+        }
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments every aiokafka client gets: connection and security.
+
+        Secrets are unwrapped only here, at the boundary with aiokafka.
+        """
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism is not None:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_plain_username
+            if self.sasl_plain_password is not None:
+                kwargs["sasl_plain_password"] = self.sasl_plain_password.get_secret_value()
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            kwargs["ssl_context"] = self.ssl_context()
+        return kwargs
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A TLS context from the CA, client certificate and key files."""
+        context = ssl.create_default_context(cafile=self.ssl_cafile)
+        context.check_hostname = self.ssl_check_hostname
+        if self.ssl_certfile:
+            password = self.ssl_password.get_secret_value() if self.ssl_password else None
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password)
+        return context
+
+
+class SchemaRegistrySettings(BaseModel):
+    """A Confluent-compatible schema registry; when set, the Confluent framing is used."""
+
+    url: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class RuntimeSettings(BaseModel):
+    """How agents run: limits, concurrency, retries, shutdown."""
+
+    max_message_bytes: int = Field(default=1_048_576, gt=0)
+    max_partitions_in_flight: int = Field(default=16, gt=0)
+    max_records_per_poll: int = Field(default=500, gt=0)
+    handler_attempts: int = Field(default=3, gt=0)
+    retry_backoff_ms: int = Field(default=100, ge=0)
+    retry_backoff_max_ms: int = Field(default=5_000, ge=0)
+    commit_interval_ms: int = Field(default=200, ge=0)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    auto_offset_reset: Literal["earliest", "none"] = "earliest"
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint of an agent process."""
+
+    enabled: bool = True
+    port: int = Field(default=0, ge=0, le=65535)
+
+
+class MeshSettings(BaseSettings):
+    """Everything a mesh process reads from its environment (``MESH_`` prefix)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MESH_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log_level: str = "INFO"
+
+    def with_bootstrap(self, servers: str, *, embedded: bool = False) -> MeshSettings:
+        """A copy pointing at ``servers``; ``embedded`` keeps the embedded profile."""
+        update: dict[str, Any] = {"bootstrap_servers": servers}
+        if embedded:
+            update["profile"] = "embedded"
+        kafka = self.kafka.model_copy(update=update)
+        return self.model_copy(update={"kafka": kafka})

@@ -1,0 +1,186 @@
+"""Event metadata carried in Kafka headers, and the typed ``Envelope[Model]``.
+
+Every mesh event has these headers (UTF-8 values):
+
+==================== =====================================================
+``mesh-event-id``     unique id; an agent's outputs get ids derived from
+                      (agent, input event id, output index), so a replay
+                      after a crash yields the same ids and sinks dedup
+``mesh-correlation``  the workflow this event belongs to
+``mesh-causation``    the id of the event that caused this one
+``traceparent``       W3C trace context (``00-<trace>-<span>-01``)
+``mesh-source``       the agent (or ``emit``/system) that produced it
+``mesh-attempt``      delivery attempt, 1-based
+``mesh-schema``       CRC-64-AVRO fingerprint of the writer schema (hex)
+``mesh-produced-at``  production time, epoch milliseconds
+==================== =====================================================
+
+Records produced by other Kafka clients may omit them: a missing event id is derived
+from (topic, partition, offset), so it is stable across redeliveries; a missing
+correlation id is the event id. A header that is present but malformed is an input
+error and sends the record to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
+
+from mesh.errors import HeaderInvalid
+
+EVENT_ID = "mesh-event-id"
+CORRELATION_ID = "mesh-correlation"
+CAUSATION_ID = "mesh-causation"
+TRACEPARENT = "traceparent"
+SOURCE = "mesh-source"
+ATTEMPT = "mesh-attempt"
+SCHEMA = "mesh-schema"
+PRODUCED_AT = "mesh-produced-at"
+
+MESH_HEADERS = (EVENT_ID, CORRELATION_ID, CAUSATION_ID, TRACEPARENT, SOURCE, ATTEMPT, SCHEMA,
+                PRODUCED_AT)
+
+Headers = Sequence[tuple[str, bytes]]
+P = TypeVar("P")
+
+_NAMESPACE = uuid.UUID("5b0c7f4e-7d1a-4c39-9a52-6f1f3c2d8e10")
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def derive_event_id(agent: str, input_event_id: str, index: int) -> str:
+    """The id of output number ``index`` that ``agent`` produced from ``input_event_id``.
+
+    Deterministic, so re-processing the same input after a crash yields the same ids.
+
+    Example:
+        >>> derive_event_id("writer", "e1", 0) == derive_event_id("writer", "e1", 0)
+        True
+    """
+    return str(uuid.uuid5(_NAMESPACE, f"{agent}\x00{input_event_id}\x00{index}"))
+
+
+def record_event_id(topic: str, partition: int, offset: int) -> str:
+    """The id of a record that came without one: stable for that record's position."""
+    return str(uuid.uuid5(_NAMESPACE, f"record\x00{topic}\x00{partition}\x00{offset}"))
+
+
+def new_event_id() -> str:
+    """A fresh random event id, for events entering the mesh."""
+    return str(uuid.uuid4())
+
+
+def new_traceparent() -> str:
+    """A new W3C trace context, sampled."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def child_traceparent(parent: str, event_id: str) -> str:
+    """The trace context of an event caused by one with ``parent``: same trace, a span
+    id derived from ``event_id`` (so a replay keeps its span ids too)."""
+    match = _TRACEPARENT.match(parent)
+    if match is None:
+        return new_traceparent()
+    span = hashlib.blake2b(event_id.encode(), digest_size=8).hexdigest()
+    return f"00-{match.group(1)}-{span}-{match.group(3)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope(Generic[P]):
+    """A payload with its event metadata and, once consumed, its position.
+
+    Example:
+        >>> env = Envelope.new("hello", source="emit")
+        >>> env.correlation_id == env.event_id
+        True
+    """
+
+    payload: P
+    event_id: str
+    correlation_id: str
+    causation_id: str | None = None
+    traceparent: str = field(default_factory=new_traceparent)
+    source: str = "unknown"
+    attempt: int = 1
+    schema: str | None = None
+    produced_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    key: bytes | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.event_id or not self.correlation_id:
+            raise HeaderInvalid("An event needs a non-empty event id and correlation id.")
+        if self.attempt < 1:
+            raise HeaderInvalid(f"Attempt {self.attempt} is not valid: attempts count from 1.")
+
+    @classmethod
+    def new(cls, payload: P, *, source: str, correlation_id: str | None = None,
+            key: bytes | None = None) -> Envelope[P]:
+        """An event entering the mesh (from ``mesh emit`` or an existing system)."""
+        event_id = new_event_id()
+        return cls(payload, event_id, correlation_id or event_id, source=source, key=key)
+
+    def child(self, payload: P, *, agent: str, index: int, key: bytes | None) -> Envelope[P]:
+        """Output number ``index`` that ``agent`` produced from this event."""
+        event_id = derive_event_id(agent, self.event_id, index)
+        return Envelope(payload, event_id, self.correlation_id, causation_id=self.event_id,
+                        traceparent=child_traceparent(self.traceparent, event_id),
+                        source=agent, key=key)
+
+    def with_payload(self, payload: P, schema: str | None = None) -> Envelope[P]:
+        """The same metadata around another payload (used by the decoder)."""
+        return replace(self, payload=payload, schema=schema or self.schema)
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """The Kafka headers for this event."""
+        values = {
+            EVENT_ID: self.event_id, CORRELATION_ID: self.correlation_id,
+            CAUSATION_ID: self.causation_id, TRACEPARENT: self.traceparent,
+            SOURCE: self.source, ATTEMPT: str(self.attempt), SCHEMA: self.schema,
+            PRODUCED_AT: str(self.produced_at_ms),
+        }
+        return [(name, value.encode()) for name, value in values.items() if value is not None]
+
+
+def read_headers(headers: Headers, *, topic: str, partition: int, offset: int,
+                 key: bytes | None = None) -> Envelope[None]:
+    """The metadata of a consumed record; raises ``HeaderInvalid`` on a malformed header."""
+    values: dict[str, str] = {}
+    for name, raw in headers:
+        if name in MESH_HEADERS:
+            try:
+                values[name] = bytes(raw).decode()
+            except (UnicodeDecodeError, TypeError) as exc:
+                raise HeaderInvalid(f"Header {name!r} of {topic}[{partition}]@{offset} is "
+                                    f"not UTF-8 text: {exc}.") from exc
+    event_id = values.get(EVENT_ID) or record_event_id(topic, partition, offset)
+    trace = values.get(TRACEPARENT)
+    if trace is not None and _TRACEPARENT.match(trace) is None:
+        raise HeaderInvalid(f"Header traceparent={trace!r} is not W3C trace context "
+                            "(00-<32 hex>-<16 hex>-<2 hex>). Fix the producer or omit it.")
+    return Envelope(
+        None, event_id, values.get(CORRELATION_ID) or event_id,
+        causation_id=values.get(CAUSATION_ID), traceparent=trace or new_traceparent(),
+        source=values.get(SOURCE, "external"), attempt=_int_header(values, ATTEMPT, 1),
+        schema=values.get(SCHEMA),
+        produced_at_ms=_int_header(values, PRODUCED_AT, int(time.time() * 1000)),
+        key=key, topic=topic, partition=partition, offset=offset,
+    )
+
+
+def _int_header(values: dict[str, str], name: str, default: int) -> int:
+    raw = values.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise HeaderInvalid(f"Header {name}={raw!r} is not an integer. Fix the producer "
+                            "or omit the header.") from None

@@ -1,0 +1,107 @@
+"""The mesh's errors. Each class says whether retrying can help.
+
+Retriable errors are retried (with backoff); the rest go straight to the dead-letter
+topic. The hierarchy::
+
+    MeshError                       retriable=False
+    ├── ConfigError                 bad settings or declarations
+    │   └── TopicDrift              broker topic differs from its declaration
+    ├── SchemaDrift                 committed .avsc files differ from the models
+    ├── InputError                  a record the mesh cannot accept (-> dead letters)
+    │   ├── DecodeError             bytes that are not a mesh event
+    │   │   └── UnknownSchema       framing fine, writer schema unknown
+    │   ├── PayloadInvalid          decoded, but fails the payload model
+    │   ├── PayloadTooLarge         above runtime.max_message_bytes
+    │   └── HeaderInvalid           a mesh header present but malformed
+    ├── HandlerError                user code failed (retriable per instance)
+    └── TransportError              retriable=True: broker unreachable, timeouts
+        ├── BrokerUnavailable       the embedded broker did not start / answer
+        └── CommitFailed            the group rebalanced before a commit landed
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Root of every error the mesh raises.
+
+    Attributes:
+        retriable: whether trying the same thing again may succeed.
+    """
+
+    retriable: bool = False
+
+
+class ConfigError(MeshError):
+    """Settings or declarations that cannot work; fix the configuration."""
+
+
+class TopicDrift(ConfigError):
+    """The topic on the broker differs from its declaration."""
+
+
+class SchemaDrift(MeshError):
+    """The committed Avro schemas differ from the payload models."""
+
+
+class InputError(MeshError):
+    """A consumed record the mesh cannot accept; it goes to the dead-letter topic."""
+
+
+class DecodeError(InputError):
+    """The bytes are not an Avro event in a framing the mesh knows."""
+
+
+class UnknownSchema(DecodeError):
+    """The framing names a writer schema that is not known for this topic."""
+
+
+class PayloadInvalid(InputError):
+    """The record decoded, but its content does not satisfy the payload model."""
+
+
+class PayloadTooLarge(InputError):
+    """The record is larger than the mesh's own size limit."""
+
+
+class HeaderInvalid(InputError):
+    """A mesh header is present but malformed (not UTF-8, not a number, ...)."""
+
+
+class HandlerError(MeshError):
+    """User code failed; ``retriable`` says whether another attempt may succeed.
+
+    Raise it from a handler to choose explicitly::
+
+        raise HandlerError("search API said 429", retriable=True)
+    """
+
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class TransportError(MeshError):
+    """The broker could not be reached or did not answer in time."""
+
+    retriable = True
+
+
+class BrokerUnavailable(TransportError):
+    """The embedded broker did not start or does not answer metadata requests."""
+
+
+class CommitFailed(TransportError):
+    """An offset commit was refused because the group rebalanced; the partition's new
+    owner re-reads from the last committed offset (at-least-once)."""
+
+
+def is_retriable(error: BaseException) -> bool:
+    """Whether ``error`` may go away on another attempt.
+
+    Mesh errors say so themselves; timeouts and connection errors are retriable; any
+    other exception from user code is not (retrying a bug only delays the dead letter).
+    """
+    if isinstance(error, MeshError):
+        return error.retriable
+    return isinstance(error, (TimeoutError, ConnectionError))

@@ -1,0 +1,363 @@
+"""Running agents: consume -> decode -> handle -> produce -> commit.
+
+Delivery contract (at-least-once):
+
+* One consumer group per agent; replicas share it and Kafka balances partitions.
+* Records of one partition are handled in order, one at a time, by that partition's
+  *lane*; different partitions are handled concurrently.
+* An input's offset is committed only after every output it produced has been
+  acknowledged by the broker; auto-commit is never used.
+* The poll loop never waits for handlers: a busy partition is paused (and resumed
+  when its lane drains), so a handler slower than ``max.poll.interval.ms`` does not
+  make the consumer drop out of its group.
+* On revoke, lanes of the revoked partitions finish the record in hand and their
+  offsets are committed before the partitions move.
+* Bad input (undecodable, wrong schema, oversize, malformed header) and inputs whose
+  handler fails for good go to ``<topic>.dlq`` with headers naming the original
+  topic, partition, offset, error class and message; the partition moves on.
+* A transport failure (broker gone) stops the agent loudly with an error; the
+  uncommitted inputs are redelivered when it (or a replica) runs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.agent import Agent, Context
+from mesh.codec import Codec
+from mesh.config import MeshSettings
+from mesh.envelope import Envelope, read_headers
+from mesh.errors import (
+    CommitFailed,
+    DecodeError,
+    InputError,
+    PayloadTooLarge,
+    TransportError,
+    is_retriable,
+)
+from mesh.transport import Consumer, OutRecord, Partition, Producer, Record
+
+logger = logging.getLogger(__name__)
+
+DLQ_TOPIC = "mesh-dlq-topic"
+DLQ_PARTITION = "mesh-dlq-partition"
+DLQ_OFFSET = "mesh-dlq-offset"
+DLQ_ERROR_CLASS = "mesh-dlq-error-class"
+DLQ_ERROR = "mesh-dlq-error"
+DLQ_ATTEMPTS = "mesh-dlq-attempts"
+DLQ_AGENT = "mesh-dlq-agent"
+DLQ_FAILED_AT = "mesh-dlq-failed-at"
+DLQ_HEADERS = (DLQ_TOPIC, DLQ_PARTITION, DLQ_OFFSET, DLQ_ERROR_CLASS, DLQ_ERROR, DLQ_ATTEMPTS,
+               DLQ_AGENT, DLQ_FAILED_AT)
+
+
+class Outputs:
+    """Encodes a handler's outputs into records, enforcing the mesh's size limit."""
+
+    def __init__(self, codec: Codec, max_bytes: int) -> None:
+        self.codec, self.max_bytes = codec, max_bytes
+
+    def records(self, agent: Agent[Any], event: Envelope[Any], ctx: Context) -> list[OutRecord]:
+        out = []
+        for index, emitted in enumerate(ctx.outputs):
+            child = event.child(emitted.payload, agent=agent.name, index=index, key=emitted.key)
+            value, fingerprint = self.codec.encode(emitted.topic, emitted.payload)
+            if len(value) > self.max_bytes:
+                raise PayloadTooLarge(
+                    f"Output {index} of {agent.name} to {emitted.topic.name} is {len(value)} "
+                    f"bytes, above the limit of {self.max_bytes} "
+                    "(MESH_RUNTIME__MAX_MESSAGE_BYTES). Send a reference, not the blob.")
+            headers = Envelope(**{**_fields(child), "schema": fingerprint}).headers()
+            out.append(OutRecord(emitted.topic.name, value, emitted.key, tuple(headers)))
+        return out
+
+
+def _fields(env: Envelope[Any]) -> dict[str, Any]:
+    return {name: getattr(env, name) for name in Envelope.__dataclass_fields__}
+
+
+def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: int) -> OutRecord:
+    """The dead-letter record for ``record``: its bytes, key and headers, plus why."""
+    message = str(error) or type(error).__name__
+    extra = {
+        DLQ_TOPIC: record.topic, DLQ_PARTITION: str(record.partition),
+        DLQ_OFFSET: str(record.offset), DLQ_ERROR_CLASS: type(error).__name__,
+        DLQ_ERROR: message[:4000], DLQ_ATTEMPTS: str(attempts), DLQ_AGENT: agent,
+        DLQ_FAILED_AT: str(int(time.time() * 1000)),
+    }
+    kept = tuple((k, v) for k, v in record.headers if k not in extra)
+    headers = kept + tuple((k, v.encode()) for k, v in extra.items())
+    return OutRecord(record.topic + ".dlq", record.value, record.key, headers)
+
+
+@dataclass(slots=True)
+class _Lane:
+    """The records of one partition, handled in order by one task."""
+
+    partition: Partition
+    backlog: deque[Record] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    done: int | None = None  # next offset to commit
+    committed: int | None = None
+    stopping: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class AgentRunner:
+    """Runs one agent: its consumer group, its lanes, its commits.
+
+    Example:
+        >>> runner = AgentRunner(answerer, settings, producer=producer, codec=codec)  # doctest: +SKIP
+        >>> await runner.run(stop_event)  # doctest: +SKIP
+    """
+
+    def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: Producer,
+                 codec: Codec) -> None:
+        self.agent = agent
+        self.settings = settings
+        self.producer = producer
+        self.codec = codec
+        self.outputs = Outputs(codec, settings.runtime.max_message_bytes)
+        self.assigned = asyncio.Event()
+        self._lanes: dict[Partition, _Lane] = {}
+        self._consumer: Consumer | None = None
+        self._slots = asyncio.Semaphore(settings.runtime.max_partitions_in_flight)
+        self._tasks: asyncio.TaskGroup | None = None
+        self.handled = 0
+        self.dead_lettered = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set, then finish in-flight work, commit and leave."""
+        runtime = self.settings.runtime
+        consumer = self._consumer = Consumer(
+            self.settings.kafka, group_id=self.agent.group,
+            auto_offset_reset=runtime.auto_offset_reset)
+        await consumer.start()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                consumer.subscribe([t.name for t in self.agent.consumes],
+                                   on_assigned=self._on_assigned, on_revoked=self._on_revoked)
+                await self._poll(consumer, stop)
+                await self._close_lanes(list(self._lanes))
+        finally:
+            self._tasks = None
+            await consumer.stop()
+            logger.info("agent %s stopped: %d handled, %d dead-lettered", self.agent.name,
+                        self.handled, self.dead_lettered)
+
+    async def _poll(self, consumer: Consumer, stop: asyncio.Event) -> None:
+        runtime = self.settings.runtime
+        next_commit = 0.0
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200,
+                                             max_records=runtime.max_records_per_poll)
+            for partition, records in batches.items():
+                lane = self._lanes.get(partition) or self._open_lane(partition)
+                lane.backlog.extend(records)
+                lane.wakeup.set()
+            self._flow_control(consumer)
+            if time.monotonic() >= next_commit:
+                await self._commit(list(self._lanes.values()))
+                next_commit = time.monotonic() + runtime.commit_interval_ms / 1000
+
+    def _flow_control(self, consumer: Consumer) -> None:
+        limit = self.settings.runtime.max_records_per_poll
+        paused = consumer.paused()
+        busy = {p for p, lane in self._lanes.items() if len(lane.backlog) >= limit}
+        idle = {p for p, lane in self._lanes.items() if not lane.backlog}
+        if busy - paused:
+            consumer.pause(busy - paused)
+        if idle & paused:
+            consumer.resume(idle & paused)
+
+    def _open_lane(self, partition: Partition) -> _Lane:
+        lane = self._lanes[partition] = _Lane(partition)
+        assert self._tasks is not None
+        lane.task = self._tasks.create_task(self._drain(lane),
+                                            name=f"{self.agent.name}:{partition}")
+        return lane
+
+    async def _on_assigned(self, partitions: list[Partition]) -> None:
+        for partition in partitions:
+            if partition not in self._lanes:
+                self._open_lane(partition)
+        logger.info("agent %s assigned %s", self.agent.name, sorted(partitions))
+        self.assigned.set()
+
+    async def _on_revoked(self, partitions: list[Partition]) -> None:
+        logger.info("agent %s revoked %s", self.agent.name, sorted(partitions))
+        await self._close_lanes([p for p in partitions if p in self._lanes])
+
+    async def _close_lanes(self, partitions: Sequence[Partition]) -> None:
+        lanes = [self._lanes[p] for p in partitions]
+        for lane in lanes:
+            lane.stopping = True
+            lane.backlog.clear()  # uncommitted: redelivered to the next owner
+            lane.wakeup.set()
+        done = [lane.task for lane in lanes if lane.task is not None]
+        if done:
+            await asyncio.wait(done, timeout=self.settings.runtime.shutdown_timeout_s)
+        await self._commit(lanes)
+        for lane in lanes:
+            del self._lanes[lane.partition]
+
+    async def _commit(self, lanes: Sequence[_Lane]) -> None:
+        due = {lane.partition: lane.done for lane in lanes
+               if lane.done is not None and lane.done != lane.committed}
+        if not due or self._consumer is None:
+            return
+        try:
+            await self._consumer.commit(due)  # type: ignore[arg-type]
+        except CommitFailed as exc:  # the group moved on; the new owner redelivers
+            logger.warning("agent %s: commit of %s failed: %s", self.agent.name, due, exc)
+            return
+        for lane in lanes:
+            if lane.partition in due:
+                lane.committed = due[lane.partition]
+
+    async def _drain(self, lane: _Lane) -> None:
+        while not lane.stopping:
+            if not lane.backlog:
+                lane.wakeup.clear()
+                await lane.wakeup.wait()
+                continue
+            record = lane.backlog.popleft()
+            async with self._slots:
+                await self.process(record)
+            lane.done = record.offset + 1
+
+    async def process(self, record: Record) -> None:
+        """Handle one record to the end: outputs acknowledged, or dead-lettered."""
+        try:
+            event = await self._decode(record)
+        except InputError as exc:
+            logger.warning("agent %s: bad input %s[%d]@%d: %s", self.agent.name, record.topic,
+                           record.partition, record.offset, exc)
+            await self._dead_letter(record, exc, attempts=1)
+            return
+        await self._handle(record, event)
+
+    async def _decode(self, record: Record) -> Envelope[Any]:
+        limit = self.settings.runtime.max_message_bytes
+        if record.value is None:
+            raise DecodeError(f"{record.topic}[{record.partition}]@{record.offset} has no "
+                              "value (a tombstone); agents consume events, not deletions.")
+        if len(record.value) > limit:
+            raise PayloadTooLarge(f"Record of {len(record.value)} bytes is above the limit of "
+                                  f"{limit} (MESH_RUNTIME__MAX_MESSAGE_BYTES).")
+        meta = read_headers(record.headers, topic=record.topic, partition=record.partition,
+                            offset=record.offset, key=record.key)
+        payload = await self.codec.decode(self.agent.topic_named(record.topic), record.value)
+        return meta.with_payload(payload)
+
+    async def _handle(self, record: Record, event: Envelope[Any]) -> None:
+        runtime = self.settings.runtime
+        for attempt in range(1, runtime.handler_attempts + 1):
+            ctx = Context(self.agent, event)
+            try:
+                result = await self.agent.handle(event.payload, ctx)
+                for topic, payload in self.agent.outputs_of(result):
+                    ctx.emit(topic, payload)
+                records = self.outputs.records(self.agent, event, ctx)
+            except Exception as exc:  # user code: classify, retry or dead-letter
+                if is_retriable(exc) and attempt < runtime.handler_attempts:
+                    logger.info("agent %s attempt %d failed (%s), retrying", self.agent.name,
+                                attempt, exc)
+                    await asyncio.sleep(_backoff(attempt, runtime.retry_backoff_ms,
+                                                 runtime.retry_backoff_max_ms))
+                    continue
+                logger.warning("agent %s failed on %s[%d]@%d after %d attempt(s): %s: %s",
+                               self.agent.name, record.topic, record.partition, record.offset,
+                               attempt, type(exc).__name__, exc)
+                await self._dead_letter(record, exc, attempts=attempt)
+                return
+            await self.producer.send_all(records)
+            self.handled += 1
+            return
+
+    async def _dead_letter(self, record: Record, error: BaseException, *, attempts: int) -> None:
+        await self.producer.send_all([dead_letter(record, error, agent=self.agent.name,
+                                                  attempts=attempts)])
+        self.dead_lettered += 1
+
+
+def _backoff(attempt: int, base_ms: int, max_ms: int) -> float:
+    """Exponential backoff with full jitter, in seconds."""
+    return random.uniform(0, min(max_ms, base_ms * 2 ** (attempt - 1))) / 1000
+
+
+class Mesh:
+    """Runs a set of agents in this process over one producer and one codec.
+
+    Example:
+        >>> async with Mesh(settings, [answerer]) as mesh:  # doctest: +SKIP
+        ...     await mesh.wait_assigned()
+        ...     await stop.wait()
+    """
+
+    def __init__(self, settings: MeshSettings, agents: Sequence[Agent[Any]]) -> None:
+        self.settings = settings
+        self.agents = list(agents)
+        self.codec = Codec(settings.schema_registry)
+        self.producer = Producer(settings.kafka)
+        self.runners = [AgentRunner(a, settings, producer=self.producer, codec=self.codec)
+                        for a in self.agents]
+        self.stop_event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        """Run every agent until :meth:`stop`; any agent's transport failure stops all."""
+        topics = {t.name: t for a in self.agents for t in a.consumes + a.produces}
+        await self.codec.prepare(list(topics.values()))
+        await self.producer.start()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for runner in self.runners:
+                    tasks.create_task(runner.run(self.stop_event), name=runner.agent.name)
+        except* TransportError as group:
+            raise group.exceptions[0] from None
+        finally:
+            await self.producer.stop()
+
+    async def start(self) -> None:
+        """Run in the background (for tests and ``mesh dev``)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="mesh")
+
+    async def wait_assigned(self, timeout: float = 60.0) -> None:
+        """Wait until every agent has partitions, or fail after ``timeout`` seconds
+        (or as soon as the mesh itself fails)."""
+        assigned = asyncio.ensure_future(
+            asyncio.gather(*(r.assigned.wait() for r in self.runners)))
+        watched: list[asyncio.Future[Any]] = [assigned]
+        if self._task is not None:
+            watched.append(self._task)
+        await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        assigned.cancel()
+        if self._task is not None and self._task.done():
+            self._task.result()  # raises the mesh's failure
+        missing = [r.agent.name for r in self.runners if not r.assigned.is_set()]
+        if missing:
+            raise TransportError(f"Agents {missing} got no partitions within {timeout:.0f} s.")
+
+    async def stop(self) -> None:
+        """Finish in-flight work, commit, leave the groups."""
+        self.stop_event.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            await task
+
+    async def __aenter__(self) -> Mesh:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,301 @@
+"""Pydantic payloads <-> Avro bytes (fastavro), in two framings.
+
+* **Single-object encoding** (default): ``C3 01`` + the 8-byte CRC-64-AVRO (Rabin)
+  fingerprint of the schema's canonical form + the Avro body. Any Avro-capable client
+  decodes it with the ``.avsc`` files in ``schemas/`` alone.
+* **Confluent wire format** (when a schema registry is configured): ``00`` + a 4-byte
+  big-endian schema id from the registry + the Avro body.
+
+Decoders accept both. A writer schema other than the topic's own (an older or newer
+version) is resolved against the reader schema by Avro's rules.
+
+Type mapping: str/int/float/bool/bytes -> string/long/double/boolean/bytes;
+``X | None`` -> ``["null", X]``; list/tuple/set -> array; ``dict[str, X]`` -> map;
+nested models -> records; ``Literal[...]`` of strings and str Enums -> enum; datetime ->
+timestamp-micros; date -> date; UUID -> uuid; ``Any``/``dict[str, Any]``/JSON values ->
+a string holding JSON (marked ``"mesh.json": true``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import io
+import json
+import re
+import types
+import typing
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
+
+from mesh.errors import ConfigError, DecodeError, PayloadInvalid, UnknownSchema
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+CONFLUENT_MAGIC = b"\x00"
+_AVRO_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+Convert = Callable[[Any], Any] | None
+
+
+def _apply(convert: Convert, value: Any) -> Any:
+    return value if convert is None or value is None else convert(value)
+
+
+@dataclass(slots=True)
+class _Builder:
+    """Turns annotations into Avro schemas plus value converters (to and from Avro)."""
+
+    defined: set[str] = field(default_factory=set)
+
+    def build(self, tp: Any) -> tuple[Any, Convert, Convert]:
+        origin = typing.get_origin(tp)
+        if tp is typing.Any or tp is object:
+            return {"type": "string", "mesh.json": True}, _json_dumps, json.loads
+        if origin in (typing.Union, types.UnionType):
+            return self._union(typing.get_args(tp))
+        if origin is typing.Literal:
+            return self._literal(tp)
+        if origin in (typing.Annotated,):
+            return self.build(typing.get_args(tp)[0])
+        if origin in (list, tuple, set, frozenset):
+            return self._array(tp, origin)
+        if origin is dict:
+            key, value = typing.get_args(tp) or (str, Any)
+            if key is not str:
+                raise ConfigError(f"Avro maps need str keys, got dict[{key!r}, ...].")
+            schema, to, back = self.build(value)
+            return ({"type": "map", "values": schema},
+                    None if to is None else lambda d: {k: _apply(to, v) for k, v in d.items()},
+                    None if back is None else lambda d: {k: _apply(back, v) for k, v in d.items()})
+        if isinstance(tp, type):
+            return self._class(tp)
+        raise ConfigError(f"No Avro mapping for type {tp!r}: use a supported type "
+                          "(see mesh.serde) or Any for free-form JSON.")
+
+    def _class(self, tp: type) -> tuple[Any, Convert, Convert]:
+        primitives: dict[type, Any] = {str: "string", int: "long", float: "double",
+                                       bool: "boolean", bytes: "bytes"}
+        if tp in primitives:
+            return primitives[tp], None, None
+        if tp is dict:
+            return {"type": "string", "mesh.json": True}, _json_dumps, json.loads
+        if issubclass(tp, dt.datetime):
+            return {"type": "long", "logicalType": "timestamp-micros"}, _aware, None
+        if issubclass(tp, dt.date):
+            return {"type": "int", "logicalType": "date"}, None, None
+        if issubclass(tp, uuid.UUID):
+            return {"type": "string", "logicalType": "uuid"}, str, None
+        if issubclass(tp, enum.Enum):
+            return self._enum(tp.__name__, [m.value for m in tp]), lambda m: m.value, None
+        if issubclass(tp, BaseModel):
+            return self.record(tp)
+        raise ConfigError(f"No Avro mapping for type {tp.__name__}.")
+
+    def record(self, model: type[BaseModel]) -> tuple[Any, Convert, Convert]:
+        name = f"{_namespace(model)}.{model.__name__}"
+        if name in self.defined:
+            raise ConfigError(f"Recursive or repeated model {name}: Avro needs each record "
+                              "defined once; wrap the repeated part in its own field type.")
+        self.defined.add(name)
+        fields, to_avro, from_avro = [], {}, {}
+        for fname, info in model.model_fields.items():
+            schema, to, back = self.build(info.annotation)
+            entry: dict[str, Any] = {"name": fname, "type": schema}
+            if info.description:
+                entry["doc"] = info.description
+            default = info.get_default(call_default_factory=True)
+            if default is not PydanticUndefined:
+                entry["type"], entry_default = _with_default(schema, _apply(to, default))
+                if entry_default is not PydanticUndefined:
+                    entry["default"] = entry_default
+            fields.append(entry)
+            to_avro[fname], from_avro[fname] = to, back
+        schema = {"type": "record", "name": model.__name__, "namespace": _namespace(model),
+                  "fields": fields}
+        if model.__doc__:
+            schema["doc"] = model.__doc__.strip().splitlines()[0]
+
+        def to(obj: BaseModel) -> dict[str, Any]:
+            return {f: _apply(c, getattr(obj, f)) for f, c in to_avro.items()}
+
+        def back(data: dict[str, Any]) -> dict[str, Any]:
+            return {f: _apply(from_avro.get(f), v) for f, v in data.items()}
+
+        return schema, to, back
+
+    def _union(self, args: tuple[Any, ...]) -> tuple[Any, Convert, Convert]:
+        members = [a for a in args if a is not type(None)]
+        built = [self.build(a) for a in members]
+        schemas = (["null"] if len(members) < len(args) else []) + [b[0] for b in built]
+        if len(built) == 1:
+            return schemas, built[0][1], built[0][2]
+        if any(b[1] or b[2] for b in built if not isinstance(b[0], dict)
+               or b[0].get("type") != "record"):
+            raise ConfigError(f"Unions of {args!r} need converters Avro cannot choose between;"
+                              " use a union of models or of plain types.")
+        models = [(m, b) for m, b in zip(members, built, strict=True)
+                  if isinstance(m, type) and issubclass(m, BaseModel)]
+
+        def to(value: Any) -> Any:
+            for model, (schema, conv, _) in models:
+                if isinstance(value, model):
+                    return (f"{schema['namespace']}.{schema['name']}", _apply(conv, value))
+            return value
+
+        def back(value: Any) -> Any:
+            if isinstance(value, dict):  # pydantic picks the branch; convert for all
+                for _, (_, _, conv) in models:
+                    if conv is not None:
+                        value = conv(value)
+            return value
+
+        return schemas, (to if models else None), (back if models else None)
+
+    def _literal(self, tp: Any) -> tuple[Any, Convert, Convert]:
+        values = typing.get_args(tp)
+        if all(isinstance(v, str) for v in values):
+            name = "Literal_" + "_".join(re.sub(r"\W", "_", v) for v in values)[:60]
+            return self._enum(name, list(values)), None, None
+        return self.build(type(values[0]))
+
+    def _enum(self, name: str, symbols: list[Any]) -> dict[str, Any]:
+        if not all(isinstance(s, str) and _AVRO_NAME.match(s) for s in symbols):
+            return "string"  # type: ignore[return-value]  # values that Avro enums cannot hold
+        if name in self.defined:
+            name = f"{name}_{len(self.defined)}"
+        self.defined.add(name)
+        return {"type": "enum", "name": name, "symbols": symbols}
+
+    def _array(self, tp: Any, origin: Any) -> tuple[Any, Convert, Convert]:
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
+        if len(set(args)) > 1:
+            raise ConfigError(f"Fixed-shape tuples {tp!r} have no Avro mapping; use a model.")
+        schema, to, back = self.build(args[0])
+        return ({"type": "array", "items": schema},
+                lambda xs: [_apply(to, x) for x in xs],
+                None if back is None else lambda xs: [_apply(back, x) for x in xs])
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def _namespace(model: type[BaseModel]) -> str:
+    explicit = model.model_config.get("title")  # not used for naming; keep module path
+    del explicit
+    parts = [p for p in model.__module__.split(".") if _AVRO_NAME.match(p)]
+    return ".".join(parts) or "mesh"
+
+
+def _with_default(schema: Any, default: Any) -> tuple[Any, Any]:
+    """Avro needs a union's default to match its first branch; reorder when needed."""
+    if isinstance(schema, list):
+        if default is None:
+            return schema, None
+        rest = [s for s in schema if s != "null"]
+        if len(rest) == 1 and _plain(default):
+            return rest + ["null"], default
+        return schema, PydanticUndefined
+    if _plain(default):
+        return schema, default
+    return schema, PydanticUndefined
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return True
+    if isinstance(value, (list, dict)):
+        return len(value) == 0
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class AvroSerde:
+    """Encodes and decodes one payload model with Avro single-object encoding.
+
+    Example:
+        >>> class Greeting(BaseModel):
+        ...     text: str
+        >>> serde = AvroSerde.for_model(Greeting)
+        >>> serde.decode(serde.encode(Greeting(text="hi")))
+        Greeting(text='hi')
+    """
+
+    model: type[BaseModel]
+    schema: dict[str, Any]
+    parsed: Any
+    fingerprint: str
+    to_avro: Callable[[Any], dict[str, Any]]
+    from_avro: Callable[[dict[str, Any]], dict[str, Any]]
+
+    @classmethod
+    def for_model(cls, model: type[BaseModel]) -> AvroSerde:
+        """Build the schema and converters of ``model`` (do this once per model)."""
+        schema, to, back = _Builder().record(model)
+        parsed = fastavro.parse_schema(schema)
+        fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
+        assert to is not None and back is not None
+        return cls(model, schema, parsed, fp, to, back)
+
+    @property
+    def canonical(self) -> str:
+        """The schema's Parsing Canonical Form (what the fingerprint is taken of)."""
+        return str(to_parsing_canonical_form(self.parsed))
+
+    def body(self, payload: BaseModel) -> bytes:
+        """The Avro binary body alone (no framing)."""
+        if not isinstance(payload, self.model):
+            raise PayloadInvalid(f"Expected a {self.model.__name__}, got "
+                                 f"{type(payload).__name__}. Build the topic's model.")
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, self.parsed, self.to_avro(payload))
+        return out.getvalue()
+
+    def encode(self, payload: BaseModel) -> bytes:
+        """Single-object encoding of ``payload``."""
+        return SINGLE_OBJECT_MAGIC + bytes.fromhex(self.fingerprint) + self.body(payload)
+
+    def decode(self, data: bytes, writer: Any = None) -> BaseModel:
+        """A payload from single-object bytes, or from a bare body with ``writer`` given."""
+        if writer is None:
+            if not data.startswith(SINGLE_OBJECT_MAGIC) or len(data) < 10:
+                raise DecodeError("Not Avro single-object encoding (no C3 01 marker).")
+            if data[2:10].hex() != self.fingerprint:
+                raise UnknownSchema(f"Writer schema fingerprint {data[2:10].hex()} is not "
+                                    f"{self.model.__name__}'s ({self.fingerprint}).")
+            data, writer = data[10:], self.parsed
+        return self.from_body(data, writer)
+
+    def from_body(self, body: bytes, writer: Any) -> BaseModel:
+        """Decode an Avro body written with ``writer`` into this model."""
+        try:
+            record = fastavro.schemaless_reader(io.BytesIO(body), writer, self.parsed)
+        except Exception as exc:  # fastavro raises many types for corrupt input
+            raise DecodeError(f"Avro body does not decode as {self.model.__name__}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(record, dict):
+            raise DecodeError(f"Avro body decoded to {type(record).__name__}, not a record.")
+        try:
+            return self.model.model_validate(self.from_avro(record))
+        except (ValidationError, ValueError) as exc:
+            raise PayloadInvalid(f"Payload fails {self.model.__name__}: {exc}") from exc
+
+
+def framing_of(data: bytes) -> str:
+    """``"single-object"``, ``"confluent"`` or ``"unknown"``, from the first bytes."""
+    if data.startswith(SINGLE_OBJECT_MAGIC) and len(data) >= 10:
+        return "single-object"
+    if data.startswith(CONFLUENT_MAGIC) and len(data) >= 5:
+        return "confluent"
+    return "unknown"

@@ -1,0 +1,144 @@
+"""Typed topic declarations: ``Topic[Model]``.
+
+A topic names its payload model, the field its records are keyed by, and the
+partitions and configs ``mesh topics apply`` creates it with. Order is kept per key:
+records with the same key go to the same partition.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, ModuleType
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from mesh.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+DLQ_SUFFIX = ".dlq"
+
+
+@dataclass(frozen=True, slots=True)
+class Topic(Generic[M]):
+    """A Kafka topic whose records carry ``model`` payloads.
+
+    Args:
+        name: the Kafka topic name.
+        model: the pydantic payload model; its Avro schema is the topic's value schema.
+        key: the payload field records are keyed (and so partitioned) by; ``None``
+            spreads records over partitions with no per-key order.
+        partitions: partition count; bounds the parallelism of a consumer group.
+        compacted: ``cleanup.policy=compact`` (the latest value per key is kept).
+        retention_ms: ``retention.ms``; ``None`` keeps the broker default.
+        replication: replication factor.
+        configs: any other topic configs.
+        dead_letters: whether ``<name>.dlq`` is declared with it.
+
+    Example:
+        >>> class Order(BaseModel):
+        ...     order_id: str
+        >>> orders = Topic("shop.orders", Order, key="order_id", partitions=6)
+        >>> orders.dlq_name
+        'shop.orders.dlq'
+    """
+
+    name: str
+    model: type[M]
+    key: str | None = None
+    partitions: int = 3
+    compacted: bool = False
+    retention_ms: int | None = None
+    replication: int = 1
+    configs: Mapping[str, str] = field(default_factory=dict, hash=False)
+    dead_letters: bool = True
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(
+                f"Topic name {self.name!r} is not valid: use 1-249 of letters, digits, "
+                "'.', '_' and '-'."
+            )
+        if not (isinstance(self.model, type) and issubclass(self.model, BaseModel)):
+            raise ConfigError(
+                f"Topic {self.name!r}: model must be a pydantic BaseModel class, "
+                f"got {self.model!r}."
+            )
+        if self.key is not None and self.key not in self.model.model_fields:
+            known = ", ".join(self.model.model_fields) or "none"
+            raise ConfigError(
+                f"Topic {self.name!r}: key field {self.key!r} is not a field of "
+                f"{self.model.__name__} (fields: {known}). Name an existing field or None."
+            )
+        if self.partitions < 1 or self.replication < 1:
+            raise ConfigError(
+                f"Topic {self.name!r}: partitions ({self.partitions}) and replication "
+                f"({self.replication}) must be at least 1."
+            )
+        object.__setattr__(self, "configs", MappingProxyType(dict(self.configs)))
+
+    @property
+    def dlq_name(self) -> str:
+        """The dead-letter topic for records consumed from this topic."""
+        return self.name + DLQ_SUFFIX
+
+    def key_of(self, payload: M) -> bytes | None:
+        """The record key for ``payload``: its key field as UTF-8, or ``None``."""
+        if self.key is None:
+            return None
+        value = getattr(payload, self.key)
+        return None if value is None else str(value).encode()
+
+    def broker_configs(self) -> dict[str, str]:
+        """The topic configs to create it with."""
+        configs = dict(self.configs)
+        if self.compacted:
+            configs["cleanup.policy"] = "compact"
+        if self.retention_ms is not None:
+            configs["retention.ms"] = str(self.retention_ms)
+        return configs
+
+    def __repr__(self) -> str:
+        return f"Topic({self.name!r}, {self.model.__name__}, key={self.key!r})"
+
+
+def collect_topics(objects: Iterable[Any]) -> dict[str, Topic[Any]]:
+    """Index topic declarations by name; the same name declared twice differently fails."""
+    found: dict[str, Topic[Any]] = {}
+    for obj in objects:
+        if not isinstance(obj, Topic):
+            continue
+        other = found.get(obj.name)
+        if other is not None and other != obj:
+            raise ConfigError(
+                f"Topic {obj.name!r} is declared twice with different settings: "
+                f"{other!r} and {obj!r}. Keep one declaration and import it."
+            )
+        found[obj.name] = obj
+    return found
+
+
+def discover_topics(*module_names: str) -> dict[str, Topic[Any]]:
+    """Every ``Topic`` declared at module level in the named modules and their submodules.
+
+    Example:
+        >>> sorted(discover_topics("topics"))  # doctest: +SKIP
+        ['demo.drafts', 'demo.questions', ...]
+    """
+    objects: list[Any] = []
+    for name in module_names:
+        for module in _walk(importlib.import_module(name)):
+            objects.extend(vars(module).values())
+    return collect_topics(objects)
+
+
+def _walk(module: ModuleType) -> Iterable[ModuleType]:
+    yield module
+    for info in pkgutil.walk_packages(getattr(module, "__path__", []), module.__name__ + "."):
+        yield importlib.import_module(info.name)

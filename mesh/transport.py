@@ -1,0 +1,333 @@
+"""The only module that imports aiokafka: producer, consumer and admin clients.
+
+Everything above it sees :class:`Record` and :class:`Partition`, and mesh errors instead
+of aiokafka's. Delivery settings are fixed here: producers wait for ``acks=all`` and do
+not use idempotence (the embedded broker does not support InitProducerId); consumers
+never auto-commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+)
+
+from mesh.config import KafkaSettings
+from mesh.errors import CommitFailed, TransportError
+
+logger = logging.getLogger(__name__)
+
+# The producer may need to dead-letter a record larger than the mesh's own limit.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+
+class Partition(NamedTuple):
+    """A topic partition."""
+
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A consumed Kafka record."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    timestamp_ms: int
+
+    @property
+    def position(self) -> Partition:
+        """The partition this record came from."""
+        return Partition(self.topic, self.partition)
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """A record to produce."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    partition: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """What the admin client creates or finds: name, partitions, configs."""
+
+    name: str
+    partitions: int
+    replication: int = 1
+    configs: Mapping[str, str] | None = None
+
+
+def _tp(p: Partition) -> TopicPartition:
+    return TopicPartition(p.topic, p.partition)
+
+
+def _transport_error(exc: KafkaError, what: str) -> TransportError:
+    return TransportError(f"{what} failed: {type(exc).__name__}: {exc}")
+
+
+class Producer:
+    """Produces records and waits for the broker's acknowledgement.
+
+    Example:
+        >>> async with Producer(settings) as producer:  # doctest: +SKIP
+        ...     await producer.send_all([OutRecord("t", b"v")])
+    """
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._client = AIOKafkaProducer(
+            **settings.client_kwargs(), acks=-1 if settings.acks == "all" else int(settings.acks),
+            enable_idempotence=False, linger_ms=settings.linger_ms,
+            max_batch_size=settings.max_batch_size, max_request_size=MAX_REQUEST_BYTES,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            try:
+                await self._client.start()
+            except KafkaError as exc:
+                raise _transport_error(exc, "Starting the producer") from exc
+            self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._client.stop()
+
+    async def __aenter__(self) -> Producer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def send(self, record: OutRecord) -> Awaitable[Any]:
+        """Queue ``record``; the returned awaitable resolves when the broker acks it."""
+        try:
+            return await self._client.send(
+                record.topic, record.value, key=record.key, headers=list(record.headers),
+                partition=record.partition)
+        except KafkaError as exc:
+            raise _transport_error(exc, f"Producing to {record.topic}") from exc
+
+    async def send_all(self, records: Iterable[OutRecord]) -> list[tuple[int, int]]:
+        """Produce ``records`` and wait until all are acknowledged; (partition, offset) each."""
+        pending = [await self.send(r) for r in records]
+        try:
+            metas = [await ack for ack in pending]
+        except KafkaError as exc:
+            raise _transport_error(exc, "Waiting for produce acknowledgements") from exc
+        return [(m.partition, m.offset) for m in metas]
+
+
+RebalanceCallback = Callable[[list[Partition]], Awaitable[None]]
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, on_assigned: RebalanceCallback, on_revoked: RebalanceCallback) -> None:
+        self._assigned, self._revoked = on_assigned, on_revoked
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._revoked([Partition(tp.topic, tp.partition) for tp in revoked])
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._assigned([Partition(tp.topic, tp.partition) for tp in assigned])
+
+
+class Consumer:
+    """A consumer: in a group with manual commits, or group-less for reading topics.
+
+    Example:
+        >>> consumer = Consumer(settings, group_id="writer")  # doctest: +SKIP
+        >>> await consumer.start(); consumer.subscribe(["demo.questions"], ...)
+    """
+
+    def __init__(self, settings: KafkaSettings, *, group_id: str | None,
+                 auto_offset_reset: str = "earliest", max_poll_interval_ms: int | None = None,
+                 isolation_level: str = "read_uncommitted") -> None:
+        timings = settings.group_timings()
+        self._client = AIOKafkaConsumer(
+            **settings.client_kwargs(), group_id=group_id, enable_auto_commit=False,
+            auto_offset_reset=auto_offset_reset, isolation_level=isolation_level,
+            max_poll_interval_ms=max_poll_interval_ms or settings.max_poll_interval_ms,
+            fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=MAX_REQUEST_BYTES,
+            **timings,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            try:
+                await self._client.start()
+            except KafkaError as exc:
+                raise _transport_error(exc, "Starting the consumer") from exc
+            self._started = True
+
+    async def stop(self) -> None:
+        """Leave the group (if any) and close."""
+        if self._started:
+            self._started = False
+            await self._client.stop()
+
+    async def __aenter__(self) -> Consumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def subscribe(self, topics: Sequence[str], *, on_assigned: RebalanceCallback,
+                  on_revoked: RebalanceCallback) -> None:
+        """Join the group for ``topics``; the callbacks run inside each rebalance."""
+        self._client.subscribe(list(topics), listener=_Listener(on_assigned, on_revoked))
+
+    def assign(self, partitions: Sequence[Partition]) -> None:
+        """Read ``partitions`` directly, outside any group."""
+        self._client.assign([_tp(p) for p in partitions])
+
+    async def partitions_of(self, topic: str) -> list[Partition]:
+        """The partitions of ``topic`` from broker metadata (empty if it does not exist)."""
+        parts = self._client.partitions_for_topic(topic)
+        if parts is None:
+            await self._client._client.force_metadata_update()  # noqa: SLF001
+            parts = self._client.partitions_for_topic(topic)
+        return [Partition(topic, p) for p in sorted(parts or ())]
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Partition, list[Record]]:
+        """Fetch what is ready on the assigned, unpaused partitions."""
+        try:
+            batches = await self._client.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except (KafkaConnectionError, KafkaTimeoutError) as exc:
+            raise _transport_error(exc, "Fetching") from exc
+        return {
+            Partition(tp.topic, tp.partition): [
+                Record(m.topic, m.partition, m.offset, m.key, m.value,
+                       tuple((k, bytes(v)) for k, v in (m.headers or ())), m.timestamp)
+                for m in msgs]
+            for tp, msgs in batches.items()
+        }
+
+    def assignment(self) -> set[Partition]:
+        return {Partition(tp.topic, tp.partition) for tp in self._client.assignment()}
+
+    def pause(self, partitions: Iterable[Partition]) -> None:
+        self._client.pause(*[_tp(p) for p in partitions])
+
+    def resume(self, partitions: Iterable[Partition]) -> None:
+        self._client.resume(*[_tp(p) for p in partitions])
+
+    def paused(self) -> set[Partition]:
+        return {Partition(tp.topic, tp.partition) for tp in self._client.paused()}
+
+    async def commit(self, offsets: Mapping[Partition, int]) -> None:
+        """Commit the next offset to read, per partition."""
+        if not offsets:
+            return
+        try:
+            await self._client.commit({_tp(p): o for p, o in offsets.items()})
+        except (CommitFailedError, IllegalStateError, RebalanceInProgressError) as exc:
+            raise CommitFailed(f"Commit refused: {type(exc).__name__}: {exc}") from exc
+
+    async def committed(self, partition: Partition) -> int | None:
+        return await self._client.committed(_tp(partition))  # type: ignore[no-any-return]
+
+    def seek(self, partition: Partition, offset: int) -> None:
+        self._client.seek(_tp(partition), offset)
+
+    async def seek_to_beginning(self, partitions: Sequence[Partition]) -> None:
+        await self._client.seek_to_beginning(*[_tp(p) for p in partitions])
+
+    async def position(self, partition: Partition) -> int:
+        return await self._client.position(_tp(partition))  # type: ignore[no-any-return]
+
+    def highwater(self, partition: Partition) -> int | None:
+        """The partition's end as reported by the last fetch (reliable on every broker,
+        unlike ``end_offsets()`` on the embedded one)."""
+        return self._client.highwater(_tp(partition))  # type: ignore[no-any-return]
+
+
+class Admin:
+    """Creates and describes topics."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._client = AIOKafkaAdminClient(**settings.client_kwargs())
+        self._started = False
+
+    async def __aenter__(self) -> Admin:
+        if not self._started:
+            try:
+                await self._client.start()
+            except KafkaError as exc:
+                raise _transport_error(exc, "Starting the admin client") from exc
+            self._started = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._started:
+            self._started = False
+            await self._client.close()
+
+    async def list_topics(self) -> list[str]:
+        return sorted(await self._client.list_topics())
+
+    async def create_topic(self, spec: TopicSpec) -> bool:
+        """Create ``spec``; False if it already existed."""
+        topic = NewTopic(spec.name, spec.partitions, spec.replication,
+                         topic_configs=dict(spec.configs or {}))
+        try:
+            response = await self._client.create_topics([topic])
+        except TopicAlreadyExistsError:
+            return False
+        for name, code, *_ in getattr(response, "topic_errors", ()):
+            if code == TopicAlreadyExistsError.errno:
+                return False
+            if code:
+                raise TransportError(f"Creating topic {name} failed with error code {code}.")
+        return True
+
+    async def describe(self, names: Sequence[str]) -> dict[str, TopicSpec]:
+        """Partitions and configs of the named topics that exist."""
+        found: dict[str, TopicSpec] = {}
+        # Describing a missing topic auto-creates it on some brokers: ask only for existing.
+        existing = set(await self._client.list_topics())
+        names = [n for n in names if n in existing]
+        if not names:
+            return found
+        described = await self._client.describe_topics(list(names))
+        counts = {t["topic"]: len(t["partitions"]) for t in described if not t["error_code"]}
+        if not counts:
+            return found
+        resources = [ConfigResource(ConfigResourceType.TOPIC, n) for n in counts]
+        responses = await self._client.describe_configs(resources)
+        configs: dict[str, dict[str, str]] = {n: {} for n in counts}
+        for response in responses:
+            for _code, _msg, _type, name, entries in response.resources:
+                configs.setdefault(name, {}).update(
+                    {e[0]: e[1] for e in entries if e[1] is not None})
+        for name, count in counts.items():
+            found[name] = TopicSpec(name, count, configs=configs.get(name, {}))
+        return found

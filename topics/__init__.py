@@ -1,0 +1,1 @@
+"""Topic declarations of the reference mesh: ``mesh topics apply`` creates them."""
