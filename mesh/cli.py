@@ -1,0 +1,324 @@
+"""The ``mesh`` command: run agents, manage topics and schemas, emit and tap events.
+
+Every command reads its settings from the environment (``MESH_`` prefix, see
+:mod:`mesh.config`). Without ``MESH_KAFKA__BOOTSTRAP_SERVERS``, ``run`` and ``dev``
+start the embedded broker and create the declared topics themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from mesh.agent import Agent, App
+from mesh.codec import Codec
+from mesh.config import MeshSettings
+from mesh.embedded import EmbeddedBroker
+from mesh.envelope import Envelope
+from mesh.errors import MeshError
+from mesh.provision import apply_topics
+from mesh.reader import TopicReader
+from mesh.runtime import DLQ_HEADERS, Mesh
+from mesh.schemas import check_schemas, export_schemas
+from mesh.topic import DLQ_SUFFIX, Topic, discover_topics
+from mesh.transport import Admin, OutRecord, Producer, Record
+
+app = typer.Typer(help="Kafka agent mesh: agents as stream processors on typed topics.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+topics_app = typer.Typer(help="Declared topics on the broker.", no_args_is_help=True)
+schemas_app = typer.Typer(help="Avro schemas in schemas/.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+app.add_typer(schemas_app, name="schemas")
+
+err = Console(stderr=True)
+logger = logging.getLogger("mesh.cli")
+
+ModulesOpt = Annotated[list[str], typer.Option(
+    "--topics", "-t", help="Module(s) declaring topics (searched with submodules).")]
+DEFAULT_MODULES = ["topics"]
+
+
+def main() -> None:
+    """Entry point of the ``mesh`` script."""
+    try:
+        app()
+    except MeshError as exc:
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        sys.exit(1)
+
+
+def _settings() -> MeshSettings:
+    settings = MeshSettings()
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    return settings
+
+
+def load(spec: str) -> Any:
+    """The object named by ``module:attribute``."""
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise typer.BadParameter(f"{spec!r}: expected module:attribute, e.g. agents.demo:app")
+    sys.path.insert(0, str(Path.cwd()))
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _agents_of(obj: Any, spec: str) -> list[Agent[Any]]:
+    if isinstance(obj, Agent):
+        return [obj]
+    if isinstance(obj, App):
+        return list(obj.agents)
+    raise typer.BadParameter(f"{spec} is a {type(obj).__name__}, not an Agent or an App.")
+
+
+async def _serve(agents: list[Agent[Any]], settings: MeshSettings, apply: bool) -> None:
+    topics = {t.name: t for a in agents for t in a.consumes + a.produces}
+    broker = EmbeddedBroker() if settings.kafka.embedded else None
+    if broker is not None:
+        await broker.__aenter__()
+        settings = settings.with_bootstrap(broker.bootstrap, embedded=True)
+        err.print(f"embedded broker on {broker.bootstrap} (pid {broker.pid})")
+        apply = True
+    try:
+        if apply:
+            await apply_topics(settings.kafka, topics.values())
+        mesh = Mesh(settings, agents)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, mesh.stop_event.set)
+        names = ", ".join(a.name for a in agents)
+        logger.info("running %s (stop with SIGTERM or Ctrl-C)", names)
+        await mesh.run()
+        logger.info("stopped %s cleanly", names)
+    finally:
+        if broker is not None:
+            await broker.__aexit__()
+
+
+@app.command()
+def run(target: Annotated[str, typer.Argument(help="module:agent (or module:app)")],
+        apply: Annotated[bool, typer.Option(help="Create the agent's topics first.")] = False
+        ) -> None:
+    """Run one agent as its own service (a consumer group member; add replicas to scale)."""
+    settings = _settings()
+    asyncio.run(_serve(_agents_of(load(target), target), settings, apply))
+
+
+@app.command()
+def dev(target: Annotated[str, typer.Argument(help="module:app")]) -> None:
+    """Run every agent of an app in this process (embedded broker unless configured)."""
+    settings = _settings()
+    asyncio.run(_serve(_agents_of(load(target), target), settings, apply=True))
+
+
+@app.command()
+def broker(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 0) -> None:
+    """Run the embedded broker in the foreground and print its address."""
+    _settings()
+    embedded = EmbeddedBroker(port or None)
+    embedded.start()
+    print(f"MESH_KAFKA__BOOTSTRAP_SERVERS={embedded.bootstrap}", flush=True)
+    stopped = asyncio.Event()
+
+    async def wait() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopped.set)
+        await stopped.wait()
+
+    try:
+        asyncio.run(wait())
+    finally:
+        embedded.stop()
+
+
+def _declared(modules: list[str] | None, app_spec: str | None = None) -> dict[str, Topic[Any]]:
+    found = discover_topics(*(modules or DEFAULT_MODULES))
+    if app_spec:
+        found.update(load(app_spec).topics)
+    return found
+
+
+def _require_cluster(settings: MeshSettings) -> None:
+    if settings.kafka.embedded:
+        raise typer.BadParameter(
+            "MESH_KAFKA__BOOTSTRAP_SERVERS is not set. Start a broker with `mesh broker` "
+            "and export the address it prints.")
+
+
+@topics_app.command("apply")
+def topics_apply(modules: ModulesOpt = DEFAULT_MODULES,
+                 app_spec: Annotated[str | None, typer.Option("--app")] = None) -> None:
+    """Create the declared topics (and their .dlq); report drift. Idempotent."""
+    settings = _settings()
+    _require_cluster(settings)
+    changes = asyncio.run(apply_topics(settings.kafka, _declared(modules, app_spec).values()))
+    for change in changes:
+        print(f"{change.action:9} {change.name}" + (f"  ({change.detail})" if change.detail
+                                                     else ""))
+    if any(c.action == "drift" for c in changes):
+        raise typer.Exit(3)
+
+
+@topics_app.command("list")
+def topics_list(modules: ModulesOpt = DEFAULT_MODULES) -> None:
+    """The broker's topics with partitions and the declared payload model."""
+    settings = _settings()
+    _require_cluster(settings)
+    declared = _declared(modules)
+
+    async def describe() -> dict[str, Any]:
+        async with Admin(settings.kafka) as admin:
+            return await admin.describe(await admin.list_topics())
+
+    table = Table("topic", "partitions", "model", "key", "configs")
+    for name, spec in sorted(asyncio.run(describe()).items()):
+        topic = declared.get(name)
+        configs = ", ".join(f"{k}={v}" for k, v in sorted((spec.configs or {}).items()))
+        table.add_row(name, str(spec.partitions), topic.model.__name__ if topic else "-",
+                      (topic.key or "-") if topic else "-", configs)
+    Console().print(table)
+
+
+@app.command()
+def emit(topic_name: Annotated[str, typer.Argument(metavar="TOPIC")],
+         payload: Annotated[str, typer.Argument(help="JSON, or - for JSON lines on stdin")],
+         key: Annotated[str | None, typer.Option(help="Record key (default: key field)")] = None,
+         correlation_id: Annotated[str | None, typer.Option()] = None,
+         modules: ModulesOpt = DEFAULT_MODULES) -> None:
+    """Validate JSON against the topic's model and produce it, as an existing system would."""
+    settings = _settings()
+    _require_cluster(settings)
+    topic = _declared(modules).get(topic_name)
+    if topic is None:
+        raise typer.BadParameter(f"Topic {topic_name!r} is not declared in {modules}.")
+    lines = sys.stdin.read().splitlines() if payload == "-" else [payload]
+    try:
+        payloads = [topic.model.model_validate_json(line) for line in lines if line.strip()]
+    except ValidationError as exc:
+        err.print(f"[red]invalid {topic.model.__name__}:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+    async def produce() -> list[Envelope[Any]]:
+        codec = Codec(settings.schema_registry)
+        await codec.prepare([topic])
+        envelopes, records = [], []
+        for item in payloads:
+            env = Envelope.new(item, source="emit", correlation_id=correlation_id,
+                               key=key.encode() if key else topic.key_of(item))
+            value, fingerprint = codec.encode(topic, item)
+            env = env.with_payload(item, schema=fingerprint)
+            envelopes.append(env)
+            records.append(OutRecord(topic.name, value, env.key, tuple(env.headers())))
+        async with Producer(settings.kafka) as producer:
+            await producer.send_all(records)
+        return envelopes
+
+    for env in asyncio.run(produce()):
+        print(json.dumps({"topic": topic.name, "event_id": env.event_id,
+                          "correlation_id": env.correlation_id}))
+
+
+@app.command()
+def tap(topic_names: Annotated[list[str], typer.Argument(metavar="TOPIC...")],
+        from_beginning: Annotated[bool, typer.Option("--from-beginning")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
+        follow: Annotated[bool, typer.Option(help="Keep waiting for new events")] = True,
+        limit: Annotated[int | None, typer.Option(help="Stop after N events")] = None,
+        idle_timeout: Annotated[float | None, typer.Option(help="Stop after S idle s")] = None,
+        modules: ModulesOpt = DEFAULT_MODULES) -> None:
+    """Print decoded events with their headers as they arrive (or from the beginning)."""
+    settings = _settings()
+    _require_cluster(settings)
+    declared = _declared(modules)
+    codec = Codec(settings.schema_registry)
+
+    async def show() -> None:
+        async with TopicReader(settings.kafka, topic_names) as reader:
+            if not follow:
+                records = await reader.read_to_end()
+                for record in records[:limit]:
+                    _print_record(await _describe(record, declared, codec), as_json)
+                return
+            if not from_beginning:
+                await reader.seek_to_end()
+            async for record in reader.follow(limit=limit, idle_timeout=idle_timeout):
+                _print_record(await _describe(record, declared, codec), as_json)
+
+    try:
+        asyncio.run(show())
+    except KeyboardInterrupt:
+        pass
+
+
+async def _describe(record: Record, declared: dict[str, Topic[Any]],
+                    codec: Codec) -> dict[str, Any]:
+    base = record.topic.removesuffix(DLQ_SUFFIX)
+    topic = declared.get(base)
+    out: dict[str, Any] = {
+        "topic": record.topic, "partition": record.partition, "offset": record.offset,
+        "key": record.key.decode(errors="replace") if record.key is not None else None,
+        "headers": {k: v.decode(errors="replace") for k, v in record.headers},
+        "size": len(record.value or b""),
+    }
+    if topic is None:
+        out["error"] = f"no declaration for {base!r}: payload not decoded"
+        return out
+    try:
+        payload = await codec.decode(topic, record.value or b"")
+        out["payload"] = payload.model_dump(mode="json")
+    except MeshError as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _print_record(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info, default=str), flush=True)
+        return
+    headers = info["headers"]
+    line = (f"{info['topic']}[{info['partition']}]@{info['offset']} key={info['key']} "
+            f"event={headers.get('mesh-event-id', '-')} "
+            f"correlation={headers.get('mesh-correlation', '-')} "
+            f"source={headers.get('mesh-source', '-')}")
+    dlq = {k: v for k, v in headers.items() if k in DLQ_HEADERS}
+    if dlq:
+        line += " " + " ".join(f"{k.removeprefix('mesh-dlq-')}={v!r}" for k, v in dlq.items())
+    body = json.dumps(info["payload"]) if "payload" in info else f"<{info['error']}>"
+    print(f"{line}\n    {body}", flush=True)
+
+
+@schemas_app.command("export")
+def schemas_export(out: Annotated[Path, typer.Option(help="Directory")] = Path("schemas"),
+                   modules: ModulesOpt = DEFAULT_MODULES) -> None:
+    """Write <topic>.avsc for every declared topic's value schema."""
+    for path in export_schemas(_declared(modules).values(), out):
+        print(f"wrote {path}")
+
+
+@schemas_app.command("check")
+def schemas_check(out: Annotated[Path, typer.Option(help="Directory")] = Path("schemas"),
+                  modules: ModulesOpt = DEFAULT_MODULES) -> None:
+    """Fail (exit 1) when the committed .avsc files differ from the payload models."""
+    problems = check_schemas(_declared(modules).values(), out)
+    for problem in problems:
+        err.print(f"[red]drift:[/red] {problem}")
+    if problems:
+        err.print("Run `mesh schemas export` and commit the result.")
+        raise typer.Exit(1)
+    print(f"schemas in {out} match the models")
