@@ -322,3 +322,7 @@ def schemas_check(out: Annotated[Path, typer.Option(help="Directory")] = Path("s
         err.print("Run `mesh schemas export` and commit the result.")
         raise typer.Exit(1)
     print(f"schemas in {out} match the models")
+
+
+if __name__ == "__main__":
+    main()

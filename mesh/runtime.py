@@ -27,7 +27,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mesh.agent import Agent, Context
@@ -261,7 +261,7 @@ class AgentRunner:
     async def _handle(self, record: Record, event: Envelope[Any]) -> None:
         runtime = self.settings.runtime
         for attempt in range(1, runtime.handler_attempts + 1):
-            ctx = Context(self.agent, event)
+            ctx = Context(self.agent, replace(event, attempt=event.attempt + attempt - 1))
             try:
                 result = await self.agent.handle(event.payload, ctx)
                 for topic, payload in self.agent.outputs_of(result):

@@ -1,0 +1,99 @@
+"""The broker every integration test runs on, and helpers to drive the mesh.
+
+* default: the embedded broker (Tansu), one per test session, on a free loopback port;
+* ``MESH_KAFKA__BOOTSTRAP_SERVERS``: any running cluster;
+* ``MESH_TEST_KAFKA=docker``: Apache Kafka through testcontainers (skipped with the
+  reason when no Docker engine answers).
+
+Each test gets its own topic prefix, so tests sharing the broker never meet.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mesh import EmbeddedBroker, MeshSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class BrokerUnderTest:
+    """Where the tests' broker listens, and whether it is the embedded one."""
+
+    bootstrap: str
+    embedded: bool
+    kind: str
+
+    def settings(self, **runtime: object) -> MeshSettings:
+        base = MeshSettings().with_bootstrap(self.bootstrap, embedded=self.embedded)
+        if runtime:
+            base = base.model_copy(
+                update={"runtime": base.runtime.model_copy(update=runtime)})
+        return base
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a `mesh` subprocess pointed at this broker."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env.update({
+            "MESH_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
+            "MESH_KAFKA__PROFILE": "embedded" if self.embedded else "kafka",
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(extra)
+        return env
+
+
+def _docker_kafka() -> Iterator[BrokerUnderTest]:
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception as exc:  # no engine, no socket, no permission
+        pytest.skip(f"MESH_TEST_KAFKA=docker but no Docker engine answers: {exc}")
+    from testcontainers.kafka import KafkaContainer
+
+    with KafkaContainer().with_kraft() as kafka:
+        yield BrokerUnderTest(kafka.get_bootstrap_server(), False, "apache-kafka")
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[BrokerUnderTest]:
+    """The session's broker (see the module docstring for the choices)."""
+    configured = os.environ.get("MESH_KAFKA__BOOTSTRAP_SERVERS")
+    if configured:
+        yield BrokerUnderTest(configured, False, "configured")
+    elif os.environ.get("MESH_TEST_KAFKA") == "docker":
+        yield from _docker_kafka()
+    else:
+        with EmbeddedBroker() as embedded:
+            yield BrokerUnderTest(embedded.bootstrap, True, "embedded")
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix unique to this test."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def mesh_cli() -> list[str]:
+    """The argv prefix that runs the `mesh` command of this environment."""
+    return [sys.executable, "-m", "mesh.cli"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = str(item.path)
+        if "/integration/" in path:
+            item.add_marker(pytest.mark.integration)
+        if "/faults/" in path:
+            item.add_marker(pytest.mark.faults)
