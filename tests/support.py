@@ -3,9 +3,16 @@ build the checker's history."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from mesh import Codec, Envelope, MeshSettings, Topic
@@ -14,6 +21,8 @@ from mesh.reader import TopicReader
 from mesh.runtime import DLQ_TOPIC
 from mesh.transport import OutRecord, Producer, Record
 from tests.apps.chain import Item
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_items(keys: int, per_key: int, *, bad: Iterable[tuple[int, int]] = ()) -> list[Item]:
@@ -66,25 +75,16 @@ async def wait_for_count(settings: MeshSettings, topics: Sequence[str], count: i
                          f"after {timeout:.0f} s")
 
 
-async def source_of(codec: Codec, topic: Topic[Any], record: Record) -> str:
-    """The injected id a dead letter stands for: the payload's source id when it decodes,
-    else the record's event id header."""
-    try:
-        item = await codec.decode(topic, record.value or b"")
-        return str(getattr(item, "source_id"))
-    except Exception:  # undecodable by design: fall back to the header
-        return event_id(record)
-
-
 def event_id(record: Record) -> str:
     return dict(record.headers)["mesh-event-id"].decode()
 
 
 async def history(settings: MeshSettings, codec: Codec, injected: Sequence[Item], *,
                   sink: Topic[Any], dlq: Sequence[Topic[Any]] = (),
-                  bad_ids: Iterable[str] = ()) -> History:
+                  bad_ids: Iterable[str] = (), extra: Sequence[Injected] = ()) -> History:
     """The checker's history: what was injected, what the (idempotent) sink applied,
-    what the output topic logged, and what the dead-letter topics hold."""
+    what the output topic logged, and what the dead-letter topics of ``dlq`` hold (by
+    the event id header: the dead letters of a first stage are the injected records)."""
     bad = set(bad_ids)
     logged_records = await read_all(settings, [sink.name])
     applied, logged, seen = [], [], set()
@@ -101,8 +101,90 @@ async def history(settings: MeshSettings, codec: Codec, injected: Sequence[Item]
     for topic in dlq:
         for record in await read_all(settings, [topic.dlq_name]):
             assert dict(record.headers)[DLQ_TOPIC].decode() == topic.name
-            dead.append(DeadLetter(await source_of(codec, topic, record)))
+            dead.append(DeadLetter(event_id(record)))
     return History(
         injected=[Injected(i.source_id, i.key, i.seq, bad=i.source_id in bad)
-                  for i in injected],
+                  for i in injected] + list(extra),
         applied=applied, logged=logged, dead_letters=dead)
+
+
+class AgentProcess:
+    """A `mesh run module:agent` subprocess the test started; stopped only by its pid."""
+
+    def __init__(self, broker: Any, target: str, *, prefix: str, log: Any,
+                 env: dict[str, str] | None = None) -> None:
+        self.target = target
+        self._args = [sys.executable, "-m", "mesh.cli", "run", target]
+        self._env = broker.env(MESH_TEST_PREFIX=prefix, **(env or {}))
+        self._log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        self.process = subprocess.Popen(self._args, env=self._env, cwd=ROOT,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill9(self) -> None:
+        """SIGKILL: no cleanup, no commit, no leave-group."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; returns the exit code (0 is a clean stop)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+            raise AssertionError(f"{self.target} (pid {self.pid}) ignored SIGTERM for "
+                                 f"{timeout:.0f} s") from None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class Progress:
+    """Follows a topic in the background and counts distinct event ids."""
+
+    def __init__(self, settings: MeshSettings, topic: str) -> None:
+        self._settings, self._topic = settings, topic
+        self.ids: set[str] = set()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Progress:
+        self._task = asyncio.create_task(self._follow())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _follow(self) -> None:
+        async with TopicReader(self._settings.kafka, [self._topic]) as reader:
+            async for record in reader.follow():
+                self.ids.add(event_id(record))
+                self._changed.set()
+
+    async def reached(self, count: int, timeout: float = 120.0) -> None:
+        """Wait until ``count`` distinct events were seen, or fail after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while len(self.ids) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (self._task is not None and self._task.done()):
+                raise AssertionError(f"{self._topic}: {len(self.ids)} of {count} events "
+                                     f"after {timeout:.0f} s")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))

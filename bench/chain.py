@@ -1,0 +1,527 @@
+"""Benchmark: a three-stage pass-through chain through the mesh vs. raw aiokafka.
+
+    .venv/bin/python bench/chain.py [--events N] [--size BYTES] [--runs mesh,raw]
+                                    [--partitions P] [--profile]
+
+Both runs share one embedded broker (Tansu, loopback only) and this process, and use
+fresh topics of the same partition count::
+
+    in -> [stage A] -> ab -> [stage B] -> bc -> [stage C] -> out
+
+* mesh: three ``Agent`` s in one ``Mesh`` (one consumer group each, the mesh's shared
+  producer, Avro single-object values and mesh headers). Each handler returns a copy
+  of its input. Events are injected with the mesh's codec and envelope headers.
+* raw: the same chain written directly with aiokafka: per stage an
+  ``AIOKafkaConsumer`` in its own group (manual commits) and an ``AIOKafkaProducer``;
+  consume a batch -> ``json.loads`` -> produce ``json.dumps`` -> wait for all acks ->
+  commit. Same client settings as the mesh (group timings and fetch wait of the
+  embedded profile, acks=all, linger, batch size, fetch sizes).
+
+The sink of each run is a group-less consumer on ``out``; an event's latency is its
+arrival time at the sink (wall clock, ns) minus the ``sent_at_ns`` stamped when it was
+created for injection; throughput is N / (last arrival - first stamp). All agents are
+assigned before injection starts, so group joins are not measured. Results are printed
+and written to ``bench/results/chain-<timestamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import dataclasses
+import io
+import json
+import logging
+import os
+import platform
+import pstats
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import aiokafka  # noqa: E402
+from aiokafka import (  # noqa: E402
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    TopicPartition,
+)
+from pydantic import BaseModel  # noqa: E402
+
+from mesh import (  # noqa: E402
+    Agent,
+    Codec,
+    Context,
+    EmbeddedBroker,
+    Envelope,
+    Mesh,
+    MeshSettings,
+    Topic,
+    apply_topics,
+)
+from mesh.config import KafkaSettings  # noqa: E402
+from mesh.transport import MAX_REQUEST_BYTES, OutRecord, Producer  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+KEYS = 64  # distinct record keys, spread over the partitions
+ASSIGN_TIMEOUT_S = 60.0
+POLL_MS = 200  # the mesh's own poll timeout (runtime.AgentRunner._poll)
+MAX_RECORDS = 500  # the mesh's default runtime.max_records_per_poll
+
+log = logging.getLogger("bench.chain")
+
+
+class Ping(BaseModel):
+    """One benchmark event."""
+
+    id: int
+    key: str
+    sent_at_ns: int
+    pad: str
+
+
+@dataclasses.dataclass
+class Arrival:
+    id: int
+    sent_at_ns: int
+    recv_ns: int
+
+
+@dataclasses.dataclass
+class RunResult:
+    name: str
+    events: int
+    duplicates: int
+    inject_s: float
+    elapsed_s: float
+    throughput: float
+    latency_ms: dict[str, float]
+    extra: dict[str, Any]
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not complete (missing events, a stage died, a timeout)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def consumer_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
+    """The consumer settings the mesh's transport.Consumer uses, for raw clients."""
+    return dict(**kafka.client_kwargs(), enable_auto_commit=False,
+                auto_offset_reset="earliest", max_poll_interval_ms=kafka.max_poll_interval_ms,
+                fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=MAX_REQUEST_BYTES,
+                **kafka.group_timings())
+
+
+def producer_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
+    """The producer settings the mesh's transport.Producer uses, for raw clients."""
+    return dict(**kafka.client_kwargs(), acks=-1 if kafka.acks == "all" else int(kafka.acks),
+                enable_idempotence=False, linger_ms=kafka.linger_ms,
+                max_batch_size=kafka.max_batch_size, max_request_size=MAX_REQUEST_BYTES)
+
+
+def chunks(n: int, size: int) -> Iterable[range]:
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+def make_ping(i: int, pad: str) -> Ping:
+    return Ping(id=i, key=f"k{i % KEYS}", sent_at_ns=time.time_ns(), pad=pad)
+
+
+async def race(main: Awaitable[Any], watched: Iterable[asyncio.Task[Any]], *, timeout: float,
+               what: str) -> Any:
+    """Await ``main``; fail as soon as a watched task ends (a stage died) or on timeout."""
+    main_task = asyncio.ensure_future(main)
+    watched = list(watched)
+    try:
+        done, _ = await asyncio.wait([main_task, *watched], timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if main_task in done:
+            return main_task.result()
+        for task in watched:
+            if task in done:
+                exc = task.exception()
+                raise BenchError(f"{task.get_name()} ended while waiting for {what}: "
+                                 f"{exc!r}") from exc
+        raise BenchError(f"Timed out after {timeout:.0f} s waiting for {what}.")
+    finally:
+        if not main_task.done():
+            main_task.cancel()
+            await asyncio.gather(main_task, return_exceptions=True)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "max": ordered[-1],
+            "mean": sum(ordered) / len(ordered)}
+
+
+class Sink:
+    """A group-less consumer of every partition of ``topic``, from the beginning.
+
+    Arrival time is taken once per returned fetch batch (the moment this process got
+    the records). Values are decoded only when the count says all may be there, so
+    decoding stays out of the measured path as far as possible.
+    """
+
+    def __init__(self, kafka: KafkaSettings, topic: str, partitions: int,
+                 decode: Callable[[bytes], tuple[int, int]]) -> None:
+        kwargs = consumer_kwargs(kafka)
+        for key in ("session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms"):
+            kwargs.pop(key)
+        self._consumer = AIOKafkaConsumer(group_id=None, **kwargs)
+        self._parts = [TopicPartition(topic, p) for p in range(partitions)]
+        self._decode = decode
+        self.raw: list[tuple[int, bytes]] = []
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._consumer.assign(self._parts)
+        await self._consumer.seek_to_beginning(*self._parts)
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def collect(self, n: int) -> tuple[list[Arrival], int]:
+        """Read until ``n`` distinct ids arrived; (first arrival of each id, duplicates)."""
+        seen: dict[int, Arrival] = {}
+        decoded = duplicates = 0
+        while len(seen) < n:
+            batches = await self._consumer.getmany(timeout_ms=POLL_MS, max_records=10_000)
+            now = time.time_ns()
+            for msgs in batches.values():
+                self.raw.extend((now, m.value) for m in msgs)
+            if len(self.raw) < n:
+                continue
+            for recv_ns, value in self.raw[decoded:]:
+                ident, sent = self._decode(value)
+                if ident in seen:
+                    duplicates += 1
+                else:
+                    seen[ident] = Arrival(ident, sent, recv_ns)
+            decoded = len(self.raw)
+        return list(seen.values()), duplicates
+
+
+def summarise(name: str, n: int, arrivals: list[Arrival], duplicates: int, inject_s: float,
+              extra: dict[str, Any]) -> RunResult:
+    first = min(a.sent_at_ns for a in arrivals)
+    last = max(a.recv_ns for a in arrivals)
+    elapsed = (last - first) / 1e9
+    latencies = [(a.recv_ns - a.sent_at_ns) / 1e6 for a in arrivals]
+    return RunResult(name, n, duplicates, inject_s, elapsed, n / elapsed,
+                     percentiles(latencies), extra)
+
+
+# --------------------------------------------------------------------------- mesh run
+
+
+def mesh_topics(prefix: str, partitions: int) -> dict[str, Topic[Ping]]:
+    return {name: Topic(f"{prefix}.{name}", Ping, key="key", partitions=partitions)
+            for name in ("in", "ab", "bc", "out")}
+
+
+async def passthrough(payload: Ping, ctx: Context) -> Ping:
+    return payload.model_copy()
+
+
+async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
+                   profiler: cProfile.Profile | None) -> RunResult:
+    prefix = f"bench-{uuid.uuid4().hex[:8]}-mesh"
+    topics = mesh_topics(prefix, args.partitions)
+    await apply_topics(settings.kafka, topics.values())
+    stages = [("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out")]
+    agents = [Agent(f"{prefix}-{name}", consumes=topics[src], produces=topics[dst],
+                    handler=passthrough) for name, src, dst in stages]
+    mesh = Mesh(settings, agents)
+
+    codec = Codec(settings.schema_registry)
+    await codec.prepare([topics["in"]])
+    serde = codec.serde(Ping)
+
+    def decode(value: bytes) -> tuple[int, int]:
+        ping = serde.decode(value)
+        assert isinstance(ping, Ping)
+        return ping.id, ping.sent_at_ns
+
+    sink = Sink(settings.kafka, topics["out"].name, args.partitions, decode)
+    injector = Producer(settings.kafka)
+    mesh_task = asyncio.create_task(mesh.run(), name="mesh")
+    try:
+        await injector.start()
+        await sink.start()
+        await race(mesh.wait_assigned(ASSIGN_TIMEOUT_S), [mesh_task],
+                   timeout=ASSIGN_TIMEOUT_S + 5, what="the mesh agents' assignment")
+        pad = "x" * args.size
+        topic_in = topics["in"]
+
+        async def inject() -> float:
+            start = time.perf_counter()
+            for chunk in chunks(args.events, args.inject_batch):
+                records = []
+                for i in chunk:
+                    ping = make_ping(i, pad)
+                    value, fingerprint = codec.encode(topic_in, ping)
+                    key = topic_in.key_of(ping)
+                    env = dataclasses.replace(Envelope.new(ping, source="bench", key=key),
+                                              schema=fingerprint)
+                    records.append(OutRecord(topic_in.name, value, key, tuple(env.headers())))
+                await injector.send_all(records)
+            return time.perf_counter() - start
+
+        if profiler is not None:
+            profiler.enable()
+        collecting = asyncio.create_task(sink.collect(args.events), name="sink")
+        inject_s = await race(inject(), [mesh_task, collecting], timeout=args.timeout,
+                              what="injection")
+        arrivals, duplicates = await race(collecting, [mesh_task], timeout=args.timeout,
+                                          what=f"{args.events} events at the sink")
+        if profiler is not None:
+            profiler.disable()
+    finally:
+        if profiler is not None:
+            profiler.disable()
+        mesh.stop_event.set()
+        await asyncio.wait([mesh_task], timeout=60)
+        await sink.stop()
+        await injector.stop()
+    if not mesh_task.done():
+        raise BenchError("The mesh did not stop within 60 s.")
+    if not mesh_task.cancelled() and mesh_task.exception() is not None:
+        raise BenchError(f"The mesh failed: {mesh_task.exception()!r}")
+    extra = {"handled": {r.agent.name: r.handled for r in mesh.runners},
+             "dead_lettered": sum(r.dead_lettered for r in mesh.runners),
+             "sink_records": len(sink.raw)}
+    return summarise("mesh", args.events, arrivals, duplicates, inject_s, extra)
+
+
+# --------------------------------------------------------------------------- raw run
+
+
+class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned:
+            self.event.set()
+
+
+class RawStage:
+    """consume -> json.loads -> produce json.dumps -> await acks -> commit, per batch."""
+
+    def __init__(self, kafka: KafkaSettings, group: str, source: str, target: str) -> None:
+        self.consumer = AIOKafkaConsumer(group_id=group, **consumer_kwargs(kafka))
+        self.producer = AIOKafkaProducer(**producer_kwargs(kafka))
+        self.source, self.target, self.group = source, target, group
+        self.listener = _Assigned()
+        self.handled = 0
+
+    async def start(self) -> None:
+        await self.producer.start()
+        await self.consumer.start()
+        self.consumer.subscribe([self.source], listener=self.listener)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        consumer, producer, target = self.consumer, self.producer, self.target
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
+            if not batches:
+                continue
+            acks = []
+            offsets = {}
+            for tp, msgs in batches.items():
+                for m in msgs:
+                    doc = json.loads(m.value)
+                    acks.append(await producer.send(target, json.dumps(doc).encode(),
+                                                    key=m.key))
+                offsets[tp] = msgs[-1].offset + 1
+            await asyncio.gather(*acks)
+            await consumer.commit(offsets)
+            self.handled += len(acks)
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        await self.producer.stop()
+
+
+async def run_raw(settings: MeshSettings, args: argparse.Namespace) -> RunResult:
+    prefix = f"bench-{uuid.uuid4().hex[:8]}-raw"
+    topics = {name: Topic(f"{prefix}.{name}", Ping, key="key", partitions=args.partitions,
+                          dead_letters=False) for name in ("in", "ab", "bc", "out")}
+    await apply_topics(settings.kafka, topics.values())
+    kafka = settings.kafka
+    stages = [RawStage(kafka, f"{prefix}-{name}", topics[src].name, topics[dst].name)
+              for name, src, dst in [("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out")]]
+
+    def decode(value: bytes) -> tuple[int, int]:
+        doc = json.loads(value)
+        return doc["id"], doc["sent_at_ns"]
+
+    sink = Sink(kafka, topics["out"].name, args.partitions, decode)
+    injector = AIOKafkaProducer(**producer_kwargs(kafka))
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await injector.start()
+        await sink.start()
+        for stage in stages:
+            await stage.start()
+        tasks = [asyncio.create_task(s.run(stop), name=f"raw stage {s.group}") for s in stages]
+        await race(asyncio.gather(*(s.listener.event.wait() for s in stages)), tasks,
+                   timeout=ASSIGN_TIMEOUT_S, what="the raw stages' assignment")
+        pad = "x" * args.size
+        source = topics["in"].name
+
+        async def inject() -> float:
+            start = time.perf_counter()
+            for chunk in chunks(args.events, args.inject_batch):
+                acks = []
+                for i in chunk:
+                    ping = make_ping(i, pad)
+                    acks.append(await injector.send(source, ping.model_dump_json().encode(),
+                                                    key=ping.key.encode()))
+                await asyncio.gather(*acks)
+            return time.perf_counter() - start
+
+        collecting = asyncio.create_task(sink.collect(args.events), name="sink")
+        inject_s = await race(inject(), [*tasks, collecting], timeout=args.timeout,
+                              what="injection")
+        arrivals, duplicates = await race(collecting, tasks, timeout=args.timeout,
+                                          what=f"{args.events} events at the sink")
+    finally:
+        stop.set()
+        if tasks:
+            await asyncio.wait(tasks, timeout=60)
+        for stage in stages:
+            await stage.stop()
+        await sink.stop()
+        await injector.stop()
+    for task in tasks:
+        if not task.done():
+            raise BenchError(f"{task.get_name()} did not stop within 60 s.")
+        if task.exception() is not None:
+            raise BenchError(f"{task.get_name()} failed: {task.exception()!r}")
+    extra = {"handled": {s.group: s.handled for s in stages}, "sink_records": len(sink.raw)}
+    return summarise("raw", args.events, arrivals, duplicates, inject_s, extra)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def print_table(results: dict[str, RunResult]) -> None:
+    print()
+    print(f"{'run':<6} {'events':>7} {'dups':>5} {'inject s':>9} {'elapsed s':>10} "
+          f"{'events/s':>10} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'max ms':>9}")
+    for r in results.values():
+        lat = r.latency_ms
+        print(f"{r.name:<6} {r.events:>7} {r.duplicates:>5} {r.inject_s:>9.2f} "
+              f"{r.elapsed_s:>10.2f} {r.throughput:>10.0f} {lat['p50']:>9.1f} "
+              f"{lat['p90']:>9.1f} {lat['p99']:>9.1f} {lat['max']:>9.1f}")
+
+
+def ratios(results: dict[str, RunResult]) -> dict[str, float]:
+    if "mesh" not in results or "raw" not in results:
+        return {}
+    mesh, raw = results["mesh"], results["raw"]
+    return {"throughput_mesh_over_raw": mesh.throughput / raw.throughput,
+            "p50_mesh_over_raw": mesh.latency_ms["p50"] / raw.latency_ms["p50"],
+            "p99_mesh_over_raw": mesh.latency_ms["p99"] / raw.latency_ms["p99"]}
+
+
+def print_profile(profiler: cProfile.Profile, path: Path) -> None:
+    profiler.dump_stats(path)
+    for key in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(key).print_stats(25)
+        print(f"\n--- mesh run profile, by {key} (full stats: {path}) ---")
+        print("\n".join(out.getvalue().splitlines()[4:]))
+
+
+async def main(args: argparse.Namespace) -> int:
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not runs or any(r not in ("mesh", "raw") for r in runs):
+        raise SystemExit(f"--runs takes mesh and/or raw, got {args.runs!r}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    profiler = cProfile.Profile() if args.profile else None
+    results: dict[str, RunResult] = {}
+    async with EmbeddedBroker() as broker:
+        settings = MeshSettings().with_bootstrap(broker.bootstrap, embedded=True)
+        print(f"embedded broker pid {broker.pid} on {broker.bootstrap}; "
+              f"{args.events} events of {args.size} B padding, {args.partitions} partitions; "
+              f"group timings {settings.kafka.group_timings()}", flush=True)
+        for name in runs:
+            print(f"running {name} ...", flush=True)
+            if name == "mesh":
+                results[name] = await run_mesh(settings, args, profiler)
+            else:
+                results[name] = await run_raw(settings, args)
+            r = results[name]
+            print(f"  {name}: {r.throughput:.0f} events/s, p50 {r.latency_ms['p50']:.1f} ms, "
+                  f"p99 {r.latency_ms['p99']:.1f} ms", flush=True)
+    print_table(results)
+    rat = ratios(results)
+    if rat:
+        print(f"\nmesh/raw: throughput {rat['throughput_mesh_over_raw']:.2f}x, "
+              f"p50 latency {rat['p50_mesh_over_raw']:.2f}x, "
+              f"p99 latency {rat['p99_mesh_over_raw']:.2f}x")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"chain-{stamp}.json"
+    document = {
+        "timestamp": stamp,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "params": vars(args),
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                 "platform": platform.platform(), "aiokafka": aiokafka.__version__},
+        "profiled": bool(args.profile),
+        "group_timings": settings.kafka.group_timings(),
+        "runs": {name: dataclasses.asdict(r) for name, r in results.items()},
+        "ratios": rat,
+    }
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"\nresults: {out.relative_to(ROOT)}")
+    if profiler is not None:
+        print("(the mesh run was profiled: its numbers include cProfile's overhead)")
+        print_profile(profiler, RESULTS / f"chain-{stamp}-mesh.prof")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=20_000, help="events to inject (N)")
+    parser.add_argument("--size", type=int, default=1024, help="padding bytes per event")
+    parser.add_argument("--partitions", type=int, default=4, help="partitions per topic")
+    parser.add_argument("--inject-batch", type=int, default=500,
+                        help="records sent before waiting for their acks while injecting")
+    parser.add_argument("--runs", default="mesh,raw", help="which runs, in order")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds allowed for the sink to receive all N")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the mesh run (injection to last arrival)")
+    args = parser.parse_args(argv)
+    if args.events < 1 or args.size < 0 or args.partitions < 1 or args.inject_batch < 1:
+        parser.error("--events, --partitions and --inject-batch must be >= 1, --size >= 0")
+    return args
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(asyncio.run(main(parse_args())))
