@@ -132,6 +132,8 @@ class AgentRunner:
         self._tasks: asyncio.TaskGroup | None = None
         self.handled = 0
         self.dead_lettered = 0
+        self.revocations = 0  # while running; the leave at shutdown is not counted
+        self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish in-flight work, commit and leave."""
@@ -146,6 +148,7 @@ class AgentRunner:
                 consumer.subscribe([t.name for t in self.agent.consumes],
                                    on_assigned=self._on_assigned, on_revoked=self._on_revoked)
                 await self._poll(consumer, stop)
+                self._stopping = True
                 await self._close_lanes(list(self._lanes))
         finally:
             self._tasks = None
@@ -194,6 +197,8 @@ class AgentRunner:
 
     async def _on_revoked(self, partitions: list[Partition]) -> None:
         logger.info("agent %s revoked %s", self.agent.name, sorted(partitions))
+        if partitions and not self._stopping:
+            self.revocations += 1
         await self._close_lanes([p for p in partitions if p in self._lanes])
 
     async def _close_lanes(self, partitions: Sequence[Partition]) -> None:

@@ -59,7 +59,10 @@ def _docker_kafka() -> Iterator[BrokerUnderTest]:
         docker.from_env().ping()
     except Exception as exc:  # no engine, no socket, no permission
         pytest.skip(f"MESH_TEST_KAFKA=docker but no Docker engine answers: {exc}")
-    from testcontainers.kafka import KafkaContainer
+    try:
+        from testcontainers.community.kafka import KafkaContainer
+    except ImportError:  # testcontainers < 4.10 keeps it here
+        from testcontainers.kafka import KafkaContainer
 
     with KafkaContainer().with_kraft() as kafka:
         yield BrokerUnderTest(kafka.get_bootstrap_server(), False, "apache-kafka")
