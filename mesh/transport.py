@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -89,20 +89,14 @@ def _transport_error(exc: KafkaError, what: str) -> TransportError:
     return TransportError(f"{what} failed: {type(exc).__name__}: {exc}")
 
 
-class Producer:
-    """Produces records and waits for the broker's acknowledgement.
+class _Client:
+    """Start/stop (each safe to call twice) and the async context manager, shared by the
+    producer, consumer and admin wrappers."""
 
-    Example:
-        >>> async with Producer(settings) as producer:  # doctest: +SKIP
-        ...     await producer.send_all([OutRecord("t", b"v")])
-    """
+    _client: Any
+    _role = "client"
 
-    def __init__(self, settings: KafkaSettings) -> None:
-        self._client = AIOKafkaProducer(
-            **settings.client_kwargs(), acks=-1 if settings.acks == "all" else int(settings.acks),
-            enable_idempotence=False, linger_ms=settings.linger_ms,
-            max_batch_size=settings.max_batch_size, max_request_size=MAX_REQUEST_BYTES,
-        )
+    def __init__(self) -> None:
         self._started = False
 
     async def start(self) -> None:
@@ -110,20 +104,42 @@ class Producer:
             try:
                 await self._client.start()
             except KafkaError as exc:
-                raise _transport_error(exc, "Starting the producer") from exc
+                raise _transport_error(exc, f"Starting the {self._role}") from exc
             self._started = True
 
     async def stop(self) -> None:
         if self._started:
             self._started = False
-            await self._client.stop()
+            await self._close()
 
-    async def __aenter__(self) -> Producer:
+    async def _close(self) -> None:
+        await self._client.stop()
+
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+class Producer(_Client):
+    """Produces records and waits for the broker's acknowledgement.
+
+    Example:
+        >>> async with Producer(settings) as producer:  # doctest: +SKIP
+        ...     await producer.send_all([OutRecord("t", b"v")])
+    """
+
+    _role = "producer"
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        super().__init__()
+        self._client = AIOKafkaProducer(
+            **settings.client_kwargs(), acks=-1 if settings.acks == "all" else int(settings.acks),
+            enable_idempotence=False, linger_ms=settings.linger_ms,
+            max_batch_size=settings.max_batch_size, max_request_size=MAX_REQUEST_BYTES,
+        )
 
     async def send(self, record: OutRecord) -> Awaitable[Any]:
         """Queue ``record``; the returned awaitable resolves when the broker acks it."""
@@ -158,17 +174,21 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._assigned([Partition(tp.topic, tp.partition) for tp in assigned])
 
 
-class Consumer:
+class Consumer(_Client):
     """A consumer: in a group with manual commits, or group-less for reading topics.
+    ``stop()`` leaves the group.
 
     Example:
         >>> consumer = Consumer(settings, group_id="writer")  # doctest: +SKIP
         >>> await consumer.start(); consumer.subscribe(["demo.questions"], ...)
     """
 
+    _role = "consumer"
+
     def __init__(self, settings: KafkaSettings, *, group_id: str | None,
                  auto_offset_reset: str = "earliest", max_poll_interval_ms: int | None = None,
                  isolation_level: str = "read_uncommitted") -> None:
+        super().__init__()
         timings = settings.group_timings()
         self._client = AIOKafkaConsumer(
             **settings.client_kwargs(), group_id=group_id, enable_auto_commit=False,
@@ -177,28 +197,6 @@ class Consumer:
             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=MAX_REQUEST_BYTES,
             **timings,
         )
-        self._started = False
-
-    async def start(self) -> None:
-        if not self._started:
-            try:
-                await self._client.start()
-            except KafkaError as exc:
-                raise _transport_error(exc, "Starting the consumer") from exc
-            self._started = True
-
-    async def stop(self) -> None:
-        """Leave the group (if any) and close."""
-        if self._started:
-            self._started = False
-            await self._client.stop()
-
-    async def __aenter__(self) -> Consumer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def subscribe(self, topics: Sequence[str], *, on_assigned: RebalanceCallback,
                   on_revoked: RebalanceCallback) -> None:
@@ -270,26 +268,17 @@ class Consumer:
         return self._client.highwater(_tp(partition))  # type: ignore[no-any-return]
 
 
-class Admin:
+class Admin(_Client):
     """Creates and describes topics."""
 
+    _role = "admin client"
+
     def __init__(self, settings: KafkaSettings) -> None:
+        super().__init__()
         self._client = AIOKafkaAdminClient(**settings.client_kwargs())
-        self._started = False
 
-    async def __aenter__(self) -> Admin:
-        if not self._started:
-            try:
-                await self._client.start()
-            except KafkaError as exc:
-                raise _transport_error(exc, "Starting the admin client") from exc
-            self._started = True
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._started:
-            self._started = False
-            await self._client.close()
+    async def _close(self) -> None:
+        await self._client.close()
 
     async def list_topics(self) -> list[str]:
         return sorted(await self._client.list_topics())
