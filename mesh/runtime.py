@@ -74,13 +74,9 @@ class Outputs:
                     f"Output {index} of {agent.name} to {emitted.topic.name} is {len(value)} "
                     f"bytes, above the limit of {self.max_bytes} "
                     "(MESH_RUNTIME__MAX_MESSAGE_BYTES). Send a reference, not the blob.")
-            headers = Envelope(**{**_fields(child), "schema": fingerprint}).headers()
+            headers = child.with_payload(emitted.payload, schema=fingerprint).headers()
             out.append(OutRecord(emitted.topic.name, value, emitted.key, tuple(headers)))
         return out
-
-
-def _fields(env: Envelope[Any]) -> dict[str, Any]:
-    return {name: getattr(env, name) for name in Envelope.__dataclass_fields__}
 
 
 def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: int) -> OutRecord:
