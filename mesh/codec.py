@@ -17,7 +17,7 @@ import fastavro
 from pydantic import BaseModel
 
 from mesh.config import SchemaRegistrySettings
-from mesh.errors import DecodeError, TransportError, UnknownSchema
+from mesh.errors import ConfigError, DecodeError, TransportError, UnknownSchema
 from mesh.serde import AvroSerde, framing_of
 from mesh.topic import Topic
 
@@ -71,8 +71,8 @@ class Codec:
         serde = self.serde(topic.model)
         schema_id = self._ids.get(topic.name)
         if self._registry_settings is not None and schema_id is None:
-            raise TransportError(f"Topic {topic.name}: schema not registered yet; call "
-                                 "Codec.prepare() with the topic first.")
+            raise ConfigError(f"Topic {topic.name}: schema not registered yet; call "
+                              "Codec.prepare() with the topic first.")
         if schema_id is None:
             return serde.encode(payload), serde.fingerprint
         return b"\x00" + schema_id.to_bytes(4, "big") + serde.body(payload), serde.fingerprint

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
-SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI"]
 
 
 class KafkaSettings(BaseModel):
@@ -59,6 +59,10 @@ class KafkaSettings(BaseModel):
                 f"security_protocol={self.security_protocol} needs MESH_KAFKA__SASL_MECHANISM "
                 "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)."
             )
+        if (self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+                and (not self.sasl_plain_username or self.sasl_plain_password is None)):
+            raise ValueError(f"sasl_mechanism={self.sasl_mechanism} needs "
+                             "MESH_KAFKA__SASL_PLAIN_USERNAME and MESH_KAFKA__SASL_PLAIN_PASSWORD.")
         return self
 
     @property

@@ -50,7 +50,7 @@ Headers = Sequence[tuple[str, bytes]]
 P = TypeVar("P")
 
 _NAMESPACE = uuid.UUID("5b0c7f4e-7d1a-4c39-9a52-6f1f3c2d8e10")
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_TRACEPARENT = re.compile(r"^00-(?!0{32})([0-9a-f]{32})-(?!0{16})([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
 def derive_event_id(agent: str, input_event_id: str, index: int) -> str:

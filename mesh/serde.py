@@ -45,7 +45,9 @@ Convert = Callable[[Any], Any] | None
 
 
 def _apply(convert: Convert, value: Any) -> Any:
-    return value if convert is None or value is None else convert(value)
+    if convert is None or (value is None and convert is not _json_dumps):
+        return value
+    return convert(value)
 
 
 @dataclass(slots=True)
@@ -53,6 +55,8 @@ class _Builder:
     """Turns annotations into Avro schemas plus value converters (to and from Avro)."""
 
     defined: set[str] = field(default_factory=set)
+    building: set[str] = field(default_factory=set)
+    converters: dict[str, Any] = field(default_factory=dict)
 
     def build(self, tp: Any) -> tuple[Any, Convert, Convert]:
         origin = typing.get_origin(tp)
@@ -100,10 +104,12 @@ class _Builder:
 
     def record(self, model: type[BaseModel]) -> tuple[Any, Convert, Convert]:
         name = f"{_namespace(model)}.{model.__name__}"
+        if name in self.building:
+            raise ConfigError(f"Recursive model {name}.")
         if name in self.defined:
-            raise ConfigError(f"Recursive or repeated model {name}: Avro needs each record "
-                              "defined once; wrap the repeated part in its own field type.")
+            return (name, *self.converters[name])
         self.defined.add(name)
+        self.building.add(name)
         fields, to_avro, from_avro = [], {}, {}
         for fname, info in model.model_fields.items():
             schema, to, back = self.build(info.annotation)
@@ -128,6 +134,8 @@ class _Builder:
         def back(data: dict[str, Any]) -> dict[str, Any]:
             return {f: _apply(from_avro.get(f), v) for f, v in data.items()}
 
+        self.building.discard(name)
+        self.converters[name] = (to, back)
         return schema, to, back
 
     def _union(self, args: tuple[Any, ...]) -> tuple[Any, Convert, Convert]:
@@ -259,7 +267,10 @@ class AvroSerde:
             raise PayloadInvalid(f"Expected a {self.model.__name__}, got "
                                  f"{type(payload).__name__}. Build the topic's model.")
         out = io.BytesIO()
-        fastavro.schemaless_writer(out, self.parsed, self.to_avro(payload))
+        try:
+            fastavro.schemaless_writer(out, self.parsed, self.to_avro(payload))
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise PayloadInvalid(f"{self.model.__name__} cannot be written as Avro: {exc}") from exc
         return out.getvalue()
 
     def encode(self, payload: BaseModel) -> bytes:
@@ -279,11 +290,14 @@ class AvroSerde:
 
     def from_body(self, body: bytes, writer: Any) -> BaseModel:
         """Decode an Avro body written with ``writer`` into this model."""
+        buf = io.BytesIO(body)
         try:
-            record = fastavro.schemaless_reader(io.BytesIO(body), writer, self.parsed)
+            record = fastavro.schemaless_reader(buf, writer, self.parsed)
         except Exception as exc:  # fastavro raises many types for corrupt input
             raise DecodeError(f"Avro body does not decode as {self.model.__name__}: "
                               f"{type(exc).__name__}: {exc}") from exc
+        if buf.tell() != len(body):
+            raise DecodeError(f"{len(body) - buf.tell()} bytes left after the record.")
         if not isinstance(record, dict):
             raise DecodeError(f"Avro body decoded to {type(record).__name__}, not a record.")
         try:

@@ -60,10 +60,11 @@ class Topic(Generic[M]):
     dead_letters: bool = True
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        longest = self.name + (DLQ_SUFFIX if self.dead_letters else "")
+        if not _NAME.match(self.name) or self.name in (".", "..") or len(longest) > 249:
             raise ConfigError(
                 f"Topic name {self.name!r} is not valid: use 1-249 of letters, digits, "
-                "'.', '_' and '-'."
+                "'.', '_' and '-' (not '.' or '..'), leaving room for the '.dlq' suffix."
             )
         if not (isinstance(self.model, type) and issubclass(self.model, BaseModel)):
             raise ConfigError(

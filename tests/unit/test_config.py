@@ -113,9 +113,6 @@ def test_sasl_without_mechanism_is_a_validation_error(monkeypatch: pytest.Monkey
         MeshSettings()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: PLAIN/SCRAM without username or password is "
-                   "accepted; aiokafka fails only later (mesh/config.py KafkaSettings._check_sasl)",
-                   raises=pytest.fail.Exception)
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-512"])
 def test_sasl_password_mechanism_without_credentials_is_a_validation_error(
         mechanism: str) -> None:
@@ -123,9 +120,6 @@ def test_sasl_password_mechanism_without_credentials_is_a_validation_error(
         KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism=mechanism)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: OAUTHBEARER is accepted but client_kwargs never "
-                   "passes sasl_oauth_token_provider, so every connection fails "
-                   "(mesh/config.py SaslMechanism / client_kwargs)", raises=AssertionError)
 def test_oauthbearer_is_rejected_or_given_a_token_provider() -> None:
     try:
         kafka = KafkaSettings(security_protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER")

@@ -210,9 +210,6 @@ def test_invalid_utf8_in_a_string_raises_decode_error() -> None:
         serde.decode(corrupt)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: from_body ignores bytes left after the record "
-                   "(mesh/serde.py AvroSerde.from_body), so a corrupt value decodes silently",
-                   raises=pytest.fail.Exception)
 def test_bytes_after_the_record_raise_decode_error() -> None:
     serde = AvroSerde.for_model(Named)
 
@@ -282,17 +279,11 @@ class Nullable(BaseModel):
     extra: Any = None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an `Any = None` field emits default null for a "
-                   "plain string schema; fastavro rejects it (mesh/serde.py _Builder.record)",
-                   raises=SchemaParseException)
 def test_any_field_defaulting_to_none_round_trips() -> None:
     serde = AvroSerde.for_model(Nullable)
     assert serde.decode(serde.encode(Nullable())) == Nullable()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: JSON null is never converted: _apply skips the "
-                   "JSON converter for None (mesh/serde.py _apply), so encode raises TypeError",
-                   raises=TypeError)
 @pytest.mark.parametrize("overrides", [{"j": None}, {"jd": {"a": None}}])
 def test_json_null_values_round_trip(overrides: dict[str, Any]) -> None:
     serde = AvroSerde.for_model(Everything)
@@ -301,9 +292,6 @@ def test_json_null_values_round_trip(overrides: dict[str, Any]) -> None:
     assert serde.decode(serde.encode(payload)) == payload
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an int beyond Avro long escapes body() as a raw "
-                   "OverflowError instead of PayloadInvalid (mesh/serde.py AvroSerde.body)",
-                   raises=OverflowError)
 def test_int_outside_avro_long_raises_payload_invalid() -> None:
     with pytest.raises(PayloadInvalid):
         AvroSerde.for_model(Named).encode(Named(name="n", n=2**63))
@@ -318,9 +306,6 @@ class Shipment(BaseModel):
     shipping: Address
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a model used in two fields raises ConfigError; "
-                   "Avro allows a named type to be referenced by name after its definition "
-                   "(mesh/serde.py _Builder.record)", raises=ConfigError)
 def test_model_used_in_two_fields_round_trips() -> None:
     serde = AvroSerde.for_model(Shipment)
     payload = Shipment(billing=Address(street="a"), shipping=Address(street="b"))

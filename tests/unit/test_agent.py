@@ -1,0 +1,121 @@
+"""Unit tests for mesh.agent: declaration, output routing, Context.emit and App."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from mesh.agent import Agent, App, Context, agent
+from mesh.envelope import Envelope
+from mesh.errors import ConfigError
+from mesh.topic import Topic
+
+
+class Question(BaseModel):
+    qid: str
+    text: str
+
+
+class Answer(BaseModel):
+    qid: str
+    text: str
+
+
+class Note(BaseModel):
+    text: str
+
+
+questions = Topic("qa.questions", Question, key="qid")
+answers = Topic("qa.answers", Answer, key="qid")
+notes = Topic("qa.notes", Note)  # no key field
+archive = Topic("qa.archive", Answer, key="qid")  # same model as answers
+
+
+@agent(consumes=questions, produces=[answers, notes])
+async def answerer(question: Question, ctx: Context) -> Answer:
+    """Answers questions."""
+    return Answer(qid=question.qid, text=question.text.upper())
+
+
+def _ctx(owner: Agent[Question] = answerer, key: bytes | None = b"input-key") -> Context:
+    event = Envelope.new(Question(qid="q1", text="hi"), source="test", key=key)
+    return Context(owner, event)
+
+
+async def test_decorator_builds_an_agent_named_after_the_handler() -> None:
+    assert (answerer.name, answerer.group) == ("answerer", "answerer")
+    assert answerer.consumes == (questions,) and answerer.produces == (answers, notes)
+    assert answerer.description == "Answers questions."
+    assert await answerer.handle(Question(qid="q1", text="hi"), _ctx()) == Answer(
+        qid="q1", text="HI")
+
+
+def test_decorator_takes_an_explicit_name_and_group() -> None:
+    built = agent(consumes=questions, name="bot", group="bots")(answerer.handle)
+
+    assert (built.name, built.group) == ("bot", "bots")
+
+
+def test_outputs_of_routes_each_payload_to_the_topic_of_its_model() -> None:
+    routed = answerer.outputs_of([Answer(qid="q1", text="a"), Note(text="n")])
+
+    assert routed == [(answers, Answer(qid="q1", text="a")), (notes, Note(text="n"))]
+    assert answerer.outputs_of(None) == []
+    assert answerer.outputs_of(Note(text="n")) == [(notes, Note(text="n"))]
+
+
+def test_outputs_of_a_model_no_produced_topic_carries_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="returned a Question, but no produced topic"):
+        answerer.outputs_of(Question(qid="q1", text="hi"))
+
+
+def test_outputs_of_a_model_several_produced_topics_carry_raises_config_error() -> None:
+    both = Agent("both", consumes=questions, produces=[answers, archive])
+
+    with pytest.raises(ConfigError, match="several produced topics carry it; use ctx.emit"):
+        both.outputs_of(Answer(qid="q1", text="a"))
+
+
+def test_emit_to_an_undeclared_topic_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="'qa.archive', which it does not declare"):
+        _ctx().emit(archive, Answer(qid="q1", text="a"))
+
+
+def test_emit_of_the_wrong_payload_type_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="carries Answer, but Note was emitted"):
+        _ctx().emit(answers, Note(text="n"))  # type: ignore[arg-type]
+
+
+def test_emit_key_defaults_to_the_topic_key_field_else_the_input_key() -> None:
+    ctx = _ctx()
+
+    ctx.emit(answers, Answer(qid="q7", text="a"))
+    ctx.emit(notes, Note(text="n"))
+    ctx.emit(answers, Answer(qid="q7", text="a"), key="explicit")
+
+    assert [o.key for o in ctx.outputs] == [b"q7", b"input-key", b"explicit"]
+
+
+def test_app_rejects_two_agents_with_one_name() -> None:
+    app = App("qa", agents=[answerer])
+
+    with pytest.raises(ConfigError, match="already has an agent named 'answerer'"):
+        app.add(Agent("answerer", consumes=notes))
+
+
+def test_app_topics_collects_consumed_produced_and_extra_topics() -> None:
+    extra = Topic("qa.audit", Note)
+    app = App("qa", agents=[answerer], topics=[extra])
+
+    @app.agent(consumes=answers, produces=archive)
+    async def archiver(answer: Answer, ctx: Context) -> Answer:
+        return answer
+
+    assert [a.name for a in app.agents] == ["answerer", "archiver"]
+    assert app.topics == {"qa.audit": extra, "qa.questions": questions, "qa.answers": answers,
+                          "qa.notes": notes, "qa.archive": archive}
+
+
+def test_agent_consuming_nothing_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="consumes nothing"):
+        Agent("idle", consumes=[])
