@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mesh.agent import Agent, App
@@ -41,7 +42,7 @@ schemas_app = typer.Typer(help="Avro schemas in schemas/.", no_args_is_help=True
 app.add_typer(topics_app, name="topics")
 app.add_typer(schemas_app, name="schemas")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 logger = logging.getLogger("mesh.cli")
 
 ModulesOpt = Annotated[list[str], typer.Option(
@@ -54,7 +55,7 @@ def main() -> None:
     try:
         app()
     except MeshError as exc:
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}")
         sys.exit(1)
 
 
@@ -89,12 +90,12 @@ def _agents_of(obj: Any, spec: str) -> list[Agent[Any]]:
 async def _serve(agents: list[Agent[Any]], settings: MeshSettings, apply: bool) -> None:
     topics = {t.name: t for a in agents for t in a.consumes + a.produces}
     broker = EmbeddedBroker() if settings.kafka.embedded else None
-    if broker is not None:
-        await broker.__aenter__()
-        settings = settings.with_bootstrap(broker.bootstrap, embedded=True)
-        err.print(f"embedded broker on {broker.bootstrap} (pid {broker.pid})")
-        apply = True
     try:
+        if broker is not None:
+            await broker.__aenter__()
+            settings = settings.with_bootstrap(broker.bootstrap, embedded=True)
+            err.print(f"embedded broker on {broker.bootstrap} (pid {broker.pid})")
+            apply = True
         if apply:
             await apply_topics(settings.kafka, topics.values())
         mesh = Mesh(settings, agents)
@@ -116,6 +117,7 @@ def run(target: Annotated[str, typer.Argument(help="module:agent (or module:app)
         ) -> None:
     """Run one agent as its own service (a consumer group member; add replicas to scale)."""
     settings = _settings()
+    _exit_on_sigterm()
     asyncio.run(_serve(_agents_of(load(target), target), settings, apply))
 
 
@@ -123,6 +125,7 @@ def run(target: Annotated[str, typer.Argument(help="module:agent (or module:app)
 def dev(target: Annotated[str, typer.Argument(help="module:app")]) -> None:
     """Run every agent of an app in this process (embedded broker unless configured)."""
     settings = _settings()
+    _exit_on_sigterm()
     asyncio.run(_serve(_agents_of(load(target), target), settings, apply=True))
 
 
@@ -130,9 +133,8 @@ def dev(target: Annotated[str, typer.Argument(help="module:app")]) -> None:
 def broker(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 0) -> None:
     """Run the embedded broker in the foreground and print its address."""
     _settings()
+    _exit_on_sigterm()
     embedded = EmbeddedBroker(port or None)
-    embedded.start()
-    print(f"MESH_KAFKA__BOOTSTRAP_SERVERS={embedded.bootstrap}", flush=True)
     stopped = asyncio.Event()
 
     async def wait() -> None:
@@ -142,9 +144,17 @@ def broker(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 0)
         await stopped.wait()
 
     try:
+        embedded.start()
+        print(f"MESH_KAFKA__BOOTSTRAP_SERVERS={embedded.bootstrap}", flush=True)
         asyncio.run(wait())
     finally:
         embedded.stop()
+
+
+def _exit_on_sigterm() -> None:
+    """Until an event loop takes over the signal, SIGTERM unwinds like Ctrl-C, so a
+    broker being started is stopped by the ``finally`` that owns it."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 def _declared(modules: list[str] | None, app_spec: str | None = None) -> dict[str, Topic[Any]]:
@@ -186,12 +196,20 @@ def topics_list(modules: ModulesOpt = DEFAULT_MODULES) -> None:
         async with Admin(settings.kafka) as admin:
             return await admin.describe(await admin.list_topics())
 
-    table = Table("topic", "partitions", "model", "key", "configs")
+    columns = ("topic", "partitions", "model", "key", "configs")
+    rows = []
     for name, spec in sorted(asyncio.run(describe()).items()):
         topic = declared.get(name)
-        configs = ", ".join(f"{k}={v}" for k, v in sorted((spec.configs or {}).items()))
-        table.add_row(name, str(spec.partitions), topic.model.__name__ if topic else "-",
-                      (topic.key or "-") if topic else "-", configs)
+        configs = ",".join(f"{k}={v}" for k, v in sorted((spec.configs or {}).items()))
+        rows.append((name, str(spec.partitions), topic.model.__name__ if topic else "-",
+                     (topic.key or "-") if topic else "-", configs or "-"))
+    if not sys.stdout.isatty():  # pipes and scripts get whole names, tab-separated
+        for row in (columns, *rows):
+            print("\t".join(row))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
 
 
@@ -211,7 +229,7 @@ def emit(topic_name: Annotated[str, typer.Argument(metavar="TOPIC")],
     try:
         payloads = [topic.model.model_validate_json(line) for line in lines if line.strip()]
     except ValidationError as exc:
-        err.print(f"[red]invalid {topic.model.__name__}:[/red] {exc}")
+        err.print(f"[red]invalid {topic.model.__name__}:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
     async def produce() -> list[Envelope[Any]]:
@@ -257,6 +275,8 @@ def tap(topic_names: Annotated[list[str], typer.Argument(metavar="TOPIC...")],
                 return
             if not from_beginning:
                 await reader.seek_to_end()
+            err.print(f"following {', '.join(topic_names)} "
+                      f"{'from the beginning' if from_beginning else 'from now'}")
             async for record in reader.follow(limit=limit, idle_timeout=idle_timeout):
                 _print_record(await _describe(record, declared, codec), as_json)
 
@@ -317,7 +337,7 @@ def schemas_check(out: Annotated[Path, typer.Option(help="Directory")] = Path("s
     """Fail (exit 1) when the committed .avsc files differ from the payload models."""
     problems = check_schemas(_declared(modules).values(), out)
     for problem in problems:
-        err.print(f"[red]drift:[/red] {problem}")
+        err.print(f"[red]drift:[/red] {escape(problem)}")
     if problems:
         err.print("Run `mesh schemas export` and commit the result.")
         raise typer.Exit(1)
