@@ -36,10 +36,11 @@ import logging
 import os
 import platform
 import pstats
+import resource
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +130,49 @@ def producer_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
                 max_batch_size=kafka.max_batch_size, max_request_size=MAX_REQUEST_BYTES)
 
 
-def chunks(n: int, size: int) -> Iterable[range]:
-    for start in range(0, n, size):
-        yield range(start, min(n, start + size))
+async def schedule(n: int, size: int, rate: float) -> AsyncIterator[range]:
+    """The ids to inject, in chunks of ``size``; with ``rate`` > 0, each chunk is released
+    at its due time (a fixed schedule of rate events/s), otherwise as fast as acked."""
+    if rate > 0:
+        size = max(1, min(size, int(rate / 50)))  # a chunk about every 20 ms
+    start = time.monotonic()
+    for first in range(0, n, size):
+        if rate > 0:
+            delay = start + first / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing the injection schedule, not a wait
+        yield range(first, min(n, first + size))
+
+
+class CpuMeter:
+    """CPU seconds used by this process and by the broker process between start and stop."""
+
+    def __init__(self, broker_pid: int | None) -> None:
+        self._pid = broker_pid
+        self._t0 = (0.0, None)
+        self.client_s: float | None = None
+        self.broker_s: float | None = None
+
+    def _broker(self) -> float | None:
+        try:
+            fields = Path(f"/proc/{self._pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @staticmethod
+    def _client() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def start(self) -> None:
+        self._t0 = (self._client(), self._broker())
+
+    def stop(self) -> None:
+        self.client_s = self._client() - self._t0[0]
+        broker = self._broker()
+        if broker is not None and self._t0[1] is not None:
+            self.broker_s = broker - self._t0[1]
 
 
 def make_ping(i: int, pad: str) -> Ping:
@@ -218,11 +259,14 @@ class Sink:
 
 
 def summarise(name: str, n: int, arrivals: list[Arrival], duplicates: int, inject_s: float,
-              extra: dict[str, Any]) -> RunResult:
+              cpu: CpuMeter, extra: dict[str, Any]) -> RunResult:
     first = min(a.sent_at_ns for a in arrivals)
     last = max(a.recv_ns for a in arrivals)
     elapsed = (last - first) / 1e9
     latencies = [(a.recv_ns - a.sent_at_ns) / 1e6 for a in arrivals]
+    extra = {**extra, "client_cpu_s": cpu.client_s, "broker_cpu_s": cpu.broker_s,
+             "client_cpu_us_per_event": None if cpu.client_s is None else cpu.client_s / n * 1e6,
+             "broker_cpu_us_per_event": None if cpu.broker_s is None else cpu.broker_s / n * 1e6}
     return RunResult(name, n, duplicates, inject_s, elapsed, n / elapsed,
                      percentiles(latencies), extra)
 
@@ -240,7 +284,7 @@ async def passthrough(payload: Ping, ctx: Context) -> Ping:
 
 
 async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
-                   profiler: cProfile.Profile | None) -> RunResult:
+                   profiler: cProfile.Profile | None, cpu: CpuMeter) -> RunResult:
     prefix = f"bench-{uuid.uuid4().hex[:8]}-mesh"
     topics = mesh_topics(prefix, args.partitions)
     await apply_topics(settings.kafka, topics.values())
@@ -271,25 +315,28 @@ async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
 
         async def inject() -> float:
             start = time.perf_counter()
-            for chunk in chunks(args.events, args.inject_batch):
+            async for chunk in schedule(args.events, args.inject_batch, args.rate):
                 records = []
                 for i in chunk:
                     ping = make_ping(i, pad)
+                    # exactly what `mesh emit` does (mesh/cli.py)
+                    env = Envelope.new(ping, source="bench", key=topic_in.key_of(ping))
                     value, fingerprint = codec.encode(topic_in, ping)
-                    key = topic_in.key_of(ping)
-                    env = dataclasses.replace(Envelope.new(ping, source="bench", key=key),
-                                              schema=fingerprint)
-                    records.append(OutRecord(topic_in.name, value, key, tuple(env.headers())))
+                    env = env.with_payload(ping, schema=fingerprint)
+                    records.append(OutRecord(topic_in.name, value, env.key,
+                                             tuple(env.headers())))
                 await injector.send_all(records)
             return time.perf_counter() - start
 
         if profiler is not None:
             profiler.enable()
+        cpu.start()
         collecting = asyncio.create_task(sink.collect(args.events), name="sink")
         inject_s = await race(inject(), [mesh_task, collecting], timeout=args.timeout,
                               what="injection")
         arrivals, duplicates = await race(collecting, [mesh_task], timeout=args.timeout,
                                           what=f"{args.events} events at the sink")
+        cpu.stop()
         if profiler is not None:
             profiler.disable()
     finally:
@@ -306,7 +353,7 @@ async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
     extra = {"handled": {r.agent.name: r.handled for r in mesh.runners},
              "dead_lettered": sum(r.dead_lettered for r in mesh.runners),
              "sink_records": len(sink.raw)}
-    return summarise("mesh", args.events, arrivals, duplicates, inject_s, extra)
+    return summarise("mesh", args.events, arrivals, duplicates, inject_s, cpu, extra)
 
 
 # --------------------------------------------------------------------------- raw run
@@ -362,7 +409,7 @@ class RawStage:
         await self.producer.stop()
 
 
-async def run_raw(settings: MeshSettings, args: argparse.Namespace) -> RunResult:
+async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMeter) -> RunResult:
     prefix = f"bench-{uuid.uuid4().hex[:8]}-raw"
     topics = {name: Topic(f"{prefix}.{name}", Ping, key="key", partitions=args.partitions,
                           dead_letters=False) for name in ("in", "ab", "bc", "out")}
@@ -392,7 +439,7 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace) -> RunResult
 
         async def inject() -> float:
             start = time.perf_counter()
-            for chunk in chunks(args.events, args.inject_batch):
+            async for chunk in schedule(args.events, args.inject_batch, args.rate):
                 acks = []
                 for i in chunk:
                     ping = make_ping(i, pad)
@@ -401,11 +448,13 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace) -> RunResult
                 await asyncio.gather(*acks)
             return time.perf_counter() - start
 
+        cpu.start()
         collecting = asyncio.create_task(sink.collect(args.events), name="sink")
         inject_s = await race(inject(), [*tasks, collecting], timeout=args.timeout,
                               what="injection")
         arrivals, duplicates = await race(collecting, tasks, timeout=args.timeout,
                                           what=f"{args.events} events at the sink")
+        cpu.stop()
     finally:
         stop.set()
         if tasks:
@@ -420,7 +469,7 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace) -> RunResult
         if task.exception() is not None:
             raise BenchError(f"{task.get_name()} failed: {task.exception()!r}")
     extra = {"handled": {s.group: s.handled for s in stages}, "sink_records": len(sink.raw)}
-    return summarise("raw", args.events, arrivals, duplicates, inject_s, extra)
+    return summarise("raw", args.events, arrivals, duplicates, inject_s, cpu, extra)
 
 
 # --------------------------------------------------------------------------- report
@@ -429,12 +478,17 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace) -> RunResult
 def print_table(results: dict[str, RunResult]) -> None:
     print()
     print(f"{'run':<6} {'events':>7} {'dups':>5} {'inject s':>9} {'elapsed s':>10} "
-          f"{'events/s':>10} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'max ms':>9}")
+          f"{'events/s':>10} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'max ms':>9} "
+          f"{'cpu us/ev':>10} {'broker us/ev':>13}")
     for r in results.values():
         lat = r.latency_ms
+        client = r.extra.get("client_cpu_us_per_event")
+        broker = r.extra.get("broker_cpu_us_per_event")
         print(f"{r.name:<6} {r.events:>7} {r.duplicates:>5} {r.inject_s:>9.2f} "
               f"{r.elapsed_s:>10.2f} {r.throughput:>10.0f} {lat['p50']:>9.1f} "
-              f"{lat['p90']:>9.1f} {lat['p99']:>9.1f} {lat['max']:>9.1f}")
+              f"{lat['p90']:>9.1f} {lat['p99']:>9.1f} {lat['max']:>9.1f} "
+              f"{'-' if client is None else f'{client:.0f}':>10} "
+              f"{'-' if broker is None else f'{broker:.0f}':>13}")
 
 
 def ratios(results: dict[str, RunResult]) -> dict[str, float]:
@@ -465,17 +519,23 @@ async def main(args: argparse.Namespace) -> int:
     async with EmbeddedBroker() as broker:
         settings = MeshSettings().with_bootstrap(broker.bootstrap, embedded=True)
         print(f"embedded broker pid {broker.pid} on {broker.bootstrap}; "
-              f"{args.events} events of {args.size} B padding, {args.partitions} partitions; "
+              f"{args.events} events of {args.size} B padding, {args.partitions} partitions, "
+              f"{'rate ' + format(args.rate, 'g') + '/s' if args.rate else 'burst'}; "
               f"group timings {settings.kafka.group_timings()}", flush=True)
         for name in runs:
-            print(f"running {name} ...", flush=True)
+            load = os.getloadavg()[0]
+            print(f"running {name} (load average {load:.2f}) ...", flush=True)
+            cpu = CpuMeter(broker.pid)
             if name == "mesh":
-                results[name] = await run_mesh(settings, args, profiler)
+                results[name] = await run_mesh(settings, args, profiler, cpu)
             else:
-                results[name] = await run_raw(settings, args)
+                results[name] = await run_raw(settings, args, cpu)
             r = results[name]
+            r.extra["load_average_before"] = load
             print(f"  {name}: {r.throughput:.0f} events/s, p50 {r.latency_ms['p50']:.1f} ms, "
-                  f"p99 {r.latency_ms['p99']:.1f} ms", flush=True)
+                  f"p99 {r.latency_ms['p99']:.1f} ms; CPU per event: client "
+                  f"{r.extra['client_cpu_us_per_event'] or 0:.0f} us, broker "
+                  f"{r.extra['broker_cpu_us_per_event'] or 0:.0f} us", flush=True)
     print_table(results)
     rat = ratios(results)
     if rat:
@@ -492,6 +552,9 @@ async def main(args: argparse.Namespace) -> int:
                  "platform": platform.platform(), "aiokafka": aiokafka.__version__},
         "profiled": bool(args.profile),
         "group_timings": settings.kafka.group_timings(),
+        "producer": {"linger_ms": settings.kafka.linger_ms, "acks": settings.kafka.acks,
+                     "max_batch_size": settings.kafka.max_batch_size},
+        "runtime": settings.runtime.model_dump(),
         "runs": {name: dataclasses.asdict(r) for name, r in results.items()},
         "ratios": rat,
     }
@@ -510,6 +573,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=4, help="partitions per topic")
     parser.add_argument("--inject-batch", type=int, default=500,
                         help="records sent before waiting for their acks while injecting")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="inject at this many events/s (0: as fast as acks allow)")
     parser.add_argument("--runs", default="mesh,raw", help="which runs, in order")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds allowed for the sink to receive all N")
@@ -518,6 +583,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.events < 1 or args.size < 0 or args.partitions < 1 or args.inject_batch < 1:
         parser.error("--events, --partitions and --inject-batch must be >= 1, --size >= 0")
+    if args.rate < 0:
+        parser.error("--rate must be >= 0")
+    if args.rate > 0 and args.events / args.rate > args.timeout * 0.8:
+        parser.error(f"--events/--rate = {args.events / args.rate:.0f} s of injection does not "
+                     f"fit in --timeout {args.timeout:.0f} s")
     return args
 
 

@@ -61,9 +61,16 @@ class Context:
         self.agent = agent
         self.event = event
         self.outputs: list[Emitted] = []
-        self.logger = logging.LoggerAdapter(
-            logging.getLogger(f"mesh.agent.{agent.name}"),
-            {"agent": agent.name, "correlation_id": event.correlation_id})
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger named after the agent, with the agent and correlation id as extras."""
+        if self._logger is None:  # built on first use: most handlers never log
+            self._logger = logging.LoggerAdapter(
+                logging.getLogger(f"mesh.agent.{self.agent.name}"),
+                {"agent": self.agent.name, "correlation_id": self.event.correlation_id})
+        return self._logger
 
     @property
     def correlation_id(self) -> str:

@@ -42,7 +42,7 @@ from mesh.errors import (
     TransportError,
     is_retriable,
 )
-from mesh.transport import Consumer, OutRecord, Partition, Producer, Record
+from mesh.transport import Acks, Consumer, OutRecord, Partition, Producer, Record
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class _Lane:
     partition: Partition
     backlog: deque[Record] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: deque[tuple[int, Acks]] = field(default_factory=deque)
     done: int | None = None  # next offset to commit
     committed: int | None = None
     stopping: bool = False
@@ -225,26 +226,48 @@ class AgentRunner:
                 lane.committed = due[lane.partition]
 
     async def _drain(self, lane: _Lane) -> None:
-        while not lane.stopping:
-            if not lane.backlog:
-                lane.wakeup.clear()
-                await lane.wakeup.wait()
-                continue
-            record = lane.backlog.popleft()
-            async with self._slots:
-                await self.process(record)
-            lane.done = record.offset + 1
+        """Handle the lane's records in order. Outputs are not awaited one by one: up to
+        ``max_records_per_poll`` inputs have their outputs in flight, and ``done`` (the
+        offset to commit) advances only over inputs whose outputs are all acknowledged."""
+        limit = self.settings.runtime.max_records_per_poll
+        try:
+            while not lane.stopping:
+                if not lane.backlog:
+                    await self._settle(lane, until=0)  # idle: let the commit catch up
+                    lane.wakeup.clear()
+                    if not lane.backlog and not lane.stopping:
+                        await lane.wakeup.wait()
+                    continue
+                record = lane.backlog.popleft()
+                async with self._slots:
+                    acks = await self.process(record)
+                lane.inflight.append((record.offset, acks))
+                await self._settle(lane, until=limit)
+        finally:
+            await self._settle(lane, until=0)
 
-    async def process(self, record: Record) -> None:
-        """Handle one record to the end: outputs acknowledged, or dead-lettered."""
+    @staticmethod
+    async def _settle(lane: _Lane, *, until: int) -> None:
+        """Advance ``done`` over acknowledged inputs; wait for the oldest ones while more
+        than ``until`` are in flight. A failed ack raises ``TransportError``."""
+        while lane.inflight:
+            offset, acks = lane.inflight[0]
+            if not acks.done() and len(lane.inflight) <= until:
+                return
+            await acks.wait()
+            lane.inflight.popleft()
+            lane.done = offset + 1
+
+    async def process(self, record: Record) -> Acks:
+        """Handle one record: its outputs (or its dead letter) are sent; the returned acks
+        resolve when the broker has them."""
         try:
             event = await self._decode(record)
         except InputError as exc:
             logger.warning("agent %s: bad input %s[%d]@%d: %s", self.agent.name, record.topic,
                            record.partition, record.offset, exc)
-            await self._dead_letter(record, exc, attempts=1)
-            return
-        await self._handle(record, event)
+            return await self._dead_letter(record, exc, attempts=1)
+        return await self._handle(record, event)
 
     async def _decode(self, record: Record) -> Envelope[Any]:
         limit = self.settings.runtime.max_message_bytes
@@ -259,10 +282,11 @@ class AgentRunner:
         payload = await self.codec.decode(self.agent.topic_named(record.topic), record.value)
         return meta.with_payload(payload)
 
-    async def _handle(self, record: Record, event: Envelope[Any]) -> None:
+    async def _handle(self, record: Record, event: Envelope[Any]) -> Acks:
         runtime = self.settings.runtime
         for attempt in range(1, runtime.handler_attempts + 1):
-            ctx = Context(self.agent, replace(event, attempt=event.attempt + attempt - 1))
+            ctx = Context(self.agent, event if attempt == 1
+                          else replace(event, attempt=event.attempt + attempt - 1))
             try:
                 result = await self.agent.handle(event.payload, ctx)
                 for topic, payload in self.agent.outputs_of(result):
@@ -278,16 +302,15 @@ class AgentRunner:
                 logger.warning("agent %s failed on %s[%d]@%d after %d attempt(s): %s: %s",
                                self.agent.name, record.topic, record.partition, record.offset,
                                attempt, type(exc).__name__, exc)
-                await self._dead_letter(record, exc, attempts=attempt)
-                return
-            await self.producer.send_all(records)
+                return await self._dead_letter(record, exc, attempts=attempt)
             self.handled += 1
-            return
+            return await self.producer.send_many(records)
+        raise AssertionError("unreachable: the last attempt returns or dead-letters")
 
-    async def _dead_letter(self, record: Record, error: BaseException, *, attempts: int) -> None:
-        await self.producer.send_all([dead_letter(record, error, agent=self.agent.name,
-                                                  attempts=attempts)])
+    async def _dead_letter(self, record: Record, error: BaseException, *, attempts: int) -> Acks:
         self.dead_lettered += 1
+        return await self.producer.send_many([dead_letter(record, error, agent=self.agent.name,
+                                                          attempts=attempts)])
 
 
 def _backoff(attempt: int, base_ms: int, max_ms: int) -> float:

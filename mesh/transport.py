@@ -150,11 +150,32 @@ class Producer(_Client):
         except KafkaError as exc:
             raise _transport_error(exc, f"Producing to {record.topic}") from exc
 
+    async def send_many(self, records: Iterable[OutRecord]) -> Acks:
+        """Queue ``records`` (they are batched with others) and return their acks,
+        without waiting for them: callers keep many records in flight."""
+        return Acks([await self.send(r) for r in records])
+
     async def send_all(self, records: Iterable[OutRecord]) -> list[tuple[int, int]]:
         """Produce ``records`` and wait until all are acknowledged; (partition, offset) each."""
-        pending = [await self.send(r) for r in records]
+        return await (await self.send_many(records)).wait()
+
+
+class Acks:
+    """The broker's acknowledgements of records sent together."""
+
+    __slots__ = ("_futures",)
+
+    def __init__(self, futures: list[Awaitable[Any]]) -> None:
+        self._futures = futures
+
+    def done(self) -> bool:
+        """Whether every record was acknowledged (or failed)."""
+        return all(f.done() for f in self._futures)  # type: ignore[attr-defined]
+
+    async def wait(self) -> list[tuple[int, int]]:
+        """(partition, offset) of each record; raises ``TransportError`` if any failed."""
         try:
-            metas = [await ack for ack in pending]
+            metas = [await ack for ack in self._futures]
         except KafkaError as exc:
             raise _transport_error(exc, "Waiting for produce acknowledgements") from exc
         return [(m.partition, m.offset) for m in metas]
