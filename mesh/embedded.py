@@ -20,8 +20,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from typing import IO
 
 from mesh.errors import BrokerUnavailable
 
@@ -68,6 +70,7 @@ class EmbeddedBroker:
         self.port = port or free_port()
         self._binary = binary
         self._process: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -86,12 +89,14 @@ class EmbeddedBroker:
         command = [self._binary or broker_binary(), "broker", "--listener-url", url,
                    "--advertised-listener-url", url, "--storage-engine", "memory://tansu/",
                    "--silent"]
+        # stderr to a file, not a pipe: a pipe nobody reads would block the broker once full
+        self._stderr = tempfile.TemporaryFile()
         self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=self._stderr,
                                          start_new_session=True)
         logger.info("embedded broker pid %d on %s", self._process.pid, self.bootstrap)
         try:
-            _wait_ready_blocking(self.bootstrap, self._process)
+            _wait_ready_blocking(self.bootstrap, self._process, self._stderr)
         except BaseException:
             self.stop()
             raise
@@ -99,16 +104,18 @@ class EmbeddedBroker:
     def stop(self) -> None:
         """Stop the broker we started (SIGTERM, then SIGKILL), by its pid."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        if process.stderr is not None:
-            process.stderr.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
 
     def __enter__(self) -> EmbeddedBroker:
         self.start()
@@ -125,14 +132,15 @@ class EmbeddedBroker:
         await asyncio.to_thread(self.stop)
 
 
-def _wait_ready_blocking(bootstrap: str, process: subprocess.Popen[bytes]) -> None:
+def _wait_ready_blocking(bootstrap: str, process: subprocess.Popen[bytes],
+                         stderr: IO[bytes]) -> None:
     """Run the async readiness probe on its own loop in a thread, so ``start()`` works
     whether or not the caller is inside a running event loop."""
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            asyncio.run(_wait_ready(bootstrap, process))
+            asyncio.run(_wait_ready(bootstrap, process, stderr))
         except BaseException as exc:  # handed to the caller's thread
             errors.append(exc)
 
@@ -152,7 +160,8 @@ def _port_open(bootstrap: str) -> bool:
         return False
 
 
-async def _wait_ready(bootstrap: str, process: subprocess.Popen[bytes]) -> None:
+async def _wait_ready(bootstrap: str, process: subprocess.Popen[bytes],
+                      stderr: IO[bytes]) -> None:
     from mesh.config import KafkaSettings
     from mesh.transport import Admin
 
@@ -160,7 +169,8 @@ async def _wait_ready(bootstrap: str, process: subprocess.Popen[bytes]) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            stderr.seek(0)
+            err = stderr.read().decode(errors="replace")
             raise BrokerUnavailable(f"The embedded broker exited with {process.returncode}: "
                                     f"{err.strip()[-500:]}")
         if not _port_open(bootstrap):
