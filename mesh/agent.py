@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -43,11 +43,17 @@ Handler = Callable[[Any, "Context"], Awaitable[Any]]
 
 @dataclass(frozen=True, slots=True)
 class Emitted:
-    """One output a handler asked for: a payload for a topic, with an optional key."""
+    """One output a handler asked for: a payload for a topic, with an optional key and
+    a correlation id other than the input's (a timer or a gather answering for one)."""
 
     topic: Topic[Any]
     payload: BaseModel
     key: bytes | None
+    correlation_id: str | None = None
+
+
+FailureHandler = Callable[[Any, "Context", BaseException], Awaitable[None]]
+Timer = Callable[["Context"], Awaitable[None]]
 
 
 class Context:
@@ -57,10 +63,15 @@ class Context:
     committed only once the broker has acknowledged all of them (at-least-once).
     """
 
-    def __init__(self, agent: Agent[Any], event: Envelope[Any]) -> None:
+    def __init__(self, agent: Agent[Any], event: Envelope[Any], *,
+                 tables: Mapping[str, Any] | None = None,
+                 assigned: frozenset[tuple[str, int]] = frozenset()) -> None:
         self.agent = agent
         self.event = event
         self.outputs: list[Emitted] = []
+        self.staged: list[tuple[str, str, Any, Any]] = []  # (table, key, value, record)
+        self.assigned = assigned
+        self._tables = tables or {}
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
     @property
@@ -86,11 +97,49 @@ class Context:
         """The delivery attempt of the input, 1-based."""
         return self.event.attempt
 
-    def emit(self, topic: Topic[M], payload: M, *, key: bytes | str | None = None) -> None:
+    def table(self, topic: Topic[M]) -> Any:
+        """The agent's state table for ``topic`` (a :class:`mesh.state.CompactedTable`),
+        rebuilt from the topic before any input of a newly assigned partition."""
+        found = self._tables.get(topic.name)
+        if found is None:
+            raise ConfigError(f"Agent {self.agent.name!r} has no state table {topic.name!r}:"
+                              " add the topic to state=.")
+        return found
+
+    def get(self, topic: Topic[M], key: str) -> M | None:
+        """``key`` in the state table, seeing this handler's own staged writes."""
+        for name, staged_key, value, _ in reversed(self.staged):
+            if name == topic.name and staged_key == key:
+                return value  # type: ignore[no-any-return]
+        return self.table(topic).get(key)  # type: ignore[no-any-return]
+
+    def put(self, topic: Topic[M], key: str, value: M) -> None:
+        """Stage ``key`` = ``value`` in the state table. Applied and persisted only if the
+        handler succeeds, with its outputs (acknowledged before the input's offset is
+        committed); a failed attempt's writes are dropped."""
+        self.staged.append((topic.name, key, value, self.table(topic).record_of(key, value)))
+
+    def delete(self, topic: Topic[M], key: str) -> None:
+        """Stage the removal of ``key`` (a tombstone), like :meth:`put`."""
+        self.staged.append((topic.name, key, None, self.table(topic).record_of(key, None)))
+
+    def commit_state(self) -> list[Any]:
+        """Apply the staged writes to the tables; returns their records to produce."""
+        for name, key, value, _ in self.staged:
+            self._tables[name].apply(key, value)
+        return [record for *_, record in self.staged]
+
+    def owns(self, topic: Topic[Any], partition: int) -> bool:
+        """Whether this replica currently holds ``partition`` of the consumed ``topic``."""
+        return (topic.name, partition) in self.assigned
+
+    def emit(self, topic: Topic[M], payload: M, *, key: bytes | str | None = None,
+             correlation_id: str | None = None) -> None:
         """Produce ``payload`` to ``topic`` once the handler succeeds.
 
         ``topic`` must be one the agent declares it produces. The key defaults to the
-        topic's key field, else the input's key (so per-key order carries on).
+        topic's key field, else the input's key (so per-key order carries on). The
+        output carries the input's correlation id unless ``correlation_id`` is given.
         """
         if topic not in self.agent.produces:
             known = ", ".join(t.name for t in self.agent.produces) or "none"
@@ -102,7 +151,7 @@ class Context:
         raw_key = key.encode() if isinstance(key, str) else key
         if raw_key is None:
             raw_key = topic.key_of(payload) if topic.key else self.event.key
-        self.outputs.append(Emitted(topic, payload, raw_key))
+        self.outputs.append(Emitted(topic, payload, raw_key, correlation_id))
 
 
 class Agent(Generic[P]):
@@ -122,18 +171,50 @@ class Agent(Generic[P]):
     def __init__(self, name: str, *, consumes: Topic[P] | Sequence[Topic[Any]],
                  produces: Topic[Any] | Sequence[Topic[Any]] = (),
                  handler: Handler | None = None, group: str | None = None,
-                 description: str = "") -> None:
+                 description: str = "", state: Sequence[Topic[Any]] = (),
+                 on_failure: FailureHandler | None = None) -> None:
         self.name = name
         self.consumes: tuple[Topic[Any], ...] = _topics(consumes)
         self.produces: tuple[Topic[Any], ...] = _topics(produces)
+        self.state: tuple[Topic[Any], ...] = tuple(state)
         self.group = group or name
         self.description = description
+        self.timers: list[tuple[float, Timer]] = []
         self._handler = handler
+        self._on_failure = on_failure
         if not name:
             raise ConfigError("An agent needs a name.")
         if not self.consumes:
             raise ConfigError(f"Agent {name!r} consumes nothing: pass consumes=<Topic>.")
-        collect_topics(self.consumes + self.produces)  # same name, two declarations: fail
+        collect_topics(self.consumes + self.produces + self.state)  # one declaration each
+        for topic in self.state:
+            if not topic.compacted:
+                raise ConfigError(f"Agent {name!r}: state topic {topic.name!r} must be "
+                                  "declared compacted=True.")
+
+    def every(self, seconds: float) -> Callable[[Timer], Timer]:
+        """Run ``timer(ctx)`` every ``seconds`` while the agent runs (deadlines,
+        heartbeats). Its emits and state writes are produced and acknowledged after
+        each run; a failing run is logged and the timer goes on.
+
+        Example:
+            >>> @gather.every(0.5)  # doctest: +SKIP
+            ... async def expire(ctx: Context) -> None: ...
+        """
+        if seconds <= 0:
+            raise ConfigError(f"Timer interval {seconds} must be positive.")
+
+        def register(timer: Timer) -> Timer:
+            self.timers.append((seconds, timer))
+            return timer
+
+        return register
+
+    async def on_failure(self, payload: P, ctx: Context, error: BaseException) -> None:
+        """Called once when an input fails for good (after its retries), before it goes
+        to the dead-letter topic; what it emits is produced (e.g. a ``ChainFailed``)."""
+        if self._on_failure is not None:
+            await self._on_failure(payload, ctx, error)
 
     async def handle(self, payload: P, ctx: Context) -> Any:
         """Process one input. Override in a subclass, or pass ``handler=``."""
@@ -218,5 +299,5 @@ class App:
         """Every topic the app declares, consumes or produces, by name."""
         declared: list[Topic[Any]] = list(self._extra)
         for item in self.agents:
-            declared.extend(item.consumes + item.produces)
+            declared.extend(item.consumes + item.produces + item.state)
         return collect_topics(declared)

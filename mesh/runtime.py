@@ -22,18 +22,19 @@ Delivery contract (at-least-once):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mesh.agent import Agent, Context
 from mesh.codec import Codec
 from mesh.config import MeshSettings
-from mesh.envelope import Envelope, read_headers
+from mesh.envelope import Envelope, new_event_id, read_headers
 from mesh.errors import (
     CommitFailed,
     DecodeError,
@@ -42,6 +43,7 @@ from mesh.errors import (
     TransportError,
     is_retriable,
 )
+from mesh.state import tables_for
 from mesh.transport import Acks, Consumer, OutRecord, Partition, Producer, Record
 
 logger = logging.getLogger(__name__)
@@ -65,9 +67,12 @@ class Outputs:
         self.codec, self.max_bytes = codec, max_bytes
 
     def records(self, agent: Agent[Any], event: Envelope[Any], ctx: Context) -> list[OutRecord]:
+        """The output records of ``ctx`` (emits, then state writes), with derived ids."""
         out = []
         for index, emitted in enumerate(ctx.outputs):
             child = event.child(emitted.payload, agent=agent.name, index=index, key=emitted.key)
+            if emitted.correlation_id is not None:
+                child = replace(child, correlation_id=emitted.correlation_id)
             value, fingerprint = self.codec.encode(emitted.topic, emitted.payload)
             if len(value) > self.max_bytes:
                 raise PayloadTooLarge(
@@ -76,7 +81,7 @@ class Outputs:
                     "(MESH_RUNTIME__MAX_MESSAGE_BYTES). Send a reference, not the blob.")
             headers = child.with_payload(emitted.payload, schema=fingerprint).headers()
             out.append(OutRecord(emitted.topic.name, value, emitted.key, tuple(headers)))
-        return out
+        return out + ctx.commit_state()
 
 
 def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: int) -> OutRecord:
@@ -91,6 +96,28 @@ def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: i
     kept = tuple((k, v) for k, v in record.headers if k not in extra)
     headers = kept + tuple((k, v.encode()) for k, v in extra.items())
     return OutRecord(record.topic + ".dlq", record.value, record.key, headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one input, for observers (metrics, heartbeats, audit)."""
+
+    agent: str
+    topic: str
+    partition: int
+    offset: int
+    event_id: str | None
+    correlation_id: str | None
+    ok: bool
+    attempts: int
+    duration_s: float
+    outputs: int = 0
+    error_class: str | None = None
+    error: str | None = None
+    bytes_in: int = 0
+
+
+Observer = Callable[[Outcome], None]
 
 
 @dataclass(slots=True)
@@ -131,6 +158,9 @@ class AgentRunner:
         self.dead_lettered = 0
         self.revocations = 0  # while running; the leave at shutdown is not counted
         self._stopping = False
+        self.tables = tables_for(list(agent.state), settings.kafka, codec)
+        self.observers: list[Observer] = []
+        self.quarantined = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish in-flight work, commit and leave."""
@@ -142,8 +172,10 @@ class AgentRunner:
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
-                consumer.subscribe([t.name for t in self.agent.consumes],
-                                   on_assigned=self._on_assigned, on_revoked=self._on_revoked)
+                self._subscribe()
+                for interval, timer in self.agent.timers:
+                    tasks.create_task(self._every(interval, timer, stop),
+                                      name=f"{self.agent.name}:timer")
                 await self._poll(consumer, stop)
                 self._stopping = True
                 await self._close_lanes(list(self._lanes))
@@ -152,6 +184,53 @@ class AgentRunner:
             await consumer.stop()
             logger.info("agent %s stopped: %d handled, %d dead-lettered", self.agent.name,
                         self.handled, self.dead_lettered)
+
+    def _subscribe(self) -> None:
+        assert self._consumer is not None
+        self._consumer.subscribe([t.name for t in self.agent.consumes],
+                                 on_assigned=self._on_assigned, on_revoked=self._on_revoked)
+
+    async def quarantine(self) -> None:
+        """Stop taking work: finish the records in hand, commit, leave the group so the
+        partitions move to healthy replicas. The process (and its timers) keeps running."""
+        if self.quarantined or self._consumer is None:
+            return
+        self.quarantined = True
+        await self._close_lanes(list(self._lanes))
+        self._consumer.unsubscribe()
+        logger.warning("agent %s quarantined: left group %s", self.agent.name, self.agent.group)
+
+    def release(self) -> None:
+        """Take work again after :meth:`quarantine`."""
+        if self.quarantined and self._consumer is not None:
+            self.quarantined = False
+            self._subscribe()
+            logger.info("agent %s released: rejoining group %s", self.agent.name,
+                        self.agent.group)
+
+    def assignment(self) -> frozenset[tuple[str, int]]:
+        """The partitions this replica holds now."""
+        return frozenset(self._lanes)
+
+    async def _every(self, interval: float, timer: Any, stop: asyncio.Event) -> None:
+        name = getattr(timer, "__name__", "timer")
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            if stop.is_set():
+                return
+            event = Envelope(None, new_event_id(), new_event_id(), source=self.agent.name)
+            ctx = self._context(event)
+            try:
+                await timer(ctx)
+                records = self.outputs.records(self.agent, event, ctx)
+            except Exception:  # a timer bug must not stop the agent; it runs again
+                logger.exception("agent %s: timer %s failed", self.agent.name, name)
+                continue
+            await self.producer.send_all(records)
+
+    def _context(self, event: Envelope[Any]) -> Context:
+        return Context(self.agent, event, tables=self.tables, assigned=self.assignment())
 
     async def _poll(self, consumer: Consumer, stop: asyncio.Event) -> None:
         runtime = self.settings.runtime
@@ -186,6 +265,10 @@ class AgentRunner:
         return lane
 
     async def _on_assigned(self, partitions: list[Partition]) -> None:
+        # Every lane was closed (and its writes acknowledged) on revoke, so reading each
+        # state topic to its end now sees the latest value of every key.
+        for table in self.tables.values():
+            await table.restore()
         for partition in partitions:
             if partition not in self._lanes:
                 self._open_lane(partition)
@@ -261,13 +344,34 @@ class AgentRunner:
     async def process(self, record: Record) -> Acks:
         """Handle one record: its outputs (or its dead letter) are sent; the returned acks
         resolve when the broker has them."""
+        started = time.monotonic()
         try:
             event = await self._decode(record)
         except InputError as exc:
             logger.warning("agent %s: bad input %s[%d]@%d: %s", self.agent.name, record.topic,
                            record.partition, record.offset, exc)
-            return await self._dead_letter(record, exc, attempts=1)
-        return await self._handle(record, event)
+            acks = await self._dead_letter(record, exc, attempts=1)
+            self._observe(record, None, started, attempts=1, error=exc, outputs=0)
+            return acks
+        acks, attempts, error, outputs = await self._handle(record, event)
+        self._observe(record, event, started, attempts=attempts, error=error, outputs=outputs)
+        return acks
+
+    def _observe(self, record: Record, event: Envelope[Any] | None, started: float, *,
+                 attempts: int, error: BaseException | None, outputs: int) -> None:
+        if not self.observers:
+            return
+        outcome = Outcome(
+            self.agent.name, record.topic, record.partition, record.offset,
+            event.event_id if event else None, event.correlation_id if event else None,
+            ok=error is None, attempts=attempts, duration_s=time.monotonic() - started,
+            outputs=outputs, error_class=type(error).__name__ if error else None,
+            error=str(error) if error else None, bytes_in=len(record.value or b""))
+        for observer in self.observers:
+            try:
+                observer(outcome)
+            except Exception:  # an observer must never break processing
+                logger.exception("agent %s: observer failed", self.agent.name)
 
     async def _decode(self, record: Record) -> Envelope[Any]:
         limit = self.settings.runtime.max_message_bytes
@@ -282,11 +386,14 @@ class AgentRunner:
         payload = await self.codec.decode(self.agent.topic_named(record.topic), record.value)
         return meta.with_payload(payload)
 
-    async def _handle(self, record: Record, event: Envelope[Any]) -> Acks:
+    async def _handle(self, record: Record, event: Envelope[Any]
+                      ) -> tuple[Acks, int, BaseException | None, int]:
+        """Run the handler (retrying retriable errors in place); returns the acks, the
+        attempts made, the final error (None on success) and the output count."""
         runtime = self.settings.runtime
         for attempt in range(1, runtime.handler_attempts + 1):
-            ctx = Context(self.agent, event if attempt == 1
-                          else replace(event, attempt=event.attempt + attempt - 1))
+            ctx = self._context(event if attempt == 1
+                                else replace(event, attempt=event.attempt + attempt - 1))
             try:
                 result = await self.agent.handle(event.payload, ctx)
                 for topic, payload in self.agent.outputs_of(result):
@@ -302,15 +409,30 @@ class AgentRunner:
                 logger.warning("agent %s failed on %s[%d]@%d after %d attempt(s): %s: %s",
                                self.agent.name, record.topic, record.partition, record.offset,
                                attempt, type(exc).__name__, exc)
-                return await self._dead_letter(record, exc, attempts=attempt)
+                acks = await self._failed(record, event, exc, attempts=attempt)
+                return acks, attempt, exc, 0
             self.handled += 1
-            return await self.producer.send_many(records)
+            return await self.producer.send_many(records), attempt, None, len(records)
         raise AssertionError("unreachable: the last attempt returns or dead-letters")
 
-    async def _dead_letter(self, record: Record, error: BaseException, *, attempts: int) -> Acks:
+    async def _failed(self, record: Record, event: Envelope[Any], error: BaseException, *,
+                      attempts: int) -> Acks:
+        """An input that failed for good: the agent's failure handler may emit (e.g. a
+        ``ChainFailed``), then the input goes to the dead-letter topic."""
+        ctx = self._context(event)
+        records: list[OutRecord] = []
+        try:
+            await self.agent.on_failure(event.payload, ctx, error)
+            records = self.outputs.records(self.agent, event, ctx)
+        except Exception:  # the failure handler failed too: the dead letter still goes
+            logger.exception("agent %s: on_failure raised", self.agent.name)
+        return await self._dead_letter(record, error, attempts=attempts, extra=records)
+
+    async def _dead_letter(self, record: Record, error: BaseException, *, attempts: int,
+                           extra: Sequence[OutRecord] = ()) -> Acks:
         self.dead_lettered += 1
-        return await self.producer.send_many([dead_letter(record, error, agent=self.agent.name,
-                                                          attempts=attempts)])
+        return await self.producer.send_many(
+            [*extra, dead_letter(record, error, agent=self.agent.name, attempts=attempts)])
 
 
 def _backoff(attempt: int, base_ms: int, max_ms: int) -> float:

@@ -224,6 +224,10 @@ class Consumer(_Client):
         """Join the group for ``topics``; the callbacks run inside each rebalance."""
         self._client.subscribe(list(topics), listener=_Listener(on_assigned, on_revoked))
 
+    def unsubscribe(self) -> None:
+        """Leave the group's subscription (its partitions move to other members)."""
+        self._client.unsubscribe()
+
     def assign(self, partitions: Sequence[Partition]) -> None:
         """Read ``partitions`` directly, outside any group."""
         self._client.assign([_tp(p) for p in partitions])
