@@ -186,6 +186,11 @@ class Agent(Generic[P]):
             raise ConfigError("An agent needs a name.")
         if not self.consumes:
             raise ConfigError(f"Agent {name!r} consumes nothing: pass consumes=<Topic>.")
+        for topic in self.consumes:
+            if not topic.dead_letters:
+                raise ConfigError(f"Agent {name!r} consumes {topic.name!r}, declared with "
+                                  "dead_letters=False: bad input would have nowhere to go. "
+                                  "Declare it with dead letters.")
         collect_topics(self.consumes + self.produces + self.state)  # one declaration each
         for topic in self.state:
             if not topic.compacted:

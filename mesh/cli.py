@@ -60,7 +60,11 @@ def main() -> None:
 
 
 def _settings() -> MeshSettings:
-    settings = MeshSettings()
+    try:
+        settings = MeshSettings()
+    except ValidationError as exc:  # inputs are hidden: secrets never reach the terminal
+        err.print(f"[red]invalid settings:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)

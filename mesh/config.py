@@ -21,7 +21,7 @@ from __future__ import annotations
 import ssl
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -30,6 +30,8 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI"]
 
 class KafkaSettings(BaseModel):
     """How to reach the Kafka cluster; passed through to aiokafka."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # errors must not echo secrets
 
     bootstrap_servers: str | None = None
     profile: Literal["auto", "embedded", "kafka"] = "auto"
@@ -50,7 +52,8 @@ class KafkaSettings(BaseModel):
     fetch_max_wait_ms: int | None = Field(default=None, ge=50)
     linger_ms: int = Field(default=5, ge=0)
     max_batch_size: int = Field(default=262_144, gt=0)
-    acks: Literal["all", "1", "0"] = "all"
+    # acks=0 would make "committed after the broker acknowledged" untrue: not offered.
+    acks: Literal["all", "1"] = "all"
 
     @model_validator(mode="after")
     def _check_sasl(self) -> KafkaSettings:
@@ -120,6 +123,8 @@ class KafkaSettings(BaseModel):
 class SchemaRegistrySettings(BaseModel):
     """A Confluent-compatible schema registry; when set, the Confluent framing is used."""
 
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     url: str | None = None
     username: str | None = None
     password: SecretStr | None = None
@@ -150,7 +155,8 @@ class MeshSettings(BaseSettings):
     """Everything a mesh process reads from its environment (``MESH_`` prefix)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="MESH_", env_nested_delimiter="__", extra="ignore", frozen=True
+        env_prefix="MESH_", env_nested_delimiter="__", extra="ignore", frozen=True,
+        hide_input_in_errors=True,
     )
 
     kafka: KafkaSettings = KafkaSettings()

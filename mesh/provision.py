@@ -14,9 +14,12 @@ from typing import Any, Literal
 
 from mesh.config import KafkaSettings
 from mesh.topic import Topic
-from mesh.transport import Admin, TopicSpec
+from mesh.transport import MAX_REQUEST_BYTES, Admin, TopicSpec
 
 Action = Literal["created", "unchanged", "drift"]
+
+# Dead letters keep records the mesh refused for their size: let them be that large.
+DLQ_CONFIGS = {"max.message.bytes": str(MAX_REQUEST_BYTES)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +39,7 @@ def specs_of(topics: Iterable[Topic[Any]]) -> list[TopicSpec]:
                                       topic.broker_configs())
         if topic.dead_letters and topic.dlq_name not in specs:
             specs[topic.dlq_name] = TopicSpec(topic.dlq_name, topic.partitions,
-                                              topic.replication, {})
+                                              topic.replication, DLQ_CONFIGS)
     return [specs[name] for name in sorted(specs)]
 
 

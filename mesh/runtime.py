@@ -44,7 +44,15 @@ from mesh.errors import (
     is_retriable,
 )
 from mesh.state import tables_for
-from mesh.transport import Acks, Consumer, OutRecord, Partition, Producer, Record
+from mesh.transport import (
+    MAX_REQUEST_BYTES,
+    Acks,
+    Consumer,
+    OutRecord,
+    Partition,
+    Producer,
+    Record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +64,13 @@ DLQ_ERROR = "mesh-dlq-error"
 DLQ_ATTEMPTS = "mesh-dlq-attempts"
 DLQ_AGENT = "mesh-dlq-agent"
 DLQ_FAILED_AT = "mesh-dlq-failed-at"
+DLQ_TRUNCATED = "mesh-dlq-truncated-from"
 DLQ_HEADERS = (DLQ_TOPIC, DLQ_PARTITION, DLQ_OFFSET, DLQ_ERROR_CLASS, DLQ_ERROR, DLQ_ATTEMPTS,
-               DLQ_AGENT, DLQ_FAILED_AT)
+               DLQ_AGENT, DLQ_FAILED_AT, DLQ_TRUNCATED)
+# A dead letter keeps the original bytes up to what one produce request can carry; a
+# larger body is cut there and its original size recorded (the headers say where the
+# whole record still is: topic, partition, offset).
+DLQ_MAX_BYTES = MAX_REQUEST_BYTES - 1024 * 1024
 
 
 class Outputs:
@@ -93,9 +106,13 @@ def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: i
         DLQ_ERROR: message[:4000], DLQ_ATTEMPTS: str(attempts), DLQ_AGENT: agent,
         DLQ_FAILED_AT: str(int(time.time() * 1000)),
     }
+    value = record.value
+    if value is not None and len(value) > DLQ_MAX_BYTES:  # the body cannot be stored whole
+        extra[DLQ_TRUNCATED] = str(len(value))
+        value = value[:DLQ_MAX_BYTES]
     kept = tuple((k, v) for k, v in record.headers if k not in extra)
     headers = kept + tuple((k, v.encode()) for k, v in extra.items())
-    return OutRecord(record.topic + ".dlq", record.value, record.key, headers)
+    return OutRecord(record.topic + ".dlq", value, record.key, headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +178,7 @@ class AgentRunner:
         self.tables = tables_for(list(agent.state), settings.kafka, codec)
         self.observers: list[Observer] = []
         self.quarantined = False
+        self._fatal: BaseException | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish in-flight work, commit and leave."""
@@ -236,6 +254,8 @@ class AgentRunner:
         runtime = self.settings.runtime
         next_commit = 0.0
         while not stop.is_set():
+            if self._fatal is not None:
+                raise self._fatal
             batches = await consumer.getmany(timeout_ms=200,
                                              max_records=runtime.max_records_per_poll)
             for partition, records in batches.items():
@@ -265,6 +285,20 @@ class AgentRunner:
         return lane
 
     async def _on_assigned(self, partitions: list[Partition]) -> None:
+        try:
+            await self._assign(partitions)
+        except BaseException as exc:  # aiokafka swallows callback errors: re-raise in _poll
+            self._fatal = exc
+            raise
+
+    async def _on_revoked(self, partitions: list[Partition]) -> None:
+        try:
+            await self._revoke(partitions)
+        except BaseException as exc:
+            self._fatal = exc
+            raise
+
+    async def _assign(self, partitions: list[Partition]) -> None:
         # Every lane was closed (and its writes acknowledged) on revoke, so reading each
         # state topic to its end now sees the latest value of every key.
         for table in self.tables.values():
@@ -275,29 +309,49 @@ class AgentRunner:
         logger.info("agent %s assigned %s", self.agent.name, sorted(partitions))
         self.assigned.set()
 
-    async def _on_revoked(self, partitions: list[Partition]) -> None:
+    async def _revoke(self, partitions: list[Partition]) -> None:
         logger.info("agent %s revoked %s", self.agent.name, sorted(partitions))
         if partitions and not self._stopping:
             self.revocations += 1
         await self._close_lanes([p for p in partitions if p in self._lanes])
 
     async def _close_lanes(self, partitions: Sequence[Partition]) -> None:
+        """Stop the lanes: each finishes the record in hand (within a bound), its
+        acknowledged offsets are committed, and it is gone, even if the commit fails."""
         lanes = [self._lanes[p] for p in partitions]
-        for lane in lanes:
-            lane.stopping = True
-            lane.backlog.clear()  # uncommitted: redelivered to the next owner
-            lane.wakeup.set()
-        done = [lane.task for lane in lanes if lane.task is not None]
-        if done:
-            await asyncio.wait(done, timeout=self.settings.runtime.shutdown_timeout_s)
-        await self._commit(lanes)
-        for lane in lanes:
-            del self._lanes[lane.partition]
+        try:
+            for lane in lanes:
+                lane.stopping = True
+                lane.backlog.clear()  # uncommitted: redelivered to the next owner
+                lane.wakeup.set()
+            tasks = [lane.task for lane in lanes if lane.task is not None]
+            if tasks:
+                _, late = await asyncio.wait(tasks, timeout=self._close_timeout())
+                for task in late:  # nothing past `done` is committed: cancelling is safe
+                    logger.warning("agent %s: %s still busy after %.0f s, cancelled",
+                                   self.agent.name, task.get_name(), self._close_timeout())
+                    task.cancel()
+                if late:
+                    await asyncio.wait(late)
+            await self._commit(lanes)
+        finally:
+            for lane in lanes:
+                self._lanes.pop(lane.partition, None)
+
+    def _close_timeout(self) -> float:
+        # Inside a rebalance callback, waiting past max.poll.interval.ms gets the member
+        # removed from the group: stay well below it.
+        poll_s = self.settings.kafka.max_poll_interval_ms / 1000
+        return min(self.settings.runtime.shutdown_timeout_s, poll_s / 2)
 
     async def _commit(self, lanes: Sequence[_Lane]) -> None:
+        if self._consumer is None:
+            return
+        owned = self._consumer.assignment()
         due = {lane.partition: lane.done for lane in lanes
-               if lane.done is not None and lane.done != lane.committed}
-        if not due or self._consumer is None:
+               if lane.done is not None and lane.done != lane.committed
+               and lane.partition in owned}
+        if not due:
             return
         try:
             await self._consumer.commit(due)  # type: ignore[arg-type]
@@ -440,6 +494,14 @@ def _backoff(attempt: int, base_ms: int, max_ms: int) -> float:
     return random.uniform(0, min(max_ms, base_ms * 2 ** (attempt - 1))) / 1000
 
 
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf error of a (nested) exception group."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 class Mesh:
     """Runs a set of agents in this process over one producer and one codec.
 
@@ -469,7 +531,7 @@ class Mesh:
                 for runner in self.runners:
                     tasks.create_task(runner.run(self.stop_event), name=runner.agent.name)
         except* TransportError as group:
-            raise group.exceptions[0] from None
+            raise _first(group) from None
         finally:
             await self.producer.stop()
 

@@ -19,9 +19,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
-    KafkaConnectionError,
     KafkaError,
-    KafkaTimeoutError,
     RebalanceInProgressError,
     TopicAlreadyExistsError,
 )
@@ -244,12 +242,13 @@ class Consumer(_Client):
         """Fetch what is ready on the assigned, unpaused partitions."""
         try:
             batches = await self._client.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        except (KafkaConnectionError, KafkaTimeoutError) as exc:
+        except KafkaError as exc:
             raise _transport_error(exc, "Fetching") from exc
         return {
             Partition(tp.topic, tp.partition): [
                 Record(m.topic, m.partition, m.offset, m.key, m.value,
-                       tuple((k, bytes(v)) for k, v in (m.headers or ())), m.timestamp)
+                       tuple((k, b"" if v is None else bytes(v)) for k, v in (m.headers or ())),
+                       m.timestamp)
                 for m in msgs]
             for tp, msgs in batches.items()
         }
@@ -274,6 +273,8 @@ class Consumer(_Client):
             await self._client.commit({_tp(p): o for p, o in offsets.items()})
         except (CommitFailedError, IllegalStateError, RebalanceInProgressError) as exc:
             raise CommitFailed(f"Commit refused: {type(exc).__name__}: {exc}") from exc
+        except KafkaError as exc:
+            raise _transport_error(exc, "Committing offsets") from exc
 
     async def committed(self, partition: Partition) -> int | None:
         return await self._client.committed(_tp(partition))  # type: ignore[no-any-return]

@@ -1,0 +1,224 @@
+"""Delegation plans: a DAG of steps, each naming a specialist, its input and its
+dependencies, and the rules a plan must satisfy before anything is dispatched.
+
+Everything here is pure (no Kafka): the coordinator (:mod:`mesh.patterns.coordinator`)
+calls it on every request and result. A plan is a payload: it is published, one
+version after another, to the compacted plans topic keyed by workflow id.
+
+Example:
+    >>> plan = Plan(steps=[
+    ...     PlanStep(id="research", specialist="researcher"),
+    ...     PlanStep(id="write", specialist="writer", depends_on=["research"]),
+    ... ])
+    >>> validate_plan(plan, ["researcher", "writer"])
+    >>> [s.id for s in ready_steps(plan, done=set())]
+    ['research']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mesh.errors import MeshError
+
+
+class PlanError(MeshError):
+    """A plan that cannot run: unknown specialist, missing dependency, cycle, duplicate
+    step id, no steps. Never retriable: the same plan fails the same way.
+
+    Attributes:
+        problems: one message per problem found, each naming the value, the rule and
+            the fix.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__(" ".join(self.problems))
+
+
+class PlanStep(BaseModel):
+    """One step: which specialist does it, with what input, after which steps.
+
+    ``checkpoint`` asks the coordinator to call its reviewer when the step's result
+    arrives, so the reviewer can revise the rest of the plan.
+
+    Example:
+        >>> PlanStep(id="analyse", specialist="analyst", depends_on=["research"],
+        ...          checkpoint=True).checkpoint
+        True
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    specialist: str
+    input: dict[str, Any] = Field(default_factory=dict)
+    depends_on: list[str] = Field(default_factory=list)
+    checkpoint: bool = False
+
+    def same_work(self, other: PlanStep) -> bool:
+        """Whether ``other`` asks for exactly this work (a revision that keeps a step
+        in flight does not dispatch it again)."""
+        return (self.specialist, self.input, sorted(self.depends_on)) == (
+            other.specialist, other.input, sorted(other.depends_on))
+
+
+class Plan(BaseModel):
+    """A versioned plan for one workflow. A planner returns one with just ``steps``
+    (and optionally ``reason``); the coordinator sets ``workflow_id`` and ``version``.
+
+    Example:
+        >>> Plan(steps=[PlanStep(id="a", specialist="researcher")]).version
+        1
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    steps: list[PlanStep]
+    workflow_id: str = ""
+    version: int = 1
+    reason: str = "initial plan"
+    author: str = "planner"
+
+    def step(self, step_id: str) -> PlanStep | None:
+        """The step called ``step_id``, or None."""
+        return next((s for s in self.steps if s.id == step_id), None)
+
+    @property
+    def step_ids(self) -> list[str]:
+        return [s.id for s in self.steps]
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """A reviewer's answer: these steps replace every step not yet done, because of
+    ``reason``. Done steps are kept with their results; new steps may depend on them.
+
+    Example:
+        >>> Revision([PlanStep(id="fact-check", specialist="checker",
+        ...                    depends_on=["analyse"])], reason="claims need checking").reason
+        'claims need checking'
+    """
+
+    steps: Sequence[PlanStep]
+    reason: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
+        if not self.reason.strip():
+            raise PlanError(["A plan revision needs a reason (it is published with the "
+                             "new version for the audit trail): pass reason=."])
+
+
+def validate_plan(plan: Plan, specialists: Collection[str]) -> None:
+    """Check that ``plan`` can run with ``specialists``; raise :class:`PlanError` with
+    every problem found otherwise.
+
+    Rules: at least one step; step ids unique; every specialist known; every
+    dependency a step of the plan; no cycles (a step depending on itself included).
+
+    Example:
+        >>> validate_plan(Plan(steps=[PlanStep(id="write-code", specialist="coder")]),
+        ...               ["researcher", "writer"])
+        Traceback (most recent call last):
+        mesh.patterns.plan.PlanError: Unknown specialist 'coder' in step 'write-code': known are researcher, writer. Register it or fix the plan.
+    """
+    where = f" of workflow {plan.workflow_id!r}" if plan.workflow_id else ""
+    if not plan.steps:
+        raise PlanError([f"Plan v{plan.version}{where} has no steps: a plan needs at "
+                         "least one step. Fix the planner."])
+    problems: list[str] = []
+    seen: set[str] = set()
+    for step in plan.steps:
+        if step.id in seen:
+            problems.append(f"Duplicate step id {step.id!r}{where}: step ids must be "
+                            "unique. Rename one of them.")
+        seen.add(step.id)
+    known = ", ".join(sorted(specialists)) or "none"
+    for step in plan.steps:
+        if step.specialist not in specialists:
+            problems.append(f"Unknown specialist {step.specialist!r} in step {step.id!r}: "
+                            f"known are {known}. Register it or fix the plan.")
+        for dep in step.depends_on:
+            if dep not in seen:
+                problems.append(f"Step {step.id!r} depends on {dep!r}, which is not a step "
+                                f"of the plan (steps: {', '.join(plan.step_ids)}). Add the "
+                                "step or remove the dependency.")
+    cycle = find_cycle(plan.steps)
+    if cycle:
+        problems.append(f"Plan{where} has a dependency cycle: {' -> '.join(cycle)} (each "
+                        "depends on the next). Steps must form a DAG: remove one of these "
+                        "dependencies.")
+    if problems:
+        raise PlanError(problems)
+
+
+def find_cycle(steps: Iterable[PlanStep]) -> list[str]:
+    """A dependency cycle as a path back to its start, each step depending on the
+    next (``['a', 'b', 'a']``), or ``[]``. Dependencies on unknown steps are ignored."""
+    graph = {s.id: list(s.depends_on) for s in steps}
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for dep in graph.get(node, []):
+            if dep not in graph or state.get(dep) == 2:
+                continue
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            found = visit(dep)
+            if found:
+                return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in graph:
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return []
+
+
+def ready_steps(plan: Plan, *, done: Collection[str],
+                started: Collection[str] = ()) -> list[PlanStep]:
+    """The steps to dispatch now: not done, not started, every dependency done; in plan
+    order. Steps returned together are independent of each other and run in parallel.
+
+    Example:
+        >>> plan = Plan(steps=[PlanStep(id="a", specialist="r"),
+        ...                    PlanStep(id="b", specialist="r"),
+        ...                    PlanStep(id="c", specialist="w", depends_on=["a", "b"])])
+        >>> [s.id for s in ready_steps(plan, done={"a"}, started={"b"})]
+        []
+        >>> [s.id for s in ready_steps(plan, done={"a", "b"})]
+        ['c']
+    """
+    return [s for s in plan.steps
+            if s.id not in done and s.id not in started
+            and all(dep in done for dep in s.depends_on)]
+
+
+def revise(plan: Plan, revision: Revision, *, done: Collection[str]) -> Plan:
+    """The next version of ``plan``: its done steps, then the revision's steps in place
+    of everything not yet done. Validate the result with :func:`validate_plan`.
+
+    Example:
+        >>> plan = Plan(steps=[PlanStep(id="a", specialist="r"),
+        ...                    PlanStep(id="b", specialist="w", depends_on=["a"])])
+        >>> new = revise(plan, Revision([PlanStep(id="c", specialist="w", depends_on=["a"])],
+        ...                             reason="c instead of b"), done={"a"})
+        >>> new.version, new.step_ids
+        (2, ['a', 'c'])
+    """
+    kept = [s for s in plan.steps if s.id in done]
+    return plan.model_copy(update={"steps": kept + list(revision.steps),
+                                   "version": plan.version + 1, "reason": revision.reason,
+                                   "author": "reviewer"})
