@@ -43,11 +43,14 @@ def encode(codec: Codec, topic: Topic[Any], item: Item) -> OutRecord:
 
 
 async def inject(settings: MeshSettings, records: Sequence[OutRecord],
-                 batch: int = 500) -> None:
-    """Produce ``records`` in batches and wait for every acknowledgement."""
+                 batch: int = 500) -> list[tuple[int, int]]:
+    """Produce ``records`` in batches, wait for every acknowledgement; returns each
+    record's (partition, offset)."""
+    positions: list[tuple[int, int]] = []
     async with Producer(settings.kafka) as producer:
         for start in range(0, len(records), batch):
-            await producer.send_all(records[start:start + batch])
+            positions += await producer.send_all(records[start:start + batch])
+    return positions
 
 
 async def read_all(settings: MeshSettings, topics: Sequence[str]) -> list[Record]:

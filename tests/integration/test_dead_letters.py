@@ -33,10 +33,12 @@ def _bad(topic: str, kind: str, key: bytes, settings_limit: int) -> OutRecord:
         "oversize": b"\xc3\x01" + b"\x00" * (settings_limit + 1),
         "bad-header": b"",  # a good payload with a malformed attempt header
         "bad-traceparent": b"",
+        "null-header": b"",
     }[kind]
-    if kind in ("bad-header", "bad-traceparent"):
-        headers.append(("mesh-attempt", b"one") if kind == "bad-header"
-                       else ("traceparent", b"not-a-trace"))
+    if kind in ("bad-header", "bad-traceparent", "null-header"):
+        headers.append({"bad-header": ("mesh-attempt", b"one"),
+                        "bad-traceparent": ("traceparent", b"not-a-trace"),
+                        "null-header": ("mesh-attempt", None)}[kind])  # type: ignore[dict-item]
     return OutRecord(topic, value, key, tuple(headers))
 
 
@@ -44,6 +46,7 @@ EXPECTED_ERRORS = {
     "random-bytes": "DecodeError", "truncated-avro": "DecodeError",
     "wrong-schema": "UnknownSchema", "oversize": "PayloadTooLarge",
     "bad-header": "HeaderInvalid", "bad-traceparent": "HeaderInvalid",
+    "null-header": "HeaderInvalid",  # a header with a null value (legal in Kafka)
 }
 
 
@@ -66,14 +69,14 @@ async def test_each_bad_input_lands_in_the_dead_letter_topic_while_good_ones_flo
         record = _bad(source.name, kind, b"k1", 4096)
         if kind == "truncated-avro":
             record = OutRecord(source.name, good[0].value[:12], b"k1", record.headers)
-        if kind in ("bad-header", "bad-traceparent"):
+        if kind in ("bad-header", "bad-traceparent", "null-header"):
             record = OutRecord(source.name, good[0].value, b"k1", record.headers)
         bad_records.append((kind, record))
     # interleave: bad ones between good ones on the same key (same partition)
     stream = good[:15] + [r for _, r in bad_records] + good[15:]
     async with Mesh(settings, [stage1]) as mesh:
         await mesh.wait_assigned()
-        await inject(settings, stream, batch=7)
+        positions = await inject(settings, stream, batch=7)
         await wait_for_count(settings, [sink.name], len(items) - 1)
         await wait_for_count(settings, [source.dlq_name], len(bad_records) + 1)
         assert not mesh._task.done()  # noqa: SLF001 - the agent is still running
@@ -85,7 +88,8 @@ async def test_each_bad_input_lands_in_the_dead_letter_topic_while_good_ones_flo
         assert headers[DLQ_TOPIC] == source.name
         assert headers[DLQ_ERROR_CLASS] == EXPECTED_ERRORS[kind], (kind, headers[DLQ_ERROR])
         assert headers[DLQ_ERROR]
-        assert int(headers[DLQ_PARTITION]) >= 0 and int(headers[DLQ_OFFSET]) >= 0
+        where = positions[stream.index(sent)]
+        assert (int(headers[DLQ_PARTITION]), int(headers[DLQ_OFFSET])) == where
         assert headers[DLQ_AGENT] == stage1.name
         assert record.value == sent.value  # the original bytes, nothing lost
     poison = [r for r in dead if dict(r.headers).get("mesh-dlq-error-class") == b"ValueError"]

@@ -162,3 +162,16 @@ def test_profile_and_explicit_timings_override_the_defaults() -> None:
     assert tuned.group_timings()["session_timeout_ms"] == 45_000
     assert MeshSettings().with_bootstrap("b:1", embedded=True).kafka.embedded_profile
     assert not MeshSettings().with_bootstrap("b:1").kafka.embedded_profile
+
+
+def test_a_settings_error_never_echoes_the_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad setting beside a password: the validation error names the problem but
+    not the password (pydantic would otherwise print the input)."""
+    monkeypatch.setenv("MESH_KAFKA__SSL_PASSWORD", "hunter2secret")
+    monkeypatch.setenv("MESH_KAFKA__SASL_PLAIN_PASSWORD", "s3cr3t-sasl")
+    monkeypatch.setenv("MESH_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")  # no mechanism: invalid
+    with pytest.raises(ValidationError) as info:
+        MeshSettings()
+    text = str(info.value)
+    assert "SASL_MECHANISM" in text
+    assert "hunter2secret" not in text and "s3cr3t-sasl" not in text
