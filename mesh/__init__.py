@@ -22,8 +22,9 @@ from mesh.errors import (
     TransportError,
 )
 from mesh.provision import apply_topics
-from mesh.runtime import AgentRunner, Mesh
+from mesh.runtime import AgentRunner, Mesh, Outcome
 from mesh.serde import AvroSerde
+from mesh.state import CompactedTable
 from mesh.topic import Topic
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "App",
     "AvroSerde",
     "Codec",
+    "CompactedTable",
     "ConfigError",
     "Context",
     "DecodeError",
@@ -42,6 +44,7 @@ __all__ = [
     "Mesh",
     "MeshError",
     "MeshSettings",
+    "Outcome",
     "PayloadInvalid",
     "PayloadTooLarge",
     "Topic",
