@@ -40,7 +40,7 @@ the runtime's retries) emits a ``listener_failed`` event naming itself, the even
 and the error, and its input goes to the type topic's dead-letter topic.
 
 Example:
-    >>> from pydantic import BaseModel
+    >>> from pydantic import BaseModel, ValidationError
     >>> class Asked(BaseModel):
     ...     question: str
     >>> class Answered(BaseModel):
@@ -62,13 +62,13 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from mesh.agent import Agent, App, Context
 from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.envelope import Envelope
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, PayloadInvalid
 from mesh.topic import Topic
 from mesh.transport import OutRecord, Producer
 
@@ -105,7 +105,8 @@ class EventBus:
 
     Example:
         >>> bus = EventBus("shop", {"ordered": Order}, key="order_id")  # doctest: +SKIP
-        >>> await bus.publish("ordered", Order(order_id="o1"), producer=p, codec=c)  # doctest: +SKIP
+        >>> await bus.publish("ordered", Order(order_id="o1"),
+        ...                   producer=producer, codec=Codec())  # doctest: +SKIP
     """
 
     def __init__(self, namespace: str, types: Mapping[str, type[BaseModel]], *,
@@ -154,7 +155,11 @@ class EventBus:
         """``payload`` as the type's model (a mapping is validated into it)."""
         model = self.topic(event_type).model
         if isinstance(payload, Mapping):
-            return model.model_validate(payload)
+            try:
+                return model.model_validate(payload)
+            except ValidationError as exc:
+                raise PayloadInvalid(f"Event type {event_type!r}: the mapping is not a valid "
+                                     f"{model.__name__}: {exc}. Fix the fields.") from exc
         if not isinstance(payload, model):
             raise ConfigError(f"Event type {event_type!r} carries {model.__name__}, but a "
                               f"{type(payload).__name__} was given. Build a {model.__name__}.")
@@ -301,15 +306,15 @@ class EventContext:
         """Emit a handler's return value (None, a payload or a list), routed by model."""
         items = [] if result is None else (
             list(result) if isinstance(result, (list, tuple)) else [result])
+        declared = [t for t in self.emits if t != FAILED]
         for item in items:
-            matches = [t for t in self.emits if t != FAILED
-                       and isinstance(item, self.bus.topic(t).model)]
+            matches = [t for t in declared if isinstance(item, self.bus.topic(t).model)]
             if len(matches) != 1:
                 why = "none of its emits carries" if not matches else "several emits carry"
                 raise ConfigError(f"Listener {self.context.agent.name!r} returned a "
                                   f"{type(item).__name__}, but {why} it "
-                                  f"({', '.join(matches) or ', '.join(self.emits)}). "
-                                  "Use ctx.emit(type, payload) to choose.")
+                                  f"(emits: {', '.join(matches or declared) or 'none'}). "
+                                  "Declare its type in emits=, or use ctx.emit(type, payload).")
             self.emit(matches[0], item)
 
 

@@ -101,6 +101,6 @@ def test_collect_topics_accepts_an_identical_redeclaration_and_skips_other_objec
 def test_discover_topics_finds_the_demo_topics() -> None:
     found = discover_topics("topics")
 
-    assert sorted(found) == ["demo.articles", "demo.drafts", "demo.fact-checks",
-                             "demo.findings", "demo.requests"]
+    assert {"demo.articles", "demo.drafts", "demo.fact-checks", "demo.findings",
+            "demo.requests"} <= set(found)
     assert found["demo.requests"].key == "request_id"
