@@ -29,7 +29,9 @@ from mesh.embedded import EmbeddedBroker
 from mesh.envelope import Envelope
 from mesh.errors import MeshError
 from mesh.provision import apply_topics
+from mesh.observe.audit import audit_topic
 from mesh.reader import TopicReader
+from mesh.resilience.dead_letter import DeadLetter, parse_where, read_dead_letters, replay
 from mesh.runtime import DLQ_HEADERS, Mesh
 from mesh.schemas import check_schemas, export_schemas
 from mesh.topic import DLQ_SUFFIX, Topic, discover_topics
@@ -39,6 +41,8 @@ app = typer.Typer(help="Kafka agent mesh: agents as stream processors on typed t
                   no_args_is_help=True, pretty_exceptions_enable=False)
 topics_app = typer.Typer(help="Declared topics on the broker.", no_args_is_help=True)
 schemas_app = typer.Typer(help="Avro schemas in schemas/.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Dead-letter topics: list, show, replay.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
 app.add_typer(topics_app, name="topics")
 app.add_typer(schemas_app, name="schemas")
 
@@ -163,6 +167,7 @@ def _exit_on_sigterm() -> None:
 
 def _declared(modules: list[str] | None, app_spec: str | None = None) -> dict[str, Topic[Any]]:
     found = discover_topics(*(modules or DEFAULT_MODULES))
+    found.setdefault(audit_topic.name, audit_topic)  # the mesh's own: always declared
     if app_spec:
         found.update(load(app_spec).topics)
     return found
@@ -346,6 +351,59 @@ def schemas_check(out: Annotated[Path, typer.Option(help="Directory")] = Path("s
         err.print("Run `mesh schemas export` and commit the result.")
         raise typer.Exit(1)
     print(f"schemas in {out} match the models")
+
+
+
+def _letters(topic: str) -> tuple[MeshSettings, list[DeadLetter]]:
+    settings = _settings()
+    _require_cluster(settings)
+    return settings, asyncio.run(read_dead_letters(settings.kafka, topic))
+
+
+@dlq_app.command("list")
+def dlq_list(topic: Annotated[str, typer.Argument(help="TOPIC or TOPIC.dlq")],
+             where: Annotated[list[str] | None, typer.Option(help="field<op>value")] = None,
+             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """One line per dead letter: position, origin, error, attempts, agent."""
+    _, letters = _letters(topic)
+    keep = parse_where(where or [])
+    for letter in filter(keep, letters):
+        f = letter.fields()
+        if as_json:
+            print(json.dumps(f), flush=True)
+        else:
+            print(f"{f['partition']}@{f['offset']}  {f['origin_topic']}[{f['origin_partition']}]"
+                  f"@{f['origin_offset']}  {f['error_class']}  attempts={f['attempts']}  "
+                  f"agent={f['agent']}  key={f['key']}  {f['error'][:120]}")
+
+
+@dlq_app.command("show")
+def dlq_show(topic: Annotated[str, typer.Argument(help="TOPIC or TOPIC.dlq")],
+             offset: int, partition: Annotated[int | None, typer.Option()] = None,
+             modules: ModulesOpt = DEFAULT_MODULES) -> None:
+    """One dead letter whole: headers, failure, and the payload decoded if it can be."""
+    settings, letters = _letters(topic)
+    found = [d for d in letters if d.record.offset == offset
+             and (partition is None or d.record.partition == partition)]
+    if len(found) != 1:
+        what = "no dead letter" if not found else f"{len(found)} dead letters"
+        raise typer.BadParameter(f"{what} at offset {offset}; pass --partition to choose.")
+    info = asyncio.run(_describe(found[0].record, _declared(modules), Codec()))
+    print(json.dumps({"dead_letter": found[0].fields(), **info}, indent=2, default=str))
+
+
+@dlq_app.command("replay")
+def dlq_replay(topic: Annotated[str, typer.Argument(help="TOPIC or TOPIC.dlq")],
+               where: Annotated[list[str] | None, typer.Option(help="field<op>value")] = None,
+               to: Annotated[str | None, typer.Option(help="Target (default: origin)")] = None,
+               ) -> None:
+    """Re-publish dead letters (same event ids) to their origin topic or --to; each
+    replay is recorded on mesh.audit."""
+    settings, letters = _letters(topic)
+    report = asyncio.run(replay(settings.kafka, letters, where=parse_where(where or []), to=to,
+                                codec=Codec(settings.schema_registry)))
+    print(f"replayed {report.replayed} of {report.considered} dead letters to {report.target}"
+          + (f" (dlq offsets {', '.join(map(str, report.offsets))})" if report.offsets else ""))
 
 
 if __name__ == "__main__":

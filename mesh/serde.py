@@ -116,7 +116,7 @@ class _Builder:
             entry: dict[str, Any] = {"name": fname, "type": schema}
             if info.description:
                 entry["doc"] = info.description
-            default = info.get_default(call_default_factory=True)
+            default = _schema_default(info)
             if default is not PydanticUndefined:
                 entry["type"], entry_default = _with_default(schema, _apply(to, default))
                 if entry_default is not PydanticUndefined:
@@ -189,6 +189,17 @@ class _Builder:
         return ({"type": "array", "items": schema},
                 lambda xs: [_apply(to, x) for x in xs],
                 None if back is None else lambda xs: [_apply(back, x) for x in xs])
+
+
+def _schema_default(info: Any) -> Any:
+    """The field's default for the Avro schema. A default factory is called only when it
+    is a plain container type: others (``time.time``, ``uuid4``) would make the schema
+    differ on every build, so such fields get no schema default."""
+    if info.default_factory is None:
+        return info.get_default()
+    if info.default_factory in (list, dict, set, tuple, frozenset):
+        return info.default_factory()
+    return PydanticUndefined
 
 
 def _json_dumps(value: Any) -> str:

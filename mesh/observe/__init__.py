@@ -1,0 +1,1 @@
+"""Observability: the audit topic (metrics and tracing build on the runtime's outcomes)."""

@@ -1,0 +1,2 @@
+"""Resilience: dead letters and their replay (retry topics, breakers and fallbacks
+build on the same records)."""
