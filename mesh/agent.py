@@ -65,8 +65,10 @@ class Context:
 
     def __init__(self, agent: Agent[Any], event: Envelope[Any], *,
                  tables: Mapping[str, Any] | None = None,
-                 assigned: frozenset[tuple[str, int]] = frozenset()) -> None:
+                 assigned: frozenset[tuple[str, int]] = frozenset(),
+                 runner: Any = None) -> None:
         self.agent = agent
+        self.runner = runner  # the AgentRunner running this agent (quarantine, observers)
         self.event = event
         self.outputs: list[Emitted] = []
         self.staged: list[tuple[str, str, Any, Any]] = []  # (table, key, value, record)

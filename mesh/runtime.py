@@ -179,6 +179,7 @@ class AgentRunner:
         self.observers: list[Observer] = []
         self.quarantined = False
         self._fatal: BaseException | None = None
+        self._released = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish in-flight work, commit and leave."""
@@ -214,6 +215,7 @@ class AgentRunner:
         if self.quarantined or self._consumer is None:
             return
         self.quarantined = True
+        self._released.clear()
         await self._close_lanes(list(self._lanes))
         self._consumer.unsubscribe()
         logger.warning("agent %s quarantined: left group %s", self.agent.name, self.agent.group)
@@ -223,6 +225,7 @@ class AgentRunner:
         if self.quarantined and self._consumer is not None:
             self.quarantined = False
             self._subscribe()
+            self._released.set()
             logger.info("agent %s released: rejoining group %s", self.agent.name,
                         self.agent.group)
 
@@ -248,7 +251,8 @@ class AgentRunner:
             await self.producer.send_all(records)
 
     def _context(self, event: Envelope[Any]) -> Context:
-        return Context(self.agent, event, tables=self.tables, assigned=self.assignment())
+        return Context(self.agent, event, tables=self.tables, assigned=self.assignment(),
+                       runner=self)
 
     async def _poll(self, consumer: Consumer, stop: asyncio.Event) -> None:
         runtime = self.settings.runtime
@@ -256,6 +260,15 @@ class AgentRunner:
         while not stop.is_set():
             if self._fatal is not None:
                 raise self._fatal
+            if self.quarantined:
+                # Unsubscribed: aiokafka's getmany would wait for a new assignment
+                # (ignoring its timeout) and this loop would never see ``stop``.
+                waits = [asyncio.ensure_future(stop.wait()),
+                         asyncio.ensure_future(self._released.wait())]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for waiting in waits:
+                    waiting.cancel()
+                continue
             batches = await consumer.getmany(timeout_ms=200,
                                              max_records=runtime.max_records_per_poll)
             for partition, records in batches.items():

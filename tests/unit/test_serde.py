@@ -11,16 +11,12 @@ from typing import Any, Literal
 
 import fastavro
 import pytest
-from fastavro.schema import (
-    SchemaParseException,
-    fingerprint,
-    to_parsing_canonical_form,
-)
+from fastavro.schema import fingerprint, to_parsing_canonical_form
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
-from mesh.errors import ConfigError, DecodeError, PayloadInvalid, UnknownSchema
+from mesh.errors import DecodeError, PayloadInvalid, UnknownSchema
 from mesh.serde import AvroSerde, framing_of
 
 UTC = dt.timezone.utc

@@ -1,0 +1,48 @@
+"""A supervised worker pool for tests: ``mesh run tests.apps.workers:app`` is one worker
+replica on the topics named ``<MESH_TEST_PREFIX>.*``.
+
+Environment: ``MESH_WORKER_ID`` names the replica; ``MESH_TEST_WORKER_FAILS=1`` makes
+every task fail on it; ``MESH_TEST_HEARTBEAT_S`` sets the heartbeat interval. A job
+whose prompt is ``"poison"`` fails on every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from mesh import Context, Topic
+from mesh.patterns.supervisor import WorkerService, WorkerTopics, worker_topics
+from topics.workers import Job, JobResult
+
+
+def build(prefix: str) -> tuple[WorkerTopics, Topic[JobResult]]:
+    """The pool's topics and the result topic, named ``<prefix>.*``."""
+    jobs = Topic(f"{prefix}.jobs", Job, key="job_id", partitions=3)
+    return worker_topics(prefix, jobs), Topic(f"{prefix}.results", JobResult, key="job_id")
+
+
+def service(prefix: str, *, worker_id: str | None = None, fails: bool = False,
+            heartbeat_s: float = 0.5) -> WorkerService:
+    """One worker replica; ``fails`` makes every task raise."""
+    topics, results = build(prefix)
+
+    async def perform(job: Job, ctx: Context) -> JobResult:
+        if fails:
+            raise RuntimeError(f"worker {replica.worker_id} is broken (job {job.job_id})")
+        if job.prompt == "poison":
+            raise ValueError(f"job {job.job_id} is poison")
+        if job.effort_ms:
+            await asyncio.sleep(job.effort_ms / 1000)
+        return JobResult(job_id=job.job_id, worker_id=replica.worker_id,
+                         answer=job.prompt.upper())
+
+    replica = WorkerService(topics, perform, produces=results, worker_id=worker_id,
+                            heartbeat_s=heartbeat_s)
+    return replica
+
+
+PREFIX = os.environ.get("MESH_TEST_PREFIX", "workers-test")
+replica = service(PREFIX, fails=os.environ.get("MESH_TEST_WORKER_FAILS") == "1",
+                  heartbeat_s=float(os.environ.get("MESH_TEST_HEARTBEAT_S", "0.5")))
+app = replica.app
