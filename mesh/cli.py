@@ -406,5 +406,27 @@ def dlq_replay(topic: Annotated[str, typer.Argument(help="TOPIC or TOPIC.dlq")],
           + (f" (dlq offsets {', '.join(map(str, report.offsets))})" if report.offsets else ""))
 
 
+
+@app.command()
+def workers(topic: Annotated[str | None, typer.Option(
+                help="Worker status topic (default: every declared one)")] = None,
+            stale_after: Annotated[float, typer.Option(help="Flag heartbeats older (s)")] = 10.0,
+            modules: ModulesOpt = DEFAULT_MODULES) -> None:
+    """The workers table: status, current task, failures, tasks done, throughput."""
+    from mesh.patterns.supervisor import WorkerStatus, load_workers, render_workers
+
+    settings = _settings()
+    _require_cluster(settings)
+    declared = _declared(modules)
+    topics = [t for name, t in sorted(declared.items())
+              if (topic is None or name == topic) and t.model is WorkerStatus]
+    if not topics:
+        raise typer.BadParameter(f"No worker status topic {topic or ''} declared in {modules}.")
+    for status in topics:
+        rows = asyncio.run(load_workers(settings.kafka, status))
+        Console(width=max(120, Console().width)).print(
+            render_workers(rows, stale_after_s=stale_after))
+
+
 if __name__ == "__main__":
     main()

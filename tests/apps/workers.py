@@ -46,3 +46,4 @@ PREFIX = os.environ.get("MESH_TEST_PREFIX", "workers-test")
 replica = service(PREFIX, fails=os.environ.get("MESH_TEST_WORKER_FAILS") == "1",
                   heartbeat_s=float(os.environ.get("MESH_TEST_HEARTBEAT_S", "0.5")))
 app = replica.app
+status = replica.topics.status  # module level: `mesh workers -t tests.apps.workers` finds it

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +31,7 @@ from mesh.patterns.supervisor import (
 from mesh.reader import TopicReader
 from mesh.transport import OutRecord, Producer
 from tests.apps.workers import build, service
-from tests.conftest import BrokerUnderTest
+from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import AgentProcess, read_all
 from topics.workers import Job, JobResult
 
@@ -188,6 +190,14 @@ async def test_failing_worker_is_quarantined_and_its_tasks_finish_on_the_others(
     console.print(render_workers(rows.values()))
     text = console.export_text()
     assert "w3" in text and "quarantined" in text and "s ago" in text
+    shown = subprocess.run(
+        [sys.executable, "-m", "mesh.cli", "workers", "-t", "tests.apps.workers"],
+        env=broker.env(MESH_TEST_PREFIX=prefix, COLUMNS="160"), cwd=ROOT,
+        capture_output=True, timeout=120, check=False)
+    assert shown.returncode == 0, shown.stderr.decode()
+    lines = shown.stdout.decode().splitlines()
+    assert any("w3" in line and "quarantined" in line for line in lines)
+    assert sum(("w1" in line or "w2" in line) and "idle" in line for line in lines) == 2
 
 
 async def test_quarantined_worker_exits_0_on_sigterm(
