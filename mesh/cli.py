@@ -43,6 +43,8 @@ topics_app = typer.Typer(help="Declared topics on the broker.", no_args_is_help=
 schemas_app = typer.Typer(help="Avro schemas in schemas/.", no_args_is_help=True)
 dlq_app = typer.Typer(help="Dead-letter topics: list, show, replay.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+workflows_app = typer.Typer(help="Checkpointed workflows.", no_args_is_help=True)
+app.add_typer(workflows_app, name="workflows")
 app.add_typer(topics_app, name="topics")
 app.add_typer(schemas_app, name="schemas")
 
@@ -426,6 +428,25 @@ def workers(topic: Annotated[str | None, typer.Option(
         rows = asyncio.run(load_workers(settings.kafka, status))
         Console(width=max(120, Console().width)).print(
             render_workers(rows, stale_after_s=stale_after))
+
+
+
+@workflows_app.command("show")
+def workflows_show(workflow_id: str, modules: ModulesOpt = DEFAULT_MODULES) -> None:
+    """A workflow's checkpoint history (every version) and its current state."""
+    from mesh.patterns.checkpoint import checkpoint_topics, format_history, workflow_history
+
+    settings = _settings()
+    _require_cluster(settings)
+    topics = checkpoint_topics(_declared(modules).values())
+    if not topics:
+        raise typer.BadParameter(f"No checkpoint topic declared in {modules}.")
+    history = asyncio.run(workflow_history(settings.kafka, workflow_id, topics))
+    if not history.found:
+        err.print(f"no checkpoints for workflow {workflow_id!r} in "
+                  f"{', '.join(t.name for t in topics)}")
+        raise typer.Exit(1)
+    print(format_history(history))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,12 @@ class AgentRunner:
         self.revocations = 0  # while running; the leave at shutdown is not counted
         self._stopping = False
         self.tables = tables_for(list(agent.state), settings.kafka, codec)
+        # Clear from a revoke (and before the first assignment) until the state tables
+        # are rebuilt: aiokafka fetches for new partitions before on_partitions_assigned
+        # returns, and a handler must never judge by a table that is not restored yet.
+        self._state_ready = asyncio.Event()
+        if not self.tables:
+            self._state_ready.set()
         self.observers: list[Observer] = []
         self.quarantined = False
         self._fatal: BaseException | None = None
@@ -316,6 +322,9 @@ class AgentRunner:
         # state topic to its end now sees the latest value of every key.
         for table in self.tables.values():
             await table.restore()
+        self._state_ready.set()
+        for lane in self._lanes.values():  # lanes opened while restoring may go on
+            lane.wakeup.set()
         for partition in partitions:
             if partition not in self._lanes:
                 self._open_lane(partition)
@@ -324,6 +333,8 @@ class AgentRunner:
 
     async def _revoke(self, partitions: list[Partition]) -> None:
         logger.info("agent %s revoked %s", self.agent.name, sorted(partitions))
+        if self.tables:
+            self._state_ready.clear()
         if partitions and not self._stopping:
             self.revocations += 1
         await self._close_lanes([p for p in partitions if p in self._lanes])
@@ -386,6 +397,11 @@ class AgentRunner:
                     await self._settle(lane, until=0)  # idle: let the commit catch up
                     lane.wakeup.clear()
                     if not lane.backlog and not lane.stopping:
+                        await lane.wakeup.wait()
+                    continue
+                if not self._state_ready.is_set():  # woken by the restore or by stopping
+                    lane.wakeup.clear()
+                    if not self._state_ready.is_set() and not lane.stopping:
                         await lane.wakeup.wait()
                     continue
                 record = lane.backlog.popleft()

@@ -1,0 +1,376 @@
+"""Sequential chains: step A's output is step B's input, one agent per step, one topic
+per hop.
+
+``Chain(name, steps=[...])`` turns a list of steps (``async (input, ctx) -> output``
+functions, or agents whose handlers return their output) into agents wired through
+per-step topics::
+
+    <name>.requests  -> step 0 -> <name>.step1 -> step 1 -> ... -> <name>.completed
+                                          (any step that fails for good) -> <name>.failed
+    every step: started / finished / failed                   -> <name>.events
+
+**Where the history lives: it travels with the event.** Each hop carries a
+:class:`ChainHop` with the chain's input and every step output so far, and the last
+step appends its own and emits :class:`ChainCompleted` with all of them. So a step
+needs no state table, a replay after a crash recomputes exactly what it did before, a
+failing step has its partial results in hand when it reports :class:`ChainFailed`, and
+any tap of one hop topic sees a whole workflow's past. The price: an event grows with
+every step, and the whole history counts against ``MESH_RUNTIME__MAX_MESSAGE_BYTES``
+(send references to large blobs, not the blobs). Outputs travel as JSON (Avro strings
+marked ``mesh.json``) because each step has its own model; :meth:`Chain.output` turns
+one back into the step's declared model.
+
+Kafka semantics: one step = one agent = one consumer group (replicas share it). Every
+hop topic is keyed by the chain's key (the request's record key, else its correlation
+id), so the steps of one key run in the order the requests arrived. A step that
+raises a retriable error is retried in place (``MESH_RUNTIME__HANDLER_ATTEMPTS``); one
+that fails for good emits one ``ChainFailed`` (naming the step's index, name and agent,
+the error and the partial results) and its input goes to the hop's ``.dlq``; that
+correlation id reaches nothing further, and other keys keep flowing. Delivery is
+at-least-once with deterministic event ids: a replayed step emits the same ids, so
+consumers of ``completed``/``failed``/``events`` dedup by ``mesh-event-id``.
+
+Step events: ``started`` for step k+1 is produced with the hop that hands it the work
+(a tap sees a long step as running); step 0's ``started`` comes with its outcome, since
+its input comes from outside. ``finished`` and ``failed`` come with the step's outcome.
+(Over 300 lines: the chain's four event models and its step adapter belong with it.)
+
+Example:
+    >>> class Topic_(BaseModel):
+    ...     request_id: str
+    ...     subject: str
+    >>> async def research(req: Topic_, ctx: Context) -> dict:
+    ...     return {"facts": [req.subject]}
+    >>> async def summarise(found: dict, ctx: Context) -> str:
+    ...     return "; ".join(found["facts"])
+    >>> chain = Chain("notes", [research, summarise], key="request_id")
+    >>> [a.name for a in chain.agents], [t.name for t in chain.hops]
+    (['notes.research', 'notes.summarise'], ['notes.step1'])
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import typing
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from mesh.agent import Agent, App, Context
+from mesh.errors import ConfigError, HandlerError
+from mesh.topic import Topic
+
+logger = logging.getLogger(__name__)
+
+StepFunction = Callable[[Any, Context], Awaitable[Any]]
+StepStatus = Literal["started", "finished", "failed"]
+_ERROR_CHARS = 2000
+
+
+class StepOutput(BaseModel):
+    """What step ``index`` produced (as JSON), and when it ran (epoch ms)."""
+
+    index: int
+    step: str
+    agent: str
+    model: str | None = None
+    output: Any = None
+    started_at_ms: int
+    finished_at_ms: int
+
+
+class ChainHop(BaseModel):
+    """The work handed to step ``step``: the chain's input and every output so far."""
+
+    chain: str
+    key: str
+    step: int
+    input: Any = None
+    outputs: list[StepOutput] = Field(default_factory=list)
+
+
+class ChainCompleted(BaseModel):
+    """A chain that ran every step: ``outputs`` in step order, ``result`` the last one."""
+
+    chain: str
+    key: str
+    correlation_id: str
+    input: Any = None
+    outputs: list[StepOutput]
+    result: Any = None
+
+
+class ChainFailed(BaseModel):
+    """A chain stopped by a step that failed for good (after its retries)."""
+
+    chain: str
+    key: str
+    correlation_id: str
+    failed_step: int
+    failed_step_name: str
+    failed_agent: str
+    error_class: str
+    error: str
+    input: Any = None
+    partial_results: list[StepOutput] = Field(default_factory=list)
+
+
+class ChainStepEvent(BaseModel):
+    """A step started, finished or failed, for taps and dashboards."""
+
+    chain: str
+    key: str
+    correlation_id: str
+    step: int
+    step_name: str
+    agent: str
+    status: StepStatus
+    at_ms: int
+    error_class: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step: a function from input to output, its name, its declared models.
+
+    ``input``/``output`` default to the function's annotations (pydantic models), or
+    for an agent to its consumed/produced topic's model. Without an input model the
+    step gets the previous output as plain JSON.
+
+    Example:
+        >>> async def review(draft: dict, ctx: Context) -> dict:
+        ...     return {"ok": True}
+        >>> Step.of(review).name
+        'review'
+    """
+
+    run: StepFunction
+    name: str
+    input: type[BaseModel] | None = None
+    output: type[BaseModel] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or " " in self.name:
+            raise ConfigError(f"Step name {self.name!r} is not valid: use a non-empty name "
+                              "without spaces or '/' (it becomes part of an agent name).")
+
+    @classmethod
+    def of(cls, item: Step | Agent[Any] | StepFunction) -> Step:
+        """A step from a :class:`Step`, an agent (its handler) or an async function."""
+        if isinstance(item, Step):
+            return item
+        if isinstance(item, Agent):
+            return cls(item.handle, item.name, _single_model(item.consumes),
+                       _single_model(item.produces))
+        if not callable(item):
+            raise ConfigError(f"Chain step {item!r} is not a step: pass an async function "
+                              "(input, ctx) -> output, an Agent or a Step.")
+        hints = _hints(item)
+        first = _first_parameter(item)
+        return cls(item, getattr(item, "__name__", type(item).__name__),
+                   _model_or_none(hints.get(first) if first else None),
+                   _model_or_none(hints.get("return")))
+
+
+class Chain:
+    """A sequential chain of steps, each its own agent, wired through per-step topics.
+
+    Args:
+        name: prefix of the chain's topics and agents.
+        steps: async functions ``(input, ctx) -> output``, agents, or :class:`Step`.
+        source: the topic of requests (default ``<name>.requests``, carrying the first
+            step's input model, keyed by ``key``).
+        key: the request field to key the default source topic by (per-key order).
+        partitions: partitions of every topic the chain declares.
+        retention_ms: ``retention.ms`` of the chain's topics (broker default if None).
+
+    Example:
+        >>> chain = Chain("research", [research, analyse, synthesise, review],  # doctest: +SKIP
+        ...               key="request_id")
+        >>> mesh = Mesh(settings, chain.agents)  # doctest: +SKIP
+    """
+
+    def __init__(self, name: str, steps: Sequence[Step | Agent[Any] | StepFunction], *,
+                 source: Topic[Any] | None = None, key: str | None = None,
+                 partitions: int = 3, retention_ms: int | None = None) -> None:
+        if not steps:
+            raise ConfigError(f"Chain {name!r} has no steps: pass at least one.")
+        self.name = name
+        self.steps = tuple(Step.of(s) for s in steps)
+        names = [s.name for s in self.steps]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"Chain {name!r} has duplicate step names {names}: wrap one in "
+                              "Step(fn, name=...) to tell them apart.")
+        self.source = source or self._default_source(key, partitions, retention_ms)
+        first = self.steps[0].input
+        if first is not None and not issubclass(self.source.model, first):
+            raise ConfigError(f"Chain {name!r}: step {names[0]!r} takes {first.__name__}, but "
+                              f"{self.source.name!r} carries {self.source.model.__name__}. "
+                              "Make them match.")
+        parts = partitions if source is None else source.partitions
+
+        def topic(suffix: str, model: type[BaseModel]) -> Topic[Any]:
+            return Topic(f"{name}.{suffix}", model, key="key", partitions=parts,
+                         retention_ms=retention_ms)
+
+        self.hops = tuple(topic(f"step{i}", ChainHop) for i in range(1, len(self.steps)))
+        self.completed = topic("completed", ChainCompleted)
+        self.failed = topic("failed", ChainFailed)
+        self.events = topic("events", ChainStepEvent)
+        self._began: dict[str, int] = {}  # event id -> ms its step began (for failures)
+        self.agents = [self._agent(i) for i in range(len(self.steps))]
+        self.app = App(name, agents=self.agents, topics=self.topics)
+
+    @property
+    def topics(self) -> list[Topic[Any]]:
+        """Every topic of the chain: source, hops, completed, failed, events."""
+        return [self.source, *self.hops, self.completed, self.failed, self.events]
+
+    def output(self, outputs: Sequence[StepOutput], index: int) -> Any:
+        """Step ``index``'s output from ``outputs`` (of a ``ChainCompleted`` or the
+        ``partial_results`` of a ``ChainFailed``), as the step's output model if it has one.
+
+        Example:
+            >>> chain.output(done.outputs, 1)  # doctest: +SKIP
+            Analysis(...)
+        """
+        found = next((o for o in outputs if o.index == index), None)
+        if found is None:
+            raise ConfigError(f"Chain {self.name!r}: no output of step {index} among "
+                              f"{[o.index for o in outputs]}.")
+        model = self.steps[index].output
+        return model.model_validate(found.output) if model is not None else found.output
+
+    def _default_source(self, key: str | None, partitions: int,
+                        retention_ms: int | None) -> Topic[Any]:
+        model = self.steps[0].input
+        if model is None:
+            raise ConfigError(f"Chain {self.name!r}: the first step {self.steps[0].name!r} "
+                              "declares no pydantic input model, so the request topic cannot "
+                              "be typed. Annotate its input or pass source=Topic(...).")
+        return Topic(f"{self.name}.requests", model, key=key, partitions=partitions,
+                     retention_ms=retention_ms)
+
+    def _agent(self, index: int) -> Agent[Any]:
+        step, last = self.steps[index], index == len(self.steps) - 1
+        consumes = self.source if index == 0 else self.hops[index - 1]
+        target = self.completed if last else self.hops[index]
+        name = f"{self.name}.{step.name}"
+
+        async def handle(payload: Any, ctx: Context) -> None:
+            began = _now_ms()
+            self._began[ctx.event_id] = began
+            hop = self._hop_of(index, payload, ctx)
+            value = await step.run(self._input_of(index, hop, payload), ctx)
+            done = StepOutput(index=index, step=step.name, agent=name,
+                              model=type(value).__name__ if isinstance(value, BaseModel) else None,
+                              output=_json(value), started_at_ms=began, finished_at_ms=_now_ms())
+            outputs = [*hop.outputs, done]
+            if last:
+                ctx.emit(target, ChainCompleted(chain=self.name, key=hop.key,
+                                                correlation_id=ctx.correlation_id,
+                                                input=hop.input, outputs=outputs,
+                                                result=done.output))
+            else:
+                ctx.emit(target, ChainHop(chain=self.name, key=hop.key, step=index + 1,
+                                          input=hop.input, outputs=outputs))
+            if index == 0:
+                ctx.emit(self.events, self._event(hop, ctx, 0, "started", began))
+            ctx.emit(self.events, self._event(hop, ctx, index, "finished", done.finished_at_ms))
+            if not last:
+                ctx.emit(self.events, self._event(hop, ctx, index + 1, "started", _now_ms()))
+            self._began.pop(ctx.event_id, None)
+
+        async def failed(payload: Any, ctx: Context, error: BaseException) -> None:
+            began = self._began.pop(ctx.event_id, _now_ms())
+            hop = self._hop_of(index, payload, ctx)
+            message = (str(error) or type(error).__name__)[:_ERROR_CHARS]
+            ctx.emit(self.failed, ChainFailed(
+                chain=self.name, key=hop.key, correlation_id=ctx.correlation_id,
+                failed_step=index, failed_step_name=step.name, failed_agent=name,
+                error_class=type(error).__name__, error=message, input=hop.input,
+                partial_results=hop.outputs))
+            if index == 0:
+                ctx.emit(self.events, self._event(hop, ctx, 0, "started", began))
+            ctx.emit(self.events, self._event(hop, ctx, index, "failed", _now_ms(),
+                                              error=error))
+            ctx.logger.warning("chain %s failed at step %d (%s): %s", self.name, index,
+                               step.name, message)
+
+        return Agent(name, consumes=consumes, produces=[target, self.events, self.failed],
+                     handler=handle, on_failure=failed,
+                     description=f"step {index} of chain {self.name}: {step.name}")
+
+    def _hop_of(self, index: int, payload: Any, ctx: Context) -> ChainHop:
+        if index > 0:
+            return payload  # type: ignore[no-any-return]
+        key = ctx.event.key.decode(errors="replace") if ctx.event.key else ctx.correlation_id
+        return ChainHop(chain=self.name, key=key, step=0, input=_json(payload))
+
+    def _input_of(self, index: int, hop: ChainHop, payload: Any) -> Any:
+        if index == 0:
+            return payload
+        previous = hop.outputs[-1].output if hop.outputs else None
+        model = self.steps[index].input
+        if model is None:
+            return previous
+        try:
+            return model.model_validate(previous)
+        except ValidationError as exc:
+            raise HandlerError(
+                f"Step {index} ({self.steps[index].name!r}) of chain {self.name!r} takes "
+                f"{model.__name__}, but step {index - 1} returned something else: {exc}. "
+                "Make the previous step return that model.") from exc
+
+    def _event(self, hop: ChainHop, ctx: Context, index: int, status: StepStatus, at_ms: int,
+               *, error: BaseException | None = None) -> ChainStepEvent:
+        return ChainStepEvent(
+            chain=self.name, key=hop.key, correlation_id=ctx.correlation_id, step=index,
+            step_name=self.steps[index].name, agent=f"{self.name}.{self.steps[index].name}",
+            status=status, at_ms=at_ms,
+            error_class=type(error).__name__ if error is not None else None,
+            error=(str(error) or type(error).__name__)[:_ERROR_CHARS] if error else None)
+
+    def __repr__(self) -> str:
+        return f"Chain({self.name!r}, steps={[s.name for s in self.steps]})"
+
+
+def _json(value: Any) -> Any:
+    """``value`` as JSON data (a model as its JSON dump)."""
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _hints(fn: Any) -> dict[str, Any]:
+    """Resolved annotations of ``fn`` (empty when they cannot be resolved, e.g. a model
+    defined inside a function: pass ``Step(..., input=..., output=...)`` then)."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # unresolvable forward references: no declared models
+        logger.debug("annotations of %r cannot be resolved", fn)
+        return {}
+
+
+def _first_parameter(fn: Any) -> str | None:
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins and some callables have no signature
+        return None
+    return params[0] if params else None
+
+
+def _model_or_none(tp: Any) -> type[BaseModel] | None:
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _single_model(topics: Sequence[Topic[Any]]) -> type[BaseModel] | None:
+    models = {t.model for t in topics}
+    return models.pop() if len(models) == 1 else None
