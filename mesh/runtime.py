@@ -552,7 +552,7 @@ class Mesh:
 
     async def run(self) -> None:
         """Run every agent until :meth:`stop`; any agent's transport failure stops all."""
-        topics = {t.name: t for a in self.agents for t in a.consumes + a.produces}
+        topics = {t.name: t for a in self.agents for t in a.consumes + a.produces + a.state}
         await self.codec.prepare(list(topics.values()))
         await self.producer.start()
         try:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
@@ -214,6 +215,10 @@ class Consumer(_Client):
             auto_offset_reset=auto_offset_reset, isolation_level=isolation_level,
             max_poll_interval_ms=max_poll_interval_ms or settings.max_poll_interval_ms,
             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=MAX_REQUEST_BYTES,
+            # Range (Kafka's own default, not aiokafka's round robin) gives one member the
+            # same partition numbers of every topic it reads: topics keyed alike are
+            # co-partitioned, so one replica owns all of a key's state.
+            partition_assignment_strategy=(RangePartitionAssignor,),
             **timings,
         )
 
