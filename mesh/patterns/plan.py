@@ -1,5 +1,7 @@
 """Delegation plans: a DAG of steps, each naming a specialist, its input and its
-dependencies, and the rules a plan must satisfy before anything is dispatched.
+dependencies; the rules a plan must satisfy before anything is dispatched; how a step
+travels to a specialist and back; and the pluggable parts that make and revise plans
+(planner, reviewer, synthesizer).
 
 Everything here is pure (no Kafka): the coordinator (:mod:`mesh.patterns.coordinator`)
 calls it on every request and result. A plan is a payload: it is published, one
@@ -17,13 +19,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mesh.errors import MeshError
+from mesh.errors import ConfigError, MeshError
 
 
 class PlanError(MeshError):
@@ -91,6 +93,34 @@ class Plan(BaseModel):
     @property
     def step_ids(self) -> list[str]:
         return [s.id for s in self.steps]
+
+
+class StepTask(BaseModel):
+    """One step of a plan as dispatched to a specialist, with the results of its dependencies.
+
+    Keyed by ``task_id`` (``<workflow>/<step>``) so parallel steps of one workflow
+    spread over partitions and run concurrently."""
+
+    task_id: str
+    workflow_id: str
+    step_id: str
+    dispatch_id: str
+    specialist: str
+    plan_version: int
+    input: dict[str, Any] = Field(default_factory=dict)
+    context: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepResult(BaseModel):
+    """A specialist's answer for one dispatch: an output, or a failure after retries."""
+
+    workflow_id: str
+    step_id: str
+    dispatch_id: str
+    specialist: str
+    ok: bool
+    output: Any = None
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,3 +252,96 @@ def revise(plan: Plan, revision: Revision, *, done: Collection[str]) -> Plan:
     return plan.model_copy(update={"steps": kept + list(revision.steps),
                                    "version": plan.version + 1, "reason": revision.reason,
                                    "author": "reviewer"})
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    """What a reviewer sees: the workflow after ``step`` finished (or failed, with
+    ``failure`` set), the plan, and the outputs of every done step."""
+
+    workflow_id: str
+    request: Any
+    plan: Plan
+    step: PlanStep
+    results: Mapping[str, Any]
+    failure: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Synthesis:
+    """What a synthesizer sees when every step is done."""
+
+    workflow_id: str
+    request: Any
+    plan: Plan
+    results: Mapping[str, Any]
+
+
+class Planner(Protocol):
+    """Turns a request into a plan; an LLM planner implements this (raise
+    :class:`PlanError` for a request it cannot plan)."""
+
+    def __call__(self, request: Any, /) -> Awaitable[Plan]: ...
+
+
+Reviewer = Callable[[Review], Awaitable[Revision | None]]
+Synthesizer = Callable[[Synthesis], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A planning rule: when ``when(request)`` holds, plan ``steps(request)``."""
+
+    name: str
+    steps: Callable[[Any], Sequence[PlanStep]]
+    when: Callable[[Any], bool] = field(default=lambda request: True)
+
+
+class RulesPlanner:
+    """A planner from rules, tried in order; the first that matches plans.
+
+    Example:
+        >>> planner = RulesPlanner(Rule("report", lambda r: [
+        ...     PlanStep(id="research", specialist="researcher")]))
+        >>> import asyncio
+        >>> asyncio.run(planner(object())).reason
+        "rule 'report'"
+    """
+
+    def __init__(self, *rules: Rule) -> None:
+        if not rules:
+            raise ConfigError("RulesPlanner needs at least one Rule.")
+        self.rules = rules
+
+    async def __call__(self, request: Any, /) -> Plan:
+        for rule in self.rules:
+            if rule.when(request):
+                return Plan(steps=list(rule.steps(request)), reason=f"rule {rule.name!r}")
+        names = ", ".join(r.name for r in self.rules)
+        raise PlanError([f"No planning rule matches the request (rules: {names}). Add a "
+                         "rule for it or a catch-all rule last."])
+
+
+async def collect(synthesis: Synthesis) -> Any:
+    """The default synthesizer: the step results, in plan order."""
+    return dict(synthesis.results)
+
+
+def as_plan(raw: Any) -> Plan:
+    """A planner's answer as a Plan: an LLM planner may return a dict or JSON text.
+
+    Example:
+        >>> as_plan({"steps": [{"id": "a", "specialist": "researcher"}]}).step_ids
+        ['a']
+    """
+    if isinstance(raw, Plan):
+        return raw
+    try:
+        if isinstance(raw, (str, bytes)):
+            return Plan.model_validate_json(raw)
+        return Plan.model_validate(raw)
+    except ValidationError as exc:
+        raise PlanError([f"The planner returned a {type(raw).__name__} that is not a plan "
+                         f"({exc.error_count()} error(s): {exc.errors()[0]['msg']} at "
+                         f"{'.'.join(map(str, exc.errors()[0]['loc'])) or 'top level'}). "
+                         "Return mesh.patterns.plan.Plan or its JSON."]) from exc
