@@ -11,9 +11,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from mesh import Codec, Envelope, MeshSettings, Topic
 from mesh.checker import Applied, DeadLetter, History, Injected, Logged
@@ -155,16 +155,16 @@ class AgentProcess:
         return self.process is not None and self.process.poll() is None
 
 
-class Progress:
-    """Follows a topic in the background and counts distinct event ids."""
+class Follower:
+    """Follows topics in the background and applies each record; tests wait on what
+    arrived with :meth:`until`. Subclasses implement :meth:`apply`."""
 
-    def __init__(self, settings: MeshSettings, topic: str) -> None:
-        self._settings, self._topic = settings, topic
-        self.ids: set[str] = set()
+    def __init__(self, settings: MeshSettings, topics: Sequence[str]) -> None:
+        self._settings, self._topic_names = settings, list(topics)
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Progress:
+    async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self._follow())
         return self
 
@@ -175,19 +175,39 @@ class Progress:
             await self._task
 
     async def _follow(self) -> None:
-        async with TopicReader(self._settings.kafka, [self._topic]) as reader:
+        async with TopicReader(self._settings.kafka, self._topic_names) as reader:
             async for record in reader.follow():
-                self.ids.add(event_id(record))
+                await self.apply(record)
                 self._changed.set()
 
-    async def reached(self, count: int, timeout: float = 120.0) -> None:
-        """Wait until ``count`` distinct events were seen, or fail after ``timeout``."""
+    async def apply(self, record: Record) -> None:
+        raise NotImplementedError
+
+    async def until(self, check: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+        """Wait until ``check()`` holds, or fail naming ``what`` after ``timeout`` s (or
+        as soon as following failed)."""
         deadline = time.monotonic() + timeout
-        while len(self.ids) < count:
+        while not check():
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (self._task is not None and self._task.done()):
-                raise AssertionError(f"{self._topic}: {len(self.ids)} of {count} events "
-                                     f"after {timeout:.0f} s")
+                raise AssertionError(f"not seen within {timeout:.0f} s: {what}")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
+
+
+class Progress(Follower):
+    """Follows a topic in the background and counts distinct event ids."""
+
+    def __init__(self, settings: MeshSettings, topic: str) -> None:
+        super().__init__(settings, [topic])
+        self.ids: set[str] = set()
+
+    async def apply(self, record: Record) -> None:
+        self.ids.add(event_id(record))
+
+    async def reached(self, count: int, timeout: float = 120.0) -> None:
+        """Wait until ``count`` distinct events were seen, or fail after ``timeout``."""
+        await self.until(lambda: len(self.ids) >= count,
+                         f"{self._topic_names[0]}: {count} events (seen {len(self.ids)})",
+                         timeout)

@@ -10,9 +10,7 @@ the merged and events topics of a gather for the tests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -22,8 +20,8 @@ from pydantic import BaseModel, Field
 
 from mesh import App, Codec, Envelope, MeshSettings, Topic
 from mesh.patterns.gather import Gather, GatherEvent, GatherTopics, Merged, Part, branch
-from mesh.reader import TopicReader
-from mesh.transport import OutRecord
+from mesh.transport import OutRecord, Record
+from tests.support import Follower
 
 
 class Ask(BaseModel):
@@ -78,50 +76,25 @@ def part_record(codec: Codec, topics: GatherTopics, part: Part) -> OutRecord:
                      tuple(env.with_payload(part, schema=fingerprint).headers()))
 
 
-class GatherWatch:
+class GatherWatch(Follower):
     """Follows a gather's merged and events topics; tests wait on what arrived."""
 
     def __init__(self, settings: MeshSettings, topics: GatherTopics) -> None:
-        self._settings, self._topics, self._codec = settings, topics, Codec()
+        super().__init__(settings, [topics.merged.name, topics.events.name])
+        self._topics, self._codec = topics, Codec()
         self.merged: dict[tuple[str, str], dict[str, Merged]] = defaultdict(dict)
         self.events: dict[tuple[str, str], dict[str, GatherEvent]] = defaultdict(dict)
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> GatherWatch:
-        self._task = asyncio.create_task(self._follow())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    async def _follow(self) -> None:
+    async def apply(self, record: Record) -> None:
         merged, events = self._topics.merged, self._topics.events
-        async with TopicReader(self._settings.kafka, [merged.name, events.name]) as reader:
-            async for record in reader.follow():
-                topic: Topic[Any] = merged if record.topic == merged.name else events
-                payload: Any = await self._codec.decode(topic, record.value or b"")
-                event_id = dict(record.headers)["mesh-event-id"].decode()
-                store = self.merged if topic is merged else self.events
-                store[(payload.gather, payload.correlation_id)][event_id] = payload
-                self._changed.set()
+        topic: Topic[Any] = merged if record.topic == merged.name else events
+        payload: Any = await self._codec.decode(topic, record.value or b"")
+        event_id = dict(record.headers)["mesh-event-id"].decode()
+        store = self.merged if topic is merged else self.events
+        store[(payload.gather, payload.correlation_id)][event_id] = payload
 
     def kinds(self, gather: str, cid: str) -> list[str]:
         return [e.kind for e in self.events[(gather, cid)].values()]
-
-    async def until(self, check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-        """Wait until ``check()`` holds, or fail naming ``what`` after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while not check():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or (self._task is not None and self._task.done()):
-                raise AssertionError(f"not seen within {timeout:.0f} s: {what}")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
 
     async def merged_of(self, gather: str, cid: str, timeout: float = 60.0) -> Merged:
         """The merged event of ``cid`` from ``gather`` (waiting for it)."""

@@ -3,60 +3,36 @@ restarted: it resumes from the checkpoints topic and never re-runs a checkpointe
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from mesh import Codec, Envelope, MeshSettings, apply_topics
 from mesh.patterns.checkpoint import Pipeline, StageEvent, WorkflowResult
-from mesh.reader import TopicReader
 from mesh.topic import Topic
-from mesh.transport import OutRecord
+from mesh.transport import OutRecord, Record
 from tests.apps.pipeline import STAGES, Doc, build
 from tests.conftest import BrokerUnderTest
-from tests.support import AgentProcess, inject, read_all, wait_for_count
+from tests.support import AgentProcess, Follower, inject, read_all, wait_for_count
 
 
-class StageLog:
+class StageLog(Follower):
     """Follows the stage events topic and counts `finished` records per (workflow, stage)."""
 
     def __init__(self, settings: MeshSettings, topic: Topic[StageEvent]) -> None:
-        self._settings, self._topic, self._codec = settings, topic, Codec()
+        super().__init__(settings, [topic.name])
+        self._topic, self._codec = topic, Codec()
         self.finished: Counter[tuple[str, int]] = Counter()
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> StageLog:
-        self._task = asyncio.create_task(self._follow())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    async def _follow(self) -> None:
-        async with TopicReader(self._settings.kafka, [self._topic.name]) as reader:
-            async for record in reader.follow():
-                event: Any = await self._codec.decode(self._topic, record.value or b"")
-                if event.status == "finished":
-                    self.finished[(event.workflow_id, event.stage)] += 1
-                    self._changed.set()
+    async def apply(self, record: Record) -> None:
+        event: Any = await self._codec.decode(self._topic, record.value or b"")
+        if event.status == "finished":
+            self.finished[(event.workflow_id, event.stage)] += 1
 
     async def reached(self, count: int, timeout: float = 180.0) -> None:
         """Wait until ``count`` distinct (workflow, stage) pairs have finished."""
-        deadline = time.monotonic() + timeout
-        while len(self.finished) < count:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0 and self._task is not None and not self._task.done(), (
-                f"{len(self.finished)} of {count} stages finished after {timeout:.0f} s")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
+        await self.until(lambda: len(self.finished) >= count,
+                         f"{count} stages finished (seen {len(self.finished)})", timeout)
 
 
 async def checkpointed(settings: MeshSettings, codec: Codec, pipe: Pipeline
