@@ -70,6 +70,11 @@ def record_event_id(topic: str, partition: int, offset: int) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"record\x00{topic}\x00{partition}\x00{offset}"))
 
 
+def now_ms() -> int:
+    """Wall-clock time in epoch milliseconds (the unit of ``mesh-produced-at``)."""
+    return int(time.time() * 1000)
+
+
 def new_event_id() -> str:
     """A fresh random event id, for events entering the mesh."""
     return str(uuid.uuid4())
@@ -108,7 +113,7 @@ class Envelope(Generic[P]):
     source: str = "unknown"
     attempt: int = 1
     schema: str | None = None
-    produced_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    produced_at_ms: int = field(default_factory=now_ms)
     key: bytes | None = None
     topic: str | None = None
     partition: int | None = None
@@ -170,7 +175,7 @@ def read_headers(headers: Headers, *, topic: str, partition: int, offset: int,
         causation_id=values.get(CAUSATION_ID), traceparent=trace or new_traceparent(),
         source=values.get(SOURCE, "external"), attempt=_int_header(values, ATTEMPT, 1),
         schema=values.get(SCHEMA),
-        produced_at_ms=_int_header(values, PRODUCED_AT, int(time.time() * 1000)),
+        produced_at_ms=_int_header(values, PRODUCED_AT, now_ms()),
         key=key, topic=topic, partition=partition, offset=offset,
     )
 

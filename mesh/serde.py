@@ -317,6 +317,11 @@ class AvroSerde:
             raise PayloadInvalid(f"Payload fails {self.model.__name__}: {exc}") from exc
 
 
+def json_data(value: Any) -> Any:
+    """``value`` as JSON data: a model as its JSON dump, anything else as it is."""
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
 def framing_of(data: bytes) -> str:
     """``"single-object"``, ``"confluent"`` or ``"unknown"``, from the first bytes."""
     if data.startswith(SINGLE_OBJECT_MAGIC) and len(data) >= 10:

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 import typing
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -61,7 +60,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from mesh.agent import Agent, App, Context
+from mesh.envelope import now_ms
 from mesh.errors import ConfigError, HandlerError
+from mesh.serde import json_data
 from mesh.topic import Topic
 
 logger = logging.getLogger(__name__)
@@ -263,13 +264,13 @@ class Chain:
         name = f"{self.name}.{step.name}"
 
         async def handle(payload: Any, ctx: Context) -> None:
-            began = _now_ms()
+            began = now_ms()
             self._began[ctx.event_id] = began
             hop = self._hop_of(index, payload, ctx)
             value = await step.run(self._input_of(index, hop, payload), ctx)
             done = StepOutput(index=index, step=step.name, agent=name,
                               model=type(value).__name__ if isinstance(value, BaseModel) else None,
-                              output=_json(value), started_at_ms=began, finished_at_ms=_now_ms())
+                              output=json_data(value), started_at_ms=began, finished_at_ms=now_ms())
             outputs = [*hop.outputs, done]
             if last:
                 ctx.emit(target, ChainCompleted(chain=self.name, key=hop.key,
@@ -283,11 +284,11 @@ class Chain:
                 ctx.emit(self.events, self._event(hop, ctx, 0, "started", began))
             ctx.emit(self.events, self._event(hop, ctx, index, "finished", done.finished_at_ms))
             if not last:
-                ctx.emit(self.events, self._event(hop, ctx, index + 1, "started", _now_ms()))
+                ctx.emit(self.events, self._event(hop, ctx, index + 1, "started", now_ms()))
             self._began.pop(ctx.event_id, None)
 
         async def failed(payload: Any, ctx: Context, error: BaseException) -> None:
-            began = self._began.pop(ctx.event_id, _now_ms())
+            began = self._began.pop(ctx.event_id, now_ms())
             hop = self._hop_of(index, payload, ctx)
             message = (str(error) or type(error).__name__)[:_ERROR_CHARS]
             ctx.emit(self.failed, ChainFailed(
@@ -297,7 +298,7 @@ class Chain:
                 partial_results=hop.outputs))
             if index == 0:
                 ctx.emit(self.events, self._event(hop, ctx, 0, "started", began))
-            ctx.emit(self.events, self._event(hop, ctx, index, "failed", _now_ms(),
+            ctx.emit(self.events, self._event(hop, ctx, index, "failed", now_ms(),
                                               error=error))
             ctx.logger.warning("chain %s failed at step %d (%s): %s", self.name, index,
                                step.name, message)
@@ -310,7 +311,7 @@ class Chain:
         if index > 0:
             return payload  # type: ignore[no-any-return]
         key = ctx.event.key.decode(errors="replace") if ctx.event.key else ctx.correlation_id
-        return ChainHop(chain=self.name, key=key, step=0, input=_json(payload))
+        return ChainHop(chain=self.name, key=key, step=0, input=json_data(payload))
 
     def _input_of(self, index: int, hop: ChainHop, payload: Any) -> Any:
         if index == 0:
@@ -340,13 +341,6 @@ class Chain:
         return f"Chain({self.name!r}, steps={[s.name for s in self.steps]})"
 
 
-def _json(value: Any) -> Any:
-    """``value`` as JSON data (a model as its JSON dump)."""
-    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _hints(fn: Any) -> dict[str, Any]:

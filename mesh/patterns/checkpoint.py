@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -51,8 +50,10 @@ from pydantic import BaseModel, Field
 from mesh.agent import Agent, App, Context
 from mesh.codec import Codec
 from mesh.config import KafkaSettings
+from mesh.envelope import now_ms
 from mesh.errors import ConfigError, HandlerError, PayloadInvalid
 from mesh.reader import TopicReader
+from mesh.serde import json_data
 from mesh.topic import Topic
 
 logger = logging.getLogger(__name__)
@@ -300,13 +301,13 @@ class Pipeline:
 
     async def _execute(self, current: Checkpoint, task: StageTask, ctx: Context) -> None:
         stage, index = self.stages[task.stage], task.stage
-        began = _now_ms()
+        began = now_ms()
         run = StageRun(current.workflow_id, index, stage.name,
                        self.topics.source.model.model_validate(current.input),
                        current.results)
         output = await stage.run(run, ctx)
-        finished, last = _now_ms(), index == len(self.stages) - 1
-        result = StageResult(stage=index, name=stage.name, output=_json(output),
+        finished, last = now_ms(), index == len(self.stages) - 1
+        result = StageResult(stage=index, name=stage.name, output=json_data(output),
                              started_at_ms=began, finished_at_ms=finished)
         state = self._write(current, ctx, completed=[*current.completed, result],
                             status="completed" if last else "running",
@@ -332,7 +333,7 @@ class Pipeline:
         state = self._write(current, ctx, status="failed", next_stage=None,
                             failed_stage=payload.stage, failed_stage_name=name,
                             error_class=type(error).__name__, error=message,
-                            finished_at_ms=_now_ms())
+                            finished_at_ms=now_ms())
         ctx.emit(self.topics.results, self._result(state))
         ctx.emit(self.topics.events, self._event(payload.workflow_id, ctx, "failed",
                                                  payload.stage, error=error))
@@ -343,7 +344,7 @@ class Pipeline:
         """Tombstone the checkpoints of workflows finished before the retention horizon
         (only those whose tasks partition this replica owns)."""
         assert self.retention_s is not None
-        horizon = _now_ms() - int(self.retention_s * 1000)
+        horizon = now_ms() - int(self.retention_s * 1000)
         expired = [cp for _, cp in list(ctx.table(self.topics.checkpoints).items())
                    if cp.finished_at_ms is not None and cp.finished_at_ms <= horizon
                    and ctx.owns(self.topics.tasks, cp.partition)][:_SWEEP_BATCH]
@@ -359,7 +360,7 @@ class Pipeline:
         """Stage the next version of ``current`` (persisted with the handler's outputs)."""
         state = current.model_copy(update={
             "version": current.version + 1, "partition": ctx.event.partition or 0,
-            "updated_at_ms": _now_ms(), **update})
+            "updated_at_ms": now_ms(), **update})
         ctx.put(self.topics.checkpoints, state.workflow_id, state)
         return state
 
@@ -370,7 +371,7 @@ class Pipeline:
             return found  # type: ignore[no-any-return]
         return Checkpoint(workflow_id=task.workflow_id, pipeline=self.name, version=0,
                           status="running", input=task.input, next_stage=0,
-                          correlation_id=ctx.correlation_id, updated_at_ms=_now_ms())
+                          correlation_id=ctx.correlation_id, updated_at_ms=now_ms())
 
     def _result(self, state: Checkpoint) -> WorkflowResult:
         return WorkflowResult(
@@ -384,7 +385,7 @@ class Pipeline:
                error: BaseException | None = None, correlation_id: str = "") -> StageEvent:
         return StageEvent(
             pipeline=self.name, workflow_id=workflow_id, status=status, stage=stage,
-            correlation_id=correlation_id or ctx.correlation_id, at_ms=_now_ms(),
+            correlation_id=correlation_id or ctx.correlation_id, at_ms=now_ms(),
             stage_name=self.stages[stage].name if stage in range(len(self.stages)) else None,
             elapsed_ms=elapsed_ms,
             error_class=type(error).__name__ if error is not None else None,
@@ -489,11 +490,3 @@ def format_history(history: WorkflowHistory) -> str:
 def _short(value: Any, limit: int = 100) -> str:
     text = json.dumps(value, default=str, sort_keys=True)
     return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def _json(value: Any) -> Any:
-    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

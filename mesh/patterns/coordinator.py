@@ -52,6 +52,7 @@ from mesh.patterns.plan import (
     revise,
     validate_plan,
 )
+from mesh.serde import json_data
 from mesh.topic import Topic
 
 logger = logging.getLogger(__name__)
@@ -174,9 +175,6 @@ class DelegationTopics:
 StepHandler = Callable[[StepTask, Context], Awaitable[Any]]
 
 
-def _jsonable(value: Any) -> Any:
-    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-
 
 class Coordinator(Agent[Any]):
     """The coordinator service of a delegation mesh (see the module docstring).
@@ -250,7 +248,7 @@ class Coordinator(Agent[Any]):
             self._reject(ctx, wf, request, exc, plan)
             return
         turn = _Turn(self, ctx, WorkflowState(workflow_id=wf, status="running", plan=plan,
-                                              request=_jsonable(request),
+                                              request=json_data(request),
                                               handled={ctx.event_id: _position(ctx)}))
         turn.publish_plan()
         await turn.advance()
@@ -260,7 +258,7 @@ class Coordinator(Agent[Any]):
                 plan: Plan | None) -> None:
         logger.warning("workflow %s: plan invalid: %s", wf, error)
         self._event(ctx, wf, "PlanInvalid", str(error), plan_version=1)
-        state = WorkflowState(workflow_id=wf, status="failed", request=_jsonable(request),
+        state = WorkflowState(workflow_id=wf, status="failed", request=json_data(request),
                               plan=plan or Plan(steps=[], workflow_id=wf), error=str(error),
                               handled={ctx.event_id: _position(ctx)}, finished_by=_position(ctx))
         ctx.put(self.topics.workflows, wf, state)
@@ -441,7 +439,7 @@ class _Turn:
         synthesizer = self.coordinator.synthesizer
         output = await synthesizer(Synthesis(self.state.workflow_id, self.request(),
                                              self.state.plan, self.state.results()))
-        self.state.final_output = _jsonable(output)
+        self.state.final_output = json_data(output)
         self.state.status, self.state.finished_by = "completed", self.position
         self.ctx.emit(self.topics.outcomes, _outcome(self.state))
         self.event("WorkflowCompleted", f"Workflow {self.state.workflow_id!r} completed: "
@@ -474,7 +472,7 @@ class Specialist(Agent[StepTask]):
 
     async def handle(self, task: StepTask, ctx: Context) -> StepResult:
         output = await self._work(task, ctx)
-        return self._result(task, ok=True, output=_jsonable(output))
+        return self._result(task, ok=True, output=json_data(output))
 
     async def on_failure(self, task: StepTask, ctx: Context, error: BaseException) -> None:
         ctx.emit(self.results, self._result(task, ok=False,

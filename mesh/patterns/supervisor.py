@@ -48,6 +48,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 from rich.table import Table
 
+from mesh import envelope
 from mesh.agent import Agent, App, Context
 from mesh.codec import Codec
 from mesh.config import KafkaSettings
@@ -63,9 +64,6 @@ Status = Literal["idle", "busy", "quarantined", "dead"]
 EventKind = Literal["worker_joined", "worker_failed", "worker_quarantined", "worker_released",
                     "worker_dead", "task_requeued", "task_recovered", "task_dead_lettered"]
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class WorkerStatus(BaseModel):
@@ -238,7 +236,7 @@ class WorkerService:
         self.worker_id = (worker_id or os.environ.get(WORKER_ID_ENV)
                           or f"{self.host}-{self.pid}-{uuid.uuid4().hex[:4]}")
         self.instance = uuid.uuid4().hex[:12]
-        self.started_ms = _now_ms()
+        self.started_ms = envelope.now_ms()
         self._task, self._window_s = task, window_s
         self._done_at: deque[float] = deque()
         self._in_hand: dict[str, tuple[str, str]] = {}  # event id -> (task id, correlation)
@@ -266,7 +264,7 @@ class WorkerService:
         now = time.monotonic()
         while self._done_at and now - self._done_at[0] > self._window_s:
             self._done_at.popleft()
-        elapsed = min(self._window_s, max(1e-3, (_now_ms() - self.started_ms) / 1000))
+        elapsed = min(self._window_s, max(1e-3, (envelope.now_ms() - self.started_ms) / 1000))
         partitions = sorted(p for t, p in self.runner.assignment()
                             if t == self.topics.tasks.name) if self.runner else []
         return WorkerStatus(
@@ -276,7 +274,7 @@ class WorkerService:
             consecutive_failures=self.consecutive_failures, tasks_done=self.tasks_done,
             tasks_failed=self.tasks_failed, throughput=round(len(self._done_at) / elapsed, 3),
             partitions=partitions, last_error=self.last_error, started_ms=self.started_ms,
-            heartbeat_ms=_now_ms())
+            heartbeat_ms=envelope.now_ms())
 
     async def quarantine(self, reason: str = "") -> None:
         """Stop taking work: leave the task group (partitions move to healthy replicas);
@@ -351,7 +349,7 @@ class WorkerService:
             handed_back=handed_back, consecutive_failures=self.consecutive_failures,
             error=error, task=None if ok else payload.model_dump(mode="json"),
             duration_ms=int((time.monotonic() - started) * 1000) if started else 0,
-            at_ms=_now_ms()))
+            at_ms=envelope.now_ms()))
         ctx.emit(self.topics.status, self.status())
 
 
@@ -425,7 +423,7 @@ class Supervisor:
         logger.info("supervisor: %s worker=%s task=%s %s", kind, worker_id, task_id, detail)
         ctx.emit(self.topics.events, SupervisorEvent(
             kind=kind, subject=worker_id or task_id or "", worker_id=worker_id,
-            task_id=task_id, failures=failures, detail=detail, at_ms=_now_ms()),
+            task_id=task_id, failures=failures, detail=detail, at_ms=envelope.now_ms()),
             correlation_id=correlation)
 
     def _on_status(self, status: WorkerStatus, ctx: Context) -> None:
@@ -466,7 +464,7 @@ class Supervisor:
             reason = f"{failures} consecutive failures (limit {self.policy.max_failures})"
             ctx.emit(self.topics.control, WorkerCommand(
                 worker_id=wid, action="quarantine", instance=view.instance, reason=reason,
-                at_ms=_now_ms()), correlation_id=correlation)
+                at_ms=envelope.now_ms()), correlation_id=correlation)
             self._event(ctx, "worker_failed", worker_id=wid, failures=failures,
                         correlation=correlation, detail=reason + ": told to quarantine")
             return view.model_copy(update={"state": "failed"})
@@ -514,7 +512,7 @@ class Supervisor:
         delay = min(policy.requeue_delay_max_s,
                     policy.requeue_delay_s * 2 ** max(0, retry.failures - 1))
         ctx.put(self.topics.retries, tid,
-                retry.model_copy(update={"due_at_ms": _now_ms() + int(delay * 1000)}))
+                retry.model_copy(update={"due_at_ms": envelope.now_ms() + int(delay * 1000)}))
         why = outcome.error or "failed"
         self._event(ctx, "task_requeued", worker_id=outcome.worker_id, task_id=tid,
                     correlation=cid, failures=retry.failures,
@@ -526,7 +524,7 @@ class Supervisor:
             return
         if self._judge_from is None:
             self._judge_from = time.monotonic() + self.policy.dead_after_s
-        now = _now_ms()
+        now = envelope.now_ms()
         views = ctx.table(self.topics.views)
         if time.monotonic() >= self._judge_from:
             for wid, view in list(views.items()):
@@ -634,7 +632,7 @@ def render_workers(rows: Iterable[WorkerStatus], *, now_ms: int | None = None,
         >>> rows = await load_workers(settings.kafka, topics.status)  # doctest: +SKIP
         >>> Console().print(render_workers(rows))  # doctest: +SKIP
     """
-    now = _now_ms() if now_ms is None else now_ms
+    now = envelope.now_ms() if now_ms is None else now_ms
     table = Table(title="Workers")
     for column, right in (("worker", False), ("status", False), ("task", False),
                           ("fails", True), ("done", True), ("per s", True),
