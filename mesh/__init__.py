@@ -12,9 +12,11 @@ from mesh.config import MeshSettings
 from mesh.embedded import EmbeddedBroker
 from mesh.envelope import Envelope, derive_event_id
 from mesh.errors import (
+    BreakerOpen,
     ConfigError,
     DecodeError,
     HandlerError,
+    Held,
     InputError,
     MeshError,
     PayloadInvalid,
@@ -32,6 +34,7 @@ __all__ = [
     "AgentRunner",
     "App",
     "AvroSerde",
+    "BreakerOpen",
     "Codec",
     "CompactedTable",
     "ConfigError",
@@ -40,6 +43,7 @@ __all__ = [
     "EmbeddedBroker",
     "Envelope",
     "HandlerError",
+    "Held",
     "InputError",
     "Mesh",
     "MeshError",

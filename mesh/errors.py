@@ -14,6 +14,8 @@ topic. The hierarchy::
     │   ├── PayloadTooLarge         above runtime.max_message_bytes
     │   └── HeaderInvalid           a mesh header present but malformed
     ├── HandlerError                user code failed (retriable per instance)
+    ├── Held                        not now: hold the partition, retry the same input later
+    │   └── BreakerOpen             a circuit breaker guarding a downstream is open
     └── TransportError              retriable=True: broker unreachable, timeouts
         ├── BrokerUnavailable       the embedded broker did not start / answer
         └── CommitFailed            the group rebalanced before a commit landed
@@ -79,6 +81,23 @@ class HandlerError(MeshError):
     def __init__(self, message: str, *, retriable: bool = False) -> None:
         super().__init__(message)
         self.retriable = retriable
+
+
+class Held(MeshError):
+    """The input cannot be handled *now* (a downstream is known to be down): the runtime
+    keeps it, pauses the agent's partitions (still polling, so it stays in its group)
+    and hands the same input to the handler again at ``until`` (epoch seconds). It is
+    neither a failure nor a retry: nothing goes to retry or dead-letter topics."""
+
+    retriable = True
+
+    def __init__(self, message: str, *, until: float) -> None:
+        super().__init__(message)
+        self.until = until
+
+
+class BreakerOpen(Held):
+    """A circuit breaker is open (or its half-open probes are taken)."""
 
 
 class TransportError(MeshError):

@@ -38,6 +38,7 @@ from mesh.envelope import Envelope, new_event_id, read_headers
 from mesh.errors import (
     CommitFailed,
     DecodeError,
+    Held,
     InputError,
     PayloadTooLarge,
     TransportError,
@@ -185,6 +186,8 @@ class AgentRunner:
         self.observers: list[Observer] = []
         self.quarantined = False
         self._fatal: BaseException | None = None
+        self._held_until = 0.0
+        self.holds = 0
         self._released = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -286,7 +289,20 @@ class AgentRunner:
                 await self._commit(list(self._lanes.values()))
                 next_commit = time.monotonic() + runtime.commit_interval_ms / 1000
 
+    def hold(self, until: float) -> None:
+        """Pause every partition until ``until`` (epoch seconds), polling on; the lanes
+        keep the inputs they hold and hand them to the handler again then."""
+        self._held_until = max(self._held_until, until)
+
+    @property
+    def held(self) -> bool:
+        return time.time() < self._held_until
+
     def _flow_control(self, consumer: Consumer) -> None:
+        if self.held:
+            if set(self._lanes) - consumer.paused():
+                consumer.pause(set(self._lanes) - consumer.paused())
+            return
         limit = self.settings.runtime.max_records_per_poll
         paused = consumer.paused()
         busy = {p for p, lane in self._lanes.items() if len(lane.backlog) >= limit}
@@ -404,13 +420,32 @@ class AgentRunner:
                     if not self._state_ready.is_set() and not lane.stopping:
                         await lane.wakeup.wait()
                     continue
+                if self.held:
+                    await self._wait(lane, self._held_until)
+                    continue
                 record = lane.backlog.popleft()
-                async with self._slots:
-                    acks = await self.process(record)
+                try:
+                    async with self._slots:
+                        acks = await self.process(record)
+                except Held as held:  # not now: keep the input, pause, try it again later
+                    lane.backlog.appendleft(record)
+                    self.hold(held.until)
+                    self.holds += 1
+                    logger.info("agent %s holding until %.1f: %s", self.agent.name,
+                                held.until, held)
+                    continue
                 lane.inflight.append((record.offset, acks))
                 await self._settle(lane, until=limit)
         finally:
             await self._settle(lane, until=0)
+
+    @staticmethod
+    async def _wait(lane: _Lane, until: float) -> None:
+        """Wait until ``until`` (epoch seconds) or until the lane is stopped."""
+        while not lane.stopping and (remaining := until - time.time()) > 0:
+            lane.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.wakeup.wait(), timeout=min(remaining, 1.0))
 
     @staticmethod
     async def _settle(lane: _Lane, *, until: int) -> None:
@@ -482,6 +517,8 @@ class AgentRunner:
                 for topic, payload in self.agent.outputs_of(result):
                     ctx.emit(topic, payload)
                 records = self.outputs.records(self.agent, event, ctx)
+            except Held:
+                raise  # not a failure: the lane holds the input and tries again later
             except Exception as exc:  # user code: classify, retry or dead-letter
                 if is_retriable(exc) and attempt < runtime.handler_attempts:
                     logger.info("agent %s attempt %d failed (%s), retrying", self.agent.name,
