@@ -174,7 +174,7 @@ class Agent(Generic[P]):
                  produces: Topic[Any] | Sequence[Topic[Any]] = (),
                  handler: Handler | None = None, group: str | None = None,
                  description: str = "", state: Sequence[Topic[Any]] = (),
-                 on_failure: FailureHandler | None = None) -> None:
+                 on_failure: FailureHandler | None = None, retry: Any = None) -> None:
         self.name = name
         self.consumes: tuple[Topic[Any], ...] = _topics(consumes)
         self.produces: tuple[Topic[Any], ...] = _topics(produces)
@@ -182,6 +182,7 @@ class Agent(Generic[P]):
         self.group = group or name
         self.description = description
         self.timers: list[tuple[float, Timer]] = []
+        self.retry = retry  # a mesh.resilience.retry.RetryPolicy, or None: in place
         self._handler = handler
         self._on_failure = on_failure
         if not name:
@@ -230,10 +231,23 @@ class Agent(Generic[P]):
                               "override handle().")
         return await self._handler(payload, ctx)
 
+    @property
+    def retry_topics(self) -> tuple[Topic[Any], ...]:
+        """The retry tiers of the consumed topics (with a non-blocking retry policy)."""
+        if self.retry is None:
+            return ()
+        return tuple(t for topic in self.consumes for t in self.retry.topics_for(topic))
+
+    @property
+    def all_topics(self) -> tuple[Topic[Any], ...]:
+        """Every topic this agent touches: consumed, retry tiers, produced, state."""
+        return self.consumes + self.retry_topics + self.produces + self.state
+
     def topic_named(self, name: str) -> Topic[Any]:
-        """The consumed topic called ``name``."""
+        """The consumed topic called ``name`` (a retry tier maps to its topic)."""
+        origin = name.rsplit(".retry.", 1)[0] if ".retry." in name else name
         for topic in self.consumes:
-            if topic.name == name:
+            if topic.name == origin:
                 return topic
         raise ConfigError(f"Agent {self.name!r} does not consume {name!r}.")
 
@@ -306,5 +320,5 @@ class App:
         """Every topic the app declares, consumes or produces, by name."""
         declared: list[Topic[Any]] = list(self._extra)
         for item in self.agents:
-            declared.extend(item.consumes + item.produces + item.state)
+            declared.extend(item.all_topics)
         return collect_topics(declared)

@@ -98,7 +98,7 @@ def _agents_of(obj: Any, spec: str) -> list[Agent[Any]]:
 
 
 async def _serve(agents: list[Agent[Any]], settings: MeshSettings, apply: bool) -> None:
-    topics = {t.name: t for a in agents for t in a.consumes + a.produces + a.state}
+    topics = {t.name: t for a in agents for t in a.all_topics}
     broker = EmbeddedBroker() if settings.kafka.embedded else None
     try:
         if broker is not None:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ from typing import Any
 from mesh.agent import Agent, Context
 from mesh.codec import Codec
 from mesh.config import MeshSettings
-from mesh.envelope import Envelope, new_event_id, read_headers
+from mesh.envelope import Envelope, new_event_id, now_ms, read_headers
 from mesh.errors import (
     CommitFailed,
     DecodeError,
@@ -44,6 +45,7 @@ from mesh.errors import (
     TransportError,
     is_retriable,
 )
+from mesh.resilience import retry
 from mesh.state import tables_for
 from mesh.transport import (
     MAX_REQUEST_BYTES,
@@ -99,11 +101,16 @@ class Outputs:
 
 
 def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: int) -> OutRecord:
-    """The dead-letter record for ``record``: its bytes, key and headers, plus why."""
+    """The dead-letter record for ``record``: its bytes, key and headers, plus why. A
+    record from a retry topic names the position it first failed at."""
     message = str(error) or type(error).__name__
+    topic, partition, offset = record.topic, str(record.partition), str(record.offset)
+    origin = retry.headers_of(record).get(retry.RETRY_ORIGIN)
+    if origin and (found := _POSITION.match(origin)):
+        topic, partition, offset = found.groups()
     extra = {
-        DLQ_TOPIC: record.topic, DLQ_PARTITION: str(record.partition),
-        DLQ_OFFSET: str(record.offset), DLQ_ERROR_CLASS: type(error).__name__,
+        DLQ_TOPIC: topic, DLQ_PARTITION: partition,
+        DLQ_OFFSET: offset, DLQ_ERROR_CLASS: type(error).__name__,
         DLQ_ERROR: message[:4000], DLQ_ATTEMPTS: str(attempts), DLQ_AGENT: agent,
         DLQ_FAILED_AT: str(int(time.time() * 1000)),
     }
@@ -113,7 +120,10 @@ def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: i
         value = value[:DLQ_MAX_BYTES]
     kept = tuple((k, v) for k, v in record.headers if k not in extra)
     headers = kept + tuple((k, v.encode()) for k, v in extra.items())
-    return OutRecord(record.topic + ".dlq", value, record.key, headers)
+    return OutRecord(topic + ".dlq", value, record.key, headers)
+
+
+_POSITION = re.compile(r"^(.+)\[(\d+)\]@(\d+)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +198,7 @@ class AgentRunner:
         self._fatal: BaseException | None = None
         self._held_until = 0.0
         self.holds = 0
+        self.retried = 0
         self._released = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -215,7 +226,7 @@ class AgentRunner:
 
     def _subscribe(self) -> None:
         assert self._consumer is not None
-        self._consumer.subscribe([t.name for t in self.agent.consumes],
+        self._consumer.subscribe([t.name for t in self.agent.consumes + self.agent.retry_topics],
                                  on_assigned=self._on_assigned, on_revoked=self._on_revoked)
 
     async def quarantine(self) -> None:
@@ -423,7 +434,15 @@ class AgentRunner:
                 if self.held:
                     await self._wait(lane, self._held_until)
                     continue
-                record = lane.backlog.popleft()
+                record = lane.backlog[0]
+                if not retry.is_for(record, self.agent.group):  # another group's retry
+                    lane.backlog.popleft()
+                    lane.inflight.append((record.offset, Acks([])))
+                    continue
+                if retry.due_ms(record) > now_ms():  # a retry waits for its time
+                    await self._wait(lane, retry.due_ms(record) / 1000)
+                    continue
+                lane.backlog.popleft()
                 try:
                     async with self._slots:
                         acks = await self.process(record)
@@ -509,7 +528,10 @@ class AgentRunner:
         """Run the handler (retrying retriable errors in place); returns the acks, the
         attempts made, the final error (None on success) and the output count."""
         runtime = self.settings.runtime
-        for attempt in range(1, runtime.handler_attempts + 1):
+        policy = self.agent.retry
+        in_place = runtime.handler_attempts if policy is None else (
+            policy.attempts if policy.blocking else 1)
+        for attempt in range(1, in_place + 1):
             ctx = self._context(event if attempt == 1
                                 else replace(event, attempt=event.attempt + attempt - 1))
             try:
@@ -520,16 +542,28 @@ class AgentRunner:
             except Held:
                 raise  # not a failure: the lane holds the input and tries again later
             except Exception as exc:  # user code: classify, retry or dead-letter
-                if is_retriable(exc) and attempt < runtime.handler_attempts:
+                if is_retriable(exc) and attempt < in_place:
                     logger.info("agent %s attempt %d failed (%s), retrying", self.agent.name,
                                 attempt, exc)
-                    await asyncio.sleep(_backoff(attempt, runtime.retry_backoff_ms,
-                                                 runtime.retry_backoff_max_ms))
+                    await asyncio.sleep(
+                        policy.delay_ms(attempt) / 1000 if policy is not None else
+                        _backoff(attempt, runtime.retry_backoff_ms,
+                                 runtime.retry_backoff_max_ms))
                     continue
+                if (is_retriable(exc) and policy is not None and not policy.blocking
+                        and event.attempt < policy.attempts):
+                    logger.info("agent %s attempt %d failed (%s): to the retry topic",
+                                self.agent.name, event.attempt, exc)
+                    self.retried += 1
+                    acks = await self.producer.send_many([retry.retry_record(
+                        record, exc, policy=policy, attempt=event.attempt,
+                        group=self.agent.group)])
+                    return acks, attempt, exc, 0
                 logger.warning("agent %s failed on %s[%d]@%d after %d attempt(s): %s: %s",
                                self.agent.name, record.topic, record.partition, record.offset,
                                attempt, type(exc).__name__, exc)
-                acks = await self._failed(record, event, exc, attempts=attempt)
+                total = event.attempt + attempt - 1
+                acks = await self._failed(record, event, exc, attempts=total)
                 return acks, attempt, exc, 0
             self.handled += 1
             return await self.producer.send_many(records), attempt, None, len(records)
@@ -589,7 +623,7 @@ class Mesh:
 
     async def run(self) -> None:
         """Run every agent until :meth:`stop`; any agent's transport failure stops all."""
-        topics = {t.name: t for a in self.agents for t in a.consumes + a.produces + a.state}
+        topics = {t.name: t for a in self.agents for t in a.all_topics}
         await self.codec.prepare(list(topics.values()))
         await self.producer.start()
         try:
