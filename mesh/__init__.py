@@ -23,8 +23,9 @@ from mesh.errors import (
     PayloadTooLarge,
     TransportError,
 )
+from mesh.host import Mesh
 from mesh.provision import apply_topics
-from mesh.runtime import AgentRunner, Mesh, Outcome
+from mesh.runtime import AgentRunner, Outcome
 from mesh.serde import AvroSerde
 from mesh.state import CompactedTable
 from mesh.topic import Topic

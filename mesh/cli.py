@@ -28,11 +28,17 @@ from mesh.config import MeshSettings
 from mesh.embedded import EmbeddedBroker
 from mesh.envelope import Envelope
 from mesh.errors import MeshError
-from mesh.provision import apply_topics
+from mesh.host import Mesh
 from mesh.observe.audit import audit_topic
+from mesh.provision import apply_topics
 from mesh.reader import TopicReader
-from mesh.resilience.dead_letter import DeadLetter, parse_where, read_dead_letters, replay
-from mesh.runtime import DLQ_HEADERS, Mesh
+from mesh.resilience.dead_letter import (
+    DLQ_HEADERS,
+    DeadLetter,
+    parse_where,
+    read_dead_letters,
+    replay,
+)
 from mesh.schemas import check_schemas, export_schemas
 from mesh.topic import DLQ_SUFFIX, Topic, discover_topics
 from mesh.transport import Admin, OutRecord, Producer, Record

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -42,13 +41,12 @@ from mesh.errors import (
     Held,
     InputError,
     PayloadTooLarge,
-    TransportError,
     is_retriable,
 )
 from mesh.resilience import retry
+from mesh.resilience.dead_letter import dead_letter
 from mesh.state import tables_for
 from mesh.transport import (
-    MAX_REQUEST_BYTES,
     Acks,
     Consumer,
     OutRecord,
@@ -58,22 +56,6 @@ from mesh.transport import (
 )
 
 logger = logging.getLogger(__name__)
-
-DLQ_TOPIC = "mesh-dlq-topic"
-DLQ_PARTITION = "mesh-dlq-partition"
-DLQ_OFFSET = "mesh-dlq-offset"
-DLQ_ERROR_CLASS = "mesh-dlq-error-class"
-DLQ_ERROR = "mesh-dlq-error"
-DLQ_ATTEMPTS = "mesh-dlq-attempts"
-DLQ_AGENT = "mesh-dlq-agent"
-DLQ_FAILED_AT = "mesh-dlq-failed-at"
-DLQ_TRUNCATED = "mesh-dlq-truncated-from"
-DLQ_HEADERS = (DLQ_TOPIC, DLQ_PARTITION, DLQ_OFFSET, DLQ_ERROR_CLASS, DLQ_ERROR, DLQ_ATTEMPTS,
-               DLQ_AGENT, DLQ_FAILED_AT, DLQ_TRUNCATED)
-# A dead letter keeps the original bytes up to what one produce request can carry; a
-# larger body is cut there and its original size recorded (the headers say where the
-# whole record still is: topic, partition, offset).
-DLQ_MAX_BYTES = MAX_REQUEST_BYTES - 1024 * 1024
 
 
 class Outputs:
@@ -98,32 +80,6 @@ class Outputs:
             headers = child.with_payload(emitted.payload, schema=fingerprint).headers()
             out.append(OutRecord(emitted.topic.name, value, emitted.key, tuple(headers)))
         return out + ctx.commit_state()
-
-
-def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: int) -> OutRecord:
-    """The dead-letter record for ``record``: its bytes, key and headers, plus why. A
-    record from a retry topic names the position it first failed at."""
-    message = str(error) or type(error).__name__
-    topic, partition, offset = record.topic, str(record.partition), str(record.offset)
-    origin = retry.headers_of(record).get(retry.RETRY_ORIGIN)
-    if origin and (found := _POSITION.match(origin)):
-        topic, partition, offset = found.groups()
-    extra = {
-        DLQ_TOPIC: topic, DLQ_PARTITION: partition,
-        DLQ_OFFSET: offset, DLQ_ERROR_CLASS: type(error).__name__,
-        DLQ_ERROR: message[:4000], DLQ_ATTEMPTS: str(attempts), DLQ_AGENT: agent,
-        DLQ_FAILED_AT: str(int(time.time() * 1000)),
-    }
-    value = record.value
-    if value is not None and len(value) > DLQ_MAX_BYTES:  # the body cannot be stored whole
-        extra[DLQ_TRUNCATED] = str(len(value))
-        value = value[:DLQ_MAX_BYTES]
-    kept = tuple((k, v) for k, v in record.headers if k not in extra)
-    headers = kept + tuple((k, v.encode()) for k, v in extra.items())
-    return OutRecord(topic + ".dlq", value, record.key, headers)
-
-
-_POSITION = re.compile(r"^(.+)\[(\d+)\]@(\d+)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,80 +548,3 @@ class AgentRunner:
 def _backoff(attempt: int, base_ms: int, max_ms: int) -> float:
     """Exponential backoff with full jitter, in seconds."""
     return random.uniform(0, min(max_ms, base_ms * 2 ** (attempt - 1))) / 1000
-
-
-def _first(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The first leaf error of a (nested) exception group."""
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
-
-
-class Mesh:
-    """Runs a set of agents in this process over one producer and one codec.
-
-    Example:
-        >>> async with Mesh(settings, [answerer]) as mesh:  # doctest: +SKIP
-        ...     await mesh.wait_assigned()
-        ...     await stop.wait()
-    """
-
-    def __init__(self, settings: MeshSettings, agents: Sequence[Agent[Any]]) -> None:
-        self.settings = settings
-        self.agents = list(agents)
-        self.codec = Codec(settings.schema_registry)
-        self.producer = Producer(settings.kafka)
-        self.runners = [AgentRunner(a, settings, producer=self.producer, codec=self.codec)
-                        for a in self.agents]
-        self.stop_event = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def run(self) -> None:
-        """Run every agent until :meth:`stop`; any agent's transport failure stops all."""
-        topics = {t.name: t for a in self.agents for t in a.all_topics}
-        await self.codec.prepare(list(topics.values()))
-        await self.producer.start()
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                for runner in self.runners:
-                    tasks.create_task(runner.run(self.stop_event), name=runner.agent.name)
-        except* TransportError as group:
-            raise _first(group) from None
-        finally:
-            await self.producer.stop()
-
-    async def start(self) -> None:
-        """Run in the background (for tests and ``mesh dev``)."""
-        if self._task is None:
-            self._task = asyncio.create_task(self.run(), name="mesh")
-
-    async def wait_assigned(self, timeout: float = 60.0) -> None:
-        """Wait until every agent has partitions, or fail after ``timeout`` seconds
-        (or as soon as the mesh itself fails)."""
-        assigned = asyncio.ensure_future(
-            asyncio.gather(*(r.assigned.wait() for r in self.runners)))
-        watched: list[asyncio.Future[Any]] = [assigned]
-        if self._task is not None:
-            watched.append(self._task)
-        await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        assigned.cancel()
-        if self._task is not None and self._task.done():
-            self._task.result()  # raises the mesh's failure
-        missing = [r.agent.name for r in self.runners if not r.assigned.is_set()]
-        if missing:
-            raise TransportError(f"Agents {missing} got no partitions within {timeout:.0f} s.")
-
-    async def stop(self) -> None:
-        """Finish in-flight work, commit, leave the groups."""
-        self.stop_event.set()
-        if self._task is not None:
-            task, self._task = self._task, None
-            await task
-
-    async def __aenter__(self) -> Mesh:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()

@@ -18,7 +18,7 @@ from typing import Any, Self
 from mesh import Codec, Envelope, MeshSettings, Topic
 from mesh.checker import Applied, DeadLetter, History, Injected, Logged
 from mesh.reader import TopicReader
-from mesh.runtime import DLQ_TOPIC
+from mesh.resilience.dead_letter import DLQ_TOPIC
 from mesh.transport import OutRecord, Producer, Record
 from tests.apps.chain import Item
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +25,53 @@ from mesh.config import KafkaSettings
 from mesh.errors import ConfigError
 from mesh.observe.audit import AuditEvent, audit_topic
 from mesh.reader import TopicReader
-from mesh.runtime import DLQ_HEADERS
+from mesh.resilience import retry
 from mesh.topic import DLQ_SUFFIX
-from mesh.transport import OutRecord, Producer, Record
+from mesh.transport import MAX_REQUEST_BYTES, OutRecord, Producer, Record
 
 REPLAYED_FROM = "mesh-replayed-from"
+
+DLQ_TOPIC = "mesh-dlq-topic"
+DLQ_PARTITION = "mesh-dlq-partition"
+DLQ_OFFSET = "mesh-dlq-offset"
+DLQ_ERROR_CLASS = "mesh-dlq-error-class"
+DLQ_ERROR = "mesh-dlq-error"
+DLQ_ATTEMPTS = "mesh-dlq-attempts"
+DLQ_AGENT = "mesh-dlq-agent"
+DLQ_FAILED_AT = "mesh-dlq-failed-at"
+DLQ_TRUNCATED = "mesh-dlq-truncated-from"
+DLQ_HEADERS = (DLQ_TOPIC, DLQ_PARTITION, DLQ_OFFSET, DLQ_ERROR_CLASS, DLQ_ERROR, DLQ_ATTEMPTS,
+               DLQ_AGENT, DLQ_FAILED_AT, DLQ_TRUNCATED)
+# A dead letter keeps the original bytes up to what one produce request can carry; a
+# larger body is cut there and its original size recorded (the headers say where the
+# whole record still is: topic, partition, offset).
+DLQ_MAX_BYTES = MAX_REQUEST_BYTES - 1024 * 1024
+
+
+def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: int) -> OutRecord:
+    """The dead-letter record for ``record``: its bytes, key and headers, plus why. A
+    record from a retry topic names the position it first failed at."""
+    message = str(error) or type(error).__name__
+    topic, partition, offset = record.topic, str(record.partition), str(record.offset)
+    origin = retry.headers_of(record).get(retry.RETRY_ORIGIN)
+    if origin and (found := _POSITION.match(origin)):
+        topic, partition, offset = found.groups()
+    extra = {
+        DLQ_TOPIC: topic, DLQ_PARTITION: partition,
+        DLQ_OFFSET: offset, DLQ_ERROR_CLASS: type(error).__name__,
+        DLQ_ERROR: message[:4000], DLQ_ATTEMPTS: str(attempts), DLQ_AGENT: agent,
+        DLQ_FAILED_AT: str(int(time.time() * 1000)),
+    }
+    value = record.value
+    if value is not None and len(value) > DLQ_MAX_BYTES:  # the body cannot be stored whole
+        extra[DLQ_TRUNCATED] = str(len(value))
+        value = value[:DLQ_MAX_BYTES]
+    kept = tuple((k, v) for k, v in record.headers if k not in extra)
+    headers = kept + tuple((k, v.encode()) for k, v in extra.items())
+    return OutRecord(topic + ".dlq", value, record.key, headers)
+
+
+_POSITION = re.compile(r"^(.+)\[(\d+)\]@(\d+)$")
 
 
 @dataclass(frozen=True, slots=True)

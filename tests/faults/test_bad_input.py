@@ -25,7 +25,7 @@ from mesh import Codec, apply_topics
 from mesh.checker import Injected, check
 from mesh.envelope import ATTEMPT, EVENT_ID, MESH_HEADERS, PRODUCED_AT, TRACEPARENT
 from mesh.resilience.fallback import FallbackAttempt
-from mesh.runtime import DLQ_AGENT, DLQ_ERROR, DLQ_ERROR_CLASS, DLQ_OFFSET, DLQ_PARTITION, DLQ_TOPIC
+from mesh.resilience.dead_letter import DLQ_AGENT, DLQ_ERROR, DLQ_ERROR_CLASS, DLQ_OFFSET, DLQ_PARTITION, DLQ_TOPIC
 from mesh.serde import AvroSerde
 from mesh.topic import Topic
 from mesh.transport import OutRecord

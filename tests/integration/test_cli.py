@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from mesh import Codec, Topic
 from mesh.config import KafkaSettings
-from mesh.runtime import DLQ_AGENT, DLQ_ERROR_CLASS, DLQ_TOPIC
+from mesh.resilience.dead_letter import DLQ_AGENT, DLQ_ERROR_CLASS, DLQ_TOPIC
 from mesh.transport import Admin, OutRecord, Producer, Record, TopicSpec
 from tests.apps.chain import Item
 from tests.conftest import ROOT, BrokerUnderTest

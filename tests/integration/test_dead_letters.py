@@ -7,7 +7,7 @@ import uuid
 
 from mesh import AvroSerde, Codec, Mesh, apply_topics
 from mesh.checker import Injected, check
-from mesh.runtime import (
+from mesh.resilience.dead_letter import (
     DLQ_AGENT,
     DLQ_ATTEMPTS,
     DLQ_ERROR,

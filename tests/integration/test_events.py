@@ -22,7 +22,7 @@ from mesh import Codec, Context, Envelope, Mesh, MeshSettings, apply_topics
 from mesh.envelope import record_event_id
 from mesh.errors import ConfigError
 from mesh.patterns.events import EventBus, EventContext, ListenerFailed
-from mesh.runtime import DLQ_AGENT
+from mesh.resilience.dead_letter import DLQ_AGENT
 from mesh.schemas import render
 from mesh.transport import OutRecord, Producer, Record
 from tests.apps.content import build

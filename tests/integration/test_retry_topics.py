@@ -5,7 +5,7 @@ from __future__ import annotations
 from mesh import Codec, Mesh, apply_topics
 from mesh.checker import check
 from mesh.resilience.retry import FIRST_FAILURE, LAST_FAILURE, RETRY_DUE
-from mesh.runtime import DLQ_ATTEMPTS, DLQ_ERROR_CLASS, DLQ_OFFSET, DLQ_TOPIC
+from mesh.resilience.dead_letter import DLQ_ATTEMPTS, DLQ_ERROR_CLASS, DLQ_OFFSET, DLQ_TOPIC
 from tests.apps.retry import build
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, read_all, wait_for_count

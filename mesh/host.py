@@ -1,0 +1,93 @@
+"""Hosting agents in one process: :class:`Mesh` runs a set of agents over one producer
+and one codec (``mesh run`` hosts one agent, ``mesh dev`` a whole app).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from mesh.agent import Agent
+from mesh.codec import Codec
+from mesh.config import MeshSettings
+from mesh.errors import TransportError
+from mesh.runtime import AgentRunner
+from mesh.transport import Producer
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf error of a (nested) exception group."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+class Mesh:
+    """Runs a set of agents in this process over one producer and one codec.
+
+    Example:
+        >>> async with Mesh(settings, [answerer]) as mesh:  # doctest: +SKIP
+        ...     await mesh.wait_assigned()
+        ...     await stop.wait()
+    """
+
+    def __init__(self, settings: MeshSettings, agents: Sequence[Agent[Any]]) -> None:
+        self.settings = settings
+        self.agents = list(agents)
+        self.codec = Codec(settings.schema_registry)
+        self.producer = Producer(settings.kafka)
+        self.runners = [AgentRunner(a, settings, producer=self.producer, codec=self.codec)
+                        for a in self.agents]
+        self.stop_event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        """Run every agent until :meth:`stop`; any agent's transport failure stops all."""
+        topics = {t.name: t for a in self.agents for t in a.all_topics}
+        await self.codec.prepare(list(topics.values()))
+        await self.producer.start()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for runner in self.runners:
+                    tasks.create_task(runner.run(self.stop_event), name=runner.agent.name)
+        except* TransportError as group:
+            raise _first(group) from None
+        finally:
+            await self.producer.stop()
+
+    async def start(self) -> None:
+        """Run in the background (for tests and ``mesh dev``)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="mesh")
+
+    async def wait_assigned(self, timeout: float = 60.0) -> None:
+        """Wait until every agent has partitions, or fail after ``timeout`` seconds
+        (or as soon as the mesh itself fails)."""
+        assigned = asyncio.ensure_future(
+            asyncio.gather(*(r.assigned.wait() for r in self.runners)))
+        watched: list[asyncio.Future[Any]] = [assigned]
+        if self._task is not None:
+            watched.append(self._task)
+        await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        assigned.cancel()
+        if self._task is not None and self._task.done():
+            self._task.result()  # raises the mesh's failure
+        missing = [r.agent.name for r in self.runners if not r.assigned.is_set()]
+        if missing:
+            raise TransportError(f"Agents {missing} got no partitions within {timeout:.0f} s.")
+
+    async def stop(self) -> None:
+        """Finish in-flight work, commit, leave the groups."""
+        self.stop_event.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            await task
+
+    async def __aenter__(self) -> Mesh:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
