@@ -487,6 +487,7 @@ class AgentRunner:
         policy = self.agent.retry
         in_place = runtime.handler_attempts if policy is None else (
             policy.attempts if policy.blocking else 1)
+        first_failure: int | None = None
         for attempt in range(1, in_place + 1):
             ctx = self._context(event if attempt == 1
                                 else replace(event, attempt=event.attempt + attempt - 1))
@@ -498,6 +499,7 @@ class AgentRunner:
             except Held:
                 raise  # not a failure: the lane holds the input and tries again later
             except Exception as exc:  # user code: classify, retry or dead-letter
+                first_failure = first_failure or now_ms()
                 if is_retriable(exc) and attempt < in_place:
                     logger.info("agent %s attempt %d failed (%s), retrying", self.agent.name,
                                 attempt, exc)
@@ -519,14 +521,15 @@ class AgentRunner:
                                self.agent.name, record.topic, record.partition, record.offset,
                                attempt, type(exc).__name__, exc)
                 total = event.attempt + attempt - 1
-                acks = await self._failed(record, event, exc, attempts=total)
+                acks = await self._failed(record, event, exc, attempts=total,
+                                          first_failure_ms=first_failure)
                 return acks, attempt, exc, 0
             self.handled += 1
             return await self.producer.send_many(records), attempt, None, len(records)
         raise AssertionError("unreachable: the last attempt returns or dead-letters")
 
     async def _failed(self, record: Record, event: Envelope[Any], error: BaseException, *,
-                      attempts: int) -> Acks:
+                      attempts: int, first_failure_ms: int | None = None) -> Acks:
         """An input that failed for good: the agent's failure handler may emit (e.g. a
         ``ChainFailed``), then the input goes to the dead-letter topic."""
         ctx = self._context(event)
@@ -536,13 +539,16 @@ class AgentRunner:
             records = self.outputs.records(self.agent, event, ctx)
         except Exception:  # the failure handler failed too: the dead letter still goes
             logger.exception("agent %s: on_failure raised", self.agent.name)
-        return await self._dead_letter(record, error, attempts=attempts, extra=records)
+        return await self._dead_letter(record, error, attempts=attempts, extra=records,
+                                       first_failure_ms=first_failure_ms)
 
     async def _dead_letter(self, record: Record, error: BaseException, *, attempts: int,
-                           extra: Sequence[OutRecord] = ()) -> Acks:
+                           extra: Sequence[OutRecord] = (),
+                           first_failure_ms: int | None = None) -> Acks:
         self.dead_lettered += 1
         return await self.producer.send_many(
-            [*extra, dead_letter(record, error, agent=self.agent.name, attempts=attempts)])
+            [*extra, dead_letter(record, error, agent=self.agent.name, attempts=attempts,
+                                 first_failure_ms=first_failure_ms)])
 
 
 def _backoff(attempt: int, base_ms: int, max_ms: int) -> float:

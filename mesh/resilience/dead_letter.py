@@ -48,9 +48,11 @@ DLQ_HEADERS = (DLQ_TOPIC, DLQ_PARTITION, DLQ_OFFSET, DLQ_ERROR_CLASS, DLQ_ERROR,
 DLQ_MAX_BYTES = MAX_REQUEST_BYTES - 1024 * 1024
 
 
-def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: int) -> OutRecord:
-    """The dead-letter record for ``record``: its bytes, key and headers, plus why. A
-    record from a retry topic names the position it first failed at."""
+def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: int,
+                first_failure_ms: int | None = None) -> OutRecord:
+    """The dead-letter record for ``record``: its bytes, key and headers, plus why, and
+    the first and last failure times. A record from a retry topic names the position it
+    first failed at (and keeps the first failure time it carries)."""
     message = str(error) or type(error).__name__
     topic, partition, offset = record.topic, str(record.partition), str(record.offset)
     origin = retry.headers_of(record).get(retry.RETRY_ORIGIN)
@@ -62,6 +64,9 @@ def dead_letter(record: Record, error: BaseException, *, agent: str, attempts: i
         DLQ_ERROR: message[:4000], DLQ_ATTEMPTS: str(attempts), DLQ_AGENT: agent,
         DLQ_FAILED_AT: str(int(time.time() * 1000)),
     }
+    carried = retry.headers_of(record).get(retry.FIRST_FAILURE)
+    extra[retry.FIRST_FAILURE] = carried or str(first_failure_ms or extra[DLQ_FAILED_AT])
+    extra[retry.LAST_FAILURE] = extra[DLQ_FAILED_AT]
     value = record.value
     if value is not None and len(value) > DLQ_MAX_BYTES:  # the body cannot be stored whole
         extra[DLQ_TRUNCATED] = str(len(value))

@@ -16,6 +16,7 @@ from mesh.resilience.dead_letter import (
     DLQ_PARTITION,
     DLQ_TOPIC,
 )
+from mesh.resilience.retry import FIRST_FAILURE, LAST_FAILURE
 from mesh.transport import OutRecord
 from tests.apps.chain import Other, build
 from tests.conftest import BrokerUnderTest
@@ -95,6 +96,8 @@ async def test_each_bad_input_lands_in_the_dead_letter_topic_while_good_ones_flo
     poison = [r for r in dead if dict(r.headers).get("mesh-dlq-error-class") == b"ValueError"]
     assert len(poison) == 1
     assert dict(poison[0].headers)[DLQ_ATTEMPTS] == b"1"  # not retriable: one attempt
+    first, last = (int(dict(poison[0].headers)[h]) for h in (FIRST_FAILURE, LAST_FAILURE))
+    assert 0 < first <= last
     assert poison_id.encode() in dict(poison[0].headers)[DLQ_ERROR]
     extra = [Injected(dict(r.headers)["mesh-event-id"].decode(), f"bad-{kind}", 0, bad=True)
              for kind, r in bad_records]
