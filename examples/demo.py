@@ -21,9 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.demo import app
-from mesh import Codec, EmbeddedBroker, Envelope, MeshSettings, apply_topics
+from mesh import Codec, EmbeddedBroker, Emitter, Envelope, MeshSettings, apply_topics
 from mesh.reader import TopicReader
-from mesh.transport import OutRecord, Producer
 from topics.demo import ResearchRequest, articles, fact_checks, requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,18 +40,10 @@ def start_services(bootstrap: str) -> dict[str, subprocess.Popen[bytes]]:
 
 
 async def emit(settings: MeshSettings) -> list[Envelope[ResearchRequest]]:
-    codec = Codec()
-    sent, records = [], []
-    for n, subject in enumerate(SUBJECTS):
-        request = ResearchRequest(request_id=f"req-{n + 1}", subject=subject)
-        env = Envelope.new(request, source="demo", key=requests.key_of(request))
-        value, fingerprint = codec.encode(requests, request)
-        records.append(OutRecord(requests.name, value, env.key,
-                                 tuple(env.with_payload(request, schema=fingerprint).headers())))
-        sent.append(env)
-    async with Producer(settings.kafka) as producer:
-        await producer.send_all(records)
-    return sent
+    requests_ = [ResearchRequest(request_id=f"req-{n + 1}", subject=subject)
+                 for n, subject in enumerate(SUBJECTS)]
+    async with Emitter(settings, source="demo") as emitter:  # as an existing system would
+        return await emitter.emit(requests, requests_)
 
 
 async def collect(settings: MeshSettings, count: int, timeout: float = 120.0) -> dict:

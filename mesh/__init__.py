@@ -10,6 +10,7 @@ from mesh.agent import Agent, App, Context, agent
 from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.embedded import EmbeddedBroker
+from mesh.emitter import Emitter
 from mesh.envelope import Envelope, derive_event_id
 from mesh.errors import (
     BreakerOpen,
@@ -42,6 +43,7 @@ __all__ = [
     "Context",
     "DecodeError",
     "EmbeddedBroker",
+    "Emitter",
     "Envelope",
     "HandlerError",
     "Held",

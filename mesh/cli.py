@@ -26,6 +26,7 @@ from mesh.agent import Agent, App
 from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.embedded import EmbeddedBroker
+from mesh.emitter import Emitter
 from mesh.envelope import Envelope
 from mesh.errors import MeshError
 from mesh.host import Mesh
@@ -41,7 +42,7 @@ from mesh.resilience.dead_letter import (
 )
 from mesh.schemas import check_schemas, export_schemas
 from mesh.topic import DLQ_SUFFIX, Topic, discover_topics
-from mesh.transport import Admin, OutRecord, Producer, Record
+from mesh.transport import Admin, Record
 
 app = typer.Typer(help="Kafka agent mesh: agents as stream processors on typed topics.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -250,19 +251,9 @@ def emit(topic_name: Annotated[str, typer.Argument(metavar="TOPIC")],
         raise typer.Exit(2) from None
 
     async def produce() -> list[Envelope[Any]]:
-        codec = Codec(settings.schema_registry)
-        await codec.prepare([topic])
-        envelopes, records = [], []
-        for item in payloads:
-            env = Envelope.new(item, source="emit", correlation_id=correlation_id,
-                               key=key.encode() if key else topic.key_of(item))
-            value, fingerprint = codec.encode(topic, item)
-            env = env.with_payload(item, schema=fingerprint)
-            envelopes.append(env)
-            records.append(OutRecord(topic.name, value, env.key, tuple(env.headers())))
-        async with Producer(settings.kafka) as producer:
-            await producer.send_all(records)
-        return envelopes
+        async with Emitter(settings, source="emit") as emitter:
+            return await emitter.emit(topic, payloads, key=key.encode() if key else None,
+                                      correlation_id=correlation_id)
 
     for env in asyncio.run(produce()):
         print(json.dumps({"topic": topic.name, "event_id": env.event_id,
