@@ -33,7 +33,8 @@ console = Console()
 
 def start_services(bootstrap: str) -> dict[str, subprocess.Popen[bytes]]:
     env = {**os.environ, "MESH_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-           "MESH_KAFKA__PROFILE": "embedded", "MESH_LOG_LEVEL": "WARNING"}
+           "MESH_KAFKA__PROFILE": "embedded", "MESH_LOG_LEVEL": "WARNING",
+           "MESH_METRICS__HOST": "127.0.0.1"}
     return {a.name: subprocess.Popen([sys.executable, "-m", "mesh.cli", "run",
                                       f"agents.demo:{a.name}"], env=env, cwd=ROOT)
             for a in app.agents}

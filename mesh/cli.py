@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -31,6 +32,7 @@ from mesh.envelope import Envelope
 from mesh.errors import MeshError
 from mesh.host import Mesh
 from mesh.observe.audit import audit_topic
+from mesh.observe.metrics import MeshMetrics
 from mesh.provision import apply_topics
 from mesh.reader import TopicReader
 from mesh.resilience.dead_letter import (
@@ -116,6 +118,12 @@ async def _serve(agents: list[Agent[Any]], settings: MeshSettings, apply: bool) 
         if apply:
             await apply_topics(settings.kafka, topics.values())
         mesh = Mesh(settings, agents)
+        if settings.metrics.enabled:
+            metrics = MeshMetrics(CollectorRegistry())
+            for runner in mesh.runners:
+                metrics.watch(runner)
+            port = metrics.serve(settings.metrics.port, host=settings.metrics.host)
+            err.print(f"metrics on http://{settings.metrics.host}:{port}/metrics")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, mesh.stop_event.set)

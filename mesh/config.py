@@ -148,7 +148,8 @@ class MetricsSettings(BaseModel):
     """The Prometheus endpoint of an agent process."""
 
     enabled: bool = True
-    port: int = Field(default=0, ge=0, le=65535)
+    port: int = Field(default=0, ge=0, le=65535)  # 0: a free port, logged at start
+    host: str = "0.0.0.0"
 
 
 class MeshSettings(BaseSettings):

@@ -209,6 +209,20 @@ class AgentRunner:
         """The partitions this replica holds now."""
         return frozenset(self._lanes)
 
+    def in_flight(self) -> int:
+        """Inputs taken from Kafka whose outputs are not acknowledged yet."""
+        return sum(len(lane.backlog) + len(lane.inflight) for lane in self._lanes.values())
+
+    def lag(self) -> dict[Partition, int]:
+        """Per assigned partition, records between what is done and the partition's end
+        (the end as the last fetch reported it)."""
+        behind = {}
+        for partition, lane in list(self._lanes.items()):
+            end = self._consumer.highwater(partition) if self._consumer else None
+            if end is not None:
+                behind[partition] = max(0, end - (lane.done or lane.committed or 0))
+        return behind
+
     async def _every(self, interval: float, timer: Any, stop: asyncio.Event) -> None:
         name = getattr(timer, "__name__", "timer")
         while not stop.is_set():

@@ -47,6 +47,7 @@ class BrokerUnderTest:
             "MESH_KAFKA__PROFILE": "embedded" if self.embedded else "kafka",
             "PYTHONPATH": str(ROOT),
             "PYTHONUNBUFFERED": "1",
+            "MESH_METRICS__HOST": "127.0.0.1",  # tests listen on loopback only
         })
         env.update(extra)
         return env
