@@ -4,6 +4,7 @@ after every stage, a failure checkpoint, the history view, and retention tombsto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -149,10 +150,8 @@ async def wait_rows(table_of: Any, expected: set[str], timeout: float = 60.0) ->
         assert time.monotonic() < deadline, (
             f"table holds {sorted(dict(table_of().items()))}, expected {sorted(expected)}")
         table_of().changed.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(table_of().changed.wait(), timeout=1.0)
-        except TimeoutError:
-            pass
 
 
 async def test_retention_tombstones_finished_workflows_and_keeps_running_ones(
