@@ -23,11 +23,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mesh import Codec, Context, EmbeddedBroker, Envelope, HandlerError, Mesh, MeshSettings
+from mesh import Codec, Context, EmbeddedBroker, Emitter, HandlerError, Mesh, MeshSettings
 from mesh import apply_topics
 from mesh.patterns.chain import Chain, ChainCompleted, ChainFailed
 from mesh.reader import TopicReader
-from mesh.transport import OutRecord, Producer
 
 console = Console()
 
@@ -92,14 +91,8 @@ QUESTIONS = [Question(request_id="q1", topic="AI agent orchestration"),
 
 
 async def send(settings: MeshSettings) -> None:
-    codec, records = Codec(), []
-    for question in QUESTIONS:
-        env = Envelope.new(question, source="example", key=chain.source.key_of(question))
-        value, fingerprint = codec.encode(chain.source, question)
-        records.append(OutRecord(chain.source.name, value, env.key,
-                                 tuple(env.with_payload(question, schema=fingerprint).headers())))
-    async with Producer(settings.kafka) as producer:
-        await producer.send_all(records)
+    async with Emitter(settings, source="example") as emitter:
+        await emitter.emit(chain.source, QUESTIONS)
 
 
 async def collect(settings: MeshSettings, timeout: float = 90.0) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from mesh import Codec, Context, EmbeddedBroker, Envelope, Mesh, MeshSettings, apply_topics
+from mesh import Codec, Context, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics
 from mesh.patterns.coordinator import Coordinator, Specialist, WorkflowEvent, WorkflowOutcome
 from mesh.patterns.plan import (
     Plan,
@@ -30,7 +30,6 @@ from mesh.patterns.plan import (
     Synthesis,
 )
 from mesh.reader import TopicReader
-from mesh.transport import OutRecord, Producer
 from topics.delegation import ReportRequest, delegation
 
 SUBJECTS = {"report-1": "event streaming for AI agents", "report-2": "compacted topics as state"}
@@ -106,15 +105,10 @@ def agents() -> list[Any]:
 
 
 async def emit(settings: MeshSettings, codec: Codec) -> None:
-    records = []
-    for wf, subject in SUBJECTS.items():
-        request = ReportRequest(workflow_id=wf, subject=subject, audience="engineers")
-        env = Envelope.new(request, source="example", key=wf.encode())
-        value, fingerprint = codec.encode(delegation.requests, request)
-        records.append(OutRecord(delegation.requests.name, value, env.key,
-                                 tuple(env.with_payload(request, schema=fingerprint).headers())))
-    async with Producer(settings.kafka) as producer:
-        await producer.send_all(records)
+    async with Emitter(settings, source="example") as emitter:
+        for wf, subject in SUBJECTS.items():
+            request = ReportRequest(workflow_id=wf, subject=subject, audience="engineers")
+            await emitter.emit(delegation.requests, [request], key=wf.encode())
 
 
 async def collect(settings: MeshSettings, codec: Codec, timeout: float = 60.0

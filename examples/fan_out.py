@@ -19,10 +19,9 @@ from typing import Any
 
 from rich.console import Console
 
-from mesh import Codec, EmbeddedBroker, Envelope, Mesh, MeshSettings, apply_topics
+from mesh import Codec, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics
 from mesh.patterns.gather import Gather, Merged, branch
 from mesh.reader import TopicReader
-from mesh.transport import OutRecord, Producer
 from topics.research import ResearchQuestion, research
 
 console = Console()
@@ -80,15 +79,10 @@ QUESTIONS = [
 
 
 async def ask(settings: MeshSettings) -> None:
-    codec, records = Codec(), []
-    for question in QUESTIONS:
-        env = Envelope.new(question, source="example", correlation_id=question.question_id,
-                           key=question.question_id.encode())
-        value, fingerprint = codec.encode(research.requests, question)
-        records.append(OutRecord(research.requests.name, value, env.key,
-                                 tuple(env.with_payload(question, schema=fingerprint).headers())))
-    async with Producer(settings.kafka) as producer:
-        await producer.send_all(records)
+    async with Emitter(settings, source="example") as emitter:
+        for question in QUESTIONS:  # each question is its own workflow
+            await emitter.emit(research.requests, [question], key=question.question_id.encode(),
+                               correlation_id=question.question_id)
 
 
 async def collect(settings: MeshSettings, timeout: float = 60.0) -> dict[str, Merged]:

@@ -23,12 +23,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mesh import Codec, Context, EmbeddedBroker, Envelope, HandlerError, Mesh, MeshSettings
+from mesh import Codec, Context, EmbeddedBroker, Emitter, HandlerError, Mesh, MeshSettings
 from mesh import apply_topics
 from mesh.patterns.checkpoint import Pipeline, StageRun, WorkflowResult
 from mesh.patterns.checkpoint import format_history, workflow_history
 from mesh.reader import TopicReader
-from mesh.transport import OutRecord, Producer
 from topics.pipeline import Document, document_pipeline, documents
 
 console = Console()
@@ -88,14 +87,8 @@ DOCS = [
 
 
 async def send(settings: MeshSettings) -> None:
-    codec, records = Codec(), []
-    for doc in DOCS:
-        env = Envelope.new(doc, source="example", key=documents.key_of(doc))
-        value, fingerprint = codec.encode(documents, doc)
-        records.append(OutRecord(documents.name, value, env.key,
-                                 tuple(env.with_payload(doc, schema=fingerprint).headers())))
-    async with Producer(settings.kafka) as producer:
-        await producer.send_all(records)
+    async with Emitter(settings, source="example") as emitter:
+        await emitter.emit(documents, DOCS)
 
 
 async def collect(settings: MeshSettings, timeout: float = 90.0) -> dict[str, WorkflowResult]:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from rich.console import Console
 from rich.table import Table
 
-from mesh import Codec, Context, EmbeddedBroker, Envelope, Mesh, MeshSettings, apply_topics
+from mesh import Codec, Context, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics
 from mesh.patterns.supervisor import (
     Supervisor,
     SupervisorEvent,
@@ -32,7 +32,6 @@ from mesh.patterns.supervisor import (
     render_workers,
 )
 from mesh.reader import TopicReader
-from mesh.transport import OutRecord, Producer
 from topics.workers import Job, JobResult, jobs, pool, results
 
 console = Console()
@@ -53,14 +52,8 @@ def answerer(worker_id: str, *, endpoint_down: bool = False
 
 
 async def send(settings: MeshSettings) -> None:
-    codec, records = Codec(), []
-    for job in JOBS:
-        env = Envelope.new(job, source="example", key=jobs.key_of(job))
-        value, fingerprint = codec.encode(jobs, job)
-        records.append(OutRecord(jobs.name, value, env.key,
-                                 tuple(env.with_payload(job, schema=fingerprint).headers())))
-    async with Producer(settings.kafka) as producer:
-        await producer.send_all(records)
+    async with Emitter(settings, source="example") as emitter:
+        await emitter.emit(jobs, JOBS)
 
 
 async def collect(settings: MeshSettings, timeout: float = 120.0) -> dict[str, JobResult]:
