@@ -77,7 +77,7 @@ async def test_probes_beyond_the_budget_are_held() -> None:
         assert breaker.state == "half_open"
         with pytest.raises(BreakerOpen) as raised:
             async with breaker.guard():
-                pass
+                pytest.fail("a third call got through while both probes were in flight")
         assert raised.value.until > clock.now
     assert breaker.state == "closed"
 

@@ -89,8 +89,8 @@ class FakeSchemaRegistry:
 
             do_GET = do_POST = _serve
 
-            def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
-                pass
+            def log_message(self, format: str, *args: Any) -> None:
+                """Keep the test output quiet: no access log."""
 
         return Handler
 
