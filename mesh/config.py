@@ -152,6 +152,28 @@ class MetricsSettings(BaseModel):
     host: str = "0.0.0.0"
 
 
+class AuditSettings(BaseModel):
+    """What agents publish to the audit topic (``mesh.audit``)."""
+
+    enabled: bool = True
+    payloads: bool = False  # headers, ids and sizes always; payloads only when asked
+
+
+class TracingSettings(BaseModel):
+    """OpenTelemetry spans around handler runs (needs the ``otel`` extra and a tracer
+    provider the process configured; without them the W3C ids still travel)."""
+
+    enabled: bool = True
+
+
+class SecuritySettings(BaseModel):
+    """Keys the mesh signs and checks with."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    plan_key: SecretStr | None = None  # HMAC key: the coordinator signs plans, specialists check
+
+
 class MeshSettings(BaseSettings):
     """Everything a mesh process reads from its environment (``MESH_`` prefix)."""
 
@@ -164,6 +186,9 @@ class MeshSettings(BaseSettings):
     schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
     runtime: RuntimeSettings = RuntimeSettings()
     metrics: MetricsSettings = MetricsSettings()
+    audit: AuditSettings = AuditSettings()
+    tracing: TracingSettings = TracingSettings()
+    security: SecuritySettings = SecuritySettings()
     log_level: str = "INFO"
 
     def with_bootstrap(self, servers: str, *, embedded: bool = False) -> MeshSettings:

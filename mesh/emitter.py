@@ -3,7 +3,7 @@
 An :class:`Emitter` validates payloads against the topic's model, encodes them the way
 the mesh does (Avro, single-object or Confluent framing), sets the mesh headers (a new
 event id, the correlation id, a new trace, ``mesh-source``) and produces them, waiting
-for the broker's acknowledgement. ``mesh emit`` is this, from a shell.
+for the broker's acknowledgement; what it injected is recorded on ``mesh.audit``. ``mesh emit`` is this, from a shell.
 
 Example:
     >>> async with Emitter(MeshSettings(), source="billing") as emitter:  # doctest: +SKIP
@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.envelope import Envelope
+from mesh.observe.audit import Auditor, audit_topic
 from mesh.topic import Topic
 from mesh.transport import OutRecord, Producer
 
@@ -32,6 +33,7 @@ class Emitter:
     def __init__(self, settings: MeshSettings, *, source: str = "emit") -> None:
         self.source = source
         self.codec = Codec(settings.schema_registry)
+        self.auditor = Auditor(self.codec, settings.audit, source=source)
         self._producer = Producer(settings.kafka)
 
     async def __aenter__(self) -> Self:
@@ -58,9 +60,11 @@ class Emitter:
     async def emit(self, topic: Topic[Any], payloads: Sequence[BaseModel], *,
                    key: bytes | None = None, correlation_id: str | None = None
                    ) -> list[Envelope[Any]]:
-        """Produce ``payloads`` to ``topic`` and wait until the broker has them all."""
-        await self.codec.prepare([topic])
+        """Produce ``payloads`` to ``topic`` (and their ``produced`` audit events to
+        ``mesh.audit``) and wait until the broker has them all."""
+        await self.codec.prepare([topic, audit_topic])
         built = [self.record(topic, p, key=key, correlation_id=correlation_id)
                  for p in payloads]
-        await self._producer.send_all([record for record, _ in built])
+        audit = self.auditor.produced([(env, record) for record, env in built])
+        await self._producer.send_all([record for record, _ in built] + audit)
         return [env for _, env in built]

@@ -12,6 +12,7 @@ from mesh.agent import Agent
 from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.errors import TransportError
+from mesh.observe.audit import audit_topic
 from mesh.runtime import AgentRunner
 from mesh.transport import Producer
 
@@ -46,7 +47,7 @@ class Mesh:
     async def run(self) -> None:
         """Run every agent until :meth:`stop`; any agent's transport failure stops all."""
         topics = {t.name: t for a in self.agents for t in a.all_topics}
-        await self.codec.prepare(list(topics.values()))
+        await self.codec.prepare([*topics.values(), audit_topic])
         await self.producer.start()
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -43,6 +43,8 @@ from mesh.errors import (
     PayloadTooLarge,
     is_retriable,
 )
+from mesh.observe.audit import DEAD_LETTER, OK, RETRY, Auditor
+from mesh.observe.tracing import HandlerTracer
 from mesh.resilience import retry
 from mesh.resilience.dead_letter import dead_letter
 from mesh.state import tables_for
@@ -64,22 +66,27 @@ class Outputs:
     def __init__(self, codec: Codec, max_bytes: int) -> None:
         self.codec, self.max_bytes = codec, max_bytes
 
-    def records(self, agent: Agent[Any], event: Envelope[Any], ctx: Context) -> list[OutRecord]:
-        """The output records of ``ctx`` (emits, then state writes), with derived ids."""
+    def emitted(self, agent: Agent[Any], event: Envelope[Any], ctx: Context, *,
+                traceparent: str | None = None) -> list[tuple[Envelope[Any], OutRecord]]:
+        """The emitted outputs of ``ctx`` with their envelopes (derived ids); every one
+        carries ``traceparent`` when given (the handler's span)."""
         out = []
         for index, emitted in enumerate(ctx.outputs):
             child = event.child(emitted.payload, agent=agent.name, index=index, key=emitted.key)
             if emitted.correlation_id is not None:
                 child = replace(child, correlation_id=emitted.correlation_id)
+            if traceparent is not None:
+                child = replace(child, traceparent=traceparent)
             value, fingerprint = self.codec.encode(emitted.topic, emitted.payload)
             if len(value) > self.max_bytes:
                 raise PayloadTooLarge(
                     f"Output {index} of {agent.name} to {emitted.topic.name} is {len(value)} "
                     f"bytes, above the limit of {self.max_bytes} "
                     "(MESH_RUNTIME__MAX_MESSAGE_BYTES). Send a reference, not the blob.")
-            headers = child.with_payload(emitted.payload, schema=fingerprint).headers()
-            out.append(OutRecord(emitted.topic.name, value, emitted.key, tuple(headers)))
-        return out + ctx.commit_state()
+            child = child.with_payload(emitted.payload, schema=fingerprint)
+            out.append((child, OutRecord(emitted.topic.name, value, emitted.key,
+                                         tuple(child.headers()))))
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +140,8 @@ class AgentRunner:
         self.producer = producer
         self.codec = codec
         self.outputs = Outputs(codec, settings.runtime.max_message_bytes)
+        self.auditor = Auditor(codec, settings.audit, source=agent.name)
+        self.tracer = HandlerTracer(settings.tracing)
         self.assigned = asyncio.Event()
         self._lanes: dict[Partition, _Lane] = {}
         self._consumer: Consumer | None = None
@@ -234,7 +243,9 @@ class AgentRunner:
             ctx = self._context(event)
             try:
                 await timer(ctx)
-                records = self.outputs.records(self.agent, event, ctx)
+                emitted = self.outputs.emitted(self.agent, event, ctx)
+                records = [r for _, r in emitted] + ctx.commit_state()
+                records += self.auditor.produced(emitted)
             except Exception:  # a timer bug must not stop the agent; it runs again
                 logger.exception("agent %s: timer %s failed", self.agent.name, name)
                 continue
@@ -457,10 +468,11 @@ class AgentRunner:
         except InputError as exc:
             logger.warning("agent %s: bad input %s[%d]@%d: %s", self.agent.name, record.topic,
                            record.partition, record.offset, exc)
-            acks = await self._dead_letter(record, exc, attempts=1)
+            audit = self._audit(record, None, DEAD_LETTER, started, exc)
+            acks = await self._dead_letter(record, exc, attempts=1, extra=audit)
             self._observe(record, None, started, attempts=1, error=exc, outputs=0)
             return acks
-        acks, attempts, error, outputs = await self._handle(record, event)
+        acks, attempts, error, outputs = await self._handle(record, event, started)
         self._observe(record, event, started, attempts=attempts, error=error, outputs=outputs)
         return acks
 
@@ -493,7 +505,17 @@ class AgentRunner:
         payload = await self.codec.decode(self.agent.topic_named(record.topic), record.value)
         return meta.with_payload(payload)
 
-    async def _handle(self, record: Record, event: Envelope[Any]
+    def _audit(self, record: Record, event: Envelope[Any] | None, outcome: str,
+               started: float, error: BaseException | None = None,
+               emitted: Sequence[tuple[Envelope[Any], OutRecord]] = ()) -> list[OutRecord]:
+        """The audit records of one input's handling (sent with its outputs)."""
+        took = time.monotonic() - started
+        return (self.auditor.consumed(record, event, outcome=outcome,
+                                      started_ms=now_ms() - round(took * 1000),
+                                      duration_s=took, error=error)
+                + self.auditor.produced(list(emitted)))
+
+    async def _handle(self, record: Record, event: Envelope[Any], started: float
                       ) -> tuple[Acks, int, BaseException | None, int]:
         """Run the handler (retrying retriable errors in place); returns the acks, the
         attempts made, the final error (None on success) and the output count."""
@@ -503,13 +525,16 @@ class AgentRunner:
             policy.attempts if policy.blocking else 1)
         first_failure: int | None = None
         for attempt in range(1, in_place + 1):
-            ctx = self._context(event if attempt == 1
-                                else replace(event, attempt=event.attempt + attempt - 1))
+            this = event if attempt == 1 else replace(event, attempt=event.attempt + attempt - 1)
+            ctx = self._context(this)
             try:
-                result = await self.agent.handle(event.payload, ctx)
-                for topic, payload in self.agent.outputs_of(result):
-                    ctx.emit(topic, payload)
-                records = self.outputs.records(self.agent, event, ctx)
+                with self.tracer.span(self.agent.name, record.topic, this) as traceparent:
+                    result = await self.agent.handle(event.payload, ctx)
+                    for topic, payload in self.agent.outputs_of(result):
+                        ctx.emit(topic, payload)
+                    emitted = self.outputs.emitted(self.agent, event, ctx,
+                                                   traceparent=traceparent)
+                records = [r for _, r in emitted] + ctx.commit_state()
             except Held:
                 raise  # not a failure: the lane holds the input and tries again later
             except Exception as exc:  # user code: classify, retry or dead-letter
@@ -529,31 +554,38 @@ class AgentRunner:
                     self.retried += 1
                     acks = await self.producer.send_many([retry.retry_record(
                         record, exc, policy=policy, attempt=event.attempt,
-                        group=self.agent.group)])
+                        group=self.agent.group), *self._audit(record, this, RETRY, started, exc)])
                     return acks, attempt, exc, 0
                 logger.warning("agent %s failed on %s[%d]@%d after %d attempt(s): %s: %s",
                                self.agent.name, record.topic, record.partition, record.offset,
                                attempt, type(exc).__name__, exc)
                 total = event.attempt + attempt - 1
                 acks = await self._failed(record, event, exc, attempts=total,
-                                          first_failure_ms=first_failure)
+                                          first_failure_ms=first_failure,
+                                          audit=self._audit(record, this, DEAD_LETTER, started,
+                                                            exc))
                 return acks, attempt, exc, 0
             self.handled += 1
-            return await self.producer.send_many(records), attempt, None, len(records)
+            audit = self._audit(record, this, OK, started, emitted=emitted)
+            return await self.producer.send_many(records + audit), attempt, None, len(records)
         raise AssertionError("unreachable: the last attempt returns or dead-letters")
 
     async def _failed(self, record: Record, event: Envelope[Any], error: BaseException, *,
-                      attempts: int, first_failure_ms: int | None = None) -> Acks:
+                      attempts: int, first_failure_ms: int | None = None,
+                      audit: Sequence[OutRecord] = ()) -> Acks:
         """An input that failed for good: the agent's failure handler may emit (e.g. a
         ``ChainFailed``), then the input goes to the dead-letter topic."""
         ctx = self._context(event)
         records: list[OutRecord] = []
         try:
             await self.agent.on_failure(event.payload, ctx, error)
-            records = self.outputs.records(self.agent, event, ctx)
+            emitted = self.outputs.emitted(self.agent, event, ctx)
+            records = [r for _, r in emitted] + ctx.commit_state()
+            records += self.auditor.produced(emitted)
         except Exception:  # the failure handler failed too: the dead letter still goes
             logger.exception("agent %s: on_failure raised", self.agent.name)
-        return await self._dead_letter(record, error, attempts=attempts, extra=records,
+        return await self._dead_letter(record, error, attempts=attempts,
+                                       extra=[*records, *audit],
                                        first_failure_ms=first_failure_ms)
 
     async def _dead_letter(self, record: Record, error: BaseException, *, attempts: int,

@@ -10,16 +10,20 @@ Each test gets its own topic prefix, so tests sharing the broker never meet.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from mesh import EmbeddedBroker, MeshSettings
+from mesh.observe.audit import audit_topic
+from mesh.provision import apply_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,12 +78,23 @@ def broker() -> Iterator[BrokerUnderTest]:
     """The session's broker (see the module docstring for the choices)."""
     configured = os.environ.get("MESH_KAFKA__BOOTSTRAP_SERVERS")
     if configured:
-        yield BrokerUnderTest(configured, False, "configured")
+        yield _with_mesh_topics(BrokerUnderTest(configured, False, "configured"))
     elif os.environ.get("MESH_TEST_KAFKA") == "docker":
-        yield from _docker_kafka()
+        for kafka in _docker_kafka():
+            yield _with_mesh_topics(kafka)
     else:
         with EmbeddedBroker() as embedded:
-            yield BrokerUnderTest(embedded.bootstrap, True, "embedded")
+            yield _with_mesh_topics(BrokerUnderTest(embedded.bootstrap, True, "embedded"))
+
+
+def _with_mesh_topics(broker: BrokerUnderTest) -> BrokerUnderTest:
+    """Create the mesh's own topics (the audit topic every agent writes to) as
+    `mesh topics apply` would, instead of letting a first write auto-create them.
+    In a thread: the tests' event loop is not running yet and must not be replaced."""
+    settings = broker.settings()
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, apply_topics(settings.kafka, [audit_topic])).result()
+    return broker
 
 
 @pytest.fixture

@@ -22,8 +22,9 @@ from typing import Any
 
 from mesh.codec import Codec
 from mesh.config import KafkaSettings
+from mesh.envelope import CORRELATION_ID
 from mesh.errors import ConfigError
-from mesh.observe.audit import AuditEvent, audit_topic
+from mesh.observe.audit import DLQ_REPLAYED, AuditEvent, audit_topic
 from mesh.reader import TopicReader
 from mesh.resilience import retry
 from mesh.topic import DLQ_SUFFIX
@@ -193,9 +194,11 @@ async def replay(settings: KafkaSettings, letters: Sequence[DeadLetter], *,
 
 def _audit(codec: Codec, letter: DeadLetter, target: str) -> OutRecord:
     event = AuditEvent(
-        kind="dlq_replayed", agent=letter.agent or None, topic=letter.record.topic,
+        kind=DLQ_REPLAYED, agent=letter.agent or None, topic=letter.record.topic,
         partition=letter.record.partition, offset=letter.record.offset,
-        event_id=letter.event_id, outcome="replayed", error_class=letter.error_class or None,
+        event_id=letter.event_id, correlation_id=dict(letter.record.headers).get(
+            CORRELATION_ID, b"").decode(errors="replace") or letter.event_id,
+        outcome="replayed", error_class=letter.error_class or None,
         error=letter.error or None, size=len(letter.record.value or b""),
         details={"to": target, "origin": f"{letter.origin_topic}[{letter.origin_partition}]"
                                           f"@{letter.origin_offset}"})

@@ -70,6 +70,10 @@ async def test_dlq_list_show_and_replay_keep_event_ids_and_audit_the_replay(
     assert (await codec.decode(source, replayed[0].value or b"")).source_id == poison.source_id  # type: ignore[attr-defined]
     audits = [await codec.decode(audit_topic, r.value or b"")
               for r in await read_all(settings, [audit_topic.name])]
-    mine = [a for a in audits if a.event_id == poison.source_id]  # type: ignore[attr-defined]
-    assert len(mine) == 1 and mine[0].kind == "dlq_replayed"  # type: ignore[attr-defined]
+    about = [a for a in audits if a.event_id == poison.source_id]  # type: ignore[attr-defined]
+    # the agent audited the failure, the replay command the replay
+    assert [(a.kind, a.outcome) for a in about if a.kind == "consumed"  # type: ignore[attr-defined]
+            ] == [("consumed", "dead_letter")]
+    mine = [a for a in about if a.kind == "dlq_replayed"]  # type: ignore[attr-defined]
+    assert len(mine) == 1 and mine[0].outcome == "replayed"  # type: ignore[attr-defined]
     assert mine[0].details["to"] == target  # type: ignore[attr-defined]
