@@ -141,6 +141,11 @@ class RuntimeSettings(BaseModel):
     retry_backoff_max_ms: int = Field(default=5_000, ge=0)
     commit_interval_ms: int = Field(default=200, ge=0)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    # An agent whose broker does not answer for this long stops with an error rather
+    # than retrying silently forever; a broker that answers as another cluster (a new
+    # cluster id: a memory-only broker restarted, a recreated cluster) stops it at once.
+    broker_timeout_s: float = Field(default=30.0, gt=0)
+    broker_check_interval_s: float = Field(default=2.0, gt=0)
     auto_offset_reset: Literal["earliest", "none"] = "earliest"
 
 

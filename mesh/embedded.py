@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from typing import IO
 
 from mesh.errors import BrokerUnavailable
@@ -88,7 +89,8 @@ class EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         command = [self._binary or broker_binary(), "broker", "--listener-url", url,
                    "--advertised-listener-url", url, "--storage-engine", "memory://tansu/",
-                   "--silent"]
+                   # memory-only: a restart is a new, empty cluster, and says so
+                   "--cluster-id", f"mesh-{uuid.uuid4().hex[:12]}", "--silent"]
         # stderr to a file, not a pipe: a pipe nobody reads would block the broker once full
         self._stderr = tempfile.TemporaryFile()
         self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL,

@@ -12,12 +12,14 @@ topic. The hierarchy::
     │   │   └── UnknownSchema       framing fine, writer schema unknown
     │   ├── PayloadInvalid          decoded, but fails the payload model
     │   ├── PayloadTooLarge         above runtime.max_message_bytes
-    │   └── HeaderInvalid           a mesh header present but malformed
+    │   ├── HeaderInvalid           a mesh header present but malformed
+    │   └── SignatureInvalid        a task not signed with the plan key (forged, altered)
     ├── HandlerError                user code failed (retriable per instance)
     ├── Held                        not now: hold the partition, retry the same input later
     │   └── BreakerOpen             a circuit breaker guarding a downstream is open
     └── TransportError              retriable=True: broker unreachable, timeouts
         ├── BrokerUnavailable       the embedded broker did not start / answer
+        ├── BrokerLost              a running agent's broker went away or lost its data
         └── CommitFailed            the group rebalanced before a commit landed
 """
 
@@ -70,6 +72,14 @@ class HeaderInvalid(InputError):
     """A mesh header is present but malformed (not UTF-8, not a number, ...)."""
 
 
+class SignatureInvalid(InputError):
+    """Work that is not signed with the mesh's plan key: missing, wrong or altered
+    signature, or a signed task on another specialist's topic. Never retriable (the
+    same bytes fail the same way); the task goes to the dead-letter topic and its work
+    is not done. The fix is configuration: every coordinator and specialist of a mesh
+    sets the same ``MESH_SECURITY__PLAN_KEY``."""
+
+
 class HandlerError(MeshError):
     """User code failed; ``retriable`` says whether another attempt may succeed.
 
@@ -108,6 +118,12 @@ class TransportError(MeshError):
 
 class BrokerUnavailable(TransportError):
     """The embedded broker did not start or does not answer metadata requests."""
+
+
+class BrokerLost(TransportError):
+    """A running agent's broker stayed unreachable past ``runtime.broker_timeout_s``,
+    answered as another cluster, or lost records the agent had committed: the agent
+    stops (loudly) instead of retrying forever or skipping work silently."""
 
 
 class CommitFailed(TransportError):

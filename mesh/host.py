@@ -13,7 +13,8 @@ from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.errors import TransportError
 from mesh.observe.audit import audit_topic
-from mesh.runtime import AgentRunner
+from mesh.liveness import BrokerWatch
+from mesh.runtime import AgentRunner, bounded
 from mesh.transport import Producer
 
 
@@ -42,6 +43,7 @@ class Mesh:
         self.runners = [AgentRunner(a, settings, producer=self.producer, codec=self.codec)
                         for a in self.agents]
         self.stop_event = asyncio.Event()
+        self.watch = BrokerWatch(settings, self.runners)
         self._task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
@@ -51,12 +53,16 @@ class Mesh:
         await self.producer.start()
         try:
             async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.watch.run(self.stop_event), name="broker-watch")
                 for runner in self.runners:
                     tasks.create_task(runner.run(self.stop_event), name=runner.agent.name)
         except* TransportError as group:
             raise _first(group) from None
         finally:
-            await self.producer.stop()
+            # Undelivered batches wait for a broker that may be gone: bound the flush
+            # (their inputs were not committed, so they are redelivered).
+            await bounded(self.producer.stop(), self.settings.runtime.shutdown_timeout_s,
+                          "flushing the producer")
 
     async def start(self) -> None:
         """Run in the background (for tests and ``mesh dev``)."""

@@ -27,7 +27,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -36,6 +36,7 @@ from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.envelope import Envelope, new_event_id, now_ms, read_headers
 from mesh.errors import (
+    BrokerLost,
     CommitFailed,
     DecodeError,
     Held,
@@ -185,7 +186,9 @@ class AgentRunner:
                 await self._close_lanes(list(self._lanes))
         finally:
             self._tasks = None
-            await consumer.stop()
+            # Leaving the group needs the broker; without one, do not hang the shutdown.
+            await bounded(consumer.stop(), self.settings.runtime.shutdown_timeout_s,
+                          f"agent {self.agent.name}: leaving the group")
             logger.info("agent %s stopped: %d handled, %d dead-lettered", self.agent.name,
                         self.handled, self.dead_lettered)
 
@@ -231,6 +234,19 @@ class AgentRunner:
             if end is not None:
                 behind[partition] = max(0, end - (lane.done or lane.committed or 0))
         return behind
+
+    def check_log_ends(self) -> None:
+        """Raise :class:`BrokerLost` if a partition's log now ends before what this
+        agent has handled there: the broker lost records (see :mod:`mesh.liveness`)."""
+        for partition, lane in list(self._lanes.items()):
+            end = self._consumer.highwater(partition) if self._consumer else None
+            handled = max(lane.done or 0, lane.committed or 0)
+            if end is not None and end < handled:
+                raise BrokerLost(
+                    f"{partition.topic}[{partition.partition}] ends at offset {end}, but "
+                    f"agent {self.agent.name} has handled it up to {handled}: the broker "
+                    "lost records (a restarted memory-only broker, a recreated topic). "
+                    "Stopping instead of skipping or re-reading silently.")
 
     async def _every(self, interval: float, timer: Any, stop: asyncio.Event) -> None:
         name = getattr(timer, "__name__", "timer")
@@ -386,9 +402,16 @@ class AgentRunner:
         if not due:
             return
         try:
-            await self._consumer.commit(due)  # type: ignore[arg-type]
+            # Bounded: without a broker a commit would wait forever (the broker watch
+            # stops the agent; a shutdown must not hang on it either).
+            async with asyncio.timeout(self._close_timeout()):
+                await self._consumer.commit(due)  # type: ignore[arg-type]
         except CommitFailed as exc:  # the group moved on; the new owner redelivers
             logger.warning("agent %s: commit of %s failed: %s", self.agent.name, due, exc)
+            return
+        except TimeoutError:
+            logger.error("agent %s: commit of %s got no answer within %.0f s", self.agent.name,
+                         due, self._close_timeout())
             return
         for lane in lanes:
             if lane.partition in due:
@@ -600,3 +623,12 @@ class AgentRunner:
 def _backoff(attempt: int, base_ms: int, max_ms: int) -> float:
     """Exponential backoff with full jitter, in seconds."""
     return random.uniform(0, min(max_ms, base_ms * 2 ** (attempt - 1))) / 1000
+
+
+async def bounded(work: Awaitable[Any], timeout: float, what: str) -> None:
+    """Await ``work`` for at most ``timeout`` seconds (then cancel it and log): for
+    shutdown steps that need a broker that may be gone."""
+    try:
+        await asyncio.wait_for(work, timeout)
+    except TimeoutError:
+        logger.error("%s did not finish within %.0f s; going on without it", what, timeout)

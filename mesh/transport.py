@@ -314,6 +314,15 @@ class Admin(_Client):
     async def list_topics(self) -> list[str]:
         return sorted(await self._client.list_topics())
 
+    async def cluster_id(self) -> str | None:
+        """The id of the cluster the bootstrap servers belong to (None if the broker
+        does not say). Raises ``TransportError`` when no broker answers."""
+        try:
+            described = await self._client.describe_cluster()
+        except KafkaError as exc:
+            raise _transport_error(exc, "Describing the cluster") from exc
+        return described.get("cluster_id")
+
     async def create_topic(self, spec: TopicSpec) -> bool:
         """Create ``spec``; False if it already existed."""
         topic = NewTopic(spec.name, spec.partitions, spec.replication,
