@@ -33,6 +33,7 @@ from pydantic import BaseModel
 
 from mesh.envelope import Envelope
 from mesh.errors import ConfigError
+from mesh.resilience.retry import RetryPolicy
 from mesh.topic import Topic, collect_topics
 
 P = TypeVar("P", bound=BaseModel)
@@ -168,13 +169,20 @@ class Agent(Generic[P]):
         handler: ``async (payload, ctx) -> None | payload | list[payload]``.
         group: consumer group id (default: ``name``). Replicas share it.
         description: shown by ``mesh graph`` and ``mesh topics list``.
+        state: compacted topics the agent keeps tables in (restored on assignment).
+        on_failure: called once when an input fails for good, before its dead letter.
+        retry: how retriable failures are retried. Default ``RetryPolicy()``: 3 attempts
+            through retry topics ``<topic>.retry.<n>`` (the partition is not blocked;
+            per-key order is not kept for the retried input). ``RetryPolicy(blocking=True)``
+            retries in place and keeps order; ``RetryPolicy(attempts=1)`` never retries.
     """
 
     def __init__(self, name: str, *, consumes: Topic[P] | Sequence[Topic[Any]],
                  produces: Topic[Any] | Sequence[Topic[Any]] = (),
                  handler: Handler | None = None, group: str | None = None,
                  description: str = "", state: Sequence[Topic[Any]] = (),
-                 on_failure: FailureHandler | None = None, retry: Any = None) -> None:
+                 on_failure: FailureHandler | None = None,
+                 retry: RetryPolicy | None = None) -> None:
         self.name = name
         self.consumes: tuple[Topic[Any], ...] = _topics(consumes)
         self.produces: tuple[Topic[Any], ...] = _topics(produces)
@@ -182,7 +190,7 @@ class Agent(Generic[P]):
         self.group = group or name
         self.description = description
         self.timers: list[tuple[float, Timer]] = []
-        self.retry = retry  # a mesh.resilience.retry.RetryPolicy, or None: in place
+        self.retry = retry if retry is not None else RetryPolicy()
         self._handler = handler
         self._on_failure = on_failure
         if not name:
@@ -233,9 +241,7 @@ class Agent(Generic[P]):
 
     @property
     def retry_topics(self) -> tuple[Topic[Any], ...]:
-        """The retry tiers of the consumed topics (with a non-blocking retry policy)."""
-        if self.retry is None:
-            return ()
+        """The retry tiers of the consumed topics (none with a blocking retry policy)."""
         return tuple(t for topic in self.consumes for t in self.retry.topics_for(topic))
 
     @property

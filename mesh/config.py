@@ -136,9 +136,6 @@ class RuntimeSettings(BaseModel):
     max_message_bytes: int = Field(default=1_048_576, gt=0)
     max_partitions_in_flight: int = Field(default=16, gt=0)
     max_records_per_poll: int = Field(default=500, gt=0)
-    handler_attempts: int = Field(default=3, gt=0)
-    retry_backoff_ms: int = Field(default=100, ge=0)
-    retry_backoff_max_ms: int = Field(default=5_000, ge=0)
     commit_interval_ms: int = Field(default=200, ge=0)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     # An agent whose broker does not answer for this long stops with an error rather

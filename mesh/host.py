@@ -14,6 +14,7 @@ from mesh.config import MeshSettings
 from mesh.errors import TransportError
 from mesh.observe.audit import audit_topic
 from mesh.liveness import BrokerWatch
+from mesh.provision import apply_topics
 from mesh.runtime import AgentRunner, bounded
 from mesh.transport import Producer
 
@@ -50,6 +51,11 @@ class Mesh:
         """Run every agent until :meth:`stop`; any agent's transport failure stops all."""
         topics = {t.name: t for a in self.agents for t in a.all_topics}
         await self.codec.prepare([*topics.values(), audit_topic])
+        # Retry tiers are derived from the agents, like dead-letter topics from topics:
+        # create any missing, with their origin's partition count (co-partitioning).
+        tiers = [t for a in self.agents for t in a.retry_topics]
+        if tiers:
+            await apply_topics(self.settings.kafka, tiers)
         await self.producer.start()
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -495,7 +494,7 @@ class AgentRunner:
             acks = await self._dead_letter(record, exc, attempts=1, extra=audit)
             self._observe(record, None, started, attempts=1, error=exc, outputs=0)
             return acks
-        acks, attempts, error, outputs = await self._handle(record, event, started)
+        acks, attempts, error, outputs = await self._handle(record, event)
         self._observe(record, event, started, attempts=attempts, error=error, outputs=outputs)
         return acks
 
@@ -538,16 +537,18 @@ class AgentRunner:
                                       duration_s=took, error=error)
                 + self.auditor.produced(list(emitted)))
 
-    async def _handle(self, record: Record, event: Envelope[Any], started: float
+    async def _handle(self, record: Record, event: Envelope[Any]
                       ) -> tuple[Acks, int, BaseException | None, int]:
-        """Run the handler (retrying retriable errors in place); returns the acks, the
-        attempts made, the final error (None on success) and the output count."""
-        runtime = self.settings.runtime
+        """Run the handler: a retriable failure goes to the retry topic (or, with a
+        blocking policy, is retried in place); returns the acks, the attempts made here,
+        the final error (None on success) and the output count. Every attempt is
+        audited, with the outputs of the last."""
         policy = self.agent.retry
-        in_place = runtime.handler_attempts if policy is None else (
-            policy.attempts if policy.blocking else 1)
+        in_place = policy.attempts if policy.blocking else 1
         first_failure: int | None = None
+        earlier: list[OutRecord] = []  # audits of failed in-place attempts
         for attempt in range(1, in_place + 1):
+            tried = time.monotonic()
             this = event if attempt == 1 else replace(event, attempt=event.attempt + attempt - 1)
             ctx = self._context(this)
             try:
@@ -565,19 +566,17 @@ class AgentRunner:
                 if is_retriable(exc) and attempt < in_place:
                     logger.info("agent %s attempt %d failed (%s), retrying", self.agent.name,
                                 attempt, exc)
-                    await asyncio.sleep(
-                        policy.delay_ms(attempt) / 1000 if policy is not None else
-                        _backoff(attempt, runtime.retry_backoff_ms,
-                                 runtime.retry_backoff_max_ms))
+                    earlier += self._audit(record, this, RETRY, tried, exc)
+                    await asyncio.sleep(policy.delay_ms(attempt) / 1000)
                     continue
-                if (is_retriable(exc) and policy is not None and not policy.blocking
+                if (is_retriable(exc) and not policy.blocking
                         and event.attempt < policy.attempts):
                     logger.info("agent %s attempt %d failed (%s): to the retry topic",
                                 self.agent.name, event.attempt, exc)
                     self.retried += 1
                     acks = await self.producer.send_many([retry.retry_record(
                         record, exc, policy=policy, attempt=event.attempt,
-                        group=self.agent.group), *self._audit(record, this, RETRY, started, exc)])
+                        group=self.agent.group), *self._audit(record, this, RETRY, tried, exc)])
                     return acks, attempt, exc, 0
                 logger.warning("agent %s failed on %s[%d]@%d after %d attempt(s): %s: %s",
                                self.agent.name, record.topic, record.partition, record.offset,
@@ -585,11 +584,11 @@ class AgentRunner:
                 total = event.attempt + attempt - 1
                 acks = await self._failed(record, event, exc, attempts=total,
                                           first_failure_ms=first_failure,
-                                          audit=self._audit(record, this, DEAD_LETTER, started,
-                                                            exc))
+                                          audit=[*earlier, *self._audit(
+                                              record, this, DEAD_LETTER, tried, exc)])
                 return acks, attempt, exc, 0
             self.handled += 1
-            audit = self._audit(record, this, OK, started, emitted=emitted)
+            audit = earlier + self._audit(record, this, OK, tried, emitted=emitted)
             return await self.producer.send_many(records + audit), attempt, None, len(records)
         raise AssertionError("unreachable: the last attempt returns or dead-letters")
 
@@ -618,11 +617,6 @@ class AgentRunner:
         return await self.producer.send_many(
             [*extra, dead_letter(record, error, agent=self.agent.name, attempts=attempts,
                                  first_failure_ms=first_failure_ms)])
-
-
-def _backoff(attempt: int, base_ms: int, max_ms: int) -> float:
-    """Exponential backoff with full jitter, in seconds."""
-    return random.uniform(0, min(max_ms, base_ms * 2 ** (attempt - 1))) / 1000
 
 
 async def bounded(work: Awaitable[Any], timeout: float, what: str) -> None:

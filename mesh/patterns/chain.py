@@ -23,8 +23,8 @@ one back into the step's declared model.
 Kafka semantics: one step = one agent = one consumer group (replicas share it). Every
 hop topic is keyed by the chain's key (the request's record key, else its correlation
 id), so the steps of one key run in the order the requests arrived. A step that
-raises a retriable error is retried in place (``MESH_RUNTIME__HANDLER_ATTEMPTS``); one
-that fails for good emits one ``ChainFailed`` (naming the step's index, name and agent,
+raises a retriable error is retried (the step agent's ``RetryPolicy``: through retry
+topics by default; ``blocking=True`` keeps per-key order); one that fails for good emits one ``ChainFailed`` (naming the step's index, name and agent,
 the error and the partial results) and its input goes to the hop's ``.dlq``; that
 correlation id reaches nothing further, and other keys keep flowing. Delivery is
 at-least-once with deterministic event ids: a replayed step emits the same ids, so

@@ -232,7 +232,7 @@ def branch(name: str, worker: Worker, *, topics: GatherTopics, group: str | None
 
     Consumes ``topics.requests`` in its own group (default ``name``); the part is keyed
     by correlation id, with the runtime's deterministic event id. A retriable error is
-    retried in place; when retries run out (the runtime also dead-letters the request)
+    retried (through the branch's retry topics by default); when retries run out (the runtime also dead-letters the request)
     or the error is not retriable, the part says ``ok=False`` with the error.
 
     Example:
@@ -247,7 +247,7 @@ def branch(name: str, worker: Worker, *, topics: GatherTopics, group: str | None
             result = to_jsonable_python(await _settle(worker(request)))
         except Exception as exc:
             if is_retriable(exc):
-                raise  # retried in place, then on_failure below
+                raise  # retried by the runtime, then on_failure below
             ctx.logger.info("branch %s failed: %s: %s", name, type(exc).__name__, exc)
             return failed(ctx, exc)
         return Part(correlation_id=ctx.correlation_id, agent=name, result=result)

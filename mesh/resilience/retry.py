@@ -134,4 +134,7 @@ def retry_record(record: Record, error: BaseException, *, policy: RetryPolicy,
     kept = tuple((k, v) for k, v in record.headers if k not in extra)
     headers = kept + tuple((k, v.encode()) for k, v in extra.items())
     target = retry_topic(origin_of(record.topic), min(attempt, policy.attempts - 1))
-    return OutRecord(target, record.value, record.key, headers)
+    # The same partition number as the input (tiers have the origin's partition count):
+    # under the range assignor the member owning partition p of the origin owns p of
+    # every tier too, so keyed state (gather, coordinator) stays with its owner.
+    return OutRecord(target, record.value, record.key, headers, partition=record.partition)

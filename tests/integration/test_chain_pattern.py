@@ -141,7 +141,7 @@ async def test_step_failing_for_good_emits_one_chain_failed_with_partial_results
     every other request (also later ones of the same keys) completes, in key order."""
     attempts: Counter[str] = Counter()
     chain = build(prefix, attempts)
-    settings = broker.settings(handler_attempts=3, retry_backoff_ms=20)
+    settings = broker.settings()
     await apply_topics(settings.kafka, chain.topics)
     codec = Codec()
     reqs = requests_for(keys=3, per_key=5)

@@ -59,7 +59,7 @@ async def test_each_bad_input_lands_in_the_dead_letter_topic_while_good_ones_flo
     app = build(prefix)
     stage1 = app.agents[0]
     source, sink = stage1.consumes[0], stage1.produces[0]
-    settings = broker.settings(max_message_bytes=4096, retry_backoff_ms=1)
+    settings = broker.settings(max_message_bytes=4096)
     await apply_topics(settings.kafka, [source, sink])
     codec = Codec()
     items = make_items(keys=3, per_key=10, bad=[(1, 4)])
@@ -113,7 +113,7 @@ async def test_retriable_failure_is_retried_in_place_and_succeeds(
     app = build(prefix)
     stage1 = app.agents[0]
     source, sink = stage1.consumes[0], stage1.produces[0]
-    settings = broker.settings(retry_backoff_ms=1)
+    settings = broker.settings()
     await apply_topics(settings.kafka, [source, sink])
     codec = Codec()
     items = make_items(keys=2, per_key=5)

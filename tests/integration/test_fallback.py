@@ -35,7 +35,7 @@ async def _run(broker: BrokerUnderTest, prefix: str, asks: list[Ask], *, replies
     dead-letter records)."""
     agent = app.build(prefix)
     source, reply_topic, event_topic = agent.consumes[0], *agent.produces
-    settings = broker.settings(retry_backoff_ms=1)
+    settings = broker.settings()
     await apply_topics(settings.kafka, [source, reply_topic, event_topic])
     codec = Codec()
     async with Mesh(settings, [agent]) as mesh:
@@ -125,7 +125,7 @@ async def test_breaker_open_goes_to_fallback_at_once_and_back_when_closed(
     the same running agent are answered by the primary again, with no event."""
     agent = app.build(prefix)
     source, reply_topic, event_topic = agent.consumes[0], *agent.produces
-    settings = broker.settings(retry_backoff_ms=1)
+    settings = broker.settings()
     await apply_topics(settings.kafka, [source, reply_topic, event_topic])
     codec = Codec()
     app.BREAKER_OPEN["open"] = True

@@ -340,7 +340,7 @@ async def test_branches_turn_worker_results_and_failures_into_parts(
     branches = [branch(n, f, topics=topics, group=f"{prefix}-{n}")
                 for n, f in (("web", web), ("db", db), ("net", net))]
     fan_in = Gather("fan-in", topics=topics, branches=branches, group=f"{prefix}-fan-in")
-    settings = broker.settings(retry_backoff_ms=10)
+    settings = broker.settings()
     await apply_topics(settings.kafka, topics.all())
     codec = Codec()
     asks = [Ask(request_id=f"{prefix}-{q}", question=q) for q in ("good", "bad", "outage")]

@@ -8,7 +8,9 @@ from pydantic import BaseModel
 from mesh.agent import Agent, App, Context, agent
 from mesh.envelope import Envelope
 from mesh.errors import ConfigError
+from mesh.resilience.retry import RetryPolicy, retry_record
 from mesh.topic import Topic
+from mesh.transport import Record
 
 
 class Question(BaseModel):
@@ -112,8 +114,42 @@ def test_app_topics_collects_consumed_produced_and_extra_topics() -> None:
         return answer
 
     assert [a.name for a in app.agents] == ["answerer", "archiver"]
-    assert app.topics == {"qa.audit": extra, "qa.questions": questions, "qa.answers": answers,
-                          "qa.notes": notes, "qa.archive": archive}
+    declared = {"qa.audit": extra, "qa.questions": questions, "qa.answers": answers,
+                "qa.notes": notes, "qa.archive": archive}
+    assert {n: t for n, t in app.topics.items() if n in declared} == declared
+    # and the retry tiers of every consumed topic (the default policy: 3 attempts)
+    assert sorted(set(app.topics) - set(declared)) == [
+        "qa.answers.retry.1", "qa.answers.retry.2",
+        "qa.questions.retry.1", "qa.questions.retry.2"]
+
+
+def test_default_retry_policy_retries_through_tiers_with_the_origins_partitions() -> None:
+    wide = Topic("qa.wide", Question, key="qid", partitions=6)
+    default = Agent("d", consumes=wide, handler=answerer.handle)
+    assert default.retry == RetryPolicy() and not default.retry.blocking
+    assert [(t.name, t.partitions, t.key, t.model) for t in default.retry_topics] == [
+        ("qa.wide.retry.1", 6, "qid", Question), ("qa.wide.retry.2", 6, "qid", Question)]
+    assert all(not t.dead_letters for t in default.retry_topics)
+    ordered = Agent("o", consumes=wide, handler=answerer.handle,
+                    retry=RetryPolicy(blocking=True))
+    assert ordered.retry_topics == ()
+    assert Agent("n", consumes=wide, handler=answerer.handle,
+                 retry=RetryPolicy(attempts=1)).retry_topics == ()
+
+
+def test_retry_record_keeps_the_input_partition_and_schedules_the_next_tier() -> None:
+    record = Record("qa.wide", 5, 42, b"k", b"v", (("mesh-attempt", b"1"),), 0)
+    out = retry_record(record, TimeoutError("slow"), policy=RetryPolicy(base_ms=1000),
+                       attempt=1, group="g")
+    assert (out.topic, out.partition, out.key, out.value) == ("qa.wide.retry.1", 5, b"k", b"v")
+    headers = dict(out.headers)
+    assert headers["mesh-attempt"] == b"2" and headers["mesh-retry-group"] == b"g"
+    assert headers["mesh-retry-origin"] == b"qa.wide[5]@42"
+    again = retry_record(Record(out.topic, 5, 7, b"k", b"v", out.headers, 0),
+                         TimeoutError("slow"), policy=RetryPolicy(base_ms=1000),
+                         attempt=2, group="g")
+    assert (again.topic, again.partition) == ("qa.wide.retry.2", 5)
+    assert dict(again.headers)["mesh-retry-origin"] == b"qa.wide[5]@42"
 
 
 def test_agent_consuming_nothing_raises_config_error() -> None:
