@@ -64,4 +64,7 @@ async def fact_checker(found: Findings, ctx: Context) -> FactCheck:
     return FactCheck(request_id=found.request_id, checked=len(found.facts), flagged=flagged)
 
 
-app = App("demo", agents=[researcher, writer, editor, fact_checker])
+# requests come from outside (mesh emit, an Emitter); articles and fact checks are read
+# outside (mesh tap, a UI): declared, so `mesh graph --strict` passes
+app = App("demo", agents=[researcher, writer, editor, fact_checker], sources=[requests],
+          sinks=[articles, fact_checks])

@@ -296,6 +296,15 @@ def agent(*, consumes: Topic[Any] | Sequence[Topic[Any]],
 class App:
     """A set of agents (and extra topics) deployed together by ``mesh dev module:app``.
 
+    Args:
+        name: the app's name.
+        agents: its agents (more with :meth:`add` or :meth:`agent`).
+        topics: extra topics to declare (``mesh topics apply``) that no agent touches.
+        sources: topics fed from outside the app (an ``Emitter``, ``mesh emit``, another
+            system); ``mesh graph`` does not flag them as consumed but never produced.
+        sinks: topics read outside the app; ``mesh graph`` does not flag them as
+            produced but never consumed.
+
     Example:
         >>> app = App("qa", agents=[answerer])  # doctest: +SKIP
         >>> sorted(app.topics)  # doctest: +SKIP
@@ -303,10 +312,13 @@ class App:
     """
 
     def __init__(self, name: str, *, agents: Iterable[Agent[Any]] = (),
-                 topics: Iterable[Topic[Any]] = ()) -> None:
+                 topics: Iterable[Topic[Any]] = (), sources: Iterable[Topic[Any]] = (),
+                 sinks: Iterable[Topic[Any]] = ()) -> None:
         self.name = name
         self.agents: list[Agent[Any]] = []
-        self._extra = list(topics)
+        self.sources: tuple[Topic[Any], ...] = tuple(sources)
+        self.sinks: tuple[Topic[Any], ...] = tuple(sinks)
+        self._extra = [*topics, *self.sources, *self.sinks]
         for item in agents:
             self.add(item)
 

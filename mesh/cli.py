@@ -415,6 +415,42 @@ def dlq_replay(topic: Annotated[str, typer.Argument(help="TOPIC or TOPIC.dlq")],
 
 
 @app.command()
+def graph(target: Annotated[str | None, typer.Argument(
+              help="module:app, module:agent or a module (default: the agents package)")] = None,
+          fmt: Annotated[str, typer.Option("--format", "-f", help="mermaid, dot, svg, png")
+                         ] = "mermaid",
+          out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to FILE")] = None,
+          source: Annotated[list[str] | None, typer.Option(help="Topic fed from outside")] = None,
+          sink: Annotated[list[str] | None, typer.Option(help="Topic read outside")] = None,
+          retries: Annotated[bool, typer.Option(help="Draw retry tiers")] = False,
+          dead_letters: Annotated[bool, typer.Option(help="Draw .dlq topics")] = False,
+          audit: Annotated[bool, typer.Option(help="Draw mesh.audit")] = False,
+          strict: Annotated[bool, typer.Option(help="Exit 1 on any warning")] = False,
+          modules: Annotated[list[str] | None, typer.Option("--topics", "-t", help=(
+              "Also draw every topic declared in these modules (unused ones are flagged)"))
+                             ] = None) -> None:
+    """The mesh's topology from its declarations: agents, topics, consumer groups; warns
+    about topics nobody consumes and agents consuming topics nobody produces."""
+    from mesh.observe.graph import draw
+
+    if out is None and fmt == "png" and sys.stdout.isatty():
+        raise typer.BadParameter("PNG is binary: pass --out FILE.")
+    data, flags = draw(target, fmt=fmt, topic_modules=modules or (), sources=source or (),
+                       sinks=sink or (), retries=retries, dead_letters=dead_letters,
+                       audit=audit)
+    if out is not None:
+        out.write_bytes(data)
+        err.print(f"wrote {out}")
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    for flag in flags:
+        err.print(f"[yellow]warning:[/yellow] {escape(flag.message)}")
+    if strict and flags:
+        raise typer.Exit(1)
+
+
+@app.command()
 def workers(topic: Annotated[str | None, typer.Option(
                 help="Worker status topic (default: every declared one)")] = None,
             stale_after: Annotated[float, typer.Option(help="Flag heartbeats older (s)")] = 10.0,
@@ -435,6 +471,35 @@ def workers(topic: Annotated[str | None, typer.Option(
             render_workers(rows, stale_after_s=stale_after))
 
 
+@app.command()
+def top(metrics: Annotated[list[str] | None, typer.Option(
+            "--metrics", "-m", help="A /metrics URL or host:port to scrape (repeatable)")] = None,
+        agent: Annotated[list[str] | None, typer.Option(
+            "--agent", "-a", help="Only agents matching this glob (repeatable)")] = None,
+        interval: Annotated[float, typer.Option(help="Seconds between refreshes")] = 1.0,
+        window: Annotated[float, typer.Option(help="Seconds of audit aggregated")] = 60.0,
+        since: Annotated[float | None, typer.Option(
+            help="Read the audit from this many s back, 0: from now (default: --window)")
+        ] = None,
+        once: Annotated[bool, typer.Option("--once", help="Print one frame and exit")] = False,
+        iterations: Annotated[int | None, typer.Option(help="Print N frames and exit")] = None,
+        backlog: Annotated[int, typer.Option(
+            help="Audit records per partition read at most on start")] = 20_000) -> None:
+    """Live dashboard: agents, rates, success, p50/p99, lag, breakers, failures (Ctrl-C)."""
+    from mesh.observe.top import TopOptions
+    from mesh.observe.top import run as run_top
+
+    settings = _settings()
+    _require_cluster(settings)
+    try:
+        options = TopOptions(tuple(metrics or ()), tuple(agent or ()), interval, window, since,
+                             1 if once else iterations, backlog)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    printed = options.frames is not None
+    run_top(settings, options, Console(width=max(160, Console().width)) if printed else Console())
+
+
 
 @workflows_app.command("show")
 def workflows_show(workflow_id: str, modules: ModulesOpt = DEFAULT_MODULES) -> None:
@@ -452,6 +517,29 @@ def workflows_show(workflow_id: str, modules: ModulesOpt = DEFAULT_MODULES) -> N
                   f"{', '.join(t.name for t in topics)}")
         raise typer.Exit(1)
     print(format_history(history))
+
+
+@app.command()
+def trace(correlation_id: str,
+          as_json: Annotated[bool, typer.Option("--json", help="The tree as JSON")] = False,
+          ) -> None:
+    """One workflow from mesh.audit as a tree: each event, the agents that handled it,
+    their outcomes and timings (exit 1 when the audit has none of it)."""
+    from mesh.observe.trace import read_trace, render_trace
+
+    settings = _settings()
+    _require_cluster(settings)
+    found = asyncio.run(read_trace(settings.kafka, correlation_id,
+                                   codec=Codec(settings.schema_registry)))
+    if not found.found:
+        err.print(f"no audit events for correlation id {escape(repr(correlation_id))} in "
+                  f"{audit_topic.name} (is MESH_AUDIT__ENABLED off, or the id mistyped?)")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(found.to_dict(), indent=2))
+    else:
+        wide = None if sys.stdout.isatty() else 100_000  # pipes get whole lines
+        Console(width=wide).print(render_trace(found))
 
 
 if __name__ == "__main__":

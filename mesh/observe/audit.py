@@ -12,6 +12,8 @@ committed before its audit is stored):
 * one ``produced`` event per output: agent, topic, the new event id, its cause
   (the input's event id), traceparent and size.
 
+Both name the process that did it in ``details["replica"]`` (``host:pid``).
+
 An :class:`~mesh.emitter.Emitter` (and ``mesh emit``) publishes ``produced`` events for
 what it injects, and ``mesh dlq replay`` a ``dlq_replayed`` event. Payloads are left
 out unless ``MESH_AUDIT__PAYLOADS=true`` (then as JSON); headers, ids and sizes are
@@ -25,6 +27,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +84,7 @@ class Auditor:
 
     def __init__(self, codec: Codec, settings: AuditSettings, *, source: str) -> None:
         self.codec, self.settings, self.source = codec, settings, source
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"  # which process did it
 
     @property
     def enabled(self) -> bool:
@@ -115,7 +120,7 @@ class Auditor:
             attempt=event.attempt if event else None,
             error_class=type(error).__name__ if error else None,
             error=str(error)[:1000] if error else None, size=len(record.value or b""),
-            payload=payload))]
+            payload=payload, details={"replica": self.replica}))]
 
     def produced(self, outputs: list[tuple[Envelope[Any], OutRecord]]) -> list[OutRecord]:
         """The audit of events this process produced (each with its envelope)."""
@@ -128,5 +133,6 @@ class Auditor:
             causation_id=env.causation_id, traceparent=env.traceparent,
             attempt=env.attempt, size=len(out.value or b""),
             payload=env.payload.model_dump_json()
-            if self.settings.payloads and isinstance(env.payload, BaseModel) else None))
+            if self.settings.payloads and isinstance(env.payload, BaseModel) else None,
+            details={"replica": self.replica}))
             for env, out in outputs]
