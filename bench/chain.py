@@ -477,14 +477,14 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
 
 def print_table(results: dict[str, RunResult]) -> None:
     print()
-    print(f"{'run':<6} {'events':>7} {'dups':>5} {'inject s':>9} {'elapsed s':>10} "
+    print(f"{'run':<12} {'events':>7} {'dups':>5} {'inject s':>9} {'elapsed s':>10} "
           f"{'events/s':>10} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'max ms':>9} "
           f"{'cpu us/ev':>10} {'broker us/ev':>13}")
     for r in results.values():
         lat = r.latency_ms
         client = r.extra.get("client_cpu_us_per_event")
         broker = r.extra.get("broker_cpu_us_per_event")
-        print(f"{r.name:<6} {r.events:>7} {r.duplicates:>5} {r.inject_s:>9.2f} "
+        print(f"{r.name:<12} {r.events:>7} {r.duplicates:>5} {r.inject_s:>9.2f} "
               f"{r.elapsed_s:>10.2f} {r.throughput:>10.0f} {lat['p50']:>9.1f} "
               f"{lat['p90']:>9.1f} {lat['p99']:>9.1f} {lat['max']:>9.1f} "
               f"{'-' if client is None else f'{client:.0f}':>10} "
@@ -495,9 +495,13 @@ def ratios(results: dict[str, RunResult]) -> dict[str, float]:
     if "mesh" not in results or "raw" not in results:
         return {}
     mesh, raw = results["mesh"], results["raw"]
-    return {"throughput_mesh_over_raw": mesh.throughput / raw.throughput,
-            "p50_mesh_over_raw": mesh.latency_ms["p50"] / raw.latency_ms["p50"],
-            "p99_mesh_over_raw": mesh.latency_ms["p99"] / raw.latency_ms["p99"]}
+    out = {"throughput_mesh_over_raw": mesh.throughput / raw.throughput,
+           "p50_mesh_over_raw": mesh.latency_ms["p50"] / raw.latency_ms["p50"],
+           "p99_mesh_over_raw": mesh.latency_ms["p99"] / raw.latency_ms["p99"]}
+    if "mesh-noaudit" in results:
+        out["throughput_mesh_noaudit_over_raw"] = (results["mesh-noaudit"].throughput
+                                                   / raw.throughput)
+    return out
 
 
 def print_profile(profiler: cProfile.Profile, path: Path) -> None:
@@ -511,8 +515,8 @@ def print_profile(profiler: cProfile.Profile, path: Path) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if not runs or any(r not in ("mesh", "raw") for r in runs):
-        raise SystemExit(f"--runs takes mesh and/or raw, got {args.runs!r}")
+    if not runs or any(r not in ("mesh", "mesh-noaudit", "raw") for r in runs):
+        raise SystemExit(f"--runs takes mesh, mesh-noaudit and/or raw, got {args.runs!r}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     profiler = cProfile.Profile() if args.profile else None
     results: dict[str, RunResult] = {}
@@ -528,9 +532,14 @@ async def main(args: argparse.Namespace) -> int:
             cpu = CpuMeter(broker.pid)
             if name == "mesh":
                 results[name] = await run_mesh(settings, args, profiler, cpu)
+            elif name == "mesh-noaudit":  # the cost of publishing to mesh.audit
+                quiet = settings.model_copy(update={
+                    "audit": settings.audit.model_copy(update={"enabled": False})})
+                results[name] = await run_mesh(quiet, args, None, cpu)
             else:
                 results[name] = await run_raw(settings, args, cpu)
             r = results[name]
+            r.name = name
             r.extra["load_average_before"] = load
             print(f"  {name}: {r.throughput:.0f} events/s, p50 {r.latency_ms['p50']:.1f} ms, "
                   f"p99 {r.latency_ms['p99']:.1f} ms; CPU per event: client "
@@ -542,6 +551,9 @@ async def main(args: argparse.Namespace) -> int:
         print(f"\nmesh/raw: throughput {rat['throughput_mesh_over_raw']:.2f}x, "
               f"p50 latency {rat['p50_mesh_over_raw']:.2f}x, "
               f"p99 latency {rat['p99_mesh_over_raw']:.2f}x")
+        if "throughput_mesh_noaudit_over_raw" in rat:
+            print(f"mesh without audit/raw: throughput "
+                  f"{rat['throughput_mesh_noaudit_over_raw']:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"chain-{stamp}.json"
     document = {
@@ -575,7 +587,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="records sent before waiting for their acks while injecting")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="inject at this many events/s (0: as fast as acks allow)")
-    parser.add_argument("--runs", default="mesh,raw", help="which runs, in order")
+    parser.add_argument("--runs", default="mesh,mesh-noaudit,raw",
+                        help="which runs, in order (mesh-noaudit: audit publishing off)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds allowed for the sink to receive all N")
     parser.add_argument("--profile", action="store_true",

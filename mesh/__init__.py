@@ -14,6 +14,7 @@ from mesh.emitter import Emitter
 from mesh.envelope import Envelope, derive_event_id
 from mesh.errors import (
     BreakerOpen,
+    BrokerLost,
     ConfigError,
     DecodeError,
     HandlerError,
@@ -22,10 +23,12 @@ from mesh.errors import (
     MeshError,
     PayloadInvalid,
     PayloadTooLarge,
+    SignatureInvalid,
     TransportError,
 )
 from mesh.host import Mesh
 from mesh.provision import apply_topics
+from mesh.resilience.retry import RetryPolicy
 from mesh.runtime import AgentRunner, Outcome
 from mesh.serde import AvroSerde
 from mesh.state import CompactedTable
@@ -37,6 +40,7 @@ __all__ = [
     "App",
     "AvroSerde",
     "BreakerOpen",
+    "BrokerLost",
     "Codec",
     "CompactedTable",
     "ConfigError",
@@ -54,6 +58,8 @@ __all__ = [
     "Outcome",
     "PayloadInvalid",
     "PayloadTooLarge",
+    "RetryPolicy",
+    "SignatureInvalid",
     "Topic",
     "TransportError",
     "agent",

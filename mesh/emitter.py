@@ -23,6 +23,7 @@ from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.envelope import Envelope
 from mesh.observe.audit import Auditor, audit_topic
+from mesh.provision import apply_topics
 from mesh.topic import Topic
 from mesh.transport import OutRecord, Producer
 
@@ -32,11 +33,14 @@ class Emitter:
 
     def __init__(self, settings: MeshSettings, *, source: str = "emit") -> None:
         self.source = source
+        self._settings = settings
         self.codec = Codec(settings.schema_registry)
         self.auditor = Auditor(self.codec, settings.audit, source=source)
         self._producer = Producer(settings.kafka)
 
     async def __aenter__(self) -> Self:
+        if self.auditor.enabled:  # created as declared, not auto-created by a first write
+            await apply_topics(self._settings.kafka, [audit_topic])
         await self._producer.start()
         return self
 

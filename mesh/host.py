@@ -52,10 +52,13 @@ class Mesh:
         topics = {t.name: t for a in self.agents for t in a.all_topics}
         await self.codec.prepare([*topics.values(), audit_topic])
         # Retry tiers are derived from the agents, like dead-letter topics from topics:
-        # create any missing, with their origin's partition count (co-partitioning).
-        tiers = [t for a in self.agents for t in a.retry_topics]
-        if tiers:
-            await apply_topics(self.settings.kafka, tiers)
+        # create any missing, with their origin's partition count (co-partitioning);
+        # and the audit topic every agent writes to.
+        own = [t for a in self.agents for t in a.retry_topics]
+        if self.settings.audit.enabled:
+            own.append(audit_topic)
+        if own:
+            await apply_topics(self.settings.kafka, own)
         await self.producer.start()
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -10,6 +10,9 @@ and dispatches what became ready. At a checkpoint, or when a step fails, a revie
 revise the rest of the plan (a new version, published). When all steps are done a
 synthesizer builds the final result, published with every step's result and the plan.
 
+With a plan key (``MESH_SECURITY__PLAN_KEY``) every task and plan version is signed and
+specialists run only tasks that check (:mod:`mesh.patterns.signing`).
+
 Kafka semantics: the workflow's state lives in a compacted workflows topic, written
 with the handler's outputs and acknowledged before the input's offset is committed. A
 coordinator killed -9 restarts from that topic; an input it had applied and that is
@@ -22,7 +25,8 @@ Example (``examples/delegation.py`` runs a whole mesh):
     >>> topics = DelegationTopics.named("reports", ReportRequest, specialists=["writer"])
     >>> coordinator = Coordinator("reports", topics=topics, planner=my_planner)
 """
-# Over 300 lines: the transitions share one state object; plan.py has the pure rules.
+# Over 300 lines: the transitions share one state object; plan.py has the pure rules,
+# signing.py the signatures.
 
 from __future__ import annotations
 
@@ -31,10 +35,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from mesh.agent import Agent, Context
-from mesh.errors import ConfigError, HandlerError
+from mesh.errors import ConfigError, HandlerError, SignatureInvalid
 from mesh.patterns.plan import (
     Plan,
     PlanError,
@@ -52,6 +56,7 @@ from mesh.patterns.plan import (
     revise,
     validate_plan,
 )
+from mesh.patterns.signing import PlanKey, PlanSigner
 from mesh.serde import json_data
 from mesh.topic import Topic
 
@@ -186,11 +191,14 @@ class Coordinator(Agent[Any]):
         reviewer: ``async (Review) -> Revision | None``, called at checkpoint steps and
             when a step fails; None keeps the plan (a failure then fails the workflow).
         synthesizer: ``async (Synthesis) -> Any``; default :func:`collect`.
+        plan_key: the key to sign tasks and plans with; default: the runner's
+            ``MESH_SECURITY__PLAN_KEY``. Neither: unsigned (insecure, warned once).
     """
 
     def __init__(self, name: str, *, topics: DelegationTopics, planner: Planner,
                  reviewer: Reviewer | None = None, synthesizer: Synthesizer = collect,
-                 group: str | None = None, description: str = "") -> None:
+                 group: str | None = None, description: str = "",
+                 plan_key: SecretStr | None = None) -> None:
         super().__init__(name, consumes=[topics.requests, topics.results],
                          produces=[topics.plans, topics.events, topics.outcomes,
                                    *topics.tasks.values()],
@@ -198,6 +206,7 @@ class Coordinator(Agent[Any]):
                          description=description or "delegation coordinator")
         self.topics, self.planner = topics, planner
         self.reviewer, self.synthesizer = reviewer, synthesizer
+        self.plan_key = PlanKey(name, "coordinator", key=plan_key)
 
     async def handle(self, payload: Any, ctx: Context) -> None:
         if ctx.event.topic == self.topics.results.name:
@@ -242,7 +251,7 @@ class Coordinator(Agent[Any]):
         plan: Plan | None = None
         try:
             plan = as_plan(await self.planner(request)).model_copy(
-                update={"workflow_id": wf, "version": 1})
+                update={"workflow_id": wf, "version": 1, "signature": ""})
             validate_plan(plan, self.topics.tasks)
         except PlanError as exc:
             self._reject(ctx, wf, request, exc, plan)
@@ -314,9 +323,15 @@ class _Turn:
     ctx: Context
     state: WorkflowState
     position: str = ""
+    signer: PlanSigner | None = None
 
     def __post_init__(self) -> None:
         self.position = _position(self.ctx)
+        self.signer = self.coordinator.plan_key.for_context(self.ctx)
+
+    def signed(self, plan: Plan) -> Plan:
+        """``plan`` signed with the plan key (as it is, when unsigned)."""
+        return self.signer.sign_plan(plan) if self.signer else plan
 
     @property
     def topics(self) -> DelegationTopics:
@@ -339,7 +354,7 @@ class _Turn:
                         self.ctx.event_id)
             return
         if self.state.plan_caused_by == self.position:
-            self.ctx.emit(self.topics.plans, self.state.plan)
+            self.ctx.emit(self.topics.plans, self.signed(self.state.plan))
         for step_id, step in self.state.steps.items():
             planned = self.state.plan.step(step_id)
             if step.status == "dispatched" and step.caused_by == self.position and planned:
@@ -348,7 +363,7 @@ class _Turn:
             self.ctx.emit(self.topics.outcomes, _outcome(self.state))
 
     def publish_plan(self) -> None:
-        plan = self.state.plan
+        plan = self.state.plan = self.signed(self.state.plan)
         self.state.plan_caused_by = self.position
         self.ctx.emit(self.topics.plans, plan)
         self.event("PlanPublished", f"Plan v{plan.version} ({plan.reason}): "
@@ -357,10 +372,12 @@ class _Turn:
     def send(self, step: PlanStep, dispatch_id: str) -> None:
         wf = self.state.workflow_id
         context = {d: self.state.steps[d].output for d in step.depends_on}
-        self.ctx.emit(self.topics.tasks[step.specialist], StepTask(
-            task_id=f"{wf}/{step.id}", workflow_id=wf, step_id=step.id,
-            dispatch_id=dispatch_id, specialist=step.specialist,
-            plan_version=self.state.plan.version, input=step.input, context=context))
+        task = StepTask(task_id=f"{wf}/{step.id}", workflow_id=wf, step_id=step.id,
+                        dispatch_id=dispatch_id, specialist=step.specialist,
+                        plan_version=self.state.plan.version, input=step.input,
+                        context=context)
+        self.ctx.emit(self.topics.tasks[step.specialist],
+                      self.signer.sign_task(task) if self.signer else task)
 
     async def advance(self) -> None:
         """Dispatch every ready step (together: they run in parallel), or finish."""
@@ -458,10 +475,13 @@ class Specialist(Agent[StepTask]):
     """A specialist: consumes its task topic, runs ``handler(task, ctx)``, produces a
     :class:`StepResult` to the results topic. Retriable errors are retried in place
     (``MESH_RUNTIME__HANDLER_ATTEMPTS``); a task failing for good gives a failed
-    ``StepResult`` naming the error (and the task is dead-lettered)."""
+    ``StepResult`` naming the error (and the task is dead-lettered). With a plan key
+    (``plan_key=``, else ``MESH_SECURITY__PLAN_KEY``) a task the coordinator did not sign
+    for it is dead-lettered as ``SignatureInvalid``, unrun and unanswered."""
 
     def __init__(self, name: str, *, topics: DelegationTopics, handler: StepHandler,
-                 group: str | None = None, description: str = "") -> None:
+                 group: str | None = None, description: str = "",
+                 plan_key: SecretStr | None = None) -> None:
         tasks = topics.tasks.get(name)
         if tasks is None:
             raise ConfigError(f"Unknown specialist {name!r}: the topics have task topics for "
@@ -469,12 +489,18 @@ class Specialist(Agent[StepTask]):
         super().__init__(name, consumes=tasks, produces=topics.results, group=group,
                          description=description or f"specialist {name}")
         self.results, self._work = topics.results, handler
+        self.plan_key = PlanKey(name, "specialist", key=plan_key)
 
     async def handle(self, task: StepTask, ctx: Context) -> StepResult:
+        signer = self.plan_key.for_context(ctx)
+        if signer is not None:
+            signer.verify_task(task, specialist=self.name)  # before any work is done
         output = await self._work(task, ctx)
         return self._result(task, ok=True, output=json_data(output))
 
     async def on_failure(self, task: StepTask, ctx: Context, error: BaseException) -> None:
+        if isinstance(error, SignatureInvalid):  # not our work: answer nothing
+            return
         ctx.emit(self.results, self._result(task, ok=False,
                                             error=f"{type(error).__name__}: {error}"))
 
@@ -484,8 +510,8 @@ class Specialist(Agent[StepTask]):
         return StepResult(**task.model_dump(include=echoed), **outcome)
 
 
-def specialist(name: str, *, topics: DelegationTopics,
-               group: str | None = None) -> Callable[[StepHandler], Specialist]:
+def specialist(name: str, *, topics: DelegationTopics, group: str | None = None,
+               plan_key: SecretStr | None = None) -> Callable[[StepHandler], Specialist]:
     """Declare a :class:`Specialist` from an async ``(task, ctx) -> output`` handler.
 
     Example:
@@ -495,5 +521,5 @@ def specialist(name: str, *, topics: DelegationTopics,
     """
     def wrap(handler: StepHandler) -> Specialist:
         return Specialist(name, topics=topics, handler=handler, group=group,
-                          description=(handler.__doc__ or "").strip())
+                          description=(handler.__doc__ or "").strip(), plan_key=plan_key)
     return wrap

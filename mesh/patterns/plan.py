@@ -71,7 +71,8 @@ class PlanStep(BaseModel):
 
 class Plan(BaseModel):
     """A versioned plan for one workflow. A planner returns one with just ``steps``
-    (and optionally ``reason``); the coordinator sets ``workflow_id`` and ``version``.
+    (and optionally ``reason``); the coordinator sets ``workflow_id`` and ``version``,
+    and ``signature`` when it has a plan key (see :mod:`mesh.patterns.signing`).
 
     Example:
         >>> Plan(steps=[PlanStep(id="a", specialist="researcher")]).version
@@ -85,6 +86,7 @@ class Plan(BaseModel):
     version: int = 1
     reason: str = "initial plan"
     author: str = "planner"
+    signature: str = ""  # HMAC of the rest, by the coordinator; "" when unsigned
 
     def step(self, step_id: str) -> PlanStep | None:
         """The step called ``step_id``, or None."""
@@ -99,7 +101,9 @@ class StepTask(BaseModel):
     """One step of a plan as dispatched to a specialist, with the results of its dependencies.
 
     Keyed by ``task_id`` (``<workflow>/<step>``) so parallel steps of one workflow
-    spread over partitions and run concurrently."""
+    spread over partitions and run concurrently. ``signature`` is the coordinator's
+    HMAC of every other field (see :mod:`mesh.patterns.signing`): a specialist with
+    the plan key runs only tasks whose signature checks."""
 
     task_id: str
     workflow_id: str
@@ -109,6 +113,7 @@ class StepTask(BaseModel):
     plan_version: int
     input: dict[str, Any] = Field(default_factory=dict)
     context: dict[str, Any] = Field(default_factory=dict)
+    signature: str = ""
 
 
 class StepResult(BaseModel):
@@ -251,7 +256,7 @@ def revise(plan: Plan, revision: Revision, *, done: Collection[str]) -> Plan:
     kept = [s for s in plan.steps if s.id in done]
     return plan.model_copy(update={"steps": kept + list(revision.steps),
                                    "version": plan.version + 1, "reason": revision.reason,
-                                   "author": "reviewer"})
+                                   "author": "reviewer", "signature": ""})
 
 
 @dataclass(frozen=True, slots=True)
