@@ -45,12 +45,14 @@ Handler = Callable[[Any, "Context"], Awaitable[Any]]
 @dataclass(frozen=True, slots=True)
 class Emitted:
     """One output a handler asked for: a payload for a topic, with an optional key and
-    a correlation id other than the input's (a timer or a gather answering for one)."""
+    a correlation id and trace other than the input's (a timer or a gather answering
+    for one)."""
 
     topic: Topic[Any]
     payload: BaseModel
     key: bytes | None
     correlation_id: str | None = None
+    traceparent: str | None = None
 
 
 FailureHandler = Callable[[Any, "Context", BaseException], Awaitable[None]]
@@ -96,6 +98,12 @@ class Context:
         return self.event.event_id
 
     @property
+    def traceparent(self) -> str:
+        """The input's W3C trace context; keep it (e.g. in state) to emit later in the
+        same trace with ``emit(..., traceparent=)``."""
+        return self.event.traceparent
+
+    @property
     def attempt(self) -> int:
         """The delivery attempt of the input, 1-based."""
         return self.event.attempt
@@ -137,12 +145,14 @@ class Context:
         return (topic.name, partition) in self.assigned
 
     def emit(self, topic: Topic[M], payload: M, *, key: bytes | str | None = None,
-             correlation_id: str | None = None) -> None:
+             correlation_id: str | None = None, traceparent: str | None = None) -> None:
         """Produce ``payload`` to ``topic`` once the handler succeeds.
 
         ``topic`` must be one the agent declares it produces. The key defaults to the
         topic's key field, else the input's key (so per-key order carries on). The
-        output carries the input's correlation id unless ``correlation_id`` is given.
+        output carries the input's correlation id unless ``correlation_id`` is given,
+        and continues the input's trace unless ``traceparent`` names another (a timer
+        answering for a request it kept).
         """
         if topic not in self.agent.produces:
             known = ", ".join(t.name for t in self.agent.produces) or "none"
@@ -154,7 +164,7 @@ class Context:
         raw_key = key.encode() if isinstance(key, str) else key
         if raw_key is None:
             raw_key = topic.key_of(payload) if topic.key else self.event.key
-        self.outputs.append(Emitted(topic, payload, raw_key, correlation_id))
+        self.outputs.append(Emitted(topic, payload, raw_key, correlation_id, traceparent))
 
 
 class Agent(Generic[P]):

@@ -33,7 +33,7 @@ from typing import Any
 from mesh.agent import Agent, Context
 from mesh.codec import Codec
 from mesh.config import MeshSettings
-from mesh.envelope import Envelope, new_event_id, now_ms, read_headers
+from mesh.envelope import Envelope, child_traceparent, new_event_id, now_ms, read_headers
 from mesh.errors import (
     BrokerLost,
     CommitFailed,
@@ -75,7 +75,10 @@ class Outputs:
             child = event.child(emitted.payload, agent=agent.name, index=index, key=emitted.key)
             if emitted.correlation_id is not None:
                 child = replace(child, correlation_id=emitted.correlation_id)
-            if traceparent is not None:
+            if emitted.traceparent is not None:  # another trace than the input's
+                child = replace(child, traceparent=child_traceparent(emitted.traceparent,
+                                                                     child.event_id))
+            elif traceparent is not None:
                 child = replace(child, traceparent=traceparent)
             value, fingerprint = self.codec.encode(emitted.topic, emitted.payload)
             if len(value) > self.max_bytes:
