@@ -109,6 +109,7 @@ class Outcome:
     error_class: str | None = None
     error: str | None = None
     bytes_in: int = 0
+    bytes_out: int = 0  # values produced: outputs and state writes (not audit, dead letters)
 
 
 Observer = Callable[[Outcome], None]
@@ -495,22 +496,24 @@ class AgentRunner:
                            record.partition, record.offset, exc)
             audit = self._audit(record, None, DEAD_LETTER, started, exc)
             acks = await self._dead_letter(record, exc, attempts=1, extra=audit)
-            self._observe(record, None, started, attempts=1, error=exc, outputs=0)
+            self._observe(record, None, started, attempts=1, error=exc, outputs=())
             return acks
         acks, attempts, error, outputs = await self._handle(record, event)
         self._observe(record, event, started, attempts=attempts, error=error, outputs=outputs)
         return acks
 
     def _observe(self, record: Record, event: Envelope[Any] | None, started: float, *,
-                 attempts: int, error: BaseException | None, outputs: int) -> None:
+                 attempts: int, error: BaseException | None,
+                 outputs: Sequence[OutRecord]) -> None:
         if not self.observers:
             return
         outcome = Outcome(
             self.agent.name, record.topic, record.partition, record.offset,
             event.event_id if event else None, event.correlation_id if event else None,
             ok=error is None, attempts=attempts, duration_s=time.monotonic() - started,
-            outputs=outputs, error_class=type(error).__name__ if error else None,
-            error=str(error) if error else None, bytes_in=len(record.value or b""))
+            outputs=len(outputs), error_class=type(error).__name__ if error else None,
+            error=str(error) if error else None, bytes_in=len(record.value or b""),
+            bytes_out=sum(len(r.value or b"") for r in outputs))
         for observer in self.observers:
             try:
                 observer(outcome)
@@ -541,10 +544,10 @@ class AgentRunner:
                 + self.auditor.produced(list(emitted)))
 
     async def _handle(self, record: Record, event: Envelope[Any]
-                      ) -> tuple[Acks, int, BaseException | None, int]:
+                      ) -> tuple[Acks, int, BaseException | None, list[OutRecord]]:
         """Run the handler: a retriable failure goes to the retry topic (or, with a
         blocking policy, is retried in place); returns the acks, the attempts made here,
-        the final error (None on success) and the output count. Every attempt is
+        the final error (None on success) and the output records (with state writes). Every attempt is
         audited, with the outputs of the last."""
         policy = self.agent.retry
         in_place = policy.attempts if policy.blocking else 1
@@ -580,7 +583,7 @@ class AgentRunner:
                     acks = await self.producer.send_many([retry.retry_record(
                         record, exc, policy=policy, attempt=event.attempt,
                         group=self.agent.group), *self._audit(record, this, RETRY, tried, exc)])
-                    return acks, attempt, exc, 0
+                    return acks, attempt, exc, []
                 logger.warning("agent %s failed on %s[%d]@%d after %d attempt(s): %s: %s",
                                self.agent.name, record.topic, record.partition, record.offset,
                                attempt, type(exc).__name__, exc)
@@ -589,10 +592,10 @@ class AgentRunner:
                                           first_failure_ms=first_failure,
                                           audit=[*earlier, *self._audit(
                                               record, this, DEAD_LETTER, tried, exc)])
-                return acks, attempt, exc, 0
+                return acks, attempt, exc, []
             self.handled += 1
             audit = earlier + self._audit(record, this, OK, tried, emitted=emitted)
-            return await self.producer.send_many(records + audit), attempt, None, len(records)
+            return await self.producer.send_many(records + audit), attempt, None, records
         raise AssertionError("unreachable: the last attempt returns or dead-letters")
 
     async def _failed(self, record: Record, event: Envelope[Any], error: BaseException, *,
