@@ -12,8 +12,8 @@ from mesh.agent import Agent
 from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.errors import TransportError
-from mesh.observe.audit import audit_topic
 from mesh.liveness import BrokerWatch
+from mesh.observe.audit import audit_topic
 from mesh.provision import apply_topics
 from mesh.runtime import AgentRunner, bounded
 from mesh.transport import Producer

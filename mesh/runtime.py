@@ -33,7 +33,13 @@ from typing import Any
 from mesh.agent import Agent, Context
 from mesh.codec import Codec
 from mesh.config import MeshSettings
-from mesh.envelope import Envelope, child_traceparent, new_event_id, now_ms, read_headers
+from mesh.envelope import (
+    Envelope,
+    child_traceparent,
+    new_event_id,
+    now_ms,
+    read_headers,
+)
 from mesh.errors import (
     BrokerLost,
     CommitFailed,

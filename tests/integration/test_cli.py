@@ -257,15 +257,6 @@ def _stop_orphan(pid: int, binary: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def cli(broker: BrokerUnderTest, prefix: str, mesh_cli: list[str]) -> Cli:
-    """`mesh` pointed at the session broker, finding this test's topics; output to pipes."""
-    env = broker.env(MESH_TEST_PREFIX=prefix)
-    for name in RENDERING_VARIABLES:
-        env.pop(name, None)
-    return Cli(tuple(mesh_cli), env)
-
-
 # --- 1. topics apply / list -------------------------------------------------------
 
 

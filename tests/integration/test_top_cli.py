@@ -19,8 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from mesh import Codec, apply_topics
 from mesh.config import AuditSettings
 from mesh.embedded import free_port
@@ -28,16 +26,8 @@ from mesh.observe.audit import AuditEvent, Auditor, audit_topic
 from mesh.observe.top import scrape
 from tests.apps.chain import build
 from tests.conftest import ROOT, BrokerUnderTest
-from tests.integration.test_cli import RENDERING_VARIABLES, Cli
+from tests.integration.test_cli import Cli
 from tests.support import AgentProcess, encode, inject, make_items, wait_for_count
-
-
-@pytest.fixture
-def cli(broker: BrokerUnderTest, prefix: str, mesh_cli: list[str]) -> Cli:
-    env = broker.env(MESH_TEST_PREFIX=prefix)
-    for name in RENDERING_VARIABLES:
-        env.pop(name, None)
-    return Cli(tuple(mesh_cli), env)
 
 
 def row_of(stdout: str, agent: str) -> list[str]:
