@@ -414,7 +414,7 @@ class AgentRunner:
             # Bounded: without a broker a commit would wait forever (the broker watch
             # stops the agent; a shutdown must not hang on it either).
             async with asyncio.timeout(self._close_timeout()):
-                await self._consumer.commit(due)  # type: ignore[arg-type]
+                await self._consumer.commit(due)
         except CommitFailed as exc:  # the group moved on; the new owner redelivers
             logger.warning("agent %s: commit of %s failed: %s", self.agent.name, due, exc)
             return
@@ -537,7 +537,7 @@ class AgentRunner:
         meta = read_headers(record.headers, topic=record.topic, partition=record.partition,
                             offset=record.offset, key=record.key)
         payload = await self.codec.decode(self.agent.topic_named(record.topic), record.value)
-        return meta.with_payload(payload)
+        return meta.with_payload(payload)  # type: ignore[arg-type]  # None -> the payload
 
     def _audit(self, record: Record, event: Envelope[Any] | None, outcome: str,
                started: float, error: BaseException | None = None,

@@ -326,7 +326,8 @@ class Admin(_Client):
             described = await self._client.describe_cluster()
         except KafkaError as exc:
             raise _transport_error(exc, "Describing the cluster") from exc
-        return described.get("cluster_id")
+        found = described.get("cluster_id")
+        return None if found is None else str(found)
 
     async def create_topic(self, spec: TopicSpec) -> bool:
         """Create ``spec``; False if it already existed."""
