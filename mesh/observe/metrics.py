@@ -1,10 +1,31 @@
 """Prometheus metrics of the agents in a process, served on ``/metrics``.
 
 Names are ``mesh_<noun>_<unit>`` with ``_total`` on counters; labels are a fixed set
-with bounded values (agent, topic, outcome, error class, partition: never an event or
+with bounded values (agent, topic, outcome, error class, partition, breaker name,
+breaker state, fallback level and handler: declared names, never an event or
 correlation id). Counters of handled inputs come from the runtime's outcomes; retries,
 dead letters, holds, in-flight work and consumer lag are read from the runners at
 scrape time. The registry is passed in, so tests get a fresh one.
+
+Breakers and fallbacks need no wiring: every :class:`~mesh.resilience.breaker.
+CircuitBreaker` and every :func:`~mesh.resilience.fallback.with_fallbacks` agent of the
+process is listed by its module and read at scrape time:
+
+* ``mesh_breaker_state{breaker,state}``: a state set (Prometheus' idiom for an enum):
+  1 on the breaker's current state (``closed``, ``half_open``, ``open``), 0 on the
+  others. A breaker that cycles open -> half-open -> open is never closed, so alert on
+  ``max_over_time(mesh_breaker_state{state="closed"}[10m]) == 0`` (ops/alerts.yml).
+  Every replica reports the shared state: aggregate with ``max by (breaker)``;
+* ``mesh_breaker_transitions_total{breaker,to}``: transitions this process applied,
+  its own and other replicas' (every replica counts every transition: ``max by``, not
+  ``sum``, across replicas), not the state restored at start;
+* ``mesh_breaker_rejections_total{breaker}``: calls this process's breaker refused;
+* ``mesh_fallbacks_total{agent,level,handler}``: inputs answered by fallback level
+  ``level`` (1 = the first fallback; the primary's answers are not counted here);
+* ``mesh_fallbacks_exhausted_total{agent}``: inputs every level failed (dead-lettered).
+
+Two breakers of one name in a process (tests, two replicas in one process) are reported
+once: the most open state, the most transitions, the sum of rejections.
 
 Example:
     >>> registry = CollectorRegistry()
@@ -16,13 +37,15 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from mesh.resilience.breaker import STATES, TRANSITIONS, CircuitBreaker, live_breakers
+from mesh.resilience.fallback import FallbackStats, fallback_stats
 from mesh.runtime import AgentRunner, Outcome
 
 logger = logging.getLogger(__name__)
@@ -47,11 +70,15 @@ class MeshMetrics:
                                   labels, buckets=DURATION_BUCKETS, registry=registry)
         self.bytes_in = Counter("mesh_consumed_bytes_total", "Bytes of inputs consumed",
                                 labels, registry=registry)
+        self.bytes_out = Counter("mesh_produced_bytes_total",
+                                 "Bytes of events produced by handlers (outputs and state "
+                                 "writes)", ("agent",), registry=registry)
         self.produced = Counter("mesh_produced_events_total",
                                 "Events produced by handlers (outputs and state writes)",
                                 ("agent",), registry=registry)
         self._runners: list[AgentRunner] = []
         registry.register(_RunnerCollector(self._runners))
+        registry.register(_ResilienceCollector(live_breakers, fallback_stats))
 
     def watch(self, runner: AgentRunner) -> None:
         """Count ``runner``'s outcomes and read its state at every scrape."""
@@ -66,6 +93,7 @@ class MeshMetrics:
         self.duration.labels(*labels).observe(outcome.duration_s)
         self.bytes_in.labels(*labels).inc(outcome.bytes_in)
         self.produced.labels(outcome.agent).inc(outcome.outputs)
+        self.bytes_out.labels(outcome.agent).inc(outcome.bytes_out)
 
     def serve(self, port: int, *, host: str = "0.0.0.0") -> int:
         """Serve ``/metrics`` on ``host:port`` (0: a free port) in a daemon thread;
@@ -108,3 +136,53 @@ class _RunnerCollector(Collector):
             for (topic, partition), behind in runner.lag().items():
                 lag.add_metric([name, topic, str(partition)], behind)
         yield from (retries, dead, holds, rebalances, in_flight, held, lag)
+
+
+class _ResilienceCollector(Collector):
+    """Reads the process's breakers and fallback agents when Prometheus scrapes."""
+
+    def __init__(self, breakers: Callable[[], list[CircuitBreaker]],
+                 fallbacks: Callable[[], list[FallbackStats]]) -> None:
+        self._breakers, self._fallbacks = breakers, fallbacks
+
+    def collect(self) -> Iterator[Any]:
+        state = GaugeMetricFamily("mesh_breaker_state", "1 on the state each breaker is in "
+                                  "(closed, half_open, open), 0 on the others",
+                                  labels=["breaker", "state"])
+        transitions = CounterMetricFamily("mesh_breaker_transitions", "Breaker transitions "
+                                          "applied (this replica's and others'), by state "
+                                          "entered", labels=["breaker", "to"])
+        rejections = CounterMetricFamily("mesh_breaker_rejections", "Calls refused by a "
+                                         "breaker (open, or half-open probes taken)",
+                                         labels=["breaker"])
+        by_name: dict[str, list[CircuitBreaker]] = {}
+        for breaker in self._breakers():
+            by_name.setdefault(breaker.name, []).append(breaker)
+        for name, group in sorted(by_name.items()):
+            current = max((b.state for b in group), key=STATES.index)  # the most open
+            for each in STATES:
+                state.add_metric([name, each], 1 if each == current else 0)
+                transitions.add_metric([name, each], max(
+                    b.transitions.get(TRANSITIONS[each], 0) for b in group))
+            rejections.add_metric([name], sum(b.rejected for b in group))
+        yield from (state, transitions, rejections)
+        yield from self._collect_fallbacks()
+
+    def _collect_fallbacks(self) -> Iterator[Any]:
+        used = CounterMetricFamily("mesh_fallbacks", "Inputs answered by a fallback level "
+                                   "(1 = the first fallback)",
+                                   labels=["agent", "level", "handler"])
+        exhausted = CounterMetricFamily("mesh_fallbacks_exhausted", "Inputs every fallback "
+                                        "level failed (then dead-lettered)", labels=["agent"])
+        answered: dict[tuple[str, int, str], int] = {}
+        failed: dict[str, int] = {}
+        for stats in self._fallbacks():
+            for level in range(1, len(stats.handlers)):
+                key = (stats.agent, level, stats.handlers[level])
+                answered[key] = answered.get(key, 0) + stats.answered[level]
+            failed[stats.agent] = failed.get(stats.agent, 0) + stats.exhausted
+        for (agent, level, handler), count in sorted(answered.items()):
+            used.add_metric([agent, str(level), handler], count)
+        for agent, count in sorted(failed.items()):
+            exhausted.add_metric([agent], count)
+        yield from (used, exhausted)

@@ -15,11 +15,43 @@ downstream agree, and a restarted replica starts with the topic's state. Writes 
 version (the previous one + 1); an instance applies a record only if its version is
 higher than the one it holds, or equal and more open (open > half-open > closed), so
 replays and stale writes are ignored and an opening wins over a concurrent close.
-Failure *counting* (consecutive failures, the sliding window) and the probe budget are
-per instance: a cluster-wide probe bound is ``replicas x half_open_probes``.
+
+Shared probe budget, from Kafka's log order. A half-open period is an *epoch*, named by
+the version of its half-open record. A replica that wants a probe produces a *claim*
+(key ``<breaker>/probe/<epoch>/<replica>/<nonce>``, a :class:`BreakerRecord`) to the
+partition of the breaker's state key (set explicitly), then follows that partition until
+it reads its claim back. The claim wins if fewer than ``half_open_probes`` claims of the
+epoch come before it in the log. Every reader sees the same order, so:
+
+* at most ``half_open_probes`` probes run per half-open epoch across all replicas, as
+  long as every replica reads the breaker partition up to its claim (one that cannot
+  read it back within :data:`CLAIM_TIMEOUT` seconds holds the call: it never probes);
+* a replica that has already read ``half_open_probes`` claims of the epoch is refused
+  without writing one; a claim read back after its epoch ended is void: the call goes
+  through if the breaker closed and is held if it reopened;
+* claims are removed by tombstones, so compaction drops them: a losing or void claim at
+  once by its writer, a probe's claim when the probe settles, and every claim of the
+  epoch by whoever ends it (written after the transition, in the same partition). The
+  first ``half_open_probes`` claims stay while their epoch lasts, so a replica that
+  starts mid-epoch counts them;
+* a probe that never reports (its replica was killed, the call cancelled) would leave
+  the epoch without probes: ``probe_timeout`` seconds after the epoch began, the next
+  call starts a new half-open epoch with a fresh budget;
+* a probe costs a round trip before the call: the claim is acknowledged and read back
+  (on the embedded broker about ``fetch_max_wait_ms / 2`` plus a poll).
+
+A local breaker (no settings) counts its probes in memory.
+
+Failure counting (consecutive failures, the sliding window) is per replica. The first
+replica that reaches the threshold opens the breaker for every replica: each applies the
+opening as soon as its follower reads it (well under a second), so with N replicas at
+most ``N x (failure_threshold - 1) + 1`` failing calls (plus calls already in flight)
+reach the downstream before everyone refuses.
 
 Each transition is also sent to the breaker events topic (``opened``, ``half_open``,
-``closed``) for taps and dashboards; :attr:`CircuitBreaker.transitions` counts them.
+``closed``) for taps and dashboards; :attr:`CircuitBreaker.transitions` counts the ones
+an instance applied, and :func:`live_breakers` lists a process's breakers for
+``/metrics`` (read at scrape time, no wiring needed).
 
 Example:
     >>> topics = breaker_topics("shop")
@@ -37,10 +69,14 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
+import uuid
+import weakref
+import zlib
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -57,12 +93,47 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 State = Literal["closed", "open", "half_open"]
+Transition = Literal["opened", "half_open", "closed"]
+STATES: tuple[State, ...] = ("closed", "half_open", "open")
 _RANK = {"closed": 0, "half_open": 1, "open": 2}
-_EVENT = {"open": "opened", "half_open": "half_open", "closed": "closed"}
+TRANSITIONS: dict[State, Transition] = {
+    "open": "opened", "half_open": "half_open", "closed": "closed"}
+"""The transition (event) name of entering each state."""
+_PROBE = "/probe/"
+CLAIM_TIMEOUT = 30.0  # seconds to read a probe claim back before holding the call
+_HALF_OPEN_HOLD = 1.0  # seconds a call refused while half-open is held (at most)
+
+_LIVE: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()  # /metrics reads the set from the HTTP server's thread
+
+
+def live_breakers() -> list[CircuitBreaker]:
+    """The breakers of this process in use (created or started, and not stopped since),
+    for metrics read at scrape time.
+
+    Example:
+        >>> breaker = CircuitBreaker("docs-example")
+        >>> breaker in live_breakers()
+        True
+    """
+    with _LIVE_LOCK:
+        return list(_LIVE)
+
+
+def _track(breaker: CircuitBreaker, live: bool) -> None:
+    with _LIVE_LOCK:
+        if live:
+            _LIVE.add(breaker)
+        else:
+            _LIVE.discard(breaker)
 
 
 class BreakerRecord(BaseModel):
-    """The shared state of one breaker (the value of the compacted breaker topic)."""
+    """The shared state of one breaker (the value of the compacted breaker topic).
+
+    A probe claim is a record of this model too, under a claim key (``version`` is its
+    epoch, ``reason`` says ``probe claim``), so every reader of the topic decodes it.
+    """
 
     name: str
     state: State = "closed"
@@ -79,7 +150,7 @@ class BreakerTransition(BaseModel):
     """A transition event on the breaker events topic, for taps."""
 
     name: str
-    transition: Literal["opened", "half_open", "closed"]
+    transition: Transition
     version: int
     at: float
     by: str
@@ -107,6 +178,16 @@ def breaker_topics(prefix: str) -> BreakerTopics:
         Topic(f"{prefix}.breaker-events", BreakerTransition, key="name", partitions=1))
 
 
+def is_claim_key(key: str) -> bool:
+    """Whether a key of the breaker topic is a probe claim rather than a breaker's state.
+
+    Example:
+        >>> is_claim_key("llm/probe/7/host:12/3f2a"), is_claim_key("llm")
+        (True, False)
+    """
+    return _PROBE in key
+
+
 @dataclass(frozen=True, slots=True)
 class BreakerPolicy:
     """When a breaker opens and how it recovers.
@@ -114,8 +195,10 @@ class BreakerPolicy:
     It opens after ``failure_threshold`` consecutive failures, or (with
     ``failure_rate``) when at least ``min_calls`` of the last ``window`` calls were made
     and that share of them failed. After ``reset_timeout`` seconds it lets
-    ``half_open_probes`` probe calls through. ``is_failure`` says which exceptions
-    count (default: retriable ones; other errors mean the downstream answered).
+    ``half_open_probes`` probe calls through (across all replicas). A half-open period
+    with no probe outcome after ``probe_timeout`` seconds (its prober died) is replaced
+    by a new one. ``is_failure`` says which exceptions count (default: retriable ones;
+    other errors mean the downstream answered).
 
     Example:
         >>> BreakerPolicy(failure_threshold=3, reset_timeout=10).half_open_probes
@@ -128,20 +211,32 @@ class BreakerPolicy:
     min_calls: int = 10
     reset_timeout: float = 30.0
     half_open_probes: int = 1
+    probe_timeout: float = 60.0
     is_failure: Callable[[BaseException], bool] = is_retriable
 
     def __post_init__(self) -> None:
-        if self.failure_threshold < 1 or self.half_open_probes < 1 or self.reset_timeout <= 0:
+        if (self.failure_threshold < 1 or self.half_open_probes < 1
+                or self.reset_timeout <= 0 or self.probe_timeout <= 0):
             raise ConfigError(
                 f"BreakerPolicy(failure_threshold={self.failure_threshold}, half_open_probes="
-                f"{self.half_open_probes}, reset_timeout={self.reset_timeout}): thresholds "
-                "must be >= 1 and the reset timeout > 0. Fix the policy.")
+                f"{self.half_open_probes}, reset_timeout={self.reset_timeout}, probe_timeout="
+                f"{self.probe_timeout}): thresholds must be >= 1 and the timeouts > 0. "
+                "Fix the policy.")
         if self.failure_rate is not None and not (
                 0 < self.failure_rate <= 1 and 1 <= self.min_calls <= self.window):
             raise ConfigError(
                 f"BreakerPolicy(failure_rate={self.failure_rate}, min_calls={self.min_calls}, "
                 f"window={self.window}): the rate must be in (0, 1] and 1 <= min_calls <= "
                 "window. Fix the policy.")
+
+
+@dataclass(frozen=True, slots=True)
+class _Ticket:
+    """What the breaker let through: a plain call, or a probe (with its claim's key when
+    the budget is shared through Kafka)."""
+
+    probe: bool = False
+    claim: str | None = None
 
 
 class CircuitBreaker:
@@ -153,6 +248,10 @@ class CircuitBreaker:
     failure that opens it (or a failed probe) is raised as ``BreakerOpen`` chained to
     the original error, so inside a handler that input is held like the ones after it
     instead of being retried to the dead-letter topic; other failures are re-raised.
+
+    ``transitions`` counts the transitions this instance applied (``opened``,
+    ``half_open``, ``closed``: its own and other replicas', not the state restored at
+    start); ``rejected`` counts the calls it refused.
 
     Example:
         >>> async with CircuitBreaker("llm", settings=settings, topics=topics) as b:  # doctest: +SKIP
@@ -166,22 +265,30 @@ class CircuitBreaker:
         if settings is not None and topics is None:
             raise ConfigError(f"Breaker {name!r} has settings but no topics: pass "
                               "topics=breaker_topics(prefix) so its state can be shared.")
+        if not name or "/" in name:
+            raise ConfigError(f"Breaker name {name!r} is empty or contains '/', which "
+                              "separates the parts of probe claim keys. Rename it.")
         self.name = name
         self.hold_on_trip = hold_on_trip
         self.policy = policy or BreakerPolicy()
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
         self.record = BreakerRecord(name=name)
-        self.transitions: Counter[str] = Counter()  # opened / half_open / closed seen
+        self.transitions: Counter[str] = Counter()  # opened / half_open / closed applied
         self.rejected = 0  # calls refused with BreakerOpen
         self._settings, self._topics, self._clock = settings, topics, clock
         self._outcomes: deque[bool] = deque(maxlen=self.policy.window)  # True = failed
         self._consecutive = 0
-        self._probes = 0  # probes admitted in the current half-open period
+        self._probes = 0  # probes admitted in the current half-open period (local mode)
+        self._claims: dict[int, dict[str, int]] = {}  # epoch -> claim key -> rank in the log
+        self._pending: dict[str, asyncio.Future[int]] = {}  # own claims not read back yet
+        self._counting = True  # False while restoring: a restored state is no transition
+        self._partition = zlib.crc32(name.encode()) % (topics.state.partitions if topics else 1)
         self._lock = asyncio.Lock()
         self._producer: Producer | None = None
         self._codec = Codec()
         self._table: CompactedTable[BreakerRecord] | None = None
         self._follower: asyncio.Task[None] | None = None
+        _track(self, True)
 
     @property
     def state(self) -> State:
@@ -197,10 +304,11 @@ class CircuitBreaker:
 
     async def start(self) -> None:
         """Create the topics if missing, restore the state, follow it, open the producer."""
+        _track(self, True)
         if self._settings is None or self._producer is not None:
             return
         assert self._topics is not None
-        topics = [self._topics.state, self._topics.events]
+        topics: list[Topic[Any]] = [self._topics.state, self._topics.events]
         await apply_topics(self._settings.kafka, topics)
         codec = self._codec = Codec(self._settings.schema_registry)
         await codec.prepare(topics)
@@ -208,13 +316,18 @@ class CircuitBreaker:
         self._table.on_change(self._on_change)
         self._producer = Producer(self._settings.kafka)
         await self._producer.start()
-        await self._table.restore()
+        self._counting = False
+        try:
+            await self._table.restore()
+        finally:
+            self._counting = True
         # Replays the topic once more (applying nothing older): no gap between the two.
         self._follower = asyncio.create_task(self._table.follow(), name=f"breaker:{self.name}")
         logger.info("breaker %s started: %s v%d", self.name, self.state, self.record.version)
 
     async def stop(self) -> None:
         """Stop following and close the producer."""
+        _track(self, False)
         follower, self._follower = self._follower, None
         if follower is not None:
             follower.cancel()
@@ -225,8 +338,27 @@ class CircuitBreaker:
             await producer.stop()
 
     def _on_change(self, key: str, value: BreakerRecord | None) -> None:
-        if key == self.name and value is not None:
-            self.observe(value)
+        if key == self.name:
+            if value is not None:
+                self.observe(value)
+        elif value is not None and key.startswith(self.name + _PROBE):
+            self._count_claim(key)  # a claim's tombstone changes no rank: ignored
+
+    def _count_claim(self, key: str) -> None:
+        """Rank a claim among its epoch's claims, in the order the log holds them."""
+        epoch_text = key[len(self.name + _PROBE):].split("/", 1)[0]
+        if not epoch_text.isdigit():
+            return
+        epoch = int(epoch_text)
+        claims = self._claims.get(epoch)
+        if claims is None:
+            if epoch < self.record.version and key not in self._pending:
+                return  # an ended epoch's claim, replayed or read late: it decides nothing
+            claims = self._claims[epoch] = {}
+        rank = claims.setdefault(key, len(claims))
+        waiter = self._pending.get(key)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(rank)
 
     def observe(self, incoming: BreakerRecord) -> bool:
         """Apply a record written by any instance if it is newer; returns whether it was.
@@ -239,13 +371,15 @@ class CircuitBreaker:
                 mine.version, _RANK[mine.state]):
             return False
         self.record = incoming
-        if incoming.state != mine.state:
-            self.transitions[_EVENT[incoming.state]] += 1
-            self._probes = 0
+        self._probes = 0  # a new state or a new half-open epoch: a fresh budget
+        self._claims = {e: c for e, c in self._claims.items() if e >= incoming.version}
+        if incoming.state != mine.state or incoming.state != "closed":
+            if self._counting:
+                self.transitions[TRANSITIONS[incoming.state]] += 1
             if incoming.state == "closed":
                 self._outcomes.clear()
                 self._consecutive = 0
-            logger.info("breaker %s %s (v%d by %s)", self.name, _EVENT[incoming.state],
+            logger.info("breaker %s %s (v%d by %s)", self.name, TRANSITIONS[incoming.state],
                         incoming.version, incoming.updated_by)
         return True
 
@@ -253,16 +387,16 @@ class CircuitBreaker:
     async def guard(self, *, correlation_id: str | None = None) -> AsyncIterator[None]:
         """Run the body through the breaker: raises ``BreakerOpen`` when it is open (or
         the half-open probes are taken); records the body's success or failure."""
-        probe = await self._admit(correlation_id)
+        ticket = await self._admit(correlation_id)
         try:
             yield
         except BaseException as exc:
-            if await self._settle(probe, exc, correlation_id) and self.hold_on_trip:
+            if await self._settle(ticket, exc, correlation_id) and self.hold_on_trip:
                 until = (self.record.opened_at or self._clock()) + self.policy.reset_timeout
                 raise BreakerOpen(f"Breaker {self.name!r} opened on this call ({exc!r}); "
                                   f"calls resume at {until:.1f}.", until=until) from exc
             raise
-        await self._settle(probe, None, correlation_id)
+        await self._settle(ticket, None, correlation_id)
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any,
                    correlation_id: str | None = None, **kwargs: Any) -> T:
@@ -270,41 +404,97 @@ class CircuitBreaker:
         async with self.guard(correlation_id=correlation_id):
             return await fn(*args, **kwargs)
 
-    async def _admit(self, correlation_id: str | None) -> bool:
+    async def _admit(self, correlation_id: str | None) -> _Ticket:
         async with self._lock:
-            now, record = self._clock(), self.record
+            now, record, policy = self._clock(), self.record, self.policy
             if record.state == "open":
-                until = (record.opened_at or now) + self.policy.reset_timeout
-                if now < until:
-                    self.rejected += 1
-                    raise BreakerOpen(f"Breaker {self.name!r} is open since "
-                                      f"{record.opened_at or now:.1f} ({record.reason}); calls resume "
-                                      f"at {until:.1f}.", until=until)
+                if now < (record.opened_at or now) + policy.reset_timeout:
+                    raise self._refusal(now)
                 await self._write("half_open", "reset timeout elapsed", correlation_id)
-            if self.record.state == "half_open":
-                if self._probes >= self.policy.half_open_probes:
-                    self.rejected += 1
-                    until = now + min(1.0, self.policy.reset_timeout)
-                    raise BreakerOpen(f"Breaker {self.name!r} is half-open and its "
-                                      f"{self.policy.half_open_probes} probe(s) are taken; "
-                                      "try again shortly.", until=until)
-                self._probes += 1
-                return True
-            return False
+            elif record.state == "half_open" and now >= record.updated_at + policy.probe_timeout:
+                await self._write("half_open", f"no probe outcome within {policy.probe_timeout:g}"
+                                  " s: a new half-open period", correlation_id)
+            if self.record.state == "closed":
+                return _Ticket()
+            return await self._take_probe()
 
-    async def _settle(self, probe: bool, error: BaseException | None,
+    def _refusal(self, now: float, why: str = "") -> BreakerOpen:
+        """The ``BreakerOpen`` refusing a call now (counted in ``rejected``)."""
+        self.rejected += 1
+        record = self.record
+        if record.state == "open":
+            until = (record.opened_at or now) + self.policy.reset_timeout
+            return BreakerOpen(f"Breaker {self.name!r} is open since {record.opened_at or now:.1f}"
+                               f" ({record.reason}); calls resume at {until:.1f}.", until=until)
+        return BreakerOpen(f"Breaker {self.name!r} is half-open and its "
+                           f"{self.policy.half_open_probes} probe(s) are taken{why}; try "
+                           "again shortly.",
+                           until=now + min(_HALF_OPEN_HOLD, self.policy.reset_timeout))
+
+    async def _take_probe(self) -> _Ticket:
+        """A probe of the current half-open epoch if its budget allows, else refused."""
+        epoch, budget = self.record.version, self.policy.half_open_probes
+        if self._producer is None:  # local: this instance's count is the budget
+            if self._probes >= budget:
+                raise self._refusal(self._clock())
+            self._probes += 1
+            return _Ticket(probe=True)
+        if len(self._claims.get(epoch, ())) >= budget:
+            raise self._refusal(self._clock())  # known taken: no claim written
+        key = f"{self.name}{_PROBE}{epoch}/{self.replica}/{uuid.uuid4().hex[:8]}"
+        rank = await self._claim(key, epoch)
+        if self.record.version == epoch and rank < budget:
+            return _Ticket(probe=True, claim=key)
+        await self._send([self._row(key, None)])  # lost, or its epoch ended: remove it now
+        if self.record.state == "closed":
+            return _Ticket()  # closed while the claim was in flight: a plain call
+        raise self._refusal(self._clock(), f" (claim {rank + 1} of epoch {epoch})")
+
+    async def _claim(self, key: str, epoch: int) -> int:
+        """Write a probe claim and follow the partition up to it; returns its rank among
+        the claims of ``epoch`` in log order (0 = first)."""
+        follower = self._follower
+        assert follower is not None
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending[key] = waiter
+        claim = BreakerRecord(name=self.name, state="half_open", version=epoch,
+                              updated_by=self.replica, updated_at=self._clock(),
+                              reason="probe claim")
+        try:
+            await self._send([self._row(key, claim)])
+            watched: list[asyncio.Future[Any]] = [waiter, follower]
+            await asyncio.wait(watched, timeout=CLAIM_TIMEOUT,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._pending.pop(key, None)
+        if waiter.done():
+            return waiter.result()
+        waiter.cancel()
+        if follower.done() and not follower.cancelled() and follower.exception():
+            logger.error("breaker %s: its follower failed: %r", self.name, follower.exception())
+        self.rejected += 1
+        raise BreakerOpen(f"Breaker {self.name!r}: probe claim {key!r} was not read back "
+                          f"from {self._table.topic.name if self._table else '?'} within "
+                          f"{CLAIM_TIMEOUT:g} s; the call is held. Check the broker.",
+                          until=self._clock() + min(_HALF_OPEN_HOLD, self.policy.reset_timeout))
+
+    async def _settle(self, ticket: _Ticket, error: BaseException | None,
                       correlation_id: str | None) -> bool:
         """Record an outcome; returns whether this failure opened the breaker."""
         if isinstance(error, BreakerOpen | asyncio.CancelledError):
-            return False  # not an answer from the downstream
+            return False  # not an answer: a probe's claim stays until its epoch ends
         failed = error is not None and self.policy.is_failure(error)
         async with self._lock:
-            if probe:
+            if ticket.probe:
+                done = [ticket.claim] if ticket.claim else []
                 if self.record.state == "half_open":
                     if failed:
-                        await self._write("open", f"probe failed: {error!r}", correlation_id)
+                        await self._write("open", f"probe failed: {error!r}", correlation_id,
+                                          drop=done)
                         return True
-                    await self._write("closed", "probe succeeded", correlation_id)
+                    await self._write("closed", "probe succeeded", correlation_id, drop=done)
+                else:
+                    await self._send([self._row(k, None) for k in done])
                 return False
             if self.record.state != "closed":
                 return False  # a call that started before another one opened the breaker
@@ -325,26 +515,41 @@ class CircuitBreaker:
             return f"{failures} of the last {calls} calls failed, last {error!r}"
         return ""
 
-    async def _write(self, state: State, reason: str, correlation_id: str | None) -> None:
-        """Apply a transition locally, then persist it and its event (acknowledged)."""
-        now = self._clock()
-        record = self.record.model_copy(update={
-            "state": state, "version": self.record.version + 1, "updated_by": self.replica,
+    async def _write(self, state: State, reason: str, correlation_id: str | None, *,
+                     drop: Iterable[str] = ()) -> None:
+        """Apply a transition locally, then persist it, the tombstones of the claims of
+        the epoch it ends (and of ``drop``) and its event (acknowledged)."""
+        now, mine = self._clock(), self.record
+        ended = list(self._claims.get(mine.version, ())) if mine.state == "half_open" else []
+        record = mine.model_copy(update={
+            "state": state, "version": mine.version + 1, "updated_by": self.replica,
             "updated_at": now, "reason": reason,
-            "opened_at": now if state == "open" else self.record.opened_at,
-            "failures": self._consecutive if state == "open" else self.record.failures,
+            "opened_at": now if state == "open" else mine.opened_at,
+            "failures": self._consecutive if state == "open" else mine.failures,
             "probes": self.policy.half_open_probes if state == "half_open" else 0})
         self.observe(record)
-        if self._producer is None or self._table is None or self._topics is None:
+        if self._producer is None or self._topics is None:
             return
-        event = BreakerTransition(name=self.name, transition=_EVENT[state],
+        event = BreakerTransition(name=self.name, transition=TRANSITIONS[state],
                                   version=record.version, at=now, by=self.replica,
                                   reason=reason, correlation_id=correlation_id)
         value, fingerprint = self._codec.encode(self._topics.events, event)
-        await self._producer.send_all([
-            self._table.record_of(self.name, record),
+        # The transition first: a reader reaching the tombstones has seen the epoch end.
+        await self._send([
+            self._row(self.name, record),
+            *(self._row(key, None) for key in dict.fromkeys([*ended, *drop])),
             OutRecord(self._topics.events.name, value, self.name.encode(),
                       (("mesh-schema", fingerprint.encode()),))])
+
+    def _row(self, key: str, value: BreakerRecord | None) -> OutRecord:
+        """A record of the state topic, in this breaker's partition (set explicitly, so
+        its claims and its state share one log order whatever the partitioner)."""
+        assert self._table is not None
+        return replace(self._table.record_of(key, value), partition=self._partition)
+
+    async def _send(self, records: list[OutRecord]) -> None:
+        if self._producer is not None and records:
+            await self._producer.send_all(records)
 
 
 class BreakerRegistry:

@@ -26,6 +26,11 @@ carrying every attempt); the agent's failure handler emits one ``fallback_failed
 listing each level's error (level, handler, error class, message) and the runtime sends
 the input to ``<topic>.dlq`` with the error class ``FallbacksExhausted``.
 
+**Counted for /metrics**: each wrapper keeps a :class:`FallbackStats` (answers by level,
+inputs exhausted) that :func:`fallback_stats` lists for the process, read at scrape time
+(``mesh_fallbacks_total{agent,level,handler}``, ``mesh_fallbacks_exhausted_total``).
+Counts are of handler runs: an input handled again after a crash counts again.
+
 Example:
     >>> from pydantic import BaseModel
     >>> from mesh.topic import Topic
@@ -46,6 +51,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -53,12 +60,42 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, create_model
 
 from mesh.agent import Agent, Context, Handler
-from mesh.errors import BreakerOpen, ConfigError, HandlerError, is_retriable
+from mesh.errors import BreakerOpen, ConfigError, HandlerError, InputError, is_retriable
 from mesh.topic import Topic
 
 logger = logging.getLogger(__name__)
 
 _RESULT_MODELS: dict[type[BaseModel], type[BaseModel]] = {}
+_STATS: weakref.WeakSet[FallbackStats] = weakref.WeakSet()
+_STATS_LOCK = threading.Lock()  # /metrics reads the set from the HTTP server's thread
+
+
+class FallbackStats:
+    """What one fallback-wrapped agent answered with, for ``/metrics``.
+
+    ``answered[level]`` counts the inputs answered by ``level`` (0 = the primary, so
+    ``answered[1:]`` are the fallbacks used); ``exhausted`` the inputs every level failed.
+
+    Example:
+        >>> stats = FallbackStats("answer", ["answer", "cheap"])
+        >>> stats.answered, stats in fallback_stats()
+        ([0, 0], True)
+    """
+
+    def __init__(self, agent: str, handlers: Sequence[str]) -> None:
+        self.agent = agent
+        self.handlers = tuple(handlers)  # by level
+        self.answered = [0] * len(self.handlers)
+        self.exhausted = 0
+        with _STATS_LOCK:
+            _STATS.add(self)
+
+
+def fallback_stats() -> list[FallbackStats]:
+    """The stats of every fallback-wrapped agent alive in this process (read by
+    :class:`~mesh.observe.metrics.MeshMetrics` at scrape time)."""
+    with _STATS_LOCK:
+        return list(_STATS)
 
 
 class FallbackAttempt(BaseModel):
@@ -163,6 +200,7 @@ def with_fallbacks(primary: Agent[Any], *fallbacks: Agent[Any] | Handler,
             levels.append(_Level(getattr(item, "__name__", f"fallback{index}"), item))
     events = events or events_topic(agent_name)
     produced.append(events)
+    stats = FallbackStats(agent_name, [level.name for level in levels])
     wrapped: dict[type[BaseModel], Topic[Any]] = {
         t.model.__fallback_of__: t for t in produced  # type: ignore[attr-defined]
         if hasattr(t.model, "__fallback_of__")}
@@ -174,6 +212,8 @@ def with_fallbacks(primary: Agent[Any], *fallbacks: Agent[Any] | Handler,
             for tries in range(1, retries_per_level + 1):
                 try:
                     result = await entry.handler(payload, ctx)
+                except InputError:  # bad for every level (a forged task): no fallback
+                    raise
                 except Exception as exc:  # user code: this level failed (or its breaker)
                     del ctx.outputs[outputs:], ctx.staged[staged:]
                     again = (is_retriable(exc) and not isinstance(exc, BreakerOpen)
@@ -188,7 +228,10 @@ def with_fallbacks(primary: Agent[Any], *fallbacks: Agent[Any] | Handler,
                     logger.info("agent %s: level %d (%s) failed: %s", agent_name, level,
                                 entry.name, exc)
                     break
-                return _answer(ctx, result, level, entry.name, failed)
+                answer = _answer(ctx, result, level, entry.name, failed)
+                stats.answered[level] += 1
+                return answer
+        stats.exhausted += 1
         raise FallbacksExhausted(agent_name, failed)
 
     def _answer(ctx: Context, result: Any, level: int, handler: str,

@@ -1,7 +1,10 @@
 """An agent that calls an HTTP downstream for every item through a circuit breaker.
 
 Topics are named from ``MESH_TEST_PREFIX``; the downstream URL is ``OUTAGE_URL``. The
-source topic has one partition so calls are sequential and the test can bound them.
+source topic has one partition and retries are blocking (in place), so calls are
+sequential, the test can bound them and per-key order holds: with the default retry
+topics, the failures before the breaker opens would be retried from a retry topic after
+later inputs of the same key.
 A 5xx answer or a connection failure is a retriable failure (it counts for the breaker);
 when the breaker is open the handler raises ``BreakerOpen`` and the runtime holds the
 input. The breaker comes from a module-level registry, started on first use.
@@ -16,12 +19,13 @@ import urllib.request
 
 from mesh import Agent, Context, Topic
 from mesh.resilience.breaker import BreakerPolicy, BreakerRegistry, breaker_topics
+from mesh.resilience.retry import RetryPolicy
 from tests.apps.chain import Item
 
 PREFIX = os.environ.get("MESH_TEST_PREFIX", "outage")
 URL = os.environ.get("OUTAGE_URL", "http://127.0.0.1:9/")
 POLICY = BreakerPolicy(failure_threshold=3, reset_timeout=2.0, half_open_probes=1)
-
+RETRY = RetryPolicy(attempts=5, base_ms=50, blocking=True)
 
 
 def topics_of(prefix: str) -> tuple[Topic[Item], Topic[Item]]:
@@ -57,4 +61,5 @@ async def handle(item: Item, ctx: Context) -> Item:
     return item.model_copy(update={"hops": [*item.hops, "called"]})
 
 
-agent = Agent(f"{PREFIX}-caller", consumes=source, produces=sink, handler=handle)
+agent = Agent(f"{PREFIX}-caller", consumes=source, produces=sink, handler=handle,
+              retry=RETRY)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from mesh import Codec, apply_topics
 from mesh.checker import check
+from mesh.embedded import free_port
 from mesh.resilience.breaker import BreakerTransition, breaker_topics
 from mesh.transport import Record
 from tests.apps.outage import POLICY, topics_of
 from tests.conftest import BrokerUnderTest
+from tests.integration.test_metrics import scrape, value
 from tests.support import (
     AgentProcess,
     Follower,
@@ -88,6 +93,19 @@ class Transitions(Follower):
         self.seen.append(event.transition)
 
 
+async def lag_drained(port: int, timeout: float = 60.0) -> dict[Any, float]:
+    """Scrape the agent's /metrics until every partition's consumer lag is 0 (the
+    agent committed everything it consumed); returns that scrape."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(port)
+        lags = [v for (n, _), v in samples.items() if n == "mesh_consumer_lag_events"]
+        if lags and not any(lags):
+            return samples
+        assert time.monotonic() < deadline, f"consumer lag {lags} not 0 after {timeout:.0f} s"
+        await asyncio.sleep(0.2)  # poll interval of the scrape, bounded by the deadline
+
+
 async def test_downstream_outage_opens_the_breaker_holds_inputs_and_recovers(
         broker: BrokerUnderTest, prefix: str, tmp_path: Path, downstream: Downstream) -> None:
     """Pass: with the downstream answering 503, the agent's breaker (threshold 3, one
@@ -95,8 +113,11 @@ async def test_downstream_outage_opens_the_breaker_holds_inputs_and_recovers(
     probe, so the 503s it answers stay within threshold + probes x failed half-open
     periods (opened events - 1); no event goes to the dead-letter topic; after the server
     answers 200 the breaker closes, every event reaches the sink exactly once (checker)
-    and the server answered each item with 200 exactly once; the agent keeps its pid and
-    stops with exit code 0."""
+    and the server answered each item with 200 exactly once; the agent's /metrics then
+    shows consumer lag 0 on its partition, the breaker closed (1) and not open or
+    half-open (0), and exactly the transitions of the events topic (to open, half_open,
+    closed); the agent keeps its pid and stops with exit code 0; the breaker topic's
+    latest values hold the breaker's state only (every probe claim tombstoned)."""
     settings = broker.settings()
     source, sink = topics_of(prefix)
     breaker = breaker_topics(prefix)
@@ -104,9 +125,9 @@ async def test_downstream_outage_opens_the_breaker_holds_inputs_and_recovers(
     items = make_items(keys=3, per_key=10)
     codec = Codec()
     log = (tmp_path / "agent.log").open("wb")
+    port = free_port()
     proc = AgentProcess(broker, "tests.apps.outage:agent", prefix=prefix, log=log,
-                        env={"OUTAGE_URL": downstream.url,
-                             "MESH_RUNTIME__HANDLER_ATTEMPTS": "5"})
+                        env={"OUTAGE_URL": downstream.url, "MESH_METRICS__PORT": str(port)})
     proc.start()
     pid = proc.pid
     try:
@@ -119,15 +140,26 @@ async def test_downstream_outage_opens_the_breaker_holds_inputs_and_recovers(
             await progress.reached(len(items), timeout=180)
             await events.until(lambda: events.seen[-1:] == ["closed"],
                                "the breaker closed", timeout=60)
+        samples = await lag_drained(port)
         reopened = events.seen.count("opened") - 1
         assert downstream.failed <= POLICY.failure_threshold + POLICY.half_open_probes * reopened
         assert downstream.failed >= POLICY.failure_threshold
         assert proc.alive() and proc.pid == pid
+        named = {"breaker": "downstream"}
+        assert [value(samples, "mesh_breaker_state", state=s, **named)
+                for s in ("closed", "half_open", "open")] == [1, 0, 0]
+        assert [value(samples, "mesh_breaker_transitions_total", to=s, **named)
+                for s in ("open", "half_open", "closed")] == [
+            events.seen.count(e) for e in ("opened", "half_open", "closed")]
     finally:
         code = proc.terminate()
         log.close()
     assert code == 0, (tmp_path / "agent.log").read_text()
     assert await read_all(settings, [source.dlq_name]) == []
+    latest = {r.key: r.value for r in sorted(await read_all(settings, [breaker.state.name]),
+                                             key=lambda r: r.offset)}
+    assert {k for k, v in latest.items() if v is not None} == {b"downstream"}  # claims gone
+    assert len(latest) > 1  # probe claims were written (and tombstoned)
     assert sorted(downstream.served) == sorted(i.source_id for i in items)
     report = check(await history(settings, codec, items, sink=sink, dlq=[source]))
     assert report.ok_exactly_once, report.summary()

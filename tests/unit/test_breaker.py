@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 
 from mesh.errors import BreakerOpen, ConfigError
@@ -136,3 +139,37 @@ def test_policy_rejects_impossible_settings() -> None:
     with pytest.raises(ConfigError, match="failure_rate=2"):
         BreakerPolicy(failure_rate=2)
 
+
+
+async def test_a_lost_probe_gives_way_to_a_new_half_open_period_after_probe_timeout() -> None:
+    clock = Clock()
+    breaker = make(clock, failure_threshold=1, reset_timeout=10, probe_timeout=30)
+    await fail(breaker, 1)
+    clock.now += 10
+    entered = asyncio.Event()
+
+    async def cancelled_probe() -> None:
+        async with breaker.guard():
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(cancelled_probe())
+    await entered.wait()
+    task.cancel()  # the probe's caller went away: it never reports an outcome
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    epoch = breaker.record.version
+    clock.now += 29
+    with pytest.raises(BreakerOpen, match="probe"):
+        await breaker.call(ok)
+    clock.now += 1
+    assert await breaker.call(ok) == "ok"  # a new half-open period, a fresh probe
+    assert breaker.state == "closed" and breaker.record.version == epoch + 2
+    assert breaker.transitions == {"opened": 1, "half_open": 2, "closed": 1}
+
+
+def test_names_with_a_slash_are_refused_they_would_collide_with_probe_claims() -> None:
+    with pytest.raises(ConfigError, match="'llm/probe'"):
+        CircuitBreaker("llm/probe")
+    with pytest.raises(ConfigError, match="probe_timeout=0"):
+        BreakerPolicy(probe_timeout=0)

@@ -56,8 +56,8 @@ def test_every_metric_named_in_alerts_and_dashboard_exists() -> None:
     assert named <= known, f"unknown metrics: {sorted(named - known)}"
 
 
-def test_alerts_cover_lag_breaker_dead_letters_and_error_rate() -> None:
+def test_alerts_cover_lag_breaker_dead_letters_error_rate_and_fallbacks() -> None:
     names = [rule["alert"] for group in yaml.safe_load((OPS / "alerts.yml").read_text())
              ["groups"] for rule in group["rules"]]
     assert names == ["MeshConsumerLagGrowing", "MeshAgentHeld", "MeshDeadLettersArriving",
-                     "MeshErrorRateHigh"]
+                     "MeshErrorRateHigh", "MeshBreakerOpen", "MeshFallbackRateHigh"]
