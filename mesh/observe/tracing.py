@@ -36,16 +36,27 @@ class HandlerTracer:
 
     def __init__(self, settings: TracingSettings, *, provider: Any = None) -> None:
         self.active = settings.enabled and trace is not None
+        self._provider = provider
         if self.active:
             self._tracer = trace.get_tracer("mesh", tracer_provider=provider)
             self._propagator = TraceContextTextMapPropagator()
+
+    def _recording(self) -> bool:
+        """Whether spans would record: a provider was given or the process set one (the
+        API's default proxy and no-op providers record nothing, so skip their cost)."""
+        if not self.active:
+            return False
+        if self._provider is not None:
+            return True
+        return not isinstance(trace.get_tracer_provider(),
+                              (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
     @contextlib.contextmanager
     def span(self, agent: str, topic: str, event: Envelope[Any]) -> Iterator[str | None]:
         """A CONSUMER span for ``agent`` handling ``event`` from ``topic``; yields the
         traceparent its outputs should carry (None when the span is not recording).
         An exception escaping the block is recorded on the span and re-raised."""
-        if not self.active:
+        if not self._recording():
             yield None
             return
         parent = self._propagator.extract({"traceparent": event.traceparent})
