@@ -20,10 +20,12 @@ workflows it runs. A stage failing for good (after the runtime's retries) writes
 request is absorbed by the checkpoint until the retention deletes it.
 
 With ``retention_s``, a timer tombstones workflows finished longer ago, so the table
-holds the workflows in flight plus one retention's worth. :func:`workflow_history`
-reads every version of one workflow still in the log (``mesh workflows show ID``; Kafka
-keeps old versions until compaction, see ``min.compaction.lag.ms``). Over 300 lines:
-the checkpoint's writer and its reader share its shape.
+holds the workflows in flight plus one retention's worth; the ``deleted`` event it
+emits is in the workflow's trace (the checkpoint keeps the first task's
+``traceparent``). :func:`workflow_history` reads every version of one workflow still
+in the log (``mesh workflows show ID``; Kafka keeps old versions until compaction, see
+``min.compaction.lag.ms``). Over 300 lines: the checkpoint's writer and its reader
+share its shape.
 
 Example:
     >>> class Doc(BaseModel):
@@ -88,7 +90,9 @@ class Checkpoint(BaseModel):
     """A workflow's state after a stage: what is done, what it produced, what is next.
 
     ``version`` counts the writes (1 = after the first stage); ``partition`` is the
-    tasks partition that owns the workflow (only its owner writes or deletes it).
+    tasks partition that owns the workflow (only its owner writes or deletes it);
+    ``traceparent`` is the W3C trace context of the workflow's first task, so what a
+    timer emits for the workflow later stays in its trace.
     """
 
     workflow_id: str
@@ -104,6 +108,7 @@ class Checkpoint(BaseModel):
     error: str | None = None
     partition: int = 0
     correlation_id: str = ""
+    traceparent: str | None = None
     updated_at_ms: int
     finished_at_ms: int | None = None
 
@@ -352,7 +357,7 @@ class Pipeline:
             ctx.delete(self.topics.checkpoints, cp.workflow_id)
             ctx.emit(self.topics.events, self._event(cp.workflow_id, ctx, "deleted",
                                                      correlation_id=cp.correlation_id),
-                     correlation_id=cp.correlation_id or None)
+                     correlation_id=cp.correlation_id or None, traceparent=cp.traceparent)
         if expired:
             logger.info("pipeline %s: deleted %d finished workflow(s)", self.name, len(expired))
 
@@ -371,7 +376,8 @@ class Pipeline:
             return found  # type: ignore[no-any-return]
         return Checkpoint(workflow_id=task.workflow_id, pipeline=self.name, version=0,
                           status="running", input=task.input, next_stage=0,
-                          correlation_id=ctx.correlation_id, updated_at_ms=now_ms())
+                          correlation_id=ctx.correlation_id, traceparent=ctx.traceparent,
+                          updated_at_ms=now_ms())
 
     def _result(self, state: Checkpoint) -> WorkflowResult:
         return WorkflowResult(

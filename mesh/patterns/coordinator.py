@@ -473,8 +473,8 @@ class _Turn:
 
 class Specialist(Agent[StepTask]):
     """A specialist: consumes its task topic, runs ``handler(task, ctx)``, produces a
-    :class:`StepResult` to the results topic. Retriable errors are retried in place
-    (``MESH_RUNTIME__HANDLER_ATTEMPTS``); a task failing for good gives a failed
+    :class:`StepResult` to the results topic. Retriable errors are retried (the agent's
+    ``RetryPolicy``: through retry topics by default); a task failing for good gives a failed
     ``StepResult`` naming the error (and the task is dead-lettered). With a plan key
     (``plan_key=``, else ``MESH_SECURITY__PLAN_KEY``) a task the coordinator did not sign
     for it is dead-lettered as ``SignatureInvalid``, unrun and unanswered."""

@@ -17,6 +17,11 @@ assignor does not co-partition topics. A part before its request waits for the m
 a deadline marker lands after every part already logged (a lagging gather never times
 out an answer it had not read yet).
 
+**One trace per request.** The row keeps the traceparent of the request (of the first
+part, until the request comes), and the timer's ``deadline``/``expire`` markers carry
+it: a merged event decided by the deadline, and the expiry of a row, stay in the trace
+of the request they answer, not in a trace of the timer's own.
+
 **Crashes.** Applied inputs are recorded by event id: a redelivered one re-emits what it
 emitted (same ids), changes nothing. A done marker keeps the merged event until it is
 read back, then only recognises late parts; ``retention_s`` later it is a tombstone.
@@ -122,6 +127,7 @@ class GatherState(BaseModel):
     completed_by: str | None = None
     completed_ms: int | None = None
     merged: Merged | None = None  # kept until read back from the merged topic
+    traceparent: str | None = None  # of the request: the timer's markers continue it
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,9 +338,10 @@ class Gather(Agent[Any]):
             correlation_id=ctx.correlation_id, agent=self.name, kind="request",
             expected=expected, deadline_at_ms=ctx.event.produced_at_ms + int(seconds * 1000)))
 
-    def _marker(self, ctx: Context, cid: str, kind: PartKind) -> None:
+    def _marker(self, ctx: Context, cid: str, kind: PartKind, *,
+                traceparent: str | None = None) -> None:
         ctx.emit(self.topics.parts, Part(correlation_id=cid, agent=self.name, kind=kind),
-                 correlation_id=cid)
+                 correlation_id=cid, traceparent=traceparent)
 
     async def _tick(self, ctx: Context) -> None:
         """Append deadline and expire markers for the rows of owned partitions."""
@@ -347,7 +354,8 @@ class Gather(Agent[Any]):
             sent = self._sent.get(cid)  # one marker per row and kind, unless long ignored
             if sent is None or sent[0] != kind or now - sent[1] > self._resend_s:
                 self._sent[cid] = (kind, now)
-                self._marker(ctx, cid, kind)
+                # In the request's trace: the timer acts on behalf of the request.
+                self._marker(ctx, cid, kind, traceparent=row.traceparent)
         for cid in [c for c in self._sent if c not in table]:
             del self._sent[cid]
 
@@ -418,7 +426,8 @@ class _Turn:
             self._event("part_received", p.error or "", part=p)
             self._save(GatherState(correlation_id=self.cid, partition=self.ctx.event.partition
                                    or 0, created_ms=self.ctx.event.produced_at_ms,
-                                   received=[await self._receive()]), applied=True)
+                                   received=[await self._receive()],
+                                   traceparent=self.ctx.traceparent), applied=True)
         elif row.status == "done":
             if p.agent in row.expected and p.agent not in row.answered + row.late:
                 logger.info("gather %s: %s answered %s after completion: counted, ignored",
@@ -458,7 +467,8 @@ class _Turn:
         self._event("started", ", ".join(p.expected))
         await self._complete(self._save(base.model_copy(update={
             "requested": True, "expected": p.expected, "deadline_at_ms": p.deadline_at_ms,
-            "received": [r for r in base.received if r.agent in p.expected]}), applied=True))
+            "received": [r for r in base.received if r.agent in p.expected],
+            "traceparent": self.ctx.traceparent}), applied=True))
         for ignored in (r for r in base.received if r.agent not in p.expected):
             self._event("part_ignored", f"{ignored.agent} is not an expected branch",
                         part=ignored)

@@ -19,6 +19,9 @@
   dead-task topic. A worker whose heartbeats stop for ``dead_after_s`` is marked dead.
 * Every decision is a :class:`SupervisorEvent` on the events topic, carrying the task's
   correlation id where there is one (``mesh tap <prefix>.events``).
+* Trace context: the retries table keeps the failed task's ``traceparent``, so a task
+  the timer republishes (and its dead-task record) stays in the task's trace; a worker's
+  row names the traceparent of the task in hand, so ``worker_dead`` is in that trace.
 
 This module is longer than the house limit (about 650 lines): the worker, the
 supervisor and the ``mesh workers`` table share one protocol (the models below). It
@@ -76,6 +79,7 @@ class WorkerStatus(BaseModel):
     status: Status = "idle"
     current_task: str | None = None
     current_correlation: str | None = None
+    current_traceparent: str | None = None
     consecutive_failures: int = 0
     tasks_done: int = 0
     tasks_failed: int = 0
@@ -138,6 +142,7 @@ class TaskRetry(BaseModel):
 
     task_id: str
     correlation_id: str
+    traceparent: str | None = None  # of the failed task: the requeue continues it
     task: Any = None
     failures: int = 0
     attempts: int = 0
@@ -223,7 +228,7 @@ class WorkerService:
     Example:
         >>> async def summarise(job: Job, ctx: Context) -> Summary: ...  # doctest: +SKIP
         >>> service = WorkerService(topics, summarise, produces=summaries)  # doctest: +SKIP
-        >>> app = service.app  # doctest: +SKIP  (mesh run mymod:app, once per replica)
+        >>> app = service.app  # mesh run mymod:app, once per replica  # doctest: +SKIP
     """
 
     def __init__(self, topics: WorkerTopics, task: TaskFunction, *,
@@ -239,7 +244,8 @@ class WorkerService:
         self.started_ms = envelope.now_ms()
         self._task, self._window_s = task, window_s
         self._done_at: deque[float] = deque()
-        self._in_hand: dict[str, tuple[str, str]] = {}  # event id -> (task id, correlation)
+        # event id -> (task id, correlation id, traceparent)
+        self._in_hand: dict[str, tuple[str, str, str]] = {}
         self.runner: AgentRunner | None = None
         self.quarantined = False
         self.consecutive_failures = self.tasks_done = self.tasks_failed = 0
@@ -260,7 +266,8 @@ class WorkerService:
 
     def status(self) -> WorkerStatus:
         """This replica's row as of now."""
-        task_id, correlation = next(reversed(self._in_hand.values()), (None, None))
+        task_id, correlation, trace = next(reversed(self._in_hand.values()),
+                                           (None, None, None))
         now = time.monotonic()
         while self._done_at and now - self._done_at[0] > self._window_s:
             self._done_at.popleft()
@@ -270,7 +277,7 @@ class WorkerService:
         return WorkerStatus(
             worker_id=self.worker_id, instance=self.instance, pid=self.pid, host=self.host,
             status="quarantined" if self.quarantined else "busy" if self._in_hand else "idle",
-            current_task=task_id, current_correlation=correlation,
+            current_task=task_id, current_correlation=correlation, current_traceparent=trace,
             consecutive_failures=self.consecutive_failures, tasks_done=self.tasks_done,
             tasks_failed=self.tasks_failed, throughput=round(len(self._done_at) / elapsed, 3),
             partitions=partitions, last_error=self.last_error, started_ms=self.started_ms,
@@ -319,7 +326,7 @@ class WorkerService:
             self._report(ctx, payload, task_id, 0.0, handed_back=True,
                          error="worker quarantined: task handed back")
             return None
-        self._in_hand[ctx.event_id] = (task_id, ctx.correlation_id)
+        self._in_hand[ctx.event_id] = (task_id, ctx.correlation_id, ctx.traceparent)
         started = time.monotonic()
         try:
             result = await self._task(payload, ctx)
@@ -419,12 +426,14 @@ class Supervisor:
 
     def _event(self, ctx: Context, kind: EventKind, *, worker_id: str | None = None,
                task_id: str | None = None, correlation: str | None = None,
-               failures: int = 0, detail: str = "") -> None:
+               failures: int = 0, detail: str = "", traceparent: str | None = None) -> None:
+        """Emit a decision; from the timer, ``traceparent`` puts it in the task's trace
+        (a handler's decisions continue the trace of its input)."""
         logger.info("supervisor: %s worker=%s task=%s %s", kind, worker_id, task_id, detail)
         ctx.emit(self.topics.events, SupervisorEvent(
             kind=kind, subject=worker_id or task_id or "", worker_id=worker_id,
             task_id=task_id, failures=failures, detail=detail, at_ms=envelope.now_ms()),
-            correlation_id=correlation)
+            correlation_id=correlation, traceparent=traceparent)
 
     def _on_status(self, status: WorkerStatus, ctx: Context) -> None:
         if status.status == "dead":  # our own mark, read back
@@ -488,7 +497,8 @@ class Supervisor:
         self._requeue(outcome, retry, ctx)
 
     def _requeue(self, outcome: TaskOutcome, retry: TaskRetry | None, ctx: Context) -> None:
-        retry = retry or TaskRetry(task_id=outcome.task_id, correlation_id=ctx.correlation_id)
+        retry = retry or TaskRetry(task_id=outcome.task_id, correlation_id=ctx.correlation_id,
+                                   traceparent=ctx.traceparent)
         if ctx.event_id in retry.counted:
             return  # this outcome was counted before a restart
         failed = not outcome.handed_back
@@ -537,25 +547,29 @@ class Supervisor:
                 self._resubmit(ctx, tid, retry, views)
 
     def _give_up(self, ctx: Context, retry: TaskRetry, reason: str,
-                 worker_id: str | None) -> None:
+                 worker_id: str | None, *, traceparent: str | None = None) -> None:
         ctx.emit(self.topics.dead, DeadTask(
             task_id=retry.task_id, task=retry.task, failures=retry.failures,
             attempts=retry.attempts, failed_on=retry.failed_on, errors=retry.errors,
-            reason=reason), correlation_id=retry.correlation_id)
+            reason=reason), correlation_id=retry.correlation_id, traceparent=traceparent)
         ctx.delete(self.topics.retries, retry.task_id)
         self._event(ctx, "task_dead_lettered", worker_id=worker_id, task_id=retry.task_id,
-                    correlation=retry.correlation_id, failures=retry.failures, detail=reason)
+                    correlation=retry.correlation_id, failures=retry.failures, detail=reason,
+                    traceparent=traceparent)
 
     def _resubmit(self, ctx: Context, tid: str, retry: TaskRetry, views: Any) -> None:
         try:
             task = self.topics.tasks.model.model_validate(retry.task)
         except ValidationError as exc:  # the task model changed under it
             name = self.topics.tasks.model.__name__
-            self._give_up(ctx, retry, f"not a {name} any more: {exc}"[:1000], None)
+            self._give_up(ctx, retry, f"not a {name} any more: {exc}"[:1000], None,
+                          traceparent=retry.traceparent)
             return
         key = key_for_partition(tid, self._target(tid, retry, views),
                                 self.topics.tasks.partitions)
-        ctx.emit(self.topics.tasks, task, key=key, correlation_id=retry.correlation_id)
+        # From the timer: the republished task continues the failed task's trace.
+        ctx.emit(self.topics.tasks, task, key=key, correlation_id=retry.correlation_id,
+                 traceparent=retry.traceparent)
         ctx.put(self.topics.retries, tid, retry.model_copy(update={"due_at_ms": None}))
 
     def _mark_dead(self, ctx: Context, view: WorkerView, last: WorkerStatus | None,
@@ -568,7 +582,7 @@ class Supervisor:
         ctx.emit(self.topics.status, row)
         self.latest[wid] = row
         self._event(ctx, "worker_dead", worker_id=wid, task_id=row.current_task,
-                    correlation=row.current_correlation,
+                    correlation=row.current_correlation, traceparent=row.current_traceparent,
                     detail=f"no heartbeat for {(now - heard) / 1000:.1f} s "
                            f"(pid {row.pid} on {row.host}); Kafka moves its partitions")
 
