@@ -236,6 +236,11 @@ class Agent(Generic[P]):
 
         return register
 
+    async def on_start(self, settings: Any) -> None:
+        """Called once when a runner starts the agent, with the process's
+        :class:`~mesh.config.MeshSettings`, before any input: check configuration and
+        fail (or warn) at startup rather than at the first input."""
+
     async def on_failure(self, payload: P, ctx: Context, error: BaseException) -> None:
         """Called once when an input fails for good (after its retries), before it goes
         to the dead-letter topic; what it emits is produced (e.g. a ``ChainFailed``)."""

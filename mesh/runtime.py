@@ -182,6 +182,7 @@ class AgentRunner:
         consumer = self._consumer = Consumer(
             self.settings.kafka, group_id=self.agent.group,
             auto_offset_reset=runtime.auto_offset_reset)
+        await self.agent.on_start(self.settings)
         await consumer.start()
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -208,6 +208,9 @@ class Coordinator(Agent[Any]):
         self.reviewer, self.synthesizer = reviewer, synthesizer
         self.plan_key = PlanKey(name, "coordinator", key=plan_key)
 
+    async def on_start(self, settings: Any) -> None:
+        self.plan_key.signer(settings)  # warns now if unsigned, fails on an empty key
+
     async def handle(self, payload: Any, ctx: Context) -> None:
         if ctx.event.topic == self.topics.results.name:
             await self._on_result(payload, ctx)
@@ -490,6 +493,9 @@ class Specialist(Agent[StepTask]):
                          description=description or f"specialist {name}")
         self.results, self._work = topics.results, handler
         self.plan_key = PlanKey(name, "specialist", key=plan_key)
+
+    async def on_start(self, settings: Any) -> None:
+        self.plan_key.signer(settings)  # warns now if unsigned, fails on an empty key
 
     async def handle(self, task: StepTask, ctx: Context) -> StepResult:
         signer = self.plan_key.for_context(ctx)

@@ -235,3 +235,23 @@ async def test_a_keyed_specialist_never_runs_a_forged_task_and_answers_nothing_f
     # without a key the same specialist runs anything (unsigned mode)
     await writer.handle(forged, keyed_context(writer, forged, topic=topic, key=None))
     assert ran == ["w1/write", "victim/write"]
+
+
+async def test_coordinator_and_specialist_check_their_key_when_started(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Pass: starting them (what the runner does before any input) warns about running
+    unsigned at once, and an empty key fails the start instead of the first input."""
+    caplog.set_level(logging.WARNING, logger="mesh.patterns.signing")
+    app = build("start")
+
+    async def work(task: StepTask, ctx: Context) -> dict[str, Any]:
+        return {}
+
+    writer = Specialist("writer", topics=app.topics, handler=work)
+    await writer.on_start(MeshSettings())
+    await app.coordinator.on_start(MeshSettings())
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "specialist writer runs UNSIGNED", "coordinator start-coordinator runs UNSIGNED"]
+    empty = MeshSettings(security=SecuritySettings(plan_key=SecretStr("")))
+    with pytest.raises(ConfigError):
+        await Specialist("writer", topics=app.topics, handler=work).on_start(empty)
