@@ -342,15 +342,21 @@ def _print_record(info: dict[str, Any], as_json: bool) -> None:
 @schemas_app.command("export")
 def schemas_export(out: Annotated[Path, typer.Option(help="Directory")] = Path("schemas"),
                    modules: ModulesOpt = DEFAULT_MODULES) -> None:
-    """Write <topic>.avsc for every declared topic's value schema."""
-    for path in export_schemas(_declared(modules).values(), out):
+    """Write <topic>.avsc for every declared topic's value schema, and keep every schema
+    written or replaced in <out>/history/<fingerprint>.avsc (append-only: commit it, and
+    deploy it with the agents, so they decode records of earlier versions)."""
+    done = export_schemas(_declared(modules).values(), out)
+    for path in done.schemas:
         print(f"wrote {path}")
+    for path in done.history:  # stderr: stdout lists the topic schemas alone
+        err.print(f"kept {escape(str(path))} in the history", highlight=False)
 
 
 @schemas_app.command("check")
 def schemas_check(out: Annotated[Path, typer.Option(help="Directory")] = Path("schemas"),
                   modules: ModulesOpt = DEFAULT_MODULES) -> None:
-    """Fail (exit 1) when the committed .avsc files differ from the payload models."""
+    """Fail (exit 1) when the committed .avsc files differ from the payload models, or
+    when the history in <out>/history lacks a current schema."""
     problems = check_schemas(_declared(modules).values(), out)
     for problem in problems:
         err.print(f"[red]drift:[/red] {escape(problem)}")

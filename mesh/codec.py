@@ -5,20 +5,29 @@ With ``MESH_SCHEMA_REGISTRY__URL`` set, the value schema of each topic is regist
 under ``<topic>-value`` (Confluent's TopicNameStrategy) and events are written in the
 Confluent wire format. Both framings are always accepted on read; a Confluent schema id
 that is not cached is fetched from the registry once.
+
+A value written with another schema than the topic's model (an older or newer version
+of it) is resolved against the model by Avro's rules. The writer schema of a
+single-object value is found by its fingerprint in the schema history,
+``schemas/history/<fingerprint>.avsc`` (see :mod:`mesh.schemas`), or among the schemas
+given to :meth:`Codec.learn`; that of a Confluent value by its id in the registry.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import fastavro
+from fastavro.read import SchemaResolutionError
 from pydantic import BaseModel
 
 from mesh.config import SchemaRegistrySettings
 from mesh.errors import ConfigError, DecodeError, TransportError, UnknownSchema
-from mesh.serde import AvroSerde, framing_of
+from mesh.schemas import HISTORY, SchemaHistory
+from mesh.serde import AvroSerde, framing_of, schema_differences
 from mesh.topic import Topic
 
 logger = logging.getLogger(__name__)
@@ -27,14 +36,26 @@ logger = logging.getLogger(__name__)
 class Codec:
     """Encodes payloads for topics and decodes consumed values, in either framing.
 
+    ``history`` is the directory of writer schemas by fingerprint; by default the
+    registry settings' ``history_dir`` when they have one, else ``schemas/history`` under
+    the working directory (where ``mesh schemas export`` writes it, and where the
+    container image has it). A missing directory is an empty history.
+
     Example:
         >>> codec = Codec()
         >>> data, fingerprint = codec.encode(orders, Order(order_id="o1"))  # doctest: +SKIP
         >>> await codec.decode(orders, data)  # doctest: +SKIP
         Order(order_id='o1')
+        >>> codec.learn(json.loads(Path("old-order.avsc").read_text()))  # doctest: +SKIP
+        '5f0c1c9e3b8a7d21'
     """
 
-    def __init__(self, registry: SchemaRegistrySettings | None = None) -> None:
+    def __init__(self, registry: SchemaRegistrySettings | None = None, *,
+                 history: Path | SchemaHistory | None = None) -> None:
+        if not isinstance(history, SchemaHistory):
+            configured = registry.history_dir if registry is not None else None
+            history = SchemaHistory(Path(history or configured or Path("schemas") / HISTORY))
+        self.history = history
         self._serdes: dict[type[BaseModel], AvroSerde] = {}
         self._ids: dict[str, int] = {}  # topic -> registered schema id of its value schema
         self._writers: dict[int, Any] = {}  # registry id -> parsed writer schema
@@ -44,6 +65,11 @@ class Codec:
     @property
     def uses_registry(self) -> bool:
         return self._registry_settings is not None
+
+    def learn(self, schema: dict[str, Any] | str) -> str:
+        """Know ``schema`` (a dict or JSON text) as a writer schema of single-object
+        values, beside the history's; returns its fingerprint."""
+        return self.history.learn(schema)
 
     def serde(self, model: type[BaseModel]) -> AvroSerde:
         """The (cached) serde of ``model``."""
@@ -82,13 +108,56 @@ class Codec:
         serde = self.serde(topic.model)
         framing = framing_of(data)
         if framing == "single-object":
-            return serde.decode(data)
+            fp = data[2:10].hex()
+            if fp == serde.fingerprint:
+                return serde.from_body(data[10:], serde.parsed)
+            return self._resolve(topic, serde, data[10:], self._known(topic, serde, fp),
+                                 f"writer schema {fp}")
         if framing == "confluent":
             schema_id = int.from_bytes(data[1:5], "big")
-            return serde.from_body(data[5:], await self._writer(schema_id))
+            writer = await self._writer(schema_id)
+            if writer is serde.parsed:
+                return serde.from_body(data[5:], writer)
+            return self._resolve(topic, serde, data[5:], writer, f"schema id {schema_id}")
         raise DecodeError(f"Value of {len(data)} bytes on {topic.name} starts with "
                           f"{data[:2].hex() or 'nothing'}: neither Avro single-object "
                           "encoding (c301) nor the Confluent wire format (00).")
+
+    def _known(self, topic: Topic[Any], serde: AvroSerde, fp: str) -> Any:
+        writer = self.history.get(fp)
+        if writer is None:
+            where = self.history.directory or "none configured"
+            raise UnknownSchema(
+                f"{topic.name}: writer schema fingerprint {fp} is neither "
+                f"{serde.model.__name__}'s ({serde.fingerprint}) nor in the schema history "
+                f"({where}). If the record was written with another version of the model, "
+                "deploy the history `mesh schemas export` keeps in schemas/history with this "
+                "service, or Codec.learn() the writer schema, or use a schema registry; "
+                "otherwise it was written with another topic's model.")
+        return writer
+
+    @staticmethod
+    def _resolve(topic: Topic[Any], serde: AvroSerde, body: bytes, writer: Any,
+                 origin: str) -> BaseModel:
+        """Decode ``body``, written with ``writer``, as ``topic``'s model by Avro's rules."""
+        reader = serde.parsed
+        names = {reader["name"], *reader.get("aliases", ())}
+        if not isinstance(writer, dict) or writer.get("name") not in names:
+            written = writer.get("name") if isinstance(writer, dict) else writer
+            raise UnknownSchema(f"{topic.name}: {origin} is {written}, not a version of "
+                                f"{reader['name']}: the record is not of this topic.")
+        try:
+            return serde.from_body(body, writer)
+        except DecodeError as exc:
+            if not isinstance(exc.__cause__, SchemaResolutionError):
+                raise
+            differ = "; ".join(schema_differences(writer, reader))
+            raise DecodeError(
+                f"{topic.name}: {origin} (another version of {reader['name']}) cannot be "
+                f"read as the topic's ({serde.fingerprint}): {exc.__cause__}."
+                + (f" Fields that differ: {differ}." if differ else "")
+                + " Give a new field a default (or make it optional), or publish the "
+                "changed model on a new topic.") from exc.__cause__
 
     async def _writer(self, schema_id: int) -> Any:
         writer = self._writers.get(schema_id)

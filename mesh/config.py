@@ -19,6 +19,7 @@ join for about half the session timeout, and a fetch wait that keeps idle hops q
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -128,6 +129,9 @@ class SchemaRegistrySettings(BaseModel):
     url: str | None = None
     username: str | None = None
     password: SecretStr | None = None
+    # Writer schemas of single-object values by fingerprint (`mesh schemas export` keeps
+    # them); a relative path is taken from the working directory.
+    history_dir: Path = Path("schemas/history")
 
 
 class RuntimeSettings(BaseModel):

@@ -7,7 +7,9 @@
   big-endian schema id from the registry + the Avro body.
 
 Decoders accept both. A writer schema other than the topic's own (an older or newer
-version) is resolved against the reader schema by Avro's rules.
+version) is resolved against the reader schema by Avro's rules (:meth:`AvroSerde.from_body`);
+:class:`mesh.codec.Codec` finds that writer schema by its fingerprint in the schema history
+(``schemas/history/``) or by its id in the registry.
 
 Type mapping: str/int/float/bool/bytes -> string/long/double/boolean/bytes;
 ``X | None`` -> ``["null", X]``; list/tuple/set -> array; ``dict[str, X]`` -> map;
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fastavro
+from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
@@ -263,7 +266,7 @@ class AvroSerde:
         """Build the schema and converters of ``model`` (do this once per model)."""
         schema, to, back = _Builder().record(model)
         parsed = fastavro.parse_schema(schema)
-        fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
+        fp = schema_fingerprint(parsed)
         assert to is not None and back is not None
         return cls(model, schema, parsed, fp, to, back)
 
@@ -295,15 +298,26 @@ class AvroSerde:
                 raise DecodeError("Not Avro single-object encoding (no C3 01 marker).")
             if data[2:10].hex() != self.fingerprint:
                 raise UnknownSchema(f"Writer schema fingerprint {data[2:10].hex()} is not "
-                                    f"{self.model.__name__}'s ({self.fingerprint}).")
+                                    f"{self.model.__name__}'s ({self.fingerprint}); decode "
+                                    "with mesh.Codec to resolve other versions of the "
+                                    "model through the schema history.")
             data, writer = data[10:], self.parsed
         return self.from_body(data, writer)
 
     def from_body(self, body: bytes, writer: Any) -> BaseModel:
-        """Decode an Avro body written with ``writer`` into this model."""
+        """Decode an Avro body written with ``writer`` into this model.
+
+        A ``writer`` other than this model's schema is resolved against it by Avro's
+        rules: fields the writer lacks take their defaults, fields the reader lacks are
+        skipped. When the two cannot be resolved the :class:`DecodeError` is caused by
+        fastavro's ``SchemaResolutionError``.
+        """
         buf = io.BytesIO(body)
         try:
             record = fastavro.schemaless_reader(buf, writer, self.parsed)
+        except SchemaResolutionError as exc:
+            raise DecodeError(f"The writer schema does not resolve to {self.model.__name__}'s: "
+                              f"{exc}") from exc
         except Exception as exc:  # fastavro raises many types for corrupt input
             raise DecodeError(f"Avro body does not decode as {self.model.__name__}: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -315,6 +329,73 @@ class AvroSerde:
             return self.model.model_validate(self.from_avro(record))
         except (ValidationError, ValueError) as exc:
             raise PayloadInvalid(f"Payload fails {self.model.__name__}: {exc}") from exc
+
+
+def schema_fingerprint(parsed: Any) -> str:
+    """The CRC-64-AVRO fingerprint (16 hex digits) of a parsed schema's canonical form:
+    what single-object encoding writes after ``C3 01``.
+
+    Example:
+        >>> schema_fingerprint(fastavro.parse_schema("int"))
+        '8f5c393f1ad57572'
+    """
+    return str(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+
+
+def schema_differences(writer: Any, reader: Any) -> list[str]:
+    """Field by field, where two parsed record schemas differ, for error messages: fields
+    the reader added without a default and fields whose types differ. Not a compatibility
+    check (a promotion such as int -> long is listed too); used once resolution failed.
+
+    Example:
+        >>> old = fastavro.parse_schema({"type": "record", "name": "O", "fields": [
+        ...     {"name": "a", "type": "long"}]})
+        >>> new = fastavro.parse_schema({"type": "record", "name": "O", "fields": [
+        ...     {"name": "a", "type": "string"}, {"name": "b", "type": "long"}]})
+        >>> schema_differences(old, new)
+        ['a: long -> string', 'b: added without a default']
+    """
+    found: list[str] = []
+    _differences(writer, reader, [], found, set())
+    return found
+
+
+def _differences(writer: Any, reader: Any, path: list[str], found: list[str],
+                 seen: set[str]) -> None:
+    if not (_is_record(writer) and _is_record(reader)):
+        if _type_name(writer) != _type_name(reader):
+            found.append(f"{'.'.join(path) or 'the record'}: {_type_name(writer)} -> "
+                         f"{_type_name(reader)}")
+        return
+    if reader["name"] in seen:  # a record used twice: its fields are listed once
+        return
+    seen.add(reader["name"])
+    written = {f["name"]: f for f in writer["fields"]}
+    for entry in reader["fields"]:
+        where = [*path, entry["name"]]
+        if entry["name"] in written:
+            _differences(written[entry["name"]]["type"], entry["type"], where, found, seen)
+        elif "default" not in entry:
+            found.append(f"{'.'.join(where)}: added without a default")
+
+
+def _is_record(schema: Any) -> bool:
+    return isinstance(schema, dict) and schema.get("type") == "record"
+
+
+def _type_name(schema: Any) -> str:
+    if isinstance(schema, list):
+        return "|".join(_type_name(s) for s in schema)
+    if not isinstance(schema, dict):
+        return str(schema)
+    kind = schema.get("type")
+    if kind in ("record", "enum", "fixed"):
+        return str(schema["name"])
+    if kind == "array":
+        return f"array<{_type_name(schema['items'])}>"
+    if kind == "map":
+        return f"map<{_type_name(schema['values'])}>"
+    return _type_name(kind)
 
 
 def json_data(value: Any) -> Any:

@@ -10,6 +10,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -186,3 +187,60 @@ async def test_schema_id_missing_from_registry_raises_unknown_schema(
         await Codec(_settings(registry)).decode(orders, b"\x00" + (999).to_bytes(4, "big") + body)
 
     assert registry.requests == [("GET", "/schemas/ids/999")]
+
+
+class OrderV2(BaseModel):
+    order_id: str
+    qty: int
+    note: str | None = None
+
+
+OrderV2.__name__ = "Order"  # the next version of Order: same name and namespace
+
+
+class Invoice(BaseModel):
+    invoice_id: str
+
+
+async def test_registry_writer_of_an_older_version_resolves_to_the_topic_model(
+        registry: FakeSchemaRegistry) -> None:
+    """Pass: Confluent bytes written with Order (v1) decode as OrderV2 on a v2 reader."""
+    writer = Codec(_settings(registry))
+    await writer.prepare([orders])
+    data, _ = writer.encode(orders, Order(order_id="o1", qty=2))
+
+    decoded = await Codec(_settings(registry)).decode(Topic("shop.orders", OrderV2), data)
+
+    assert decoded == OrderV2(order_id="o1", qty=2)
+
+
+async def test_registry_writer_of_another_model_raises_unknown_schema_naming_the_id(
+        registry: FakeSchemaRegistry) -> None:
+    invoices = Topic("shop.invoices", Invoice)
+    writer = Codec(_settings(registry))
+    await writer.prepare([invoices])
+    data, _ = writer.encode(invoices, Invoice(invoice_id="i1"))
+
+    with pytest.raises(UnknownSchema, match=f"shop.orders: schema id {FIRST_ID} is .*Invoice"):
+        await Codec(_settings(registry)).decode(orders, data)
+
+
+async def test_single_object_of_an_older_version_decodes_with_a_learned_schema(
+        tmp_path: Path) -> None:
+    """Pass: no history directory; Codec.learn(v1's schema) makes v1 bytes decode as v2."""
+    codec = Codec(history=tmp_path)
+    data = Codec(history=tmp_path).encode(orders, Order(order_id="o1", qty=2))[0]
+    with pytest.raises(UnknownSchema, match=data[2:10].hex()):
+        await codec.decode(Topic("shop.orders", OrderV2), data)
+
+    codec.learn(codec.serde(Order).schema)
+
+    assert await codec.decode(Topic("shop.orders", OrderV2), data) == OrderV2(order_id="o1",
+                                                                              qty=2)
+
+
+def test_default_history_is_schemas_history_under_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    assert Codec().history.directory == tmp_path / "schemas" / "history"

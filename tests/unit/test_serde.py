@@ -11,13 +11,14 @@ from typing import Any, Literal
 
 import fastavro
 import pytest
+from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from mesh.errors import DecodeError, PayloadInvalid, UnknownSchema
-from mesh.serde import AvroSerde, framing_of
+from mesh.serde import AvroSerde, framing_of, schema_differences, schema_fingerprint
 
 UTC = dt.timezone.utc
 
@@ -254,6 +255,58 @@ def test_bytes_of_an_older_model_decode_into_the_newer_one() -> None:
     decoded = new.from_body(old.body(V1.Order(order_id="o1", qty=2)), writer=old.parsed)
 
     assert decoded == V2.Order(order_id="o1", qty=2, note="none", rush=False)
+
+
+class V3:
+    class Order(BaseModel):
+        order_id: str
+        qty: str  # was a long
+        inner: Inner  # added without a default
+
+
+def test_writer_that_does_not_resolve_raises_decode_error_caused_by_fastavro() -> None:
+    old, new = AvroSerde.for_model(V1.Order), AvroSerde.for_model(V3.Order)
+
+    with pytest.raises(DecodeError, match="does not resolve to Order's") as raised:
+        new.from_body(old.body(V1.Order(order_id="o1", qty=2)), writer=old.parsed)
+
+    assert isinstance(raised.value.__cause__, SchemaResolutionError)
+
+
+def test_schema_differences_name_fields_added_without_default_and_retyped() -> None:
+    old, new = AvroSerde.for_model(V1.Order), AvroSerde.for_model(V3.Order)
+
+    assert schema_differences(old.parsed, new.parsed) == ["qty: long -> string",
+                                                          "inner: added without a default"]
+    assert schema_differences(old.parsed, AvroSerde.for_model(V2.Order).parsed) == []
+
+
+def test_schema_differences_follow_nested_records_by_path() -> None:
+    class Outer(BaseModel):
+        inner: Inner
+
+    class Inner2(BaseModel):
+        a: str
+        tags: list[str] = []
+        extra: int
+
+    Inner2.__name__ = "Inner"
+
+    class Outer2(BaseModel):
+        inner: Inner2
+
+    Outer2.__name__ = "Outer"
+    old, new = AvroSerde.for_model(Outer), AvroSerde.for_model(Outer2)
+
+    assert schema_differences(old.parsed, new.parsed) == ["inner.a: long -> string",
+                                                          "inner.extra: added without a default"]
+
+
+def test_schema_fingerprint_is_the_serdes() -> None:
+    serde = AvroSerde.for_model(Everything)
+
+    assert schema_fingerprint(fastavro.parse_schema(json.loads(json.dumps(serde.schema)))) \
+        == serde.fingerprint
 
 
 def test_plain_fastavro_reads_a_value_with_the_schema_file_alone() -> None:
