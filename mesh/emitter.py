@@ -31,12 +31,13 @@ from mesh.transport import OutRecord, Producer
 class Emitter:
     """Produces typed events to mesh topics, as an existing system would."""
 
-    def __init__(self, settings: MeshSettings, *, source: str = "emit") -> None:
+    def __init__(self, settings: MeshSettings, *, source: str = "emit",
+                 producer: Producer | None = None, codec: Codec | None = None) -> None:
         self.source = source
         self._settings = settings
-        self.codec = Codec(settings.schema_registry)
+        self.codec = codec or Codec(settings.schema_registry)
         self.auditor = Auditor(self.codec, settings.audit, source=source)
-        self._producer = Producer(settings.kafka)
+        self._producer = producer or Producer(settings.kafka)
 
     async def __aenter__(self) -> Self:
         if self.auditor.enabled:  # created as declared, not auto-created by a first write

@@ -265,17 +265,25 @@ class AgentRunner:
                 await asyncio.wait_for(stop.wait(), timeout=interval)
             if stop.is_set():
                 return
-            event = Envelope(None, new_event_id(), new_event_id(), source=self.agent.name)
-            ctx = self._context(event)
             try:
-                await timer(ctx)
-                emitted = self.outputs.emitted(self.agent, event, ctx)
-                records = [r for _, r in emitted] + ctx.commit_state()
-                records += self.auditor.produced(emitted)
+                records = await self._timer_records(timer)
             except Exception:  # a timer bug must not stop the agent; it runs again
                 logger.exception("agent %s: timer %s failed", self.agent.name, name)
                 continue
             await self.producer.send_all(records)
+
+    async def run_timer(self, timer: Any) -> None:
+        """One run of ``timer`` (as :meth:`run` does every period), its emits and state
+        writes produced and acknowledged; its errors are raised."""
+        await self.producer.send_all(await self._timer_records(timer))
+
+    async def _timer_records(self, timer: Any) -> list[OutRecord]:
+        event = Envelope(None, new_event_id(), new_event_id(), source=self.agent.name)
+        ctx = self._context(event)
+        await timer(ctx)
+        emitted = self.outputs.emitted(self.agent, event, ctx)
+        return ([r for _, r in emitted] + ctx.commit_state()
+                + self.auditor.produced(emitted))
 
     def _context(self, event: Envelope[Any]) -> Context:
         return Context(self.agent, event, tables=self.tables, assigned=self.assignment(),
@@ -311,6 +319,10 @@ class AgentRunner:
         """Pause every partition until ``until`` (epoch seconds), polling on; the lanes
         keep the inputs they hold and hand them to the handler again then."""
         self._held_until = max(self._held_until, until)
+
+    def end_hold(self) -> None:
+        """End a hold now, as if its time had passed."""
+        self._held_until = 0.0
 
     @property
     def held(self) -> bool:

@@ -22,6 +22,7 @@ from aiokafka import (
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.partitioner import murmur2
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
@@ -302,6 +303,11 @@ class Consumer(_Client):
         """The partition's end as reported by the last fetch (reliable on every broker,
         unlike ``end_offsets()`` on the embedded one)."""
         return self._client.highwater(_tp(partition))  # type: ignore[no-any-return]
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a record keyed ``key``."""
+    return int((murmur2(key) & 0x7FFFFFFF) % partitions)
 
 
 class Admin(_Client):
