@@ -556,11 +556,12 @@ class AgentRunner:
                started: float, error: BaseException | None = None,
                emitted: Sequence[tuple[Envelope[Any], OutRecord]] = ()) -> list[OutRecord]:
         """The audit records of one input's handling (sent with its outputs)."""
+        if not self.auditor.enabled:
+            return []
         took = time.monotonic() - started
-        return (self.auditor.consumed(record, event, outcome=outcome,
-                                      started_ms=now_ms() - round(took * 1000),
-                                      duration_s=took, error=error)
-                + self.auditor.produced(list(emitted)))
+        return self.auditor.consumed(record, event, outcome=outcome,
+                                     started_ms=now_ms() - round(took * 1000),
+                                     duration_s=took, error=error, outputs=emitted)
 
     async def _handle(self, record: Record, event: Envelope[Any]
                       ) -> tuple[Acks, int, BaseException | None, list[OutRecord]]:
@@ -607,10 +608,10 @@ class AgentRunner:
                                self.agent.name, record.topic, record.partition, record.offset,
                                attempt, type(exc).__name__, exc)
                 total = event.attempt + attempt - 1
-                acks = await self._failed(record, event, exc, attempts=total,
-                                          first_failure_ms=first_failure,
-                                          audit=[*earlier, *self._audit(
-                                              record, this, DEAD_LETTER, tried, exc)])
+                acks = await self._failed(
+                    record, event, exc, attempts=total, first_failure_ms=first_failure,
+                    audit=lambda emitted: [*earlier, *self._audit(
+                        record, this, DEAD_LETTER, tried, exc, emitted)])
                 return acks, attempt, exc, []
             self.handled += 1
             audit = earlier + self._audit(record, this, OK, tried, emitted=emitted)
@@ -619,20 +620,22 @@ class AgentRunner:
 
     async def _failed(self, record: Record, event: Envelope[Any], error: BaseException, *,
                       attempts: int, first_failure_ms: int | None = None,
-                      audit: Sequence[OutRecord] = ()) -> Acks:
+                      audit: Callable[[Sequence[tuple[Envelope[Any], OutRecord]]],
+                                      list[OutRecord]]) -> Acks:
         """An input that failed for good: the agent's failure handler may emit (e.g. a
-        ``ChainFailed``), then the input goes to the dead-letter topic."""
+        ``ChainFailed``), then the input goes to the dead-letter topic; ``audit`` gives
+        the failure's audit records, listing what the failure handler emitted."""
         ctx = self._context(event)
         records: list[OutRecord] = []
+        emitted: list[tuple[Envelope[Any], OutRecord]] = []
         try:
             await self.agent.on_failure(event.payload, ctx, error)
             emitted = self.outputs.emitted(self.agent, event, ctx)
             records = [r for _, r in emitted] + ctx.commit_state()
-            records += self.auditor.produced(emitted)
         except Exception:  # the failure handler failed too: the dead letter still goes
             logger.exception("agent %s: on_failure raised", self.agent.name)
         return await self._dead_letter(record, error, attempts=attempts,
-                                       extra=[*records, *audit],
+                                       extra=[*records, *audit(emitted)],
                                        first_failure_ms=first_failure_ms)
 
     async def _dead_letter(self, record: Record, error: BaseException, *, attempts: int,

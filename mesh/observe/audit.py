@@ -4,18 +4,19 @@ Audit events are ordinary Avro events (``AuditEvent``), keyed by correlation id,
 the audit trail of one workflow is in one partition in the order it happened and
 ``mesh tap mesh.audit`` decodes them like any topic. Every agent publishes, with the
 outputs of each input it handles (in the same acknowledged batch, so an input is not
-committed before its audit is stored):
+committed before its audit is stored), one ``consumed`` event per input: agent,
+topic, partition, offset, event id, correlation and causation ids, traceparent, size,
+when handling started, how long it took, the outcome (``ok``, ``retry``,
+``dead_letter``), the error, and ``outputs``: per event it produced, the new event
+id, topic, size and traceparent (one audit record per input keeps the audit's cost
+flat in the fan-out). :func:`expand` turns such an event into the ``consumed`` event
+plus one ``produced`` event per output, the form readers work with.
 
-* one ``consumed`` event per input: agent, topic, partition, offset, event id,
-  correlation and causation ids, traceparent, size, when handling started, how long
-  it took, the outcome (``ok``, ``retry``, ``dead_letter``) and the error;
-* one ``produced`` event per output: agent, topic, the new event id, its cause
-  (the input's event id), traceparent and size.
-
-Both name the process that did it in ``details["replica"]`` (``host:pid``).
+``details["replica"]`` names the process that did it (``host:pid``).
 
 An :class:`~mesh.emitter.Emitter` (and ``mesh emit``) publishes ``produced`` events for
-what it injects, and ``mesh dlq replay`` a ``dlq_replayed`` event. Payloads are left
+what it injects, a timer's emits are ``produced`` events too, and ``mesh dlq replay``
+publishes a ``dlq_replayed`` event. Payloads are left
 out unless ``MESH_AUDIT__PAYLOADS=true`` (then as JSON); headers, ids and sizes are
 always there. ``MESH_AUDIT__ENABLED=false`` turns publishing off.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
@@ -49,6 +51,17 @@ DLQ_REPLAYED = "dlq_replayed"
 OK = "ok"
 RETRY = "retry"
 DEAD_LETTER = "dead_letter"
+
+
+class AuditOutput(BaseModel):
+    """One event a handler produced from the input a ``consumed`` audit event is about."""
+
+    event_id: str
+    topic: str
+    size: int
+    traceparent: str | None = None
+    correlation_id: str | None = None  # when not the input's
+    payload: str | None = None
 
 
 class AuditEvent(BaseModel):
@@ -72,6 +85,7 @@ class AuditEvent(BaseModel):
     size: int | None = None
     payload: str | None = None  # JSON, only with MESH_AUDIT__PAYLOADS=true
     details: dict[str, str] = Field(default_factory=dict)
+    outputs: list[AuditOutput] = Field(default_factory=list)  # of a consumed event
 
 
 audit_topic = Topic("mesh.audit", AuditEvent, key="correlation_id", partitions=3,
@@ -101,8 +115,9 @@ class Auditor:
 
     def consumed(self, record: Record, event: Envelope[Any] | None, *, outcome: str,
                  started_ms: int, duration_s: float, error: BaseException | None = None,
-                 ) -> list[OutRecord]:
-        """The audit of one input (``event`` is None when it could not be decoded)."""
+                 outputs: Sequence[tuple[Envelope[Any], OutRecord]] = ()) -> list[OutRecord]:
+        """The audit of one input (``event`` is None when it could not be decoded), with
+        the outputs its handling produced: one record per input, whatever its fan-out."""
         if not self.enabled:
             return []
         payload = None
@@ -120,7 +135,13 @@ class Auditor:
             attempt=event.attempt if event else None,
             error_class=type(error).__name__ if error else None,
             error=str(error)[:1000] if error else None, size=len(record.value or b""),
-            payload=payload, details={"replica": self.replica}))]
+            payload=payload, details={"replica": self.replica},
+            outputs=[AuditOutput(
+                event_id=env.event_id, topic=out.topic, size=len(out.value or b""),
+                traceparent=env.traceparent,
+                correlation_id=None if event is not None
+                and env.correlation_id == event.correlation_id else env.correlation_id,
+                payload=self._payload(env)) for env, out in outputs]))]
 
     def produced(self, outputs: list[tuple[Envelope[Any], OutRecord]]) -> list[OutRecord]:
         """The audit of events this process produced (each with its envelope)."""
@@ -131,8 +152,32 @@ class Auditor:
             kind=PRODUCED, at_ms=at, agent=self.source, topic=out.topic,
             event_id=env.event_id, correlation_id=env.correlation_id,
             causation_id=env.causation_id, traceparent=env.traceparent,
-            attempt=env.attempt, size=len(out.value or b""),
-            payload=env.payload.model_dump_json()
-            if self.settings.payloads and isinstance(env.payload, BaseModel) else None,
+            attempt=env.attempt, size=len(out.value or b""), payload=self._payload(env),
             details={"replica": self.replica}))
             for env, out in outputs]
+
+    def _payload(self, env: Envelope[Any]) -> str | None:
+        if self.settings.payloads and isinstance(env.payload, BaseModel):
+            return env.payload.model_dump_json()
+        return None
+
+
+def expand(event: AuditEvent) -> list[AuditEvent]:
+    """``event`` as separate audit events: a ``consumed`` one listing outputs becomes
+    itself plus one ``produced`` event per output (what readers such as ``mesh trace``
+    and ``mesh top`` work with); any other event is returned as is.
+
+    Example:
+        >>> [e.kind for e in expand(AuditEvent(kind="consumed", event_id="e1",
+        ...     outputs=[AuditOutput(event_id="e2", topic="t", size=3)]))]
+        ['consumed', 'produced']
+    """
+    if not event.outputs:
+        return [event]
+    done = event.at_ms + round(event.duration_ms or 0)
+    return [event.model_copy(update={"outputs": []}), *(AuditEvent(
+        kind=PRODUCED, at_ms=done, agent=event.agent, topic=out.topic,
+        event_id=out.event_id, correlation_id=out.correlation_id or event.correlation_id,
+        causation_id=event.event_id, traceparent=out.traceparent, attempt=1,
+        size=out.size, payload=out.payload, details=dict(event.details))
+        for out in event.outputs)]

@@ -35,7 +35,15 @@ from typing import NamedTuple
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from mesh.observe.audit import CONSUMED, DEAD_LETTER, OK, PRODUCED, RETRY, AuditEvent
+from mesh.observe.audit import (
+    CONSUMED,
+    DEAD_LETTER,
+    OK,
+    PRODUCED,
+    RETRY,
+    AuditEvent,
+    expand,
+)
 
 REPLICA = "replica"  # details key naming the process that published an audit event
 FINISHED = (OK, RETRY, DEAD_LETTER)  # outcomes the success rate is taken over
@@ -130,6 +138,10 @@ class AuditWindow:
 
     def add(self, event: AuditEvent) -> None:
         """Count ``event`` (other kinds than consumed/produced are ignored)."""
+        if event.outputs:  # a consumed event listing its outputs: count each
+            for one in expand(event):
+                self.add(one)
+            return
         if event.agent is None or event.kind not in (CONSUMED, PRODUCED):
             return
         if not matches(event.agent, self.patterns):

@@ -54,6 +54,7 @@ from mesh.observe.audit import (
     RETRY,
     AuditEvent,
     audit_topic,
+    expand,
 )
 from mesh.reader import TopicReader
 from mesh.topic import DLQ_SUFFIX
@@ -227,7 +228,8 @@ def build_trace(correlation_id: str, events: Iterable[AuditEvent]) -> Trace:
         >>> build_trace("nothing", []).found
         False
     """
-    mine = sorted((e for e in events if e.correlation_id == correlation_id and e.event_id),
+    flat = (one for event in events for one in expand(event))  # outputs -> produced
+    mine = sorted((e for e in flat if e.correlation_id == correlation_id and e.event_id),
                   key=lambda e: (e.at_ms, e.kind != PRODUCED))
     by_id: dict[str, list[AuditEvent]] = defaultdict(list)
     for event in mine:

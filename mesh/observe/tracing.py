@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -31,25 +32,36 @@ except ImportError:  # the optional extra is not installed: ids travel, no spans
     trace = None  # type: ignore[assignment]
 
 
+_LOOK_EVERY_S = 5.0
+
+
 class HandlerTracer:
     """Makes a span per handler run when OpenTelemetry is installed and enabled."""
 
     def __init__(self, settings: TracingSettings, *, provider: Any = None) -> None:
         self.active = settings.enabled and trace is not None
         self._provider = provider
+        self._seen_provider = False
+        self._next_look = 0.0
         if self.active:
             self._tracer = trace.get_tracer("mesh", tracer_provider=provider)
             self._propagator = TraceContextTextMapPropagator()
 
     def _recording(self) -> bool:
         """Whether spans would record: a provider was given or the process set one (the
-        API's default proxy and no-op providers record nothing, so skip their cost)."""
+        API's default proxy and no-op providers record nothing, so skip their cost).
+        Looked up again at most every few seconds while none is set."""
         if not self.active:
             return False
-        if self._provider is not None:
+        if self._provider is not None or self._seen_provider:
             return True
-        return not isinstance(trace.get_tracer_provider(),
-                              (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+        now = time.monotonic()
+        if now >= self._next_look:
+            self._next_look = now + _LOOK_EVERY_S
+            self._seen_provider = not isinstance(
+                trace.get_tracer_provider(), (trace.ProxyTracerProvider,
+                                              trace.NoOpTracerProvider))
+        return self._seen_provider
 
     @contextlib.contextmanager
     def span(self, agent: str, topic: str, event: Envelope[Any]) -> Iterator[str | None]:

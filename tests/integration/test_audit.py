@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 from mesh import Codec, Emitter, Mesh, apply_topics
-from mesh.observe.audit import AuditEvent, audit_topic
+from mesh.observe.audit import AuditEvent, audit_topic, expand
 from tests.apps.chain import Item, build
 from tests.conftest import BrokerUnderTest
 from tests.support import Follower, wait_for_count
@@ -26,8 +26,7 @@ class AuditOf(Follower):
     async def apply(self, record: Any) -> None:
         event = await self.codec.decode(audit_topic, record.value or b"")
         assert isinstance(event, AuditEvent)
-        if event.correlation_id == self.correlation_id:
-            self.events.append(event)
+        self.events += [e for e in expand(event) if e.correlation_id == self.correlation_id]
 
     def of(self, kind: str, agent: str | None = None) -> list[AuditEvent]:
         return [e for e in self.events if e.kind == kind and agent in (None, e.agent)]

@@ -1,0 +1,43 @@
+"""The audit event's wire form: one record per input, expanded for readers."""
+
+from __future__ import annotations
+
+from mesh.codec import Codec
+from mesh.config import AuditSettings
+from mesh.envelope import Envelope
+from mesh.observe.audit import AuditEvent, Auditor, audit_topic, expand
+from mesh.transport import OutRecord, Record
+from tests.apps.chain import Item
+
+
+async def test_one_record_per_input_lists_its_outputs_and_expands_to_produced_events() -> None:
+    codec = Codec()
+    auditor = Auditor(codec, AuditSettings(), source="stage1")
+    event = Envelope.new(Item(key="k", seq=1, source_id="a"), source="emit",
+                         correlation_id="wf-1")
+    record = Record("in", 2, 40, b"k", b"x" * 30, (), 0)
+    same = event.child(Item(key="k", seq=1, source_id="a"), agent="stage1", index=0, key=b"k")
+    other = Envelope.new(Item(key="k", seq=1, source_id="b"), source="stage1",
+                         correlation_id="wf-2")
+    [out] = auditor.consumed(record, event, outcome="ok", started_ms=1_000, duration_s=0.25,
+                             outputs=[(same, OutRecord("a", b"y" * 7)),
+                                      (other, OutRecord("b", b"z" * 9))])
+    assert (out.topic, out.key) == (audit_topic.name, b"wf-1")
+    decoded = await codec.decode(audit_topic, out.value or b"")
+    assert isinstance(decoded, AuditEvent) and len(decoded.outputs) == 2
+    consumed, first, second = expand(decoded)
+    assert (consumed.kind, consumed.outputs, consumed.size, consumed.duration_ms) == (
+        "consumed", [], 30, 250.0)
+    assert (first.kind, first.event_id, first.topic, first.size, first.causation_id,
+            first.correlation_id, first.at_ms, first.agent) == (
+        "produced", same.event_id, "a", 7, event.event_id, "wf-1", 1_250, "stage1")
+    assert first.traceparent == same.traceparent
+    assert (second.correlation_id, second.topic) == ("wf-2", "b")  # emitted for another
+    assert expand(first) == [first]
+
+
+def test_nothing_is_built_when_the_audit_is_off() -> None:
+    auditor = Auditor(Codec(), AuditSettings(enabled=False), source="stage1")
+    record = Record("in", 0, 0, None, b"x", (), 0)
+    assert auditor.consumed(record, None, outcome="dead_letter", started_ms=0,
+                            duration_s=0) == []
