@@ -3,8 +3,9 @@
 researcher -> writer -> editor is a sequential chain; the fact checker consumes the
 researcher's topic in its own consumer group beside the writer (fan-out by wiring).
 Each agent runs as its own `mesh run` process, the way it would be deployed. The demo
-emits a few requests, prints what comes out of both branches, and stops everything
-with SIGTERM (each service finishes its work, commits and exits 0).
+emits a few requests, prints what comes out of both branches and the first request's
+trace from the audit topic, and stops everything with SIGTERM (each service finishes
+its work, commits and exits 0).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rich.table import Table
 
 from agents.demo import app
 from mesh import Codec, EmbeddedBroker, Emitter, Envelope, MeshSettings, apply_topics
+from mesh.observe.trace import read_trace, render_trace
 from mesh.reader import TopicReader
 from topics.demo import ResearchRequest, articles, fact_checks, requests
 
@@ -78,6 +80,14 @@ def show(sent: list[Envelope[ResearchRequest]], found: dict) -> None:
     console.print(table)
 
 
+async def show_trace(settings: MeshSettings, first: Envelope[ResearchRequest]) -> None:
+    """The first request's way through the mesh, from the audit topic every agent
+    publishes to (what `mesh trace <correlation id>` prints)."""
+    trace = await read_trace(settings.kafka, first.correlation_id)
+    console.print(f"\n[bold]mesh trace {first.correlation_id}[/bold] (from mesh.audit):")
+    console.print(render_trace(trace))
+
+
 async def run(bootstrap: str) -> int:
     settings = MeshSettings().with_bootstrap(bootstrap, embedded=True)
     changes = await apply_topics(settings.kafka, app.topics.values())
@@ -91,6 +101,7 @@ async def run(bootstrap: str) -> int:
         found = await collect(settings, len(sent))
         show(sent, found)
         complete = all(len(v) == len(sent) for v in found.values())
+        await show_trace(settings, sent[0])
     finally:
         for proc in services.values():
             if proc.poll() is None:
