@@ -1,0 +1,39 @@
+"""Every example (and `make demo`'s script) runs as a user would run it: its own
+embedded broker, exit code 0, and the output it promises."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+EXPECTED = {  # example -> a line fragment its output must contain
+    "demo.py": "services stopped: researcher exit 0, writer exit 0, editor exit 0",
+    "chain.py": "briefing.review",
+    "fan_out.py": "timed out",
+    "delegation.py": "Report:",
+    "supervisor.py": "results: 30/30 jobs done",
+    "pipeline.py": "extract",
+    "content.py": "published",
+}
+
+
+def test_every_example_is_listed() -> None:
+    assert sorted(EXPECTED) == sorted(p.name for p in (ROOT / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_runs_on_its_own_embedded_broker(name: str) -> None:
+    """Pass: exit code 0 and the promised output; no MESH_ variable of the test
+    session leaks in (each example starts and stops its own broker)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(PYTHONPATH=str(ROOT), MESH_METRICS__HOST="127.0.0.1", COLUMNS="200")
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / name)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert EXPECTED[name] in " ".join(output.split()), output[-4000:]
