@@ -53,6 +53,7 @@ class Emitted:
     key: bytes | None
     correlation_id: str | None = None
     traceparent: str | None = None
+    causation_id: str | None = None
 
 
 FailureHandler = Callable[[Any, "Context", BaseException], Awaitable[None]]
@@ -145,14 +146,16 @@ class Context:
         return (topic.name, partition) in self.assigned
 
     def emit(self, topic: Topic[M], payload: M, *, key: bytes | str | None = None,
-             correlation_id: str | None = None, traceparent: str | None = None) -> None:
+             correlation_id: str | None = None, traceparent: str | None = None,
+             causation_id: str | None = None) -> None:
         """Produce ``payload`` to ``topic`` once the handler succeeds.
 
         ``topic`` must be one the agent declares it produces. The key defaults to the
         topic's key field, else the input's key (so per-key order carries on). The
         output carries the input's correlation id unless ``correlation_id`` is given,
-        and continues the input's trace unless ``traceparent`` names another (a timer
-        answering for a request it kept).
+        continues the input's trace unless ``traceparent`` names another, and names the
+        input as its cause unless ``causation_id`` names another event (a timer
+        answering for a request it kept: the request's ids, kept in state).
         """
         if topic not in self.agent.produces:
             known = ", ".join(t.name for t in self.agent.produces) or "none"
@@ -164,7 +167,8 @@ class Context:
         raw_key = key.encode() if isinstance(key, str) else key
         if raw_key is None:
             raw_key = topic.key_of(payload) if topic.key else self.event.key
-        self.outputs.append(Emitted(topic, payload, raw_key, correlation_id, traceparent))
+        self.outputs.append(Emitted(topic, payload, raw_key, correlation_id, traceparent,
+                                    causation_id))
 
 
 class Agent(Generic[P]):

@@ -81,6 +81,8 @@ class Outputs:
             child = event.child(emitted.payload, agent=agent.name, index=index, key=emitted.key)
             if emitted.correlation_id is not None:
                 child = replace(child, correlation_id=emitted.correlation_id)
+            if emitted.causation_id is not None:  # caused by a kept event, not the input
+                child = replace(child, causation_id=emitted.causation_id)
             if emitted.traceparent is not None:  # another trace than the input's
                 child = replace(child, traceparent=child_traceparent(emitted.traceparent,
                                                                      child.event_id))

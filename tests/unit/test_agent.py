@@ -155,3 +155,21 @@ def test_retry_record_keeps_the_input_partition_and_schedules_the_next_tier() ->
 def test_agent_consuming_nothing_raises_config_error() -> None:
     with pytest.raises(ConfigError, match="consumes nothing"):
         Agent("idle", consumes=[])
+
+
+def test_emit_can_name_another_cause_trace_and_correlation_than_the_input() -> None:
+    """A timer answering for a request it kept emits with the request's ids."""
+    from mesh.codec import Codec
+    from mesh.envelope import child_traceparent, new_traceparent
+    from mesh.runtime import Outputs
+
+    ctx = _ctx()
+    kept = new_traceparent()
+    ctx.emit(answers, Answer(qid="q1", text="late"), correlation_id="wf-9",
+             traceparent=kept, causation_id="request-1")
+    ctx.emit(answers, Answer(qid="q2", text="now"))
+    [(late, _), (now, _)] = Outputs(Codec(), 1 << 20).emitted(answerer, ctx.event, ctx)
+    assert (late.correlation_id, late.causation_id) == ("wf-9", "request-1")
+    assert late.traceparent == child_traceparent(kept, late.event_id)
+    assert (now.correlation_id, now.causation_id) == (ctx.event.correlation_id,
+                                                      ctx.event.event_id)
