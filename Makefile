@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINT_STAMP := $(VENV)/.installed-lint
 
 .PHONY: demo test test-fast bench schemas lint clean
 
@@ -28,5 +29,13 @@ bench: $(STAMP)
 schemas: $(STAMP)
 	$(BIN)/mesh schemas export
 
+# ruff and mypy (strict, see pyproject.toml) on mesh/; the `lint` extra on top of the test one
+$(LINT_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[lint]'
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check mesh; ruff=$$?; $(BIN)/mypy && exit $$ruff
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -285,7 +285,8 @@ class Agent(Generic[P]):
         for item in items:
             matches = [t for t in self.produces if isinstance(item, t.model)]
             if len(matches) != 1:
-                why = "no produced topic carries" if not matches else "several produced topics carry"
+                why = ("no produced topic carries" if not matches
+                       else "several produced topics carry")
                 raise ConfigError(f"Agent {self.name!r} returned a {type(item).__name__}, but "
                                   f"{why} it; use ctx.emit(topic, payload) to choose.")
             routed.append((matches[0], item))

@@ -21,7 +21,8 @@ _SHOWN = 5  # offending ids named per kind in Report.summary()
 def _need_id(owner: str, name: str, value: object, *, empty_ok: bool = False) -> None:
     if not isinstance(value, str) or not (value or empty_ok):
         raise ValueError(f"{owner}.{name} must be a {'' if empty_ok else 'non-empty '}string, "
-                         f"got {value!r}; pass the value exactly as carried by the event (decoded).")
+                         f"got {value!r}; pass the value exactly as carried by the event "
+                         "(decoded).")
 
 
 def _need_count(owner: str, name: str, value: object) -> None:
@@ -139,8 +140,9 @@ class History:
         slots: dict[tuple[str, int], str] = {}
         for inj in self.injected:
             if inj.event_id in ids:
-                raise ValueError(f"History.injected has event id {inj.event_id!r} twice; ids must be "
-                                 f"unique or the check is meaningless — give every injection a fresh id.")
+                raise ValueError(
+                    f"History.injected has event id {inj.event_id!r} twice; ids must be "
+                    "unique or the check is meaningless: give every injection a fresh id.")
             ids.add(inj.event_id)
             other = slots.setdefault((inj.key, inj.seq), inj.event_id)
             if other != inj.event_id:

@@ -8,6 +8,7 @@ start the embedded broker and create the declared topics themselves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -296,10 +297,8 @@ def tap(topic_names: Annotated[list[str], typer.Argument(metavar="TOPIC...")],
             async for record in reader.follow(limit=limit, idle_timeout=idle_timeout):
                 _print_record(await _describe(record, declared, codec), as_json)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends a follow: not an error
         asyncio.run(show())
-    except KeyboardInterrupt:
-        pass
 
 
 async def _describe(record: Record, declared: dict[str, Topic[Any]],
@@ -395,7 +394,7 @@ def dlq_show(topic: Annotated[str, typer.Argument(help="TOPIC or TOPIC.dlq")],
              offset: int, partition: Annotated[int | None, typer.Option()] = None,
              modules: ModulesOpt = DEFAULT_MODULES) -> None:
     """One dead letter whole: headers, failure, and the payload decoded if it can be."""
-    settings, letters = _letters(topic)
+    _, letters = _letters(topic)
     found = [d for d in letters if d.record.offset == offset
              and (partition is None or d.record.partition == partition)]
     if len(found) != 1:

@@ -92,7 +92,7 @@ class EmbeddedBroker:
                    # memory-only: a restart is a new, empty cluster, and says so
                    "--cluster-id", f"mesh-{uuid.uuid4().hex[:12]}", "--silent"]
         # stderr to a file, not a pipe: a pipe nobody reads would block the broker once full
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  # open while the broker runs
         self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=self._stderr,
                                          start_new_session=True)

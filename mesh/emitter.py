@@ -3,7 +3,8 @@
 An :class:`Emitter` validates payloads against the topic's model, encodes them the way
 the mesh does (Avro, single-object or Confluent framing), sets the mesh headers (a new
 event id, the correlation id, a new trace, ``mesh-source``) and produces them, waiting
-for the broker's acknowledgement; what it injected is recorded on ``mesh.audit``. ``mesh emit`` is this, from a shell.
+for the broker's acknowledgement; what it injected is recorded on ``mesh.audit``.
+``mesh emit`` is this, from a shell.
 
 Example:
     >>> async with Emitter(MeshSettings(), source="billing") as emitter:  # doctest: +SKIP

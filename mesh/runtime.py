@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -141,7 +142,8 @@ class AgentRunner:
     """Runs one agent: its consumer group, its lanes, its commits.
 
     Example:
-        >>> runner = AgentRunner(answerer, settings, producer=producer, codec=codec)  # doctest: +SKIP
+        >>> runner = AgentRunner(answerer, settings, producer=producer,
+        ...                      codec=codec)  # doctest: +SKIP
         >>> await runner.run(stop_event)  # doctest: +SKIP
     """
 
@@ -569,8 +571,8 @@ class AgentRunner:
                       ) -> tuple[Acks, int, BaseException | None, list[OutRecord]]:
         """Run the handler: a retriable failure goes to the retry topic (or, with a
         blocking policy, is retried in place); returns the acks, the attempts made here,
-        the final error (None on success) and the output records (with state writes). Every attempt is
-        audited, with the outputs of the last."""
+        the final error (None on success) and the output records (with state writes).
+        Every attempt is audited, with the outputs of the last."""
         policy = self.agent.retry
         in_place = policy.attempts if policy.blocking else 1
         first_failure: int | None = None
@@ -612,13 +614,20 @@ class AgentRunner:
                 total = event.attempt + attempt - 1
                 acks = await self._failed(
                     record, event, exc, attempts=total, first_failure_ms=first_failure,
-                    audit=lambda emitted: [*earlier, *self._audit(
-                        record, this, DEAD_LETTER, tried, exc, emitted)])
+                    audit=functools.partial(self._failure_audit, record, this, tried, exc,
+                                            earlier))
                 return acks, attempt, exc, []
             self.handled += 1
             audit = earlier + self._audit(record, this, OK, tried, emitted=emitted)
             return await self.producer.send_many(records + audit), attempt, None, records
         raise AssertionError("unreachable: the last attempt returns or dead-letters")
+
+    def _failure_audit(self, record: Record, event: Envelope[Any], tried: float,
+                       error: BaseException, earlier: list[OutRecord],
+                       emitted: Sequence[tuple[Envelope[Any], OutRecord]]) -> list[OutRecord]:
+        """The audit of an input failing for good (after ``earlier`` in-place attempts),
+        listing what its failure handler emitted."""
+        return [*earlier, *self._audit(record, event, DEAD_LETTER, tried, error, emitted)]
 
     async def _failed(self, record: Record, event: Envelope[Any], error: BaseException, *,
                       attempts: int, first_failure_ms: int | None = None,

@@ -115,17 +115,17 @@ class _Builder:
         self.building.add(name)
         fields, to_avro, from_avro = [], {}, {}
         for fname, info in model.model_fields.items():
-            schema, to, back = self.build(info.annotation)
+            schema, field_to, field_back = self.build(info.annotation)
             entry: dict[str, Any] = {"name": fname, "type": schema}
             if info.description:
                 entry["doc"] = info.description
             default = _schema_default(info)
             if default is not PydanticUndefined:
-                entry["type"], entry_default = _with_default(schema, _apply(to, default))
+                entry["type"], entry_default = _with_default(schema, _apply(field_to, default))
                 if entry_default is not PydanticUndefined:
                     entry["default"] = entry_default
             fields.append(entry)
-            to_avro[fname], from_avro[fname] = to, back
+            to_avro[fname], from_avro[fname] = field_to, field_back
         schema = {"type": "record", "name": model.__name__, "namespace": _namespace(model),
                   "fields": fields}
         if model.__doc__:
@@ -210,7 +210,7 @@ def _json_dumps(value: Any) -> str:
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _namespace(model: type[BaseModel]) -> str:
@@ -227,7 +227,7 @@ def _with_default(schema: Any, default: Any) -> tuple[Any, Any]:
             return schema, None
         rest = [s for s in schema if s != "null"]
         if len(rest) == 1 and _plain(default):
-            return rest + ["null"], default
+            return [*rest, "null"], default
         return schema, PydanticUndefined
     if _plain(default):
         return schema, default

@@ -22,7 +22,6 @@ from aiokafka import (
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.partitioner import murmur2
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
@@ -30,6 +29,7 @@ from aiokafka.errors import (
     RebalanceInProgressError,
     TopicAlreadyExistsError,
 )
+from aiokafka.partitioner import murmur2
 
 from mesh.config import KafkaSettings
 from mesh.errors import CommitFailed, TransportError
@@ -149,11 +149,12 @@ class Producer(_Client):
     async def send(self, record: OutRecord) -> Awaitable[Any]:
         """Queue ``record``; the returned awaitable resolves when the broker acks it."""
         try:
-            return await self._client.send(
+            ack: Awaitable[Any] = await self._client.send(  # aiokafka: an asyncio.Future
                 record.topic, record.value, key=record.key, headers=list(record.headers),
                 partition=record.partition)
         except KafkaError as exc:
             raise _transport_error(exc, f"Producing to {record.topic}") from exc
+        return ack
 
     async def send_many(self, records: Iterable[OutRecord]) -> Acks:
         """Queue ``records`` (they are batched with others) and return their acks,
@@ -206,7 +207,8 @@ class Consumer(_Client):
 
     Example:
         >>> consumer = Consumer(settings, group_id="writer")  # doctest: +SKIP
-        >>> await consumer.start(); consumer.subscribe(["demo.questions"], ...)
+        >>> await consumer.start()  # doctest: +SKIP
+        >>> consumer.subscribe(["demo.q"], on_assigned=grow, on_revoked=shrink)  # doctest: +SKIP
     """
 
     _role = "consumer"
@@ -245,7 +247,8 @@ class Consumer(_Client):
         """The partitions of ``topic`` from broker metadata (empty if it does not exist)."""
         parts = self._client.partitions_for_topic(topic)
         if parts is None:
-            await self._client._client.force_metadata_update()  # noqa: SLF001
+            # the consumer's private client: aiokafka has no public metadata refresh
+            await self._client._client.force_metadata_update()
             parts = self._client.partitions_for_topic(topic)
         return [Partition(topic, p) for p in sorted(parts or ())]
 

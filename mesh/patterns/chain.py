@@ -24,8 +24,9 @@ Kafka semantics: one step = one agent = one consumer group (replicas share it). 
 hop topic is keyed by the chain's key (the request's record key, else its correlation
 id), so the steps of one key run in the order the requests arrived. A step that
 raises a retriable error is retried (the step agent's ``RetryPolicy``: through retry
-topics by default; ``blocking=True`` keeps per-key order); one that fails for good emits one ``ChainFailed`` (naming the step's index, name and agent,
-the error and the partial results) and its input goes to the hop's ``.dlq``; that
+topics by default; ``blocking=True`` keeps per-key order); one that fails for good
+emits one ``ChainFailed`` (naming the step's index, name and agent, the error and the
+partial results) and its input goes to the hop's ``.dlq``; that
 correlation id reaches nothing further, and other keys keep flowing. Delivery is
 at-least-once with deterministic event ids: a replayed step emits the same ids, so
 consumers of ``completed``/``failed``/``events`` dedup by ``mesh-event-id``.

@@ -116,9 +116,10 @@ class EventBus:
             raise ConfigError(f"Event type {FAILED!r} is reserved by the bus for listener "
                               "failures. Name your type differently.")
         self.namespace, self.key, self.agent_prefix = namespace, key, agent_prefix
-        self.types = MappingProxyType({**types, FAILED: ListenerFailed})
+        declared: dict[str, type[BaseModel]] = {**types, FAILED: ListenerFailed}
+        self.types: Mapping[str, type[BaseModel]] = MappingProxyType(declared)
         self.listeners: list[Agent[Any]] = []
-        topics = {}
+        topics: dict[str, Topic[Any]] = {}
         for name, model in self.types.items():
             if not _TYPE_NAME.match(name):
                 raise ConfigError(f"Event type name {name!r} is not valid: use 1-100 letters, "
@@ -153,7 +154,7 @@ class EventBus:
 
     def payload(self, event_type: str, payload: BaseModel | Mapping[str, Any]) -> BaseModel:
         """``payload`` as the type's model (a mapping is validated into it)."""
-        model = self.topic(event_type).model
+        model: type[BaseModel] = self.topic(event_type).model
         if isinstance(payload, Mapping):
             try:
                 return model.model_validate(payload)
@@ -204,9 +205,10 @@ class EventBus:
                 if on_failure is not None:
                     await on_failure(payload, events, error)
 
-            listener = Agent(agent_name, consumes=consumes, produces=produces, handler=handle,
-                             description=(handler.__doc__ or "").strip(), state=tuple(state),
-                             on_failure=failed)
+            listener: Agent[Any] = Agent(
+                agent_name, consumes=consumes, produces=produces, handler=handle,
+                description=(handler.__doc__ or "").strip(), state=tuple(state),
+                on_failure=failed)
             self.listeners.append(listener)
             return listener
 

@@ -120,7 +120,7 @@ class DeadLetter:
                         if k not in DLQ_HEADERS and k != REPLAYED_FROM)
         origin = f"{self.record.topic}[{self.record.partition}]@{self.record.offset}"
         return OutRecord(target, self.record.value, self.record.key,
-                         headers + ((REPLAYED_FROM, origin.encode()),))
+                         (*headers, (REPLAYED_FROM, origin.encode())))
 
 
 async def read_dead_letters(settings: KafkaSettings, topic: str) -> list[DeadLetter]:

@@ -202,7 +202,7 @@ def with_fallbacks(primary: Agent[Any], *fallbacks: Agent[Any] | Handler,
     produced.append(events)
     stats = FallbackStats(agent_name, [level.name for level in levels])
     wrapped: dict[type[BaseModel], Topic[Any]] = {
-        t.model.__fallback_of__: t for t in produced  # type: ignore[attr-defined]
+        t.model.__fallback_of__: t for t in produced
         if hasattr(t.model, "__fallback_of__")}
 
     async def handle(payload: Any, ctx: Context) -> Any:
