@@ -28,6 +28,9 @@ shows by default:
 * state tables (compacted topics an agent rebuilds from and writes): a two-way dotted
   edge, always shown, never flagged.
 
+Drawing a topology (Mermaid, DOT, SVG/PNG) is :mod:`mesh.observe.drawing`'s job; its
+names stay importable from here, and :func:`draw` does both for ``mesh graph``.
+
 Example:
     >>> from pydantic import BaseModel
     >>> from mesh.agent import agent
@@ -48,13 +51,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import pkgutil
-import re
-import shutil
-import subprocess
 import sys
-import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,17 +62,30 @@ from typing import Any, Literal
 from mesh.agent import Agent, App
 from mesh.errors import ConfigError
 from mesh.observe.audit import audit_topic
+from mesh.observe.drawing import (
+    EXTRA_HINT,
+    FORMATS,
+    RENDER_TIMEOUT_S,
+    RENDERERS,
+    find_renderer,
+    render,
+    render_image,
+    to_dot,
+    to_mermaid,
+)
 from mesh.resilience.retry import is_retry_topic, origin_of
 from mesh.topic import DLQ_SUFFIX, Topic, collect_topics, discover_topics
+
+__all__ = [  # the drawing names live in mesh.observe.drawing; importable here as before
+    "DEFAULT_TARGET", "EXTRA_HINT", "FORMATS", "RENDERERS", "RENDER_TIMEOUT_S", "AgentNode",
+    "Edge", "EdgeKind", "Flag", "TopicKind", "TopicNode", "Topology", "build_topology",
+    "collect", "draw", "find_renderer", "load_target", "render", "render_image", "to_dot",
+    "to_mermaid"]
 
 logger = logging.getLogger(__name__)
 
 TopicKind = Literal["topic", "retry", "dead_letter", "audit"]
 EdgeKind = Literal["consumes", "produces", "state", "retry", "dead_letter", "audit"]
-FORMATS = ("mermaid", "dot", "svg", "png")
-RENDERERS = ("graphviz-pure", "dot")  # graphviz-pure first: the `graph` extra installs it
-RENDER_TIMEOUT_S = 60.0
-EXTRA_HINT = "pip install 'kafka-agent-mesh[graph]'"
 DEFAULT_TARGET = "agents"
 
 
@@ -369,166 +380,6 @@ def _modules(module: ModuleType) -> Iterator[ModuleType]:
         yield importlib.import_module(info.name)
 
 
-# --- rendering --------------------------------------------------------------------
-
-
-def _ids(topology: Topology) -> dict[tuple[str, str], str]:
-    """Stable, readable node ids (``a_writer``, ``t_demo_drafts``), unique even when an
-    agent and a topic share a name."""
-    ids: dict[tuple[str, str], str] = {}
-    taken: set[str] = set()
-    keys = [("agent", a.name) for a in topology.agents] + [("topic", t.name)
-                                                            for t in topology.topics]
-    for kind, name in keys:
-        base = f"{kind[0]}_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
-        candidate, n = base, 1
-        while candidate in taken:
-            n += 1
-            candidate = f"{base}_{n}"
-        taken.add(candidate)
-        ids[(kind, name)] = candidate
-    return ids
-
-
-def _topic_lines(t: TopicNode) -> list[str]:
-    if t.kind == "dead_letter":
-        return [t.name, f"dead letters of {t.origin}"]
-    if t.kind == "retry":
-        return [t.name, f"retry tier of {t.origin}"]
-    extras = [_count(t.partitions, "partition")]
-    extras += ["compacted"] * t.compacted + ["+ .dlq"] * t.dead_letters
-    lines = [t.name, t.model, ", ".join(extras)]
-    lines += ["fed from outside"] * t.source + ["read outside"] * t.sink
-    return lines
-
-
-def _agent_lines(a: AgentNode) -> list[str]:
-    lines = [a.name, f"group: {a.group}"]
-    return lines + ([f"{a.replicas} replicas"] if a.replicas > 1 else [])
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' if n != 1 else ''}"
-
-
-def _flagged(topology: Topology) -> set[str]:
-    return {f.topic for f in topology.flags}
-
-
-_MERMAID_ARROWS = {"consumes": "-->", "produces": "-->", "state": "<-.->", "retry": "-.->",
-                   "dead_letter": "-.->", "audit": "-.->"}
-_EDGE_LABELS = {"state": "state", "retry": "retry", "dead_letter": "dead letter"}
-_COLOURS = {"agent": ("#e3ecfa", "#3367d6"), "topic": ("#fff5d6", "#b58900"),
-            "retry": ("#f3f3f3", "#888888"), "dead_letter": ("#fde7e7", "#b3261e"),
-            "audit": ("#eeeeee", "#666666")}
-
-
-def _mermaid_text(text: str) -> str:
-    return (text.replace("&", "#amp;").replace('"', "#quot;").replace("<", "#lt;")
-            .replace(">", "#gt;"))
-
-
-def to_mermaid(topology: Topology) -> str:
-    """A Mermaid ``flowchart LR``: agents as rounded boxes, topics as cylinders, flagged
-    topics with a red border. Paste it in a ```` ```mermaid ```` block."""
-    ids = _ids(topology)
-    counts = f"{_count(len(topology.agents), 'agent')}, {_count(len(topology.topics), 'topic')}"
-    out = ["flowchart LR", f"    %% mesh graph: {counts}"]
-    for t in topology.topics:
-        label = "<br/>".join(_mermaid_text(x) for x in _topic_lines(t))
-        out.append(f'    {ids[("topic", t.name)]}[("{label}")]:::{t.kind}')
-    for a in topology.agents:
-        label = "<br/>".join(_mermaid_text(x) for x in _agent_lines(a))
-        out.append(f'    {ids[("agent", a.name)]}("{label}"):::agent')
-    for e in topology.edges:
-        agent_id, topic_id = ids[("agent", e.agent)], ids[("topic", e.topic)]
-        first, second = (topic_id, agent_id) if e.kind == "consumes" else (agent_id, topic_id)
-        text = e.label or _EDGE_LABELS.get(e.kind, "")
-        label = f'|"{_mermaid_text(text)}"|' if text else ""
-        out.append(f"    {first} {_MERMAID_ARROWS[e.kind]}{label} {second}")
-    for kind, (fill, stroke) in _COLOURS.items():
-        out.append(f"    classDef {kind} fill:{fill},stroke:{stroke},color:#1a1a1a")
-    out.append("    classDef flagged stroke:#d93025,stroke-width:3px,stroke-dasharray:6 3")
-    flagged = [ids[("topic", name)] for name in sorted(_flagged(topology))
-               if ("topic", name) in ids]
-    if flagged:
-        out.append(f"    class {','.join(flagged)} flagged")
-    return "\n".join(out) + "\n"
-
-
-def _dot_text(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def to_dot(topology: Topology) -> str:
-    """Graphviz DOT source for the same picture (``dot -Tsvg``, or ``--format svg``)."""
-    ids = _ids(topology)
-    flagged = _flagged(topology)
-    out = ["digraph mesh {", "    rankdir=LR;",
-           '    graph [fontname="Helvetica", fontsize=10, nodesep=0.3, ranksep=0.6];',
-           '    node [fontname="Helvetica", fontsize=10];',
-           '    edge [fontname="Helvetica", fontsize=9, color="#555555"];']
-    for t in topology.topics:
-        fill, stroke = _COLOURS[t.kind]
-        style = "filled,dashed" if t.name in flagged else "filled"
-        stroke, width = ("#d93025", 2.5) if t.name in flagged else (stroke, 1.0)
-        out.append(f'    {ids[("topic", t.name)]} [shape=cylinder, style="{style}", '
-                   f'fillcolor="{fill}", color="{stroke}", penwidth={width}, '
-                   f'label="{_dot_text(chr(10).join(_topic_lines(t)))}"];')
-    for a in topology.agents:
-        fill, stroke = _COLOURS["agent"]
-        out.append(f'    {ids[("agent", a.name)]} [shape=box, style="rounded,filled", '
-                   f'fillcolor="{fill}", color="{stroke}", '
-                   f'label="{_dot_text(chr(10).join(_agent_lines(a)))}", '
-                   f'tooltip="{_dot_text(a.description or a.name)}"];')
-    for e in topology.edges:
-        agent_id, topic_id = ids[("agent", e.agent)], ids[("topic", e.topic)]
-        first, second = (topic_id, agent_id) if e.kind == "consumes" else (agent_id, topic_id)
-        attrs = []
-        if e.kind not in ("consumes", "produces"):
-            attrs.append("style=dashed")
-        if e.kind == "state":
-            attrs.append("dir=both")
-        text = e.label or _EDGE_LABELS.get(e.kind, "")
-        if text:
-            attrs.append(f'label="{_dot_text(text)}"')
-        out.append(f"    {first} -> {second}" + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
-    out.append("}")
-    return "\n".join(out) + "\n"
-
-
-def find_renderer() -> str | None:
-    """The Graphviz program to lay out DOT: ``graphviz-pure`` (the ``graph`` extra; looked
-    for beside this Python too, so an unactivated venv works), else Graphviz's ``dot``."""
-    search = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
-    for name in RENDERERS:
-        found = shutil.which(name, path=search)
-        if found:
-            return found
-    return None
-
-
-def render_image(dot: str, fmt: Literal["svg", "png"]) -> bytes:
-    """Lay out ``dot`` with Graphviz and return the SVG or PNG bytes."""
-    program = find_renderer()
-    if program is None:
-        raise ConfigError(f"--format {fmt} needs a Graphviz renderer, and none was found "
-                          f"({' or '.join(RENDERERS)} beside Python or on PATH). Install the "
-                          f"graph extra ({EXTRA_HINT}), or use --format mermaid or dot.")
-    logger.debug("rendering %s with %s", fmt, program)
-    try:
-        done = subprocess.run([program, f"-T{fmt}"], input=dot.encode(), capture_output=True,
-                              timeout=RENDER_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise ConfigError(f"{program} did not lay out the graph within {RENDER_TIMEOUT_S:.0f}"
-                          " s. Use --format dot and render it yourself.") from exc
-    if done.returncode != 0 or not done.stdout:
-        raise ConfigError(f"{program} -T{fmt} failed (exit {done.returncode}): "
-                          f"{done.stderr.decode(errors='replace').strip()[:500]}. "
-                          "Use --format dot to see the source it was given.")
-    return done.stdout
-
-
 def draw(target: str | None, *, fmt: str = "mermaid", topic_modules: Iterable[str] = (),
          sources: Iterable[str] = (), sinks: Iterable[str] = (), retries: bool = False,
          dead_letters: bool = False, audit: bool = False) -> tuple[bytes, tuple[Flag, ...]]:
@@ -552,14 +403,3 @@ def draw(target: str | None, *, fmt: str = "mermaid", topic_modules: Iterable[st
     topology = build_topology(agents, topics=[*extra, *declared], sources=sources, sinks=sinks)
     view = topology.view(retries=retries, dead_letters=dead_letters, audit=audit)
     return render(view, fmt), topology.flags
-
-
-def render(topology: Topology, fmt: str) -> bytes:
-    """``topology`` in ``fmt`` (mermaid, dot, svg or png), as bytes to write."""
-    if fmt == "mermaid":
-        return to_mermaid(topology).encode()
-    if fmt == "dot":
-        return to_dot(topology).encode()
-    if fmt in ("svg", "png"):
-        return render_image(to_dot(topology), "svg" if fmt == "svg" else "png")
-    raise ConfigError(f"Unknown --format {fmt!r}: use one of {', '.join(FORMATS)}.")

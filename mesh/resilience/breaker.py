@@ -16,31 +16,10 @@ version (the previous one + 1); an instance applies a record only if its version
 higher than the one it holds, or equal and more open (open > half-open > closed), so
 replays and stale writes are ignored and an opening wins over a concurrent close.
 
-Shared probe budget, from Kafka's log order. A half-open period is an *epoch*, named by
-the version of its half-open record. A replica that wants a probe produces a *claim*
-(key ``<breaker>/probe/<epoch>/<replica>/<nonce>``, a :class:`BreakerRecord`) to the
-partition of the breaker's state key (set explicitly), then follows that partition until
-it reads its claim back. The claim wins if fewer than ``half_open_probes`` claims of the
-epoch come before it in the log. Every reader sees the same order, so:
-
-* at most ``half_open_probes`` probes run per half-open epoch across all replicas, as
-  long as every replica reads the breaker partition up to its claim (one that cannot
-  read it back within :data:`CLAIM_TIMEOUT` seconds holds the call: it never probes);
-* a replica that has already read ``half_open_probes`` claims of the epoch is refused
-  without writing one; a claim read back after its epoch ended is void: the call goes
-  through if the breaker closed and is held if it reopened;
-* claims are removed by tombstones, so compaction drops them: a losing or void claim at
-  once by its writer, a probe's claim when the probe settles, and every claim of the
-  epoch by whoever ends it (written after the transition, in the same partition). The
-  first ``half_open_probes`` claims stay while their epoch lasts, so a replica that
-  starts mid-epoch counts them;
-* a probe that never reports (its replica was killed, the call cancelled) would leave
-  the epoch without probes: ``probe_timeout`` seconds after the epoch began, the next
-  call starts a new half-open epoch with a fresh budget;
-* a probe costs a round trip before the call: the claim is acknowledged and read back
-  (on the embedded broker about ``fetch_max_wait_ms / 2`` plus a poll).
-
-A local breaker (no settings) counts its probes in memory.
+Half-open probes are shared too: at most ``half_open_probes`` per half-open period across
+all replicas, decided by the order in which the breaker partition holds their claims
+(see :mod:`mesh.resilience.probe`). A local breaker (no settings) counts its probes in
+memory.
 
 Failure counting (consecutive failures, the sliding window) is per replica. The first
 replica that reaches the threshold opens the breaker for every replica: each applies the
@@ -71,7 +50,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 import weakref
 import zlib
 from collections import Counter, deque
@@ -85,6 +63,8 @@ from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.errors import BreakerOpen, ConfigError, is_retriable
 from mesh.provision import apply_topics
+from mesh.resilience.probe import CLAIM_TIMEOUT, Probe, ProbeBudget
+from mesh.resilience.probe import is_claim_key as is_claim_key  # its home before probe.py
 from mesh.state import CompactedTable
 from mesh.topic import Topic
 from mesh.transport import OutRecord, Producer
@@ -99,8 +79,6 @@ _RANK = {"closed": 0, "half_open": 1, "open": 2}
 TRANSITIONS: dict[State, Transition] = {
     "open": "opened", "half_open": "half_open", "closed": "closed"}
 """The transition (event) name of entering each state."""
-_PROBE = "/probe/"
-CLAIM_TIMEOUT = 30.0  # seconds to read a probe claim back before holding the call
 _HALF_OPEN_HOLD = 1.0  # seconds a call refused while half-open is held (at most)
 
 _LIVE: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
@@ -178,16 +156,6 @@ def breaker_topics(prefix: str) -> BreakerTopics:
         Topic(f"{prefix}.breaker-events", BreakerTransition, key="name", partitions=1))
 
 
-def is_claim_key(key: str) -> bool:
-    """Whether a key of the breaker topic is a probe claim rather than a breaker's state.
-
-    Example:
-        >>> is_claim_key("llm/probe/7/host:12/3f2a"), is_claim_key("llm")
-        (True, False)
-    """
-    return _PROBE in key
-
-
 @dataclass(frozen=True, slots=True)
 class BreakerPolicy:
     """When a breaker opens and how it recovers.
@@ -230,15 +198,6 @@ class BreakerPolicy:
                 "window. Fix the policy.")
 
 
-@dataclass(frozen=True, slots=True)
-class _Ticket:
-    """What the breaker let through: a plain call, or a probe (with its claim's key when
-    the budget is shared through Kafka)."""
-
-    probe: bool = False
-    claim: str | None = None
-
-
 class CircuitBreaker:
     """A circuit breaker guarding one downstream; see the module docstring.
 
@@ -254,8 +213,9 @@ class CircuitBreaker:
     start); ``rejected`` counts the calls it refused.
 
     Example:
-        >>> async with CircuitBreaker("llm", settings=settings, topics=topics) as b:  # doctest: +SKIP
-        ...     reply = await b.call(client.complete, prompt)
+        >>> breaker = CircuitBreaker("llm", settings=settings, topics=topics)  # doctest: +SKIP
+        >>> async with breaker:  # doctest: +SKIP
+        ...     reply = await breaker.call(client.complete, prompt)
     """
 
     def __init__(self, name: str, policy: BreakerPolicy | None = None, *,
@@ -278,9 +238,7 @@ class CircuitBreaker:
         self._settings, self._topics, self._clock = settings, topics, clock
         self._outcomes: deque[bool] = deque(maxlen=self.policy.window)  # True = failed
         self._consecutive = 0
-        self._probes = 0  # probes admitted in the current half-open period (local mode)
-        self._claims: dict[int, dict[str, int]] = {}  # epoch -> claim key -> rank in the log
-        self._pending: dict[str, asyncio.Future[int]] = {}  # own claims not read back yet
+        self._budget = ProbeBudget(name, self.policy.half_open_probes, replica=self.replica)
         self._counting = True  # False while restoring: a restored state is no transition
         self._partition = zlib.crc32(name.encode()) % (topics.state.partitions if topics else 1)
         self._lock = asyncio.Lock()
@@ -323,11 +281,13 @@ class CircuitBreaker:
             self._counting = True
         # Replays the topic once more (applying nothing older): no gap between the two.
         self._follower = asyncio.create_task(self._table.follow(), name=f"breaker:{self.name}")
+        self._budget.share(self._write_claim, self._follower)
         logger.info("breaker %s started: %s v%d", self.name, self.state, self.record.version)
 
     async def stop(self) -> None:
         """Stop following and close the producer."""
         _track(self, False)
+        self._budget.unshare()
         follower, self._follower = self._follower, None
         if follower is not None:
             follower.cancel()
@@ -341,24 +301,8 @@ class CircuitBreaker:
         if key == self.name:
             if value is not None:
                 self.observe(value)
-        elif value is not None and key.startswith(self.name + _PROBE):
-            self._count_claim(key)  # a claim's tombstone changes no rank: ignored
-
-    def _count_claim(self, key: str) -> None:
-        """Rank a claim among its epoch's claims, in the order the log holds them."""
-        epoch_text = key[len(self.name + _PROBE):].split("/", 1)[0]
-        if not epoch_text.isdigit():
-            return
-        epoch = int(epoch_text)
-        claims = self._claims.get(epoch)
-        if claims is None:
-            if epoch < self.record.version and key not in self._pending:
-                return  # an ended epoch's claim, replayed or read late: it decides nothing
-            claims = self._claims[epoch] = {}
-        rank = claims.setdefault(key, len(claims))
-        waiter = self._pending.get(key)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(rank)
+        elif value is not None and self._budget.owns(key):
+            self._budget.count(key)  # a claim's tombstone changes no rank: ignored
 
     def observe(self, incoming: BreakerRecord) -> bool:
         """Apply a record written by any instance if it is newer; returns whether it was.
@@ -371,8 +315,7 @@ class CircuitBreaker:
                 mine.version, _RANK[mine.state]):
             return False
         self.record = incoming
-        self._probes = 0  # a new state or a new half-open epoch: a fresh budget
-        self._claims = {e: c for e, c in self._claims.items() if e >= incoming.version}
+        self._budget.new_state(incoming.version)  # a new state or half-open epoch
         if incoming.state != mine.state or incoming.state != "closed":
             if self._counting:
                 self.transitions[TRANSITIONS[incoming.state]] += 1
@@ -387,16 +330,16 @@ class CircuitBreaker:
     async def guard(self, *, correlation_id: str | None = None) -> AsyncIterator[None]:
         """Run the body through the breaker: raises ``BreakerOpen`` when it is open (or
         the half-open probes are taken); records the body's success or failure."""
-        ticket = await self._admit(correlation_id)
+        probe = await self._admit(correlation_id)
         try:
             yield
         except BaseException as exc:
-            if await self._settle(ticket, exc, correlation_id) and self.hold_on_trip:
+            if await self._settle(probe, exc, correlation_id) and self.hold_on_trip:
                 until = (self.record.opened_at or self._clock()) + self.policy.reset_timeout
                 raise BreakerOpen(f"Breaker {self.name!r} opened on this call ({exc!r}); "
                                   f"calls resume at {until:.1f}.", until=until) from exc
             raise
-        await self._settle(ticket, None, correlation_id)
+        await self._settle(probe, None, correlation_id)
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any,
                    correlation_id: str | None = None, **kwargs: Any) -> T:
@@ -404,7 +347,8 @@ class CircuitBreaker:
         async with self.guard(correlation_id=correlation_id):
             return await fn(*args, **kwargs)
 
-    async def _admit(self, correlation_id: str | None) -> _Ticket:
+    async def _admit(self, correlation_id: str | None) -> Probe | None:
+        """None for a plain call (closed), the granted probe when half-open, else refused."""
         async with self._lock:
             now, record, policy = self._clock(), self.record, self.policy
             if record.state == "open":
@@ -415,7 +359,7 @@ class CircuitBreaker:
                 await self._write("half_open", f"no probe outcome within {policy.probe_timeout:g}"
                                   " s: a new half-open period", correlation_id)
             if self.record.state == "closed":
-                return _Ticket()
+                return None
             return await self._take_probe()
 
     def _refusal(self, now: float, why: str = "") -> BreakerOpen:
@@ -431,62 +375,39 @@ class CircuitBreaker:
                            "again shortly.",
                            until=now + min(_HALF_OPEN_HOLD, self.policy.reset_timeout))
 
-    async def _take_probe(self) -> _Ticket:
+    async def _take_probe(self) -> Probe | None:
         """A probe of the current half-open epoch if its budget allows, else refused."""
-        epoch, budget = self.record.version, self.policy.half_open_probes
-        if self._producer is None:  # local: this instance's count is the budget
-            if self._probes >= budget:
-                raise self._refusal(self._clock())
-            self._probes += 1
-            return _Ticket(probe=True)
-        if len(self._claims.get(epoch, ())) >= budget:
-            raise self._refusal(self._clock())  # known taken: no claim written
-        key = f"{self.name}{_PROBE}{epoch}/{self.replica}/{uuid.uuid4().hex[:8]}"
-        rank = await self._claim(key, epoch)
-        if self.record.version == epoch and rank < budget:
-            return _Ticket(probe=True, claim=key)
-        await self._send([self._row(key, None)])  # lost, or its epoch ended: remove it now
+        probe = await self._budget.take(self.record.version)
+        if probe.granted:
+            return probe
+        if probe.unread:
+            self.rejected += 1
+            topic = self._table.topic.name if self._table else "?"
+            raise BreakerOpen(
+                f"Breaker {self.name!r}: probe claim {probe.claim!r} was not read back from "
+                f"{topic} within {CLAIM_TIMEOUT:g} s; the call is held. Check the broker.",
+                until=self._clock() + min(_HALF_OPEN_HOLD, self.policy.reset_timeout))
         if self.record.state == "closed":
-            return _Ticket()  # closed while the claim was in flight: a plain call
-        raise self._refusal(self._clock(), f" (claim {rank + 1} of epoch {epoch})")
+            return None  # closed while the claim was in flight: a plain call
+        raise self._refusal(self._clock(), probe.why)
 
-    async def _claim(self, key: str, epoch: int) -> int:
-        """Write a probe claim and follow the partition up to it; returns its rank among
-        the claims of ``epoch`` in log order (0 = first)."""
-        follower = self._follower
-        assert follower is not None
-        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending[key] = waiter
-        claim = BreakerRecord(name=self.name, state="half_open", version=epoch,
-                              updated_by=self.replica, updated_at=self._clock(),
-                              reason="probe claim")
-        try:
-            await self._send([self._row(key, claim)])
-            watched: list[asyncio.Future[Any]] = [waiter, follower]
-            await asyncio.wait(watched, timeout=CLAIM_TIMEOUT,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._pending.pop(key, None)
-        if waiter.done():
-            return waiter.result()
-        waiter.cancel()
-        if follower.done() and not follower.cancelled() and follower.exception():
-            logger.error("breaker %s: its follower failed: %r", self.name, follower.exception())
-        self.rejected += 1
-        raise BreakerOpen(f"Breaker {self.name!r}: probe claim {key!r} was not read back "
-                          f"from {self._table.topic.name if self._table else '?'} within "
-                          f"{CLAIM_TIMEOUT:g} s; the call is held. Check the broker.",
-                          until=self._clock() + min(_HALF_OPEN_HOLD, self.policy.reset_timeout))
+    async def _write_claim(self, key: str, epoch: int | None) -> None:
+        """Produce a probe claim of ``epoch`` (a record of this breaker, see
+        :class:`BreakerRecord`), or the claim's tombstone when ``epoch`` is None."""
+        claim = None if epoch is None else BreakerRecord(
+            name=self.name, state="half_open", version=epoch, updated_by=self.replica,
+            updated_at=self._clock(), reason="probe claim")
+        await self._send([self._row(key, claim)])
 
-    async def _settle(self, ticket: _Ticket, error: BaseException | None,
+    async def _settle(self, probe: Probe | None, error: BaseException | None,
                       correlation_id: str | None) -> bool:
         """Record an outcome; returns whether this failure opened the breaker."""
         if isinstance(error, BreakerOpen | asyncio.CancelledError):
             return False  # not an answer: a probe's claim stays until its epoch ends
         failed = error is not None and self.policy.is_failure(error)
         async with self._lock:
-            if ticket.probe:
-                done = [ticket.claim] if ticket.claim else []
+            if probe is not None:
+                done = [probe.claim] if probe.claim else []
                 if self.record.state == "half_open":
                     if failed:
                         await self._write("open", f"probe failed: {error!r}", correlation_id,
@@ -520,7 +441,7 @@ class CircuitBreaker:
         """Apply a transition locally, then persist it, the tombstones of the claims of
         the epoch it ends (and of ``drop``) and its event (acknowledged)."""
         now, mine = self._clock(), self.record
-        ended = list(self._claims.get(mine.version, ())) if mine.state == "half_open" else []
+        ended = self._budget.claims_of(mine.version) if mine.state == "half_open" else []
         record = mine.model_copy(update={
             "state": state, "version": mine.version + 1, "updated_by": self.replica,
             "updated_at": now, "reason": reason,

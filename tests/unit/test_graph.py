@@ -1,5 +1,5 @@
-"""Unit tests for mesh.observe.graph: the topology model, its flags, the views and the
-Mermaid / DOT text. No broker, no renderer (the SVG path is in
+"""Unit tests for mesh.observe.graph and mesh.observe.drawing: the topology model, its
+flags, the views and the Mermaid / DOT text. No broker, no renderer (the SVG path is in
 tests/integration/test_graph_cli.py)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from mesh.agent import Agent, App, Context
 from mesh.errors import ConfigError
-from mesh.observe import graph
+from mesh.observe import drawing, graph
 from mesh.observe.graph import Topology, build_topology, collect, to_dot, to_mermaid
 from mesh.patterns.chain import Chain
 from mesh.resilience.retry import RetryPolicy
@@ -348,17 +348,19 @@ def test_load_target_errors_name_the_target() -> None:
         graph.load_target("agents.demo:nope")
 
 
-def test_module_docstring_example_runs() -> None:
-    failures, tried = doctest.testmod(graph, optionflags=doctest.ELLIPSIS)[:2]
+@pytest.mark.parametrize(("module", "examples"), [(graph, 5), (drawing, 3)],
+                         ids=["graph", "drawing"])
+def test_module_docstring_example_runs(module: Any, examples: int) -> None:
+    failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)[:2]
 
-    assert tried >= 5 and failures == 0
+    assert tried >= examples and failures == 0
 
 
 # --- renderer -----------------------------------------------------------------------
 
 
 def test_missing_renderer_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(graph, "RENDERERS", ("no-such-graphviz-here",))
+    monkeypatch.setattr(drawing, "RENDERERS", ("no-such-graphviz-here",))
 
     with pytest.raises(ConfigError, match=r"kafka-agent-mesh\[graph\]"):
         graph.render(build_topology([cleaner]).view(), "svg")
