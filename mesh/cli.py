@@ -531,6 +531,9 @@ def workflows_show(workflow_id: str, modules: ModulesOpt = DEFAULT_MODULES) -> N
 @app.command()
 def trace(correlation_id: str,
           as_json: Annotated[bool, typer.Option("--json", help="The tree as JSON")] = False,
+          all_partitions: Annotated[bool, typer.Option(
+              "--all-partitions", help="Decode every audit partition, not only the id's "
+              "(also finds outputs emitted under another correlation id; slower)")] = False,
           ) -> None:
     """One workflow from mesh.audit as a tree: each event, the agents that handled it,
     their outcomes and timings (exit 1 when the audit has none of it)."""
@@ -539,7 +542,8 @@ def trace(correlation_id: str,
     settings = _settings()
     _require_cluster(settings)
     found = asyncio.run(read_trace(settings.kafka, correlation_id,
-                                   codec=Codec(settings.schema_registry)))
+                                   codec=Codec(settings.schema_registry),
+                                   all_partitions=all_partitions))
     if not found.found:
         err.print(f"no audit events for correlation id {escape(repr(correlation_id))} in "
                   f"{audit_topic.name} (is MESH_AUDIT__ENABLED off, or the id mistyped?)")

@@ -8,6 +8,7 @@ never auto-commit.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -118,6 +119,9 @@ class _Client:
             await self._close()
 
     async def _close(self) -> None:
+        # aiokafka 0.14: stopping a consumer whose fetch task has not run once yet raises
+        # CancelledError; let it run first.
+        await asyncio.sleep(0)
         await self._client.stop()
 
     async def __aenter__(self) -> Self:

@@ -55,7 +55,7 @@ from mesh.observe.stats import (
     matches,
 )
 from mesh.reader import TopicReader
-from mesh.transport import Partition, Record
+from mesh.transport import Record
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ async def _run(settings: MeshSettings, options: TopOptions, console: Console) ->
     urls = [metrics_url(t) for t in options.metrics]
     async with contextlib.AsyncExitStack() as stack:
         reader = await _open_audit(settings, dash, stack)
-        feed = _Feed(reader, Codec(settings.schema_registry), dash, stop)
+        feed = AuditFeed(reader, Codec(settings.schema_registry), dash, stop)
         await feed.catch_up(options.backlog)
         if options.frames is not None:
             await _frames(dash, feed, urls, options, lambda r: console.print(r))
@@ -206,7 +206,7 @@ async def _run(settings: MeshSettings, options: TopOptions, console: Console) ->
                           lambda r: live.update(r, refresh=True))
 
 
-async def _frames(dash: Dashboard, feed: _Feed, urls: list[str], options: TopOptions,
+async def _frames(dash: Dashboard, feed: AuditFeed, urls: list[str], options: TopOptions,
                   show: Callable[[RenderableType], object]) -> None:
     shown = 0
     while not feed.stop.is_set() and (options.frames is None or shown < options.frames):
@@ -218,41 +218,27 @@ async def _frames(dash: Dashboard, feed: _Feed, urls: list[str], options: TopOpt
 
 
 async def _open_audit(settings: MeshSettings, dash: Dashboard,
-                      stack: contextlib.AsyncExitStack) -> _AuditTail | None:
-    reader = _AuditTail(settings.kafka, [audit_topic.name])
+                      stack: contextlib.AsyncExitStack) -> TopicReader | None:
     try:
-        await stack.enter_async_context(reader)
+        return await stack.enter_async_context(TopicReader(settings.kafka,
+                                                           [audit_topic.name]))
     except TransportError as exc:  # metrics alone are still worth showing
         logger.warning("not reading the audit topic: %s", exc)
         dash.audit_error = str(exc)
         return None
-    return reader
 
 
-class _AuditTail(TopicReader):
-    """A reader that starts near the end of the audit topic and polls without blocking
-    the refreshes. (Candidates for :class:`~mesh.reader.TopicReader` itself.)"""
+class AuditFeed:
+    """Audit records into a :class:`Dashboard`: a catch-up from the last ``backlog``
+    records of each partition, then a bounded follow per frame that returns at once
+    when ``stop`` is set. ``reader`` None (the audit topic is unreadable) feeds nothing.
 
-    async def seek_to_tail(self, records: int, timeout: float = 30.0) -> dict[Partition, int]:
-        """Start ``records`` before each partition's end; returns the ends."""
-        ends = await self._ends(timeout)
-        for part, end in ends.items():
-            self._consumer.seek(part, max(0, end - records))
-        return ends
+    Example:
+        >>> feed = AuditFeed(reader, Codec(), dash, asyncio.Event())  # doctest: +SKIP
+        >>> await feed.catch_up(backlog=1000); await feed.follow(1.0)  # doctest: +SKIP
+    """
 
-    async def reached(self, ends: dict[Partition, int]) -> bool:
-        return all([await self._consumer.position(p) >= end for p, end in ends.items()])
-
-    async def poll(self, timeout_s: float) -> list[Record]:
-        batches = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000),
-                                               max_records=5_000)
-        return [record for batch in batches.values() for record in batch]
-
-
-class _Feed:
-    """Audit records into the dashboard: a catch-up, then a bounded follow per frame."""
-
-    def __init__(self, reader: _AuditTail | None, codec: Codec, dash: Dashboard,
+    def __init__(self, reader: TopicReader | None, codec: Codec, dash: Dashboard,
                  stop: asyncio.Event) -> None:
         self.reader, self.codec, self.dash, self.stop = reader, codec, dash, stop
 
@@ -260,9 +246,9 @@ class _Feed:
         """Read the last ``backlog`` records of each partition up to the current end."""
         if self.reader is None:
             return
-        ends = await self.reader.seek_to_tail(backlog)
+        ends = await self.reader.seek_to_last(backlog)
         deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
-        while not self.stop.is_set() and not await self.reader.reached(ends):
+        while not self.stop.is_set() and not await self.reader.caught_up(ends):
             if time.monotonic() > deadline:
                 logger.warning("audit catch-up not done after %.0f s: showing what was read",
                                CATCH_UP_TIMEOUT_S)

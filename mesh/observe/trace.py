@@ -14,8 +14,17 @@ handled again after a crash is an attempt labelled ``redelivery`` (the same atte
 number twice), and an output produced twice keeps its derived event id, so it is one
 node with ``produced`` > 1. A consumption after ``mesh dlq replay`` is a ``replay``.
 
-The audit topic is keyed by correlation id, so records of other workflows are skipped
-by key before they are decoded.
+Reading: the audit topic is keyed by correlation id, so all of a workflow's audit
+records are in the one partition Kafka's default partitioner gives that key;
+:func:`read_trace` reads only that partition, to its end as of the call, and skips
+records of other workflows by key before decoding them. What ``mesh trace X`` shows is
+therefore the events of correlation X *audited under X's key*. One case is not: an
+output emitted with another correlation id than its input's
+(``Context.emit(..., correlation_id=Y)``) is listed in the input's ``consumed`` record,
+keyed X, so ``mesh trace Y`` shows that event as a root whose production is not in the
+audit (its consumptions, audited under Y, are there). ``all_partitions=True``
+(``mesh trace --all-partitions``) reads and decodes every audit record instead, and
+finds those too, at the cost of reading the whole topic.
 
 Example:
     >>> trace = build_trace("c1", [
@@ -58,6 +67,7 @@ from mesh.observe.audit import (
 )
 from mesh.reader import TopicReader
 from mesh.topic import DLQ_SUFFIX
+from mesh.transport import Record
 
 logger = logging.getLogger(__name__)
 
@@ -338,11 +348,17 @@ def _base_topic(topic: str | None) -> str | None:
 
 
 async def read_trace(settings: KafkaSettings, correlation_id: str, *,
-                     codec: Codec | None = None, timeout: float = 60.0) -> Trace:
+                     codec: Codec | None = None, timeout: float = 60.0,
+                     all_partitions: bool = False) -> Trace:
     """The trace of ``correlation_id`` from ``mesh.audit``, read to its end as of now.
 
-    Records are matched by key (the audit topic is keyed by correlation id) before
-    they are decoded; one that does not decode is logged and skipped.
+    Reads only the partition the correlation id's key maps to, keeping the records
+    keyed by it (others are skipped before they are decoded, and nothing else is held
+    in memory): the events audited under that key (see the module docstring for the
+    one kind that is not). With ``all_partitions`` every record of every partition is
+    decoded and kept when it, or one of the outputs it lists, has ``correlation_id``:
+    complete, but as slow as the topic is long. A record that does not decode is
+    logged and skipped.
 
     Example:
         >>> trace = await read_trace(settings.kafka, "c1")  # doctest: +SKIP
@@ -351,21 +367,33 @@ async def read_trace(settings: KafkaSettings, correlation_id: str, *,
     """
     codec = codec or Codec()
     key = correlation_id.encode()
-    async with TopicReader(settings, [audit_topic.name]) as reader:
-        records = await reader.read_to_end(timeout=timeout)
+    reader = (TopicReader(settings, [audit_topic.name]) if all_partitions
+              else TopicReader.for_key(settings, [audit_topic.name], key))
     events: list[AuditEvent] = []
-    for record in records:
-        if record.key != key:
-            continue
-        try:
-            event = await codec.decode(audit_topic, record.value or b"")
-        except MeshError as exc:
-            logger.warning("skipping %s[%d]@%d: not an audit event: %s", record.topic,
-                           record.partition, record.offset, exc)
-            continue
-        assert isinstance(event, AuditEvent)
-        events.append(event)
+    async with reader:
+        async for record in reader.iter_to_end(timeout=timeout):
+            if record.key != key and not all_partitions:
+                continue
+            event = await _decode(codec, record)
+            if event is not None and (record.key == key or _mentions(event, correlation_id)):
+                events.append(event)
     return build_trace(correlation_id, events)
+
+
+async def _decode(codec: Codec, record: Record) -> AuditEvent | None:
+    try:
+        event = await codec.decode(audit_topic, record.value or b"")
+    except MeshError as exc:
+        logger.warning("skipping %s[%d]@%d: not an audit event: %s", record.topic,
+                       record.partition, record.offset, exc)
+        return None
+    return event if isinstance(event, AuditEvent) else None
+
+
+def _mentions(event: AuditEvent, correlation_id: str) -> bool:
+    """Whether ``event`` or an output it lists belongs to ``correlation_id``."""
+    return event.correlation_id == correlation_id or any(
+        out.correlation_id == correlation_id for out in event.outputs)
 
 
 # --- rendering --------------------------------------------------------------------

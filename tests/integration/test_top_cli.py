@@ -23,7 +23,10 @@ from mesh import Codec, apply_topics
 from mesh.config import AuditSettings
 from mesh.embedded import free_port
 from mesh.observe.audit import AuditEvent, Auditor, audit_topic
-from mesh.observe.top import scrape
+from mesh.observe.stats import AuditWindow
+from mesh.observe.top import AuditFeed, Dashboard, scrape
+from mesh.reader import TopicReader
+from mesh.transport import Admin, OutRecord, TopicSpec
 from tests.apps.chain import build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.integration.test_cli import Cli
@@ -80,6 +83,44 @@ async def test_once_counts_each_agents_audit_events_over_the_last_minute(
     assert stranger not in out
     assert f"down: {dead}" in out
     assert "metrics: 0/1 targets up" in out
+
+
+async def test_the_feed_reads_the_last_backlog_records_of_each_partition_then_follows(
+        broker: BrokerUnderTest, prefix: str) -> None:
+    """Pass: on an audit topic with 8 inputs of one agent in partition 0 (3 old
+    dead letters, then 5 ok) and 3 of another in partition 1, a catch-up with backlog 5
+    counts exactly the last 5 of partition 0 (all ok) and the 3 of partition 1; then
+    following picks up 2 inputs produced afterwards, and nothing else."""
+    settings = broker.settings()
+    topic = f"{prefix}.audit"
+    async with Admin(settings.kafka) as admin:
+        assert await admin.create_topic(TopicSpec(topic, 2))
+    first, second = f"{prefix}-first", f"{prefix}-second"
+    now = int(time.time() * 1000)
+    codec = Codec()
+
+    def records(agent: str, partition: int, outcomes: list[str]) -> list[OutRecord]:
+        return [OutRecord(topic, codec.encode(audit_topic, consumed(
+            agent, now - 10_000 + i, i, outcome, 1.0))[0], partition=partition)
+            for i, outcome in enumerate(outcomes)]
+
+    await inject(settings, records(first, 0, ["dead_letter"] * 3 + ["ok"] * 5)
+                 + records(second, 1, ["ok"] * 3))
+    window = AuditWindow(60, origin_ms=now - 60_000)
+    async with TopicReader(settings.kafka, [topic]) as reader:
+        feed = AuditFeed(reader, codec, Dashboard(window), asyncio.Event())
+
+        await feed.catch_up(backlog=5)
+
+        counted = {s.agent: (s.consumed, s.ok, s.dead_letters) for s in window.stats(now)}
+        assert counted == {first: (5, 5, 0), second: (3, 3, 0)}
+        await inject(settings, records(second, 1, ["retry", "ok"]))
+        deadline = time.monotonic() + 60
+        while window.added < 10:
+            assert time.monotonic() < deadline, f"{window.added} audit events after 60 s"
+            await feed.follow(0.5)
+    counted = {s.agent: (s.consumed, s.ok, s.retries) for s in window.stats(now)}
+    assert counted == {first: (5, 5, 0), second: (5, 4, 1)}
 
 
 async def run_stage(broker: BrokerUnderTest, prefix: str, log: Path, *, good: int,

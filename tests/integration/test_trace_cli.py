@@ -16,12 +16,15 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from mesh import Codec, Emitter, Mesh, apply_topics
 from mesh.config import AuditSettings
-from mesh.observe.audit import AuditEvent, Auditor, audit_topic
+from mesh.observe.audit import AuditEvent, Auditor, AuditOutput, audit_topic
 from mesh.observe.trace import Trace, read_trace
+from mesh.reader import TopicReader
+from mesh.transport import partition_for
 from tests.apps import retry as retry_app
 from tests.apps.chain import Item, build
 from tests.conftest import ROOT, BrokerUnderTest
@@ -170,6 +173,83 @@ async def test_trace_of_a_correlation_id_without_audit_events_exits_1(
         assert result.stdout == ""
         message = " ".join(result.stderr.split())
         assert f"no audit events for correlation id '{missing}' in mesh.audit" in message
+
+
+# --- which partition is read ---------------------------------------------------------
+
+
+async def audit_partitions(broker: BrokerUnderTest) -> int:
+    """mesh.audit's partition count, from the broker's metadata."""
+    async with TopicReader(broker.settings().kafka, [audit_topic.name]) as reader:
+        return len(reader.partitions)
+
+
+async def test_trace_reads_only_its_correlation_ids_partition(
+        broker: BrokerUnderTest, prefix: str) -> None:
+    """Pass: audit records keyed by the correlation id all land in partition_for(id)
+    (the runtime's producer and mesh trace agree on the partitioner); an audit event
+    of that id deliberately produced to another partition is not in the trace (that
+    partition is not read), and `all_partitions=True` finds it."""
+    settings = broker.settings()
+    await apply_topics(settings.kafka, [audit_topic])
+    cid = f"{prefix}-wf"
+    count = await audit_partitions(broker)
+    home = partition_for(cid.encode(), count)
+    t0 = int(time.time() * 1000)
+    auditor = Auditor(Codec(), AuditSettings(), source="test")
+    keyed = [auditor.record(AuditEvent(kind="produced", at_ms=t0 + i, agent="billing",
+                                       topic="orders", event_id=f"{prefix}-e{i}",
+                                       correlation_id=cid)) for i in range(4)]
+    stray = auditor.record(AuditEvent(kind="produced", at_ms=t0, agent="billing",
+                                      topic="orders", event_id=f"{prefix}-stray",
+                                      correlation_id=cid))
+    elsewhere = (home + 1) % count
+
+    positions = await inject(settings, keyed)
+    await inject(settings, [replace(stray, partition=elsewhere)])
+
+    assert {partition for partition, _ in positions} == {home}
+    trace = await read_trace(settings.kafka, cid)
+    assert {n.event_id for n in trace.walk()} == {f"{prefix}-e{i}" for i in range(4)}
+    everywhere = await read_trace(settings.kafka, cid, all_partitions=True)
+    assert {n.event_id for n in everywhere.walk()} == {
+        f"{prefix}-stray", *(f"{prefix}-e{i}" for i in range(4))}
+
+
+async def test_an_output_emitted_under_another_correlation_id_is_found_with_all_partitions(
+        broker: BrokerUnderTest, prefix: str) -> None:
+    """Pass: an agent handling an input of correlation X emits an output of correlation
+    Y (listed in X's consumed record, keyed X) and another agent consumes it (keyed Y).
+    The trace of Y has the consumption but not the production (a root saying its
+    production is not in the audit); with all_partitions it names the producing agent
+    and its cause. The trace of X does not show the output (it is not of X)."""
+    settings = broker.settings()
+    await apply_topics(settings.kafka, [audit_topic])
+    x, y = f"{prefix}-x", f"{prefix}-y"
+    e_in, e_out = f"{prefix}-in", f"{prefix}-out"
+    t0 = int(time.time() * 1000)
+    auditor = Auditor(Codec(), AuditSettings(), source="test")
+    await inject(settings, [auditor.record(e) for e in (
+        AuditEvent(kind="produced", at_ms=t0, agent="billing", topic="orders",
+                   event_id=e_in, correlation_id=x),
+        AuditEvent(kind="consumed", at_ms=t0 + 5, agent="splitter", topic="orders",
+                   event_id=e_in, correlation_id=x, outcome="ok", duration_ms=2.0,
+                   attempt=1, outputs=[AuditOutput(event_id=e_out, topic="parts", size=9,
+                                                   correlation_id=y)]),
+        AuditEvent(kind="consumed", at_ms=t0 + 9, agent="packer", topic="parts",
+                   event_id=e_out, correlation_id=y, causation_id=e_in, outcome="ok",
+                   duration_ms=1.0, attempt=1))])
+
+    [keyed_only] = (await read_trace(settings.kafka, y)).roots
+    [complete] = (await read_trace(settings.kafka, y, all_partitions=True)).roots
+    of_x = await read_trace(settings.kafka, x)
+
+    assert (keyed_only.event_id, keyed_only.producer, keyed_only.produced) == (e_out, None, 0)
+    assert [h.agent for h in keyed_only.handlings] == ["packer"]
+    assert (complete.event_id, complete.producer, complete.produced) == (e_out, "splitter", 1)
+    assert (complete.causation_id, complete.cause_in_audit) == (e_in, False)
+    assert [h.agent for h in complete.handlings] == ["packer"]
+    assert [n.event_id for n in of_x.walk()] == [e_in]
 
 
 # --- end to end: what real agents audit -----------------------------------------
