@@ -214,8 +214,11 @@ def _aware(value: dt.datetime) -> dt.datetime:
 
 
 def _namespace(model: type[BaseModel]) -> str:
-    explicit = model.model_config.get("title")  # not used for naming; keep module path
-    del explicit
+    """The model's Avro namespace: ``__avro_namespace__`` if the class sets one (a model
+    moved to another module keeps its name on the wire), else its module path."""
+    explicit = getattr(model, "__avro_namespace__", None)
+    if isinstance(explicit, str) and explicit:
+        return explicit
     parts = [p for p in model.__module__.split(".") if _AVRO_NAME.match(p)]
     return ".".join(parts) or "mesh"
 

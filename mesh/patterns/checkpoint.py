@@ -20,12 +20,17 @@ workflows it runs. A stage failing for good (after the runtime's retries) writes
 request is absorbed by the checkpoint until the retention deletes it.
 
 With ``retention_s``, a timer tombstones workflows finished longer ago, so the table
-holds the workflows in flight plus one retention's worth; the ``deleted`` event it
-emits is in the workflow's trace (the checkpoint keeps the first task's
-``traceparent``). :func:`workflow_history` reads every version of one workflow still
-in the log (``mesh workflows show ID``; Kafka keeps old versions until compaction, see
-``min.compaction.lag.ms``). Over 300 lines: the checkpoint's writer and its reader
-share its shape.
+holds the workflows in flight plus one retention's worth. The ``deleted`` event it
+emits acts for the task that finished the workflow (the last stage's, or the one that
+failed): every checkpoint keeps the event id and ``traceparent`` of the task whose run
+wrote it, so the event is in the workflow's trace, a child of that task's span, and its
+``mesh-causation`` names that task (``mesh trace`` shows it beside ``completed`` or
+``failed``, not under the timer's tick, which is in no topic).
+
+:func:`workflow_history` reads every version of one workflow still in the log (``mesh
+workflows show ID``; Kafka keeps old versions until compaction, see
+``min.compaction.lag.ms``). Over 300 lines: the checkpoint's writer and its reader share
+its shape.
 
 Example:
     >>> class Doc(BaseModel):
@@ -44,7 +49,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
@@ -91,8 +96,10 @@ class Checkpoint(BaseModel):
 
     ``version`` counts the writes (1 = after the first stage); ``partition`` is the
     tasks partition that owns the workflow (only its owner writes or deletes it);
-    ``traceparent`` is the W3C trace context of the workflow's first task, so what a
-    timer emits for the workflow later stays in its trace.
+    ``written_by`` and ``traceparent`` are the event id and W3C trace context of the
+    task whose run wrote this version, so what a timer emits for the workflow later
+    (the retention's ``deleted`` event) names that task as its cause and stays in its
+    trace.
     """
 
     workflow_id: str
@@ -109,6 +116,7 @@ class Checkpoint(BaseModel):
     partition: int = 0
     correlation_id: str = ""
     traceparent: str | None = None
+    written_by: str | None = None  # the task's event id (None: written before it was kept)
     updated_at_ms: int
     finished_at_ms: int | None = None
 
@@ -355,16 +363,20 @@ class Pipeline:
                    and ctx.owns(self.topics.tasks, cp.partition)][:_SWEEP_BATCH]
         for cp in expired:
             ctx.delete(self.topics.checkpoints, cp.workflow_id)
+            # On behalf of the task that finished the workflow: its trace, its event id.
             ctx.emit(self.topics.events, self._event(cp.workflow_id, ctx, "deleted",
                                                      correlation_id=cp.correlation_id),
-                     correlation_id=cp.correlation_id or None, traceparent=cp.traceparent)
+                     correlation_id=cp.correlation_id or None, traceparent=cp.traceparent,
+                     causation_id=cp.written_by)
         if expired:
             logger.info("pipeline %s: deleted %d finished workflow(s)", self.name, len(expired))
 
     def _write(self, current: Checkpoint, ctx: Context, **update: Any) -> Checkpoint:
-        """Stage the next version of ``current`` (persisted with the handler's outputs)."""
+        """Stage the next version of ``current`` (persisted with the handler's outputs),
+        written by the task ``ctx`` handles."""
         state = current.model_copy(update={
             "version": current.version + 1, "partition": ctx.event.partition or 0,
+            "written_by": ctx.event_id, "traceparent": ctx.traceparent,
             "updated_at_ms": now_ms(), **update})
         ctx.put(self.topics.checkpoints, state.workflow_id, state)
         return state
@@ -373,11 +385,10 @@ class Pipeline:
         """The workflow's checkpoint; for stage 0 of a new workflow, version 0 (unwritten)."""
         found = ctx.get(self.topics.checkpoints, task.workflow_id)
         if found is not None or task.stage != 0:
-            return found  # type: ignore[no-any-return]
+            return found
         return Checkpoint(workflow_id=task.workflow_id, pipeline=self.name, version=0,
                           status="running", input=task.input, next_stage=0,
-                          correlation_id=ctx.correlation_id, traceparent=ctx.traceparent,
-                          updated_at_ms=now_ms())
+                          correlation_id=ctx.correlation_id, updated_at_ms=now_ms())
 
     def _result(self, state: Checkpoint) -> WorkflowResult:
         return WorkflowResult(
@@ -392,10 +403,12 @@ class Pipeline:
         return StageEvent(
             pipeline=self.name, workflow_id=workflow_id, status=status, stage=stage,
             correlation_id=correlation_id or ctx.correlation_id, at_ms=now_ms(),
-            stage_name=self.stages[stage].name if stage in range(len(self.stages)) else None,
+            stage_name=self.stages[stage].name
+            if stage is not None and 0 <= stage < len(self.stages) else None,
             elapsed_ms=elapsed_ms,
             error_class=type(error).__name__ if error is not None else None,
             error=(str(error) or type(error).__name__)[:_ERROR_CHARS] if error else None)
+
 
 @dataclass(frozen=True, slots=True)
 class WorkflowHistory:
@@ -460,7 +473,7 @@ def _version_row(number: int, cp: Checkpoint | None) -> tuple[str, ...]:
         return (str(number), "deleted", "-", "-", "-", "(tombstone: retention expired)")
     failure = f"{cp.failed_stage_name} (stage {cp.failed_stage}): {cp.error_class}: {cp.error}"
     return (str(cp.version), cp.status,
-            datetime.fromtimestamp(cp.updated_at_ms / 1000, tz=timezone.utc)
+            datetime.fromtimestamp(cp.updated_at_ms / 1000, tz=UTC)
             .strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
             "-" if cp.next_stage is None else str(cp.next_stage),
             ", ".join(cp.completed_stages) or "-", failure if cp.status == "failed" else "")

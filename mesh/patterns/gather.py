@@ -17,10 +17,13 @@ assignor does not co-partition topics. A part before its request waits for the m
 a deadline marker lands after every part already logged (a lagging gather never times
 out an answer it had not read yet).
 
-**One trace per request.** The row keeps the traceparent of the request (of the first
-part, until the request comes), and the timer's ``deadline``/``expire`` markers carry
-it: a merged event decided by the deadline, and the expiry of a row, stay in the trace
-of the request they answer, not in a trace of the timer's own.
+**One trace per request.** The row keeps the event id and traceparent of the request
+marker (of the first part, until the request comes), and the timer's
+``deadline``/``expire`` markers act for it: they continue its trace and their
+``mesh-causation`` names it. So a merged event decided by the deadline, and the expiry
+of a row, stay in the trace of the request they answer, and following causation from
+the request reaches them (request -> request marker -> deadline marker -> merged
+event), never the timer's own tick, which is in no topic.
 
 **Crashes.** Applied inputs are recorded by event id: a redelivered one re-emits what it
 emitted (same ids), changes nothing. A done marker keeps the merged event until it is
@@ -128,6 +131,7 @@ class GatherState(BaseModel):
     completed_ms: int | None = None
     merged: Merged | None = None  # kept until read back from the merged topic
     traceparent: str | None = None  # of the request: the timer's markers continue it
+    request_event_id: str | None = None  # of the same record: the timer's markers' cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,8 +242,9 @@ def branch(name: str, worker: Worker, *, topics: GatherTopics, group: str | None
 
     Consumes ``topics.requests`` in its own group (default ``name``); the part is keyed
     by correlation id, with the runtime's deterministic event id. A retriable error is
-    retried (through the branch's retry topics by default); when retries run out (the runtime also dead-letters the request)
-    or the error is not retriable, the part says ``ok=False`` with the error.
+    retried (through the branch's retry topics by default); when retries run out (the
+    runtime also dead-letters the request) or the error is not retriable, the part says
+    ``ok=False`` with the error.
 
     Example:
         >>> web = branch("web", lambda q: {"findings": [q.text]}, topics=topics)  # doctest: +SKIP
@@ -339,9 +344,11 @@ class Gather(Agent[Any]):
             expected=expected, deadline_at_ms=ctx.event.produced_at_ms + int(seconds * 1000)))
 
     def _marker(self, ctx: Context, cid: str, kind: PartKind, *,
-                traceparent: str | None = None) -> None:
+                row: GatherState | None = None) -> None:
+        """Append a marker; from the timer, ``row`` names the record it acts for."""
         ctx.emit(self.topics.parts, Part(correlation_id=cid, agent=self.name, kind=kind),
-                 correlation_id=cid, traceparent=traceparent)
+                 correlation_id=cid, traceparent=row.traceparent if row else None,
+                 causation_id=row.request_event_id if row else None)
 
     async def _tick(self, ctx: Context) -> None:
         """Append deadline and expire markers for the rows of owned partitions."""
@@ -354,8 +361,8 @@ class Gather(Agent[Any]):
             sent = self._sent.get(cid)  # one marker per row and kind, unless long ignored
             if sent is None or sent[0] != kind or now - sent[1] > self._resend_s:
                 self._sent[cid] = (kind, now)
-                # In the request's trace: the timer acts on behalf of the request.
-                self._marker(ctx, cid, kind, traceparent=row.traceparent)
+                # On behalf of the request: in its trace, caused by its marker.
+                self._marker(ctx, cid, kind, row=row)
         for cid in [c for c in self._sent if c not in table]:
             del self._sent[cid]
 
@@ -427,7 +434,8 @@ class _Turn:
             self._save(GatherState(correlation_id=self.cid, partition=self.ctx.event.partition
                                    or 0, created_ms=self.ctx.event.produced_at_ms,
                                    received=[await self._receive()],
-                                   traceparent=self.ctx.traceparent), applied=True)
+                                   traceparent=self.ctx.traceparent,
+                                   request_event_id=self.ctx.event_id), applied=True)
         elif row.status == "done":
             if p.agent in row.expected and p.agent not in row.answered + row.late:
                 logger.info("gather %s: %s answered %s after completion: counted, ignored",
@@ -468,7 +476,8 @@ class _Turn:
         await self._complete(self._save(base.model_copy(update={
             "requested": True, "expected": p.expected, "deadline_at_ms": p.deadline_at_ms,
             "received": [r for r in base.received if r.agent in p.expected],
-            "traceparent": self.ctx.traceparent}), applied=True))
+            "traceparent": self.ctx.traceparent, "request_event_id": self.ctx.event_id,
+        }), applied=True))
         for ignored in (r for r in base.received if r.agent not in p.expected):
             self._event("part_ignored", f"{ignored.agent} is not an expected branch",
                         part=ignored)

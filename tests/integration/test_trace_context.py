@@ -6,11 +6,12 @@ of the same workflow.
 One test per hop kind: fan-out then gather (completed, and decided by the deadline
 timer), the coordinator's plan steps, retry topics and dead letters, the checkpointed
 pipeline (including what its retention timer emits), the event bus, the chain (and its
-``ChainFailed``), and the supervisor's requeue of a failed task by its timer.
+``ChainFailed``), the supervisor's requeue of a failed task by its timer, and the
+supervisor's timer finding a worker dead with a task in hand.
 
-What a timer emits on behalf of a workflow is in the workflow's trace, but its
-``mesh-causation`` names the timer's tick (an event id that is in no topic): those
-records are named where the causation links are checked.
+What a timer emits on behalf of a workflow is in the workflow's trace and its
+``mesh-causation`` names the record it acts for (kept in the pattern's state), never
+the timer's tick: no record is exempt from the causation check.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -27,13 +29,14 @@ from mesh.patterns.chain import Chain, ChainFailed
 from mesh.patterns.checkpoint import StageEvent
 from mesh.patterns.events import EventBus, EventContext
 from mesh.patterns.gather import Gather, Part, branch
-from mesh.patterns.supervisor import Supervisor, SupervisorEvent, SupervisorPolicy
+from mesh.patterns.supervisor import Supervisor, SupervisorEvent, SupervisorPolicy, WorkerStatus
 from mesh.resilience.retry import retry_topic
 from mesh.transport import OutRecord, Record
 from tests.apps import delegation, gather, pipeline, retry, workers
 from tests.apps.chain import Item
 from tests.conftest import BrokerUnderTest
-from tests.support import Follower, encode, inject, read_all, wait_for_count
+from tests.integration.test_supervisor import holding, until
+from tests.support import AgentProcess, Follower, encode, inject, read_all, wait_for_count
 from topics.workers import Job
 
 
@@ -86,15 +89,12 @@ def assert_one_trace(seen: Sequence[Seen], root: str) -> None:
     assert not strays, f"records outside trace {trace_id(root)}: {strays}"
 
 
-def assert_caused_within(seen: Sequence[Seen], roots: Iterable[str], *,
-                         ticks: Iterable[Seen] = ()) -> None:
-    """Every record's causation is an event of the workflow (or a root), except the
-    ``ticks`` (emitted by a timer: caused by its tick)."""
+def assert_caused_within(seen: Sequence[Seen], roots: Iterable[str]) -> None:
+    """Every record's causation is an event of the workflow present in the topics read
+    (or a root), what a timer emitted included."""
     known = {s.event_id for s in seen} | set(roots)
-    exempt = {(s.topic, s.event_id) for s in ticks}
     orphans = [(s.topic, s.source, s.causation) for s in seen
-               if (s.topic, s.event_id) not in exempt and s.event_id not in set(roots)
-               and s.causation not in known]
+               if s.event_id not in set(roots) and s.causation not in known]
     assert not orphans, f"causation outside the workflow: {orphans}"
 
 
@@ -159,8 +159,10 @@ async def test_merged_event_decided_by_the_deadline_and_the_expiry_stay_in_the_t
         broker: BrokerUnderTest, prefix: str) -> None:
     """Pass: a request one branch never answers ends at its 2 s deadline; the
     gather's timer appends the deadline marker (and, after the 1 s retention, the
-    expire marker) in the request's trace, so the timed-out merged event (caused by the
-    deadline marker) and the expired event carry the request's trace id too."""
+    expire marker) in the request's trace, caused by the gather's request marker (the
+    record its row keeps), so the timed-out merged event (caused by the deadline
+    marker) and the expired event carry the request's trace id too and every record's
+    causation is in the workflow."""
     topics = gather.topics_for(prefix)
     alpha = branch("alpha", gather.answer("alpha"), topics=topics, group=f"{prefix}-alpha")
     timed = Gather("timed", topics=topics, branches=[alpha, "silent"], deadline_s=2.0,
@@ -182,12 +184,15 @@ async def test_merged_event_decided_by_the_deadline_and_the_expiry_stay_in_the_t
     for record in await read_all(settings, [topics.parts.name]):
         part = await codec.decode(topics.parts, record.value or b"")
         assert isinstance(part, Part)
-        if part.correlation_id == cid and part.kind in ("deadline", "expire"):
+        if part.correlation_id == cid and part.kind in ("request", "deadline", "expire"):
             markers[part.kind] = Seen.of(record)
-    assert set(markers) == {"deadline", "expire"}
+    assert set(markers) == {"request", "deadline", "expire"}
+    assert markers["request"].causation == header(request, "mesh-event-id")
+    assert markers["deadline"].causation == markers["expire"].causation \
+        == markers["request"].event_id
     [out] = [s for s in seen if s.topic == topics.merged.name]
     assert out.causation == markers["deadline"].event_id
-    assert_caused_within(seen, [header(request, "mesh-event-id")], ticks=markers.values())
+    assert_caused_within(seen, [header(request, "mesh-event-id")])
 
 
 # -- plan steps --------------------------------------------------------------------------
@@ -285,7 +290,8 @@ async def test_pipeline_stages_failure_and_retention_deletion_are_in_the_request
     """Pass: a document through four checkpointed stages and one failing at its second
     stage: every stage task, stage event, result and the dead-lettered task carry the
     request's trace id; each stage's task is caused by the previous one; the `deleted`
-    event the retention timer emits after 0.5 s is in the workflow's trace too."""
+    event the retention timer emits after 0.5 s is in the workflow's trace too, caused
+    by the task that finished the workflow (the last stage's, or the failing one)."""
     pipe = pipeline.build(prefix, retention_s=0.5, sweep_every_s=0.2)
     topics = pipe.topics
     settings = broker.settings()
@@ -305,11 +311,12 @@ async def test_pipeline_stages_failure_and_retention_deletion_are_in_the_request
         seen = await workflow(settings, names, request.correlation_id)
         assert_one_trace(seen, request.traceparent)
         assert events.deleted[doc_id] in seen
-        assert_caused_within(seen, [request.event_id], ticks=[events.deleted[doc_id]])
+        assert_caused_within(seen, [request.event_id])
         tasks = [s for s in seen if s.topic == topics.tasks.name]
         chain = [request.event_id, *(t.event_id for t in tasks)]
         assert [t.causation for t in tasks] == chain[:len(tasks)]
         assert len(tasks) == (4 if doc_id == "fine" else 2)
+        assert events.deleted[doc_id].causation == tasks[-1].event_id
         assert len([s for s in seen if s.topic == topics.results.name]) == 1
         letters = [s for s in seen if s.topic == topics.tasks.dlq_name]
         assert len(letters) == (0 if doc_id == "fine" else 1)
@@ -440,7 +447,8 @@ async def test_task_requeued_by_the_supervisor_timer_stays_in_the_task_trace(
     """Pass: a job that fails on the only worker is requeued by the supervisor's timer
     (max 2 attempts), fails again and goes to the dead-task topic: the requeued task,
     both outcomes, the supervisor's events and the dead task carry the submitted job's
-    trace id."""
+    trace id; causation reads job -> failed outcome -> requeued job (the timer acts for
+    the outcome) -> failed outcome -> dead task."""
     topics, results = workers.build(prefix)
     settings, codec = broker.settings(), Codec()
     await apply_topics(settings.kafka, [*topics.all, results])
@@ -463,4 +471,53 @@ async def test_task_requeued_by_the_supervisor_timer_stays_in_the_task_trace(
             assert isinstance(event, SupervisorEvent)
             kinds.add(event.kind)
     assert {"task_requeued", "task_dead_lettered"} <= kinds
-    assert_caused_within(seen, [env.event_id], ticks=tasks[1:])
+    assert_caused_within(seen, [env.event_id])
+    outcomes = [s for s in seen if s.topic == topics.outcomes.name]
+    [dead] = [s for s in seen if s.topic == topics.dead.name]
+    assert [s.causation for s in outcomes] == [s.event_id for s in tasks]
+    assert tasks[1].causation == outcomes[0].event_id
+    assert dead.causation == outcomes[1].event_id
+
+
+async def test_worker_found_dead_with_a_task_in_hand_is_reported_in_that_task_trace(
+        broker: BrokerUnderTest, prefix: str, tmp_path: Path) -> None:
+    """Pass: a `mesh run` worker killed -9 while a 60 s job is in its hands: the
+    supervisor's timer reports worker_dead in the job's workflow and trace, caused by
+    the job's event (the row names the task in hand); the row it marks dead is caused by
+    the last status record the worker wrote."""
+    topics, results = workers.build(prefix)
+    settings, codec = broker.settings(), Codec()
+    await apply_topics(settings.kafka, [*topics.all, results])
+    supervisor = Supervisor(topics, SupervisorPolicy(dead_after_s=2, check_every_s=0.2))
+    log = (tmp_path / "worker.log").open("wb")
+    proc = AgentProcess(broker, "tests.apps.workers:app", prefix=prefix, log=log,
+                        env={"MESH_WORKER_ID": "w", "MESH_TEST_HEARTBEAT_S": "0.3"}).start()
+    try:
+        async with Mesh(settings, [supervisor.agent]) as mesh:
+            await mesh.wait_assigned()
+            await until(lambda: holding(supervisor, ["w"], 3), "w holding the task partitions",
+                        timeout=120)
+            [env] = await emit_first(settings, topics.tasks,
+                                     [Job(job_id="long", prompt="slow", effort_ms=60_000)])
+            await until(lambda: supervisor.latest["w"].current_task == "long", "the job in hand")
+            proc.kill9()
+            await until(lambda: supervisor.latest["w"].status == "dead", "w reported dead")
+    finally:
+        if proc.alive():  # the test failed before the kill
+            proc.terminate()
+        log.close()
+    seen = await workflow(settings, [t.name for t in topics.all], env.correlation_id)
+    assert_one_trace(seen, env.traceparent)
+    assert_caused_within(seen, [env.event_id])
+    [dead] = [s for s in seen if s.topic == topics.events.name]
+    assert dead.causation == env.event_id
+    rows = []
+    for record in sorted(await read_all(settings, [topics.status.name]),
+                         key=lambda r: (r.partition, r.offset)):
+        row = await codec.decode(topics.status, record.value or b"")
+        assert isinstance(row, WorkerStatus)
+        if row.worker_id == "w":
+            rows.append((row, Seen.of(record)))
+    *alive, (marked, mark) = rows
+    assert marked.status == "dead" and marked.current_event_id == env.event_id
+    assert mark.causation == alive[-1][1].event_id

@@ -392,3 +392,13 @@ def test_random_valid_payloads_round_trip(payload: Everything) -> None:
     serde = AvroSerde.for_model(Everything)
 
     assert serde.decode(serde.encode(payload)) == payload
+
+
+def test_a_model_can_keep_its_avro_namespace_when_its_code_moves() -> None:
+    class Moved(BaseModel):
+        __avro_namespace__ = "shop.orders"
+        order_id: str
+
+    serde = AvroSerde.for_model(Moved)
+    assert serde.schema["namespace"] == "shop.orders"
+    assert serde.decode(serde.encode(Moved(order_id="o1"))) == Moved(order_id="o1")
