@@ -444,21 +444,21 @@ async def workflow_history(settings: KafkaSettings, workflow_id: str,
                            codec: Codec | None = None, timeout: float = 60.0
                            ) -> WorkflowHistory:
     """Read the checkpoints topic(s) to the end and collect ``workflow_id``'s versions
-    (from the first topic that has any; an empty history if none does).
+    (from the first topic that has any; an empty history if none does). The topic is
+    keyed by workflow id: only the partition the id hashes to is read.
 
     Example:
         >>> history = await workflow_history(settings.kafka, "doc-1", cps)  # doctest: +SKIP
     """
     codec = codec or Codec()
     candidates = [topics] if isinstance(topics, Topic) else list(topics)
+    key = workflow_id.encode()
     for topic in candidates:
-        async with TopicReader(settings, [topic.name]) as reader:
-            records = await reader.read_to_end(timeout=timeout)
-        versions: list[Any] = []
-        for record in sorted(records, key=lambda r: (r.partition, r.offset)):
-            if record.key == workflow_id.encode():  # a None value is a tombstone
-                value = record.value
-                versions.append(None if value is None else await codec.decode(topic, value))
+        async with TopicReader.for_key(settings, [topic.name], key) as reader:
+            records = [r async for r in reader.iter_to_end(timeout=timeout) if r.key == key]
+        versions: list[Any] = [  # a None value is a tombstone
+            None if r.value is None else await codec.decode(topic, r.value)
+            for r in sorted(records, key=lambda r: (r.partition, r.offset))]
         if versions:
             return WorkflowHistory(workflow_id, topic.name, tuple(versions))
     return WorkflowHistory(workflow_id, candidates[0].name if candidates else "", ())
