@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -79,6 +80,7 @@ class MeshMetrics:
         self._runners: list[AgentRunner] = []
         registry.register(_RunnerCollector(self._runners))
         registry.register(_ResilienceCollector(live_breakers, fallback_stats))
+        registry.register(_LLMCollector(_llm_stats))
 
     def watch(self, runner: AgentRunner) -> None:
         """Count ``runner``'s outcomes and read its state at every scrape."""
@@ -186,3 +188,37 @@ class _ResilienceCollector(Collector):
         for agent, count in sorted(failed.items()):
             exhausted.add_metric([agent], count)
         yield from (used, exhausted)
+
+
+def _llm_stats() -> list[Any]:
+    """The LLM agents' stats if mesh.llm is in use; never imports pydantic-ai."""
+    module = sys.modules.get("mesh.llm")
+    return list(module.llm_stats()) if module is not None else []
+
+
+class _LLMCollector(Collector):
+    """Reads the process's LLM agents' usage when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], list[Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        tokens = CounterMetricFamily("mesh_llm_tokens", "Tokens of LLM agents' model runs "
+                                     "(failed runs included), by kind", labels=["agent", "kind"])
+        requests = CounterMetricFamily("mesh_llm_requests", "Model requests of LLM agents "
+                                       "that got a response", labels=["agent"])
+        runs = CounterMetricFamily("mesh_llm_runs", "Model runs of LLM agents, by outcome "
+                                   "(ok, failed)", labels=["agent", "outcome"])
+        totals: dict[str, list[int]] = {}
+        for stats in self._stats():
+            total = totals.setdefault(stats.agent, [0, 0, 0, 0, 0])
+            for i, count in enumerate((stats.input_tokens, stats.output_tokens,
+                                       stats.requests, stats.runs, stats.failures)):
+                total[i] += count
+        for agent, (tokens_in, tokens_out, requested, ran, failed) in sorted(totals.items()):
+            tokens.add_metric([agent, "input"], tokens_in)
+            tokens.add_metric([agent, "output"], tokens_out)
+            requests.add_metric([agent], requested)
+            runs.add_metric([agent, "ok"], ran - failed)
+            runs.add_metric([agent, "failed"], failed)
+        yield from (tokens, requests, runs)

@@ -19,6 +19,7 @@ EXPECTED = {  # example -> a line fragment its output must contain
     "supervisor.py": "results: 30/30 jobs done",
     "pipeline.py": "extract",
     "content.py": "published",
+    "llm.py": "3 tickets triaged, 1 dead-lettered",
 }
 
 
