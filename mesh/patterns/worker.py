@@ -168,7 +168,7 @@ class DeadTask(BaseModel):
 # so, and moving the code must not rename them on the wire.
 for _model in (WorkerStatus, TaskOutcome, WorkerCommand, SupervisorEvent, WorkerView,
                TaskRetry, DeadTask):
-    _model.__avro_namespace__ = "mesh.patterns.supervisor"  # type: ignore[attr-defined]
+    setattr(_model, "__avro_namespace__", "mesh.patterns.supervisor")  # noqa: B010
 
 
 @dataclass(frozen=True, slots=True)
