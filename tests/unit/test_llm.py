@@ -30,7 +30,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.models.test import TestModel
 from pydantic_ai.usage import RequestUsage, UsageLimits
 
-from mesh import ConfigError, Context, Topic, derive_event_id
+from mesh import ConfigError, Context, MeshSettings, Topic, derive_event_id
 from mesh.envelope import Envelope
 from mesh.errors import BreakerOpen
 from mesh.llm import LLMAgent, LLMError, classify, llm_agent, llm_stats
@@ -296,8 +296,7 @@ async def test_an_llm_error_keeps_pydantic_ais_error_out_of_its_traceback() -> N
     error = ModelHTTPError.for_category(ModelAuthenticationError, status_code=401,
                                         model_name="m", body={"error": f"bad key {SECRET}"})
     agent = build(FunctionModel(failing_first(error, [])))
-    async with InMemoryMesh(agent):  # on_start
-        pass
+    await agent.on_start(MeshSettings())  # what a runner does first: resolves the model
     event = Envelope.new(Question(qid="q8", text="hi"), source="test")
     with pytest.raises(LLMError) as raised:
         await agent.handle(event.payload, Context(agent, event))
