@@ -242,20 +242,24 @@ class AgentRunner:
     def lag(self) -> dict[Partition, int]:
         """Per assigned partition, records between what is done and the partition's end
         (the end as the last fetch reported it)."""
-        behind = {}
+        return {partition: max(0, end - handled)
+                for partition, end, handled in self._positions()}
+
+    def _positions(self) -> list[tuple[Partition, int, int]]:
+        """Per assigned partition whose end a fetch reported: (partition, the end, the
+        offset up to which inputs are handled)."""
+        found = []
         for partition, lane in list(self._lanes.items()):
             end = self._consumer.highwater(partition) if self._consumer else None
             if end is not None:
-                behind[partition] = max(0, end - (lane.done or lane.committed or 0))
-        return behind
+                found.append((partition, end, max(lane.done or 0, lane.committed or 0)))
+        return found
 
     def check_log_ends(self) -> None:
         """Raise :class:`BrokerLost` if a partition's log now ends before what this
         agent has handled there: the broker lost records (see :mod:`mesh.liveness`)."""
-        for partition, lane in list(self._lanes.items()):
-            end = self._consumer.highwater(partition) if self._consumer else None
-            handled = max(lane.done or 0, lane.committed or 0)
-            if end is not None and end < handled:
+        for partition, end, handled in self._positions():
+            if end < handled:
                 raise BrokerLost(
                     f"{partition.topic}[{partition.partition}] ends at offset {end}, but "
                     f"agent {self.agent.name} has handled it up to {handled}: the broker "

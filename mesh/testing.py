@@ -84,17 +84,6 @@ class DrainLimitReached(MeshError):
     likely agents that feed each other in a loop."""
 
 
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition of a keyed record among ``partitions``: the one Kafka's default
-    partitioner (murmur2) gives it.
-
-    Example:
-        >>> partition_of(b"order-1", 3)
-        1
-    """
-    return partition_for(key, partitions)
-
-
 class _Ack(NamedTuple):
     """What the broker's acknowledgement tells: where the record was stored."""
 
@@ -146,7 +135,7 @@ class InMemoryTopics:
                                   "Declare the topic with more partitions.")
             number = out.partition
         elif out.key is not None:
-            number = partition_of(out.key, count)
+            number = partition_for(out.key, count)
         else:  # Kafka spreads keyless records; round-robin keeps a test deterministic
             number = next(self._round_robin.setdefault(out.topic, itertools.count())) % count
         log = self._logs.setdefault(Partition(out.topic, number), [])

@@ -37,12 +37,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from mesh.topic import Topic
+from mesh.transport import OutRecord
 
 if TYPE_CHECKING:
     from mesh.codec import Codec
     from mesh.config import AuditSettings
     from mesh.envelope import Envelope
-    from mesh.transport import OutRecord, Record
+    from mesh.transport import Record
 
 CONSUMED = "consumed"
 PRODUCED = "produced"
@@ -106,12 +107,7 @@ class Auditor:
 
     def record(self, event: AuditEvent) -> OutRecord:
         """``event`` as a record of the audit topic."""
-        from mesh.transport import OutRecord
-
-        value, fingerprint = self.codec.encode(audit_topic, event)
-        return OutRecord(audit_topic.name, value, audit_topic.key_of(event),
-                         (("mesh-schema", fingerprint.encode()),
-                          ("mesh-source", self.source.encode())))
+        return audit_record(self.codec, event, source=self.source)
 
     def consumed(self, record: Record, event: Envelope[Any] | None, *, outcome: str,
                  started_ms: int, duration_s: float, error: BaseException | None = None,
@@ -160,6 +156,13 @@ class Auditor:
         if self.settings.payloads and isinstance(env.payload, BaseModel):
             return env.payload.model_dump_json()
         return None
+
+
+def audit_record(codec: Codec, event: AuditEvent, *, source: str) -> OutRecord:
+    """``event`` as a record of the audit topic, produced by ``source``."""
+    value, fingerprint = codec.encode(audit_topic, event)
+    return OutRecord(audit_topic.name, value, audit_topic.key_of(event),
+                     (("mesh-schema", fingerprint.encode()), ("mesh-source", source.encode())))
 
 
 def expand(event: AuditEvent) -> list[AuditEvent]:

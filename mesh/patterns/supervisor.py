@@ -75,6 +75,7 @@ from mesh.patterns.worker import (
 )
 from mesh.state import CompactedTable
 from mesh.topic import Topic
+from mesh.transport import partition_for
 
 __all__ = [
     "STATUS_STYLE",
@@ -95,7 +96,6 @@ __all__ = [
     "WorkerView",
     "key_for_partition",
     "load_workers",
-    "murmur2",
     "partition_of",
     "render_workers",
     "worker",
@@ -345,27 +345,9 @@ class Supervisor:
         return candidates[zlib.crc32(f"{task_id}/{retry.attempts}".encode()) % len(candidates)]
 
 
-def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 hash, as the default partitioner of every Kafka client uses it."""
-    m, length = 0x5BD1E995, len(data)
-    h = (0x9747B28C ^ length) & 0xFFFFFFFF
-    for i in range(0, length - length % 4, 4):
-        k = int.from_bytes(data[i:i + 4], "little")
-        k = (k * m) & 0xFFFFFFFF
-        k = ((k ^ (k >> 24)) * m) & 0xFFFFFFFF
-        h = ((h * m) & 0xFFFFFFFF) ^ k
-    tail = data[length - length % 4:]
-    if tail:
-        for index in range(len(tail) - 1, -1, -1):
-            h ^= tail[index] << (8 * index)
-        h = (h * m) & 0xFFFFFFFF
-    h = ((h ^ (h >> 13)) * m) & 0xFFFFFFFF
-    return h ^ (h >> 15)
-
-
 def partition_of(key: bytes, partitions: int) -> int:
     """The partition the default partitioner sends ``key`` to."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return partition_for(key, partitions)
 
 
 def key_for_partition(task_id: str, partition: int | None, partitions: int) -> bytes:

@@ -24,7 +24,7 @@ from mesh.codec import Codec
 from mesh.config import KafkaSettings
 from mesh.envelope import CORRELATION_ID
 from mesh.errors import ConfigError
-from mesh.observe.audit import DLQ_REPLAYED, AuditEvent, audit_topic
+from mesh.observe.audit import DLQ_REPLAYED, AuditEvent, audit_record
 from mesh.reader import TopicReader
 from mesh.resilience import retry
 from mesh.topic import DLQ_SUFFIX
@@ -202,6 +202,4 @@ def _audit(codec: Codec, letter: DeadLetter, target: str) -> OutRecord:
         error=letter.error or None, size=len(letter.record.value or b""),
         details={"to": target, "origin": f"{letter.origin_topic}[{letter.origin_partition}]"
                                           f"@{letter.origin_offset}"})
-    value, fingerprint = codec.encode(audit_topic, event)
-    return OutRecord(audit_topic.name, value, audit_topic.key_of(event),
-                     (("mesh-schema", fingerprint.encode()), ("mesh-source", b"dlq-replay")))
+    return audit_record(codec, event, source="dlq-replay")

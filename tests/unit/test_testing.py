@@ -24,8 +24,8 @@ from mesh.patterns.chain import Chain
 from mesh.patterns.gather import Gather, GatherTopics, branch
 from mesh.resilience import retry
 from mesh.resilience.breaker import BreakerPolicy, CircuitBreaker
-from mesh.testing import DrainLimitReached, InMemoryMesh, InMemoryTopics, partition_of
-from mesh.transport import OutRecord
+from mesh.testing import DrainLimitReached, InMemoryMesh, InMemoryTopics
+from mesh.transport import OutRecord, partition_for
 from topics.demo import (
     ResearchRequest,
     articles,
@@ -401,7 +401,7 @@ def test_in_memory_topics_partition_by_key_and_keep_explicit_partitions() -> Non
     first = topics.append(OutRecord(orders.name, b"1", b"k"))
     again = topics.append(OutRecord(orders.name, b"2", b"k"))
     pinned = topics.append(OutRecord("tk.orders.retry.1", b"3", b"k", partition=2))
-    assert first.partition == again.partition == partition_of(b"k", 3)
+    assert first.partition == again.partition == partition_for(b"k", 3)
     assert (first.offset, again.offset) == (0, 1)
     assert (pinned.partition, pinned.offset) == (2, 0)
     with pytest.raises(ConfigError, match="names partition 3"):
