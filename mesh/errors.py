@@ -134,9 +134,17 @@ class CommitFailed(TransportError):
 def is_retriable(error: BaseException) -> bool:
     """Whether ``error`` may go away on another attempt.
 
-    Mesh errors say so themselves; timeouts and connection errors are retriable; any
-    other exception from user code is not (retrying a bug only delays the dead letter).
+    Mesh errors say so themselves (an :class:`InputError` never: the same bytes fail the
+    same way; ``HandlerError(..., retriable=False)`` is how user code says "do not
+    retry"). Any other exception is retriable: failures in user code are rarely typed
+    and are mostly transient (a flaky API, a timeout), which is what the seed article,
+    Dapr and most agent frameworks assume. A retry policy can narrow this
+    (``RetryPolicy(retry_on=...)``); circuit breakers count failures by the same rule.
+
+    Example:
+        >>> is_retriable(ValueError("flaky")), is_retriable(DecodeError("garbage"))
+        (True, False)
     """
     if isinstance(error, MeshError):
         return error.retriable
-    return isinstance(error, (TimeoutError, ConnectionError))
+    return isinstance(error, Exception)

@@ -48,7 +48,6 @@ from mesh.errors import (
     Held,
     InputError,
     PayloadTooLarge,
-    is_retriable,
 )
 from mesh.observe.audit import DEAD_LETTER, OK, RETRY, Auditor
 from mesh.observe.tracing import HandlerTracer
@@ -597,13 +596,13 @@ class AgentRunner:
                 raise  # not a failure: the lane holds the input and tries again later
             except Exception as exc:  # user code: classify, retry or dead-letter
                 first_failure = first_failure or now_ms()
-                if is_retriable(exc) and attempt < in_place:
+                if policy.retries(exc) and attempt < in_place:
                     logger.info("agent %s attempt %d failed (%s), retrying", self.agent.name,
                                 attempt, exc)
                     earlier += self._audit(record, this, RETRY, tried, exc)
                     await asyncio.sleep(policy.delay_ms(attempt) / 1000)
                     continue
-                if (is_retriable(exc) and not policy.blocking
+                if (policy.retries(exc) and not policy.blocking
                         and event.attempt < policy.attempts):
                     logger.info("agent %s attempt %d failed (%s): to the retry topic",
                                 self.agent.name, event.attempt, exc)

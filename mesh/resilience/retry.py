@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mesh.envelope import ATTEMPT, now_ms
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, InputError, is_retriable
 from mesh.topic import Topic
 from mesh.transport import OutRecord, Record
 
@@ -58,6 +59,18 @@ class RetryPolicy:
         max_ms: the longest delay.
         jitter: +/- this fraction of each delay, at random (spreads retry storms).
         blocking: retry in place, holding the partition (keeps per-key order).
+        retry_on: which failures are retried: exception classes, or a predicate. The
+            default (None) retries every exception except those that cannot succeed
+            on another attempt: the :class:`~mesh.errors.InputError` family (decode,
+            validation, signature, size) and errors that say ``retriable=False``
+            (:func:`mesh.errors.is_retriable`). An ``InputError`` is never retried,
+            whatever ``retry_on`` says.
+
+    Example:
+        >>> RetryPolicy(retry_on=(TimeoutError,)).retries(ValueError("bug"))
+        False
+        >>> RetryPolicy().retries(ValueError("flaky"))
+        True
     """
 
     attempts: int = 3
@@ -66,6 +79,7 @@ class RetryPolicy:
     max_ms: int = 60_000
     jitter: float = 0.0
     blocking: bool = False
+    retry_on: tuple[type[BaseException], ...] | Callable[[BaseException], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.base_ms < 0 or self.factor < 1 or self.max_ms < 0:
@@ -73,6 +87,16 @@ class RetryPolicy:
                               "max_ms >= 0 are required.")
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"RetryPolicy jitter {self.jitter} must be in [0, 1).")
+
+    def retries(self, error: BaseException) -> bool:
+        """Whether a failure with ``error`` is retried (attempts left aside)."""
+        if isinstance(error, InputError):
+            return False
+        if self.retry_on is None:
+            return is_retriable(error)
+        if isinstance(self.retry_on, tuple):
+            return isinstance(error, self.retry_on)
+        return bool(self.retry_on(error))
 
     def delay_ms(self, failed_attempt: int) -> int:
         """The wait after attempt ``failed_attempt`` (1-based) failed."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from mesh import Codec, Mesh, apply_topics
+from mesh import Agent, Codec, Context, Mesh, Topic, apply_topics
 from mesh.checker import check
-from mesh.resilience.retry import FIRST_FAILURE, LAST_FAILURE, RETRY_DUE
+from mesh.resilience.retry import FIRST_FAILURE, LAST_FAILURE, RETRY_DUE, RetryPolicy
 from mesh.resilience.dead_letter import DLQ_ATTEMPTS, DLQ_ERROR_CLASS, DLQ_OFFSET, DLQ_TOPIC
+from mesh.transport import OutRecord
+from tests.apps.chain import Item
 from tests.apps.retry import build
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, read_all, wait_for_count
@@ -63,3 +65,47 @@ async def test_retriable_failures_go_through_retry_topics_without_blocking_the_p
     seq_of = {i.source_id: (i.key, i.seq) for i in items}
     assert {(v.key, v.seq) for v in report.order_violations} <= {seq_of[s] for s in flaky}
     assert mesh.runners[0].retried == len(flaky) + 2 * len(down)
+
+
+async def test_a_plain_exception_is_retried_by_default_and_retry_on_narrows_it(
+        broker: BrokerUnderTest, prefix: str) -> None:
+    """Pass: an untyped RuntimeError on the first attempt is retried (the seed's rule:
+    any exception but an input error) and the item comes out on attempt 2, nothing
+    dead-lettered; the same agent with ``retry_on=(TimeoutError,)`` dead-letters it
+    after its single attempt; undecodable bytes are never retried."""
+    def build_plain(name: str, policy: RetryPolicy) -> Agent[Item]:
+        inbox = Topic(f"{prefix}.{name}.in", Item, key="key", partitions=1)
+        out = Topic(f"{prefix}.{name}.out", Item, key="key", partitions=1)
+
+        async def handle(item: Item, ctx: Context) -> Item:
+            if ctx.attempt == 1:
+                raise RuntimeError(f"connection reset while handling {item.source_id}")
+            return item.model_copy(update={"hops": [f"attempt={ctx.attempt}"]})
+
+        return Agent(f"{prefix}-{name}", consumes=inbox, produces=out, handler=handle,
+                     retry=policy)
+
+    default = build_plain("default", RetryPolicy(base_ms=100))
+    narrow = build_plain("narrow", RetryPolicy(base_ms=100, retry_on=(TimeoutError,)))
+    settings = broker.settings()
+    await apply_topics(settings.kafka, [*default.all_topics, *narrow.all_topics])
+    codec = Codec()
+    items = make_items(keys=1, per_key=2)
+    async with Mesh(settings, [default, narrow]) as mesh:
+        await mesh.wait_assigned()
+        for agent in (default, narrow):
+            await inject(settings, [encode(codec, agent.consumes[0], i) for i in items]
+                         + [OutRecord(agent.consumes[0].name, b"\x00garbage", b"k0")])
+        outputs = await wait_for_count(settings, [default.produces[0].name], len(items))
+        await wait_for_count(settings, [default.consumes[0].dlq_name], 1, distinct=False)
+        dead = await wait_for_count(settings, [narrow.consumes[0].dlq_name], len(items) + 1,
+                                    distinct=False)
+    hops = [(await codec.decode(default.produces[0], r.value or b"")).hops  # type: ignore[attr-defined]
+            for r in outputs]
+    assert hops == [["attempt=2"]] * len(items)
+    classes = sorted(dict(r.headers)[DLQ_ERROR_CLASS].decode() for r in dead)
+    assert classes == ["RuntimeError", "RuntimeError", "UnknownSchema"]
+    assert all(dict(r.headers)[DLQ_ATTEMPTS] == b"1" for r in dead)
+    retried = await read_all(settings, [t.name for t in default.retry_topics])
+    assert len(retried) == len(items)  # the garbage was not retried
+    assert mesh.runners[1].retried == 0
