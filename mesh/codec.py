@@ -109,7 +109,7 @@ class Codec:
         framing = framing_of(data)
         if framing == "single-object":
             fp = data[2:10].hex()
-            if fp == serde.fingerprint:
+            if fp == serde.fingerprint or fp in serde.legacy:  # legacy: the same encoding
                 return serde.from_body(data[10:], serde.parsed)
             return self._resolve(topic, serde, data[10:], self._known(topic, serde, fp),
                                  f"writer schema {fp}")
@@ -132,8 +132,12 @@ class Codec:
                 f"{serde.model.__name__}'s ({serde.fingerprint}) nor in the schema history "
                 f"({where}). If the record was written with another version of the model, "
                 "deploy the history `mesh schemas export` keeps in schemas/history with this "
-                "service, or Codec.learn() the writer schema, or use a schema registry; "
-                "otherwise it was written with another topic's model.")
+                "service, or Codec.learn() the writer schema, or use a schema registry. The "
+                "fingerprint covers the record's full name too: a producer that names it "
+                f"other than {serde.parsed['name']} (its own namespace, or a mesh older "
+                "than the naming rule of mesh.serde.avro_name, which took the namespace "
+                "from the Python module) writes another fingerprint. Otherwise the record "
+                "was written with another topic's model.")
         return writer
 
     @staticmethod
@@ -141,11 +145,15 @@ class Codec:
                  origin: str) -> BaseModel:
         """Decode ``body``, written with ``writer``, as ``topic``'s model by Avro's rules."""
         reader = serde.parsed
-        names = {reader["name"], *reader.get("aliases", ())}
-        if not isinstance(writer, dict) or writer.get("name") not in names:
-            written = writer.get("name") if isinstance(writer, dict) else writer
+        # Avro resolves named types by their unqualified name (or an alias): a namespace
+        # change alone (records were once named by their Python module) still resolves.
+        names = {_short(n) for n in (reader["name"], *reader.get("aliases", ()))}
+        if not isinstance(writer, dict) or _short(str(writer.get("name"))) not in names:
+            written = (f"record {_described(writer)}" if isinstance(writer, dict)
+                       else f"the schema {writer!r}")
             raise UnknownSchema(f"{topic.name}: {origin} is {written}, not a version of "
-                                f"{reader['name']}: the record is not of this topic.")
+                                f"the topic's record {_described(reader)}: the record is "
+                                "not of this topic.")
         try:
             return serde.from_body(body, writer)
         except DecodeError as exc:
@@ -153,7 +161,8 @@ class Codec:
                 raise
             differ = "; ".join(schema_differences(writer, reader))
             raise DecodeError(
-                f"{topic.name}: {origin} (another version of {reader['name']}) cannot be "
+                f"{topic.name}: {origin} (record {_described(writer)}, another version of "
+                f"{_described(reader)}) cannot be "
                 f"read as the topic's ({serde.fingerprint}): {exc.__cause__}."
                 + (f" Fields that differ: {differ}." if differ else "")
                 + " Give a new field a default (or make it optional), or publish the "
@@ -191,3 +200,13 @@ class Codec:
                        "basic.auth.user.info": f"{settings.username}:{password}"}
             self._client = AsyncSchemaRegistryClient(url)
         return self._client
+
+
+def _short(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _described(schema: dict[str, Any]) -> str:
+    """``Name (namespace ns)`` of a parsed named schema, for error messages."""
+    namespace, _, short = str(schema.get("name")).rpartition(".")
+    return f"{short} (namespace {namespace or 'none'})"

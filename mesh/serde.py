@@ -11,6 +11,12 @@ version) is resolved against the reader schema by Avro's rules (:meth:`AvroSerde
 :class:`mesh.codec.Codec` finds that writer schema by its fingerprint in the schema history
 (``schemas/history/``) or by its id in the registry.
 
+Names: a model's record is named by stable facts only, never by the module it was
+imported from (:func:`avro_name`): the class name (or ``__avro_name__``) in the namespace
+``mesh`` (or ``__avro_namespace__``). Values written by versions that named records by
+their Python module still decode (:attr:`AvroSerde.legacy`, and Avro's resolution by
+unqualified name for versions in the schema history).
+
 Type mapping: str/int/float/bool/bytes -> string/long/double/boolean/bytes;
 ``X | None`` -> ``["null", X]``; list/tuple/set -> array; ``dict[str, X]`` -> map;
 nested models -> records; ``Literal[...]`` of strings and str Enums -> enum; datetime ->
@@ -34,7 +40,7 @@ from typing import Any
 
 import fastavro
 from fastavro.read import SchemaResolutionError
-from fastavro.schema import fingerprint, to_parsing_canonical_form
+from fastavro.schema import SchemaParseException, fingerprint, to_parsing_canonical_form
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
@@ -55,11 +61,18 @@ def _apply(convert: Convert, value: Any) -> Any:
 
 @dataclass(slots=True)
 class _Builder:
-    """Turns annotations into Avro schemas plus value converters (to and from Avro)."""
+    """Turns annotations into Avro schemas plus value converters (to and from Avro).
 
+    ``naming`` gives each model's (namespace, name): :func:`avro_name` by default; the
+    legacy rules of :func:`_legacy_namings` rebuild the schemas older versions wrote.
+    """
+
+    naming: Callable[[type[BaseModel]], tuple[str, str]] = field(
+        default_factory=lambda: avro_name)
     defined: set[str] = field(default_factory=set)
     building: set[str] = field(default_factory=set)
     converters: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, type[BaseModel]] = field(default_factory=dict)
 
     def build(self, tp: Any) -> tuple[Any, Convert, Convert]:
         origin = typing.get_origin(tp)
@@ -106,7 +119,14 @@ class _Builder:
         raise ConfigError(f"No Avro mapping for type {tp.__name__}.")
 
     def record(self, model: type[BaseModel]) -> tuple[Any, Convert, Convert]:
-        name = f"{_namespace(model)}.{model.__name__}"
+        namespace, short = self.naming(model)
+        name = f"{namespace}.{short}"
+        other = self.models.setdefault(name, model)
+        if other is not model:
+            raise ConfigError(
+                f"Two models are named {name} in one Avro schema: {_qualname(other)} and "
+                f"{_qualname(model)}. Avro names must be unique within a schema; set "
+                "__avro_name__ (or __avro_namespace__) on one of them.")
         if name in self.building:
             raise ConfigError(f"Recursive model {name}.")
         if name in self.defined:
@@ -126,8 +146,7 @@ class _Builder:
                     entry["default"] = entry_default
             fields.append(entry)
             to_avro[fname], from_avro[fname] = field_to, field_back
-        schema = {"type": "record", "name": model.__name__, "namespace": _namespace(model),
-                  "fields": fields}
+        schema = {"type": "record", "name": short, "namespace": namespace, "fields": fields}
         if model.__doc__:
             schema["doc"] = model.__doc__.strip().splitlines()[0]
 
@@ -213,14 +232,65 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-def _namespace(model: type[BaseModel]) -> str:
-    """The model's Avro namespace: ``__avro_namespace__`` if the class sets one (a model
-    moved to another module keeps its name on the wire), else its module path."""
+DEFAULT_NAMESPACE = "mesh"
+
+
+def avro_name(model: type[BaseModel]) -> tuple[str, str]:
+    """The (namespace, name) of ``model``'s Avro record: what its schema, and so its
+    fingerprint, is named on the wire.
+
+    Only stable facts name it, never the module the class was imported from (a model in
+    a script run as ``python app.py`` lives in ``__main__``, the same model imported by
+    ``mesh run app:agent`` in ``app``; both must write the same schema): the name is
+    ``__avro_name__`` if the class itself sets one, else the class name (characters Avro names
+    cannot hold, as in ``Page[int]``, become ``_``); the namespace is
+    ``__avro_namespace__`` if the class sets one, else ``mesh``. Set them to keep a
+    wire name when the class is renamed, or to give payloads your own namespace.
+
+    Example:
+        >>> class Order(BaseModel):
+        ...     order_id: str
+        >>> avro_name(Order)
+        ('mesh', 'Order')
+    """
+    explicit = vars(model).get("__avro_name__")  # not inherited: a subclass is another record
+    if explicit is not None and not (isinstance(explicit, str) and _AVRO_NAME.match(explicit)):
+        raise ConfigError(f"{_qualname(model)}.__avro_name__ is {explicit!r}: an Avro name "
+                          "is letters, digits and _, not starting with a digit; fix it.")
+    name = explicit or re.sub(r"\W", "_", model.__name__).strip("_")
+    if not _AVRO_NAME.match(name):
+        name = f"_{name}"  # empty, or starting with a digit
+    namespace = getattr(model, "__avro_namespace__", None) or DEFAULT_NAMESPACE
+    if not (isinstance(namespace, str)
+            and all(_AVRO_NAME.match(part) for part in namespace.split("."))):
+        raise ConfigError(f"{_qualname(model)}.__avro_namespace__ is {namespace!r}: an Avro "
+                          "namespace is dot-separated names of letters, digits and _; "
+                          "fix it (e.g. 'shop.orders').")
+    return namespace, name
+
+
+def _module_namespace(model: type[BaseModel], main: str | None = None) -> str:
+    """The namespace versions before the naming rule of :func:`avro_name` wrote: the
+    class's ``__avro_namespace__``, else its module path (``__main__`` for module
+    ``main`` when given: the same model run as a script)."""
     explicit = getattr(model, "__avro_namespace__", None)
     if isinstance(explicit, str) and explicit:
         return explicit
-    parts = [p for p in model.__module__.split(".") if _AVRO_NAME.match(p)]
+    module = "__main__" if main is not None and model.__module__ == main else model.__module__
+    parts = [p for p in module.split(".") if _AVRO_NAME.match(p)]
     return ".".join(parts) or "mesh"
+
+
+def _legacy_namings(model: type[BaseModel]) -> list[Callable[[type[BaseModel]], tuple[str, str]]]:
+    """The naming rules of older versions (records named by their Python module), as
+    imported normally and as run as a script: their fingerprints name schemas whose
+    binary encoding is this model's own (Avro bodies carry no names)."""
+    return [lambda m: (_module_namespace(m), m.__name__),
+            lambda m: (_module_namespace(m, main=model.__module__), m.__name__)]
+
+
+def _qualname(model: type[Any]) -> str:
+    return f"{model.__module__}.{model.__qualname__}"
 
 
 def _with_default(schema: Any, default: Any) -> tuple[Any, Any]:
@@ -263,15 +333,29 @@ class AvroSerde:
     fingerprint: str
     to_avro: Callable[[Any], dict[str, Any]]
     from_avro: Callable[[dict[str, Any]], dict[str, Any]]
+    legacy: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_model(cls, model: type[BaseModel]) -> AvroSerde:
-        """Build the schema and converters of ``model`` (do this once per model)."""
+        """Build the schema and converters of ``model`` (do this once per model).
+
+        ``legacy`` maps the fingerprints of this model's schema as older versions named
+        it (records named by their Python module, see :func:`avro_name`) to those
+        parsed schemas: a value written so has this schema's encoding and decodes as is.
+        """
         schema, to, back = _Builder().record(model)
         parsed = fastavro.parse_schema(schema)
         fp = schema_fingerprint(parsed)
         assert to is not None and back is not None
-        return cls(model, schema, parsed, fp, to, back)
+        legacy: dict[str, Any] = {}
+        for naming in _legacy_namings(model):
+            try:
+                old = fastavro.parse_schema(_Builder(naming=naming).record(model)[0])
+            except (ConfigError, SchemaParseException):  # the old rule could not name it
+                continue
+            if schema_fingerprint(old) != fp:
+                legacy.setdefault(schema_fingerprint(old), old)
+        return cls(model, schema, parsed, fp, to, back, legacy)
 
     @property
     def canonical(self) -> str:
@@ -299,8 +383,9 @@ class AvroSerde:
         if writer is None:
             if not data.startswith(SINGLE_OBJECT_MAGIC) or len(data) < 10:
                 raise DecodeError("Not Avro single-object encoding (no C3 01 marker).")
-            if data[2:10].hex() != self.fingerprint:
-                raise UnknownSchema(f"Writer schema fingerprint {data[2:10].hex()} is not "
+            fp = data[2:10].hex()
+            if fp != self.fingerprint and fp not in self.legacy:
+                raise UnknownSchema(f"Writer schema fingerprint {fp} is not "
                                     f"{self.model.__name__}'s ({self.fingerprint}); decode "
                                     "with mesh.Codec to resolve other versions of the "
                                     "model through the schema history.")

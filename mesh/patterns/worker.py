@@ -162,15 +162,6 @@ class DeadTask(BaseModel):
     reason: str
 
 
-# A payload's Avro namespace is its model's module (mesh.serde). These models were first
-# published from mesh.patterns.supervisor, which still exports them: the schemas in
-# schemas/, the records in the topics and other languages' generated classes name them
-# so, and moving the code must not rename them on the wire.
-for _model in (WorkerStatus, TaskOutcome, WorkerCommand, SupervisorEvent, WorkerView,
-               TaskRetry, DeadTask):
-    setattr(_model, "__avro_namespace__", "mesh.patterns.supervisor")  # noqa: B010
-
-
 @dataclass(frozen=True, slots=True)
 class WorkerTopics:
     """The topics of one supervised pool; build them with :func:`worker_topics`."""

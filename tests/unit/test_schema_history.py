@@ -123,6 +123,7 @@ async def test_unknown_fingerprint_raises_unknown_schema_naming_it_and_the_fix(
     message = str(raised.value)
     assert "shop.orders" in message and old.fingerprint in message
     assert str(history) in message and "mesh schemas export" in message
+    assert "names it other than mesh.Order" in message  # a producer's own naming
 
 
 async def test_incompatible_version_is_a_decode_error_naming_topic_fingerprint_and_field(
@@ -162,7 +163,8 @@ async def test_schema_of_another_model_in_the_history_is_still_unknown_for_this_
     model's (Invoice) stays UnknownSchema on the orders topic, naming both records."""
     codec = Codec(history=_history(tmp_path, Invoice))
 
-    with pytest.raises(UnknownSchema, match="Invoice, not a version of .*Order"):
+    with pytest.raises(UnknownSchema,
+                       match=r"Invoice \(namespace mesh\), not a version of .*Order"):
         await codec.decode(_topic(V2.Order), _frame(Invoice, Invoice(invoice_id="i")))
 
 
@@ -334,3 +336,23 @@ async def test_gather_state_written_before_traceparent_was_added_restores() -> N
                                   b"\xc3\x01" + bytes.fromhex(old_fp) + body.getvalue())
 
     assert restored == state
+
+
+async def test_values_written_with_the_module_namespaced_committed_schemas_decode() -> None:
+    """Pass: a demo.requests value framed with the schema committed when records were
+    named by their Python module (topics.demo.ResearchRequest, fingerprint
+    5167cad29b1bbaa3) decodes as today's mesh.ResearchRequest through the committed
+    history: Avro resolves records by unqualified name."""
+    old_fp = "5167cad29b1bbaa3"
+    writer = fastavro.parse_schema(json.loads((REPO_HISTORY / f"{old_fp}.avsc").read_text()))
+    topic = discover_topics("topics")["demo.requests"]
+    codec = Codec(history=REPO_HISTORY)
+    assert writer["name"] == "topics.demo.ResearchRequest"
+    assert codec.serde(topic.model).parsed["name"] == "mesh.ResearchRequest"
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, writer, {"request_id": "r1", "subject": "kafka",
+                                              "audience": "ops"})
+
+    decoded = await codec.decode(topic, b"\xc3\x01" + bytes.fromhex(old_fp) + body.getvalue())
+
+    assert decoded == topic.model(request_id="r1", subject="kafka", audience="ops")

@@ -17,8 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
-from mesh.errors import DecodeError, PayloadInvalid, UnknownSchema
-from mesh.serde import AvroSerde, framing_of, schema_differences, schema_fingerprint
+from mesh.errors import ConfigError, DecodeError, PayloadInvalid, UnknownSchema
+from mesh.serde import (
+    AvroSerde,
+    avro_name,
+    framing_of,
+    schema_differences,
+    schema_fingerprint,
+)
 
 UTC = dt.timezone.utc
 
@@ -402,3 +408,154 @@ def test_a_model_can_keep_its_avro_namespace_when_its_code_moves() -> None:
     serde = AvroSerde.for_model(Moved)
     assert serde.schema["namespace"] == "shop.orders"
     assert serde.decode(serde.encode(Moved(order_id="o1"))) == Moved(order_id="o1")
+
+
+# --- the wire name does not depend on the import path ------------------------------------
+
+SCRIPT = '''
+from __future__ import annotations
+
+import sys
+
+from pydantic import BaseModel
+
+from mesh.serde import AvroSerde
+
+
+class Line(BaseModel):
+    sku: str
+    qty: int = 1
+
+
+class Basket(BaseModel):
+    """A basket of lines."""
+
+    basket_id: str
+    lines: list[Line] = []
+
+
+if __name__ == "__main__":
+    serde = AvroSerde.for_model(Basket)
+    payload = Basket(basket_id="b1", lines=[Line(sku="s", qty=2)])
+    print(serde.fingerprint, serde.encode(payload).hex())
+'''
+
+
+def _import_file(path: Any, name: str) -> Any:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def test_a_model_run_as_a_script_writes_the_schema_of_the_same_model_imported(
+        tmp_path: Any) -> None:
+    """Pass: `python basket_app.py` (the model in module __main__) and the same file
+    imported as basket_app write one schema (same fingerprint), and what the script
+    wrote decodes in the importer. Failed when the namespace was the Python module."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "basket_app.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    script_fp, data = done.stdout.split()
+    imported = _import_file(script, "basket_app")
+    serde = AvroSerde.for_model(imported.Basket)
+
+    assert serde.fingerprint == script_fp
+    assert serde.schema["namespace"] == "mesh" and serde.schema["name"] == "Basket"
+    assert serde.decode(bytes.fromhex(data)) == imported.Basket(
+        basket_id="b1", lines=[imported.Line(sku="s", qty=2)])
+
+
+def test_values_written_when_records_were_named_by_their_module_still_decode(
+        tmp_path: Any) -> None:
+    """Pass: a value framed with the old rule's schema (namespace = the Python module,
+    imported, or __main__ when run as a script) decodes without any schema history: the
+    Avro body carries no names, so its encoding is the current schema's."""
+    imported = _import_file(_write(tmp_path, "basket_old.py", SCRIPT), "basket_old")
+    serde = AvroSerde.for_model(imported.Basket)
+    payload = imported.Basket(basket_id="b2", lines=[imported.Line(sku="t")])
+    for namespace in ("basket_old", "__main__"):
+        old = fastavro.parse_schema(_renamespaced(serde.schema, namespace))
+        fp = schema_fingerprint(old)
+        assert fp != serde.fingerprint
+        data = b"\xc3\x01" + bytes.fromhex(fp) + serde.body(payload)
+
+        assert serde.decode(data) == payload, namespace
+
+
+def _renamespaced(schema: Any, namespace: str) -> Any:
+    """``schema`` with every record in ``namespace`` (as the old rule named them)."""
+    if isinstance(schema, dict):
+        return {k: namespace if k == "namespace" else _renamespaced(v, namespace)
+                for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_renamespaced(v, namespace) for v in schema]
+    return schema
+
+
+def _write(directory: Any, name: str, text: str) -> Any:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def test_explicit_avro_name_and_namespace_name_the_record() -> None:
+    class Renamed(BaseModel):
+        __avro_name__ = "Order"
+        __avro_namespace__ = "shop.orders"
+        order_id: str
+
+    assert avro_name(Renamed) == ("shop.orders", "Order")
+    assert AvroSerde.for_model(Renamed).schema["name"] == "Order"
+
+
+def test_an_invalid_explicit_avro_name_is_refused_with_the_fix() -> None:
+    class Bad(BaseModel):
+        __avro_namespace__ = "shop-orders"
+        order_id: str
+
+    with pytest.raises(ConfigError, match=r"__avro_namespace__ is 'shop-orders'.*fix it"):
+        AvroSerde.for_model(Bad)
+
+
+def test_a_generic_model_gets_a_valid_avro_name() -> None:
+    from typing import Generic, TypeVar
+
+    T = TypeVar("T")
+
+    class Page(BaseModel, Generic[T]):
+        items: list[T]
+
+    serde = AvroSerde.for_model(Page[int])
+    assert serde.schema["name"] == "Page_int"
+    assert serde.decode(serde.encode(Page[int](items=[1]))) == Page[int](items=[1])
+
+
+def test_two_models_with_one_name_in_a_schema_are_refused_naming_both() -> None:
+    class A:
+        class Part(BaseModel):
+            a: int
+
+    class B:
+        class Part(BaseModel):
+            b: str
+
+    class Both(BaseModel):
+        first: A.Part
+        second: B.Part
+
+    with pytest.raises(ConfigError, match=r"named mesh\.Part.*A\.Part.*B\.Part.*__avro_name__"):
+        AvroSerde.for_model(Both)
