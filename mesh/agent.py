@@ -25,13 +25,13 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from mesh.envelope import Envelope
+from mesh.envelope import MESH_PREFIX, TRACEPARENT, TRACESTATE, Envelope, ExtraHeaders
 from mesh.errors import ConfigError
 from mesh.resilience.retry import RetryPolicy
 from mesh.topic import Topic, collect_topics
@@ -54,6 +54,7 @@ class Emitted:
     correlation_id: str | None = None
     traceparent: str | None = None
     causation_id: str | None = None
+    headers: ExtraHeaders = ()
 
 
 FailureHandler = Callable[[Any, "Context", BaseException], Awaitable[None]]
@@ -105,6 +106,12 @@ class Context:
         return self.event.traceparent
 
     @property
+    def headers(self) -> dict[str, bytes]:
+        """The input's headers that the mesh does not own (a tenant id, a producer's own
+        tags); by default every output carries them on (``Agent(propagate_headers=)``)."""
+        return dict(self.event.extra_headers)
+
+    @property
     def attempt(self) -> int:
         """The delivery attempt of the input, 1-based."""
         return self.event.attempt
@@ -147,7 +154,8 @@ class Context:
 
     def emit(self, topic: Topic[M], payload: M, *, key: bytes | str | None = None,
              correlation_id: str | None = None, traceparent: str | None = None,
-             causation_id: str | None = None) -> None:
+             causation_id: str | None = None,
+             headers: Mapping[str, bytes | str] | None = None) -> None:
         """Produce ``payload`` to ``topic`` once the handler succeeds.
 
         ``topic`` must be one the agent declares it produces. The key defaults to the
@@ -155,7 +163,9 @@ class Context:
         output carries the input's correlation id unless ``correlation_id`` is given,
         continues the input's trace unless ``traceparent`` names another, and names the
         input as its cause unless ``causation_id`` names another event (a timer
-        answering for a request it kept: the request's ids, kept in state).
+        answering for a request it kept: the request's ids, kept in state). ``headers``
+        are set on this output over the ones propagated from the input (names starting
+        with ``mesh-`` and the trace headers are the mesh's own and refused).
         """
         if topic not in self.agent.produces:
             known = ", ".join(t.name for t in self.agent.produces) or "none"
@@ -168,7 +178,7 @@ class Context:
         if raw_key is None:
             raw_key = topic.key_of(payload) if topic.key else self.event.key
         self.outputs.append(Emitted(topic, payload, raw_key, correlation_id, traceparent,
-                                    causation_id))
+                                    causation_id, _own_headers(headers or {})))
 
 
 class Agent(Generic[P]):
@@ -185,10 +195,16 @@ class Agent(Generic[P]):
         description: shown by ``mesh graph`` and ``mesh topics list``.
         state: compacted topics the agent keeps tables in (restored on assignment).
         on_failure: called once when an input fails for good, before its dead letter.
-        retry: how retriable failures are retried. Default ``RetryPolicy()``: 3 attempts
-            through retry topics ``<topic>.retry.<n>`` (the partition is not blocked;
-            per-key order is not kept for the retried input). ``RetryPolicy(blocking=True)``
-            retries in place and keeps order; ``RetryPolicy(attempts=1)`` never retries.
+        retry: how failures are retried. Default ``RetryPolicy()``: any exception but an
+            input error, 3 attempts through retry topics ``<topic>.retry.<n>`` (the
+            partition is not blocked; per-key order is not kept for the retried input).
+            ``RetryPolicy(blocking=True)`` retries in place and keeps order;
+            ``RetryPolicy(attempts=1)`` never retries.
+        propagate_headers: which of an input's headers that the mesh does not own (not
+            ``mesh-*``, not ``traceparent``/``tracestate``, which follow their own rules)
+            its outputs carry: ``True`` (the default: all, so a tenant id or a
+            producer's tags follow a request through the mesh), ``False`` (none), or
+            the names to carry. ``ctx.emit(..., headers=)`` sets or overrides one output's.
     """
 
     def __init__(self, name: str, *, consumes: Topic[P] | Sequence[Topic[Any]],
@@ -196,7 +212,8 @@ class Agent(Generic[P]):
                  handler: Handler | None = None, group: str | None = None,
                  description: str = "", state: Sequence[Topic[Any]] = (),
                  on_failure: FailureHandler | None = None,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None,
+                 propagate_headers: bool | Collection[str] = True) -> None:
         self.name = name
         self.consumes: tuple[Topic[Any], ...] = _topics(consumes)
         self.produces: tuple[Topic[Any], ...] = _topics(produces)
@@ -205,6 +222,9 @@ class Agent(Generic[P]):
         self.description = description
         self.timers: list[tuple[float, Timer]] = []
         self.retry = retry if retry is not None else RetryPolicy()
+        self.propagate_headers: bool | frozenset[str] = (
+            propagate_headers if isinstance(propagate_headers, bool)
+            else frozenset(propagate_headers))
         self._handler = handler
         self._on_failure = on_failure
         if not name:
@@ -268,6 +288,14 @@ class Agent(Generic[P]):
         """Every topic this agent touches: consumed, retry tiers, produced, state."""
         return self.consumes + self.retry_topics + self.produces + self.state
 
+    def propagated(self, headers: ExtraHeaders) -> ExtraHeaders:
+        """The input headers ``headers`` that this agent's outputs carry."""
+        if self.propagate_headers is True or not headers:
+            return headers
+        if self.propagate_headers is False:
+            return ()
+        return tuple(h for h in headers if h[0] in self.propagate_headers)
+
     def topic_named(self, name: str) -> Topic[Any]:
         """The consumed topic called ``name`` (a retry tier maps to its topic)."""
         origin = name.rsplit(".retry.", 1)[0] if ".retry." in name else name
@@ -295,6 +323,16 @@ class Agent(Generic[P]):
     def __repr__(self) -> str:
         return (f"Agent({self.name!r}, consumes={[t.name for t in self.consumes]}, "
                 f"produces={[t.name for t in self.produces]})")
+
+
+def _own_headers(headers: Mapping[str, bytes | str]) -> ExtraHeaders:
+    for name in headers:
+        if name.startswith(MESH_PREFIX) or name in (TRACEPARENT, TRACESTATE):
+            raise ConfigError(f"Header {name!r} is the mesh's own (mesh-*, traceparent, "
+                              "tracestate) and cannot be set by emit(headers=); use "
+                              "another name, or the emit arguments for ids and trace.")
+    return tuple((k, v.encode() if isinstance(v, str) else bytes(v))
+                 for k, v in headers.items())
 
 
 def _topics(value: Topic[Any] | Sequence[Topic[Any]]) -> tuple[Topic[Any], ...]:

@@ -13,12 +13,22 @@ Every mesh event has these headers (UTF-8 values):
 ``mesh-attempt``      delivery attempt, 1-based
 ``mesh-schema``       CRC-64-AVRO fingerprint of the writer schema (hex)
 ``mesh-produced-at``  production time, epoch milliseconds
+``tracestate``        W3C vendor trace state, carried with ``traceparent``
 ==================== =====================================================
 
-Records produced by other Kafka clients may omit them: a missing event id is derived
-from (topic, partition, offset), so it is stable across redeliveries; a missing
-correlation id is the event id. A header that is present but malformed is an input
-error and sends the record to the dead-letter topic.
+Records produced by other Kafka clients may omit any of them: a missing event id is
+derived from (topic, partition, offset), so it is stable across redeliveries; a missing
+correlation id is the event id. Every header is optional: one that is present but
+malformed (not UTF-8, not a number, a traceparent that is not W3C trace context) is
+ignored and replaced as if it were missing, and reported to the caller (the runtime
+logs it once per topic and header and counts it); only the value can send a record to
+the dead-letter topic. As W3C Trace Context says, an invalid ``traceparent`` starts a
+new trace and drops its ``tracestate``.
+
+Headers the mesh does not own (any name not starting with ``mesh-``, other than
+``traceparent``/``tracestate``: a tenant id, a producer's own tags) are kept in
+:attr:`Envelope.extra_headers`; an agent's outputs carry its input's (see
+``Agent(propagate_headers=...)``).
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ from typing import Generic, TypeVar
 
 from mesh.errors import HeaderInvalid
 
+ExtraHeaders = tuple[tuple[str, bytes], ...]
+
 EVENT_ID = "mesh-event-id"
 CORRELATION_ID = "mesh-correlation"
 CAUSATION_ID = "mesh-causation"
@@ -42,6 +54,8 @@ SOURCE = "mesh-source"
 ATTEMPT = "mesh-attempt"
 SCHEMA = "mesh-schema"
 PRODUCED_AT = "mesh-produced-at"
+TRACESTATE = "tracestate"
+MESH_PREFIX = "mesh-"
 
 MESH_HEADERS = (EVENT_ID, CORRELATION_ID, CAUSATION_ID, TRACEPARENT, SOURCE, ATTEMPT, SCHEMA,
                 PRODUCED_AT)
@@ -118,6 +132,8 @@ class Envelope(Generic[P]):
     topic: str | None = None
     partition: int | None = None
     offset: int | None = None
+    tracestate: str | None = None
+    extra_headers: ExtraHeaders = ()
 
     def __post_init__(self) -> None:
         if not self.event_id or not self.correlation_id:
@@ -132,12 +148,15 @@ class Envelope(Generic[P]):
         event_id = new_event_id()
         return cls(payload, event_id, correlation_id or event_id, source=source, key=key)
 
-    def child(self, payload: P, *, agent: str, index: int, key: bytes | None) -> Envelope[P]:
-        """Output number ``index`` that ``agent`` produced from this event."""
+    def child(self, payload: P, *, agent: str, index: int, key: bytes | None,
+              extra_headers: ExtraHeaders = ()) -> Envelope[P]:
+        """Output number ``index`` that ``agent`` produced from this event: same
+        correlation and trace (with its ``tracestate``), carrying ``extra_headers``."""
         event_id = derive_event_id(agent, self.event_id, index)
         return Envelope(payload, event_id, self.correlation_id, causation_id=self.event_id,
                         traceparent=child_traceparent(self.traceparent, event_id),
-                        source=agent, key=key)
+                        source=agent, key=key, tracestate=self.tracestate,
+                        extra_headers=extra_headers)
 
     def with_payload(self, payload: P, schema: str | None = None) -> Envelope[P]:
         """The same metadata around another payload (used by the decoder)."""
@@ -149,43 +168,56 @@ class Envelope(Generic[P]):
             EVENT_ID: self.event_id, CORRELATION_ID: self.correlation_id,
             CAUSATION_ID: self.causation_id, TRACEPARENT: self.traceparent,
             SOURCE: self.source, ATTEMPT: str(self.attempt), SCHEMA: self.schema,
-            PRODUCED_AT: str(self.produced_at_ms),
+            PRODUCED_AT: str(self.produced_at_ms), TRACESTATE: self.tracestate,
         }
-        return [(name, value.encode()) for name, value in values.items() if value is not None]
+        found = [(name, value.encode()) for name, value in values.items() if value is not None]
+        found.extend(self.extra_headers)
+        return found
 
 
 def read_headers(headers: Headers, *, topic: str, partition: int, offset: int,
-                 key: bytes | None = None) -> Envelope[None]:
-    """The metadata of a consumed record; raises ``HeaderInvalid`` on a malformed header."""
+                 key: bytes | None = None,
+                 problems: list[str] | None = None) -> Envelope[None]:
+    """The metadata of a consumed record. Never raises for a header: a malformed one is
+    replaced as if missing and described in ``problems`` (when given)."""
     values: dict[str, str] = {}
+    extra: list[tuple[str, bytes]] = []
+    bad: list[str] = [] if problems is None else problems
     for name, raw in headers:
-        if name in MESH_HEADERS:
+        if name.startswith(MESH_PREFIX) or name in (TRACEPARENT, TRACESTATE):
             try:
                 values[name] = bytes(raw).decode()
-            except (UnicodeDecodeError, TypeError) as exc:
-                raise HeaderInvalid(f"Header {name!r} of {topic}[{partition}]@{offset} is "
-                                    f"not UTF-8 text: {exc}.") from exc
+            except (UnicodeDecodeError, TypeError):
+                bad.append(f"{name}: not UTF-8 text")
+        else:
+            extra.append((name, bytes(raw)))
     event_id = values.get(EVENT_ID) or record_event_id(topic, partition, offset)
-    trace = values.get(TRACEPARENT)
+    trace, state = values.get(TRACEPARENT), values.get(TRACESTATE)
     if trace is not None and _TRACEPARENT.match(trace) is None:
-        raise HeaderInvalid(f"Header traceparent={trace!r} is not W3C trace context "
-                            "(00-<32 hex>-<16 hex>-<2 hex>). Fix the producer or omit it.")
+        bad.append(f"traceparent: {trace[:80]!r} is not W3C trace context "
+                   "(00-<32 hex>-<16 hex>-<2 hex>); a new trace was started")
+        trace = state = None
+    attempt = _int_header(values, ATTEMPT, 1, bad)
+    if attempt < 1:
+        bad.append(f"{ATTEMPT}: {attempt} is not a delivery attempt (they count from 1)")
+        attempt = 1
     return Envelope(
         None, event_id, values.get(CORRELATION_ID) or event_id,
-        causation_id=values.get(CAUSATION_ID), traceparent=trace or new_traceparent(),
-        source=values.get(SOURCE, "external"), attempt=_int_header(values, ATTEMPT, 1),
-        schema=values.get(SCHEMA),
-        produced_at_ms=_int_header(values, PRODUCED_AT, now_ms()),
-        key=key, topic=topic, partition=partition, offset=offset,
+        causation_id=values.get(CAUSATION_ID) or None,
+        traceparent=trace or new_traceparent(), source=values.get(SOURCE) or "external",
+        attempt=attempt, schema=values.get(SCHEMA) or None,
+        produced_at_ms=_int_header(values, PRODUCED_AT, now_ms(), bad),
+        key=key, topic=topic, partition=partition, offset=offset, tracestate=state,
+        extra_headers=tuple(extra),
     )
 
 
-def _int_header(values: dict[str, str], name: str, default: int) -> int:
+def _int_header(values: dict[str, str], name: str, default: int, problems: list[str]) -> int:
     raw = values.get(name)
     if raw is None:
         return default
     try:
         return int(raw)
     except ValueError:
-        raise HeaderInvalid(f"Header {name}={raw!r} is not an integer. Fix the producer "
-                            "or omit the header.") from None
+        problems.append(f"{name}: {raw[:40]!r} is not an integer")
+        return default

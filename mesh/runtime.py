@@ -48,9 +48,11 @@ from mesh.errors import (
     Held,
     InputError,
     PayloadTooLarge,
+    UnreadableBatch,
 )
 from mesh.observe.audit import DEAD_LETTER, OK, RETRY, Auditor
 from mesh.observe.tracing import HandlerTracer
+from mesh.placement import PlacementCheck
 from mesh.resilience import retry
 from mesh.resilience.dead_letter import dead_letter
 from mesh.state import tables_for
@@ -77,15 +79,22 @@ class Outputs:
         """The emitted outputs of ``ctx`` with their envelopes (derived ids); every one
         carries ``traceparent`` when given (the handler's span)."""
         out = []
+        carried = agent.propagated(event.extra_headers)
         for index, emitted in enumerate(ctx.outputs):
-            child = event.child(emitted.payload, agent=agent.name, index=index, key=emitted.key)
+            extra = carried
+            if emitted.headers:  # set on this output: over the carried ones of that name
+                names = {name for name, _ in emitted.headers}
+                extra = (*(h for h in carried if h[0] not in names), *emitted.headers)
+            child = event.child(emitted.payload, agent=agent.name, index=index, key=emitted.key,
+                                extra_headers=extra)
             if emitted.correlation_id is not None:
                 child = replace(child, correlation_id=emitted.correlation_id)
             if emitted.causation_id is not None:  # caused by a kept event, not the input
                 child = replace(child, causation_id=emitted.causation_id)
             if emitted.traceparent is not None:  # another trace than the input's
                 child = replace(child, traceparent=child_traceparent(emitted.traceparent,
-                                                                     child.event_id))
+                                                                     child.event_id),
+                                tracestate=None)
             elif traceparent is not None:
                 child = replace(child, traceparent=traceparent)
             value, fingerprint = self.codec.encode(emitted.topic, emitted.payload)
@@ -177,7 +186,14 @@ class AgentRunner:
         self._held_until = 0.0
         self.holds = 0
         self.retried = 0
+        self.invalid_headers = 0  # malformed optional headers, ignored and replaced
+        self._warned_headers: set[tuple[str, str]] = set()
         self._released = asyncio.Event()
+        # Foreign producers: keys in another partition than murmur2's (retry topics keep
+        # their input's partition on purpose, so only the inputs are checked), and
+        # batches that cannot be read at all (per topic; the agent stops on the first).
+        self.placement = PlacementCheck(agent.name, [t.name for t in agent.consumes])
+        self.unreadable: dict[str, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish in-flight work, commit and leave."""
@@ -311,9 +327,17 @@ class AgentRunner:
                 for waiting in waits:
                     waiting.cancel()
                 continue
-            batches = await consumer.getmany(timeout_ms=200,
-                                             max_records=runtime.max_records_per_poll)
+            try:
+                batches = await consumer.getmany(timeout_ms=200,
+                                                 max_records=runtime.max_records_per_poll)
+            except UnreadableBatch as exc:  # stop once, loudly: a refetch fails the same way
+                topic = exc.topic or "unknown"
+                self.unreadable[topic] = self.unreadable.get(topic, 0) + 1
+                logger.error("agent %s stops: %s", self.agent.name, exc)
+                raise
             for partition, records in batches.items():
+                self.placement.check(records,
+                                     partitions=consumer.partition_count(partition.topic))
                 lane = self._lanes.get(partition) or self._open_lane(partition)
                 lane.backlog.extend(records)
                 lane.wakeup.set()
@@ -554,10 +578,27 @@ class AgentRunner:
         if len(record.value) > limit:
             raise PayloadTooLarge(f"Record of {len(record.value)} bytes is above the limit of "
                                   f"{limit} (MESH_RUNTIME__MAX_MESSAGE_BYTES).")
+        problems: list[str] = []
         meta = read_headers(record.headers, topic=record.topic, partition=record.partition,
-                            offset=record.offset, key=record.key)
+                            offset=record.offset, key=record.key, problems=problems)
+        if problems:
+            self._bad_headers(record, problems)
         payload = await self.codec.decode(self.agent.topic_named(record.topic), record.value)
         return meta.with_payload(payload)  # type: ignore[arg-type]  # None -> the payload
+
+    def _bad_headers(self, record: Record, problems: list[str]) -> None:
+        """Malformed optional headers were replaced: count them, and warn once per topic
+        and header (a foreign producer repeats its mistake on every record)."""
+        self.invalid_headers += len(problems)
+        for problem in problems:
+            name = problem.split(":", 1)[0]
+            level = logging.DEBUG
+            if (record.topic, name) not in self._warned_headers:
+                self._warned_headers.add((record.topic, name))
+                level = logging.WARNING
+            logger.log(level, "agent %s: %s[%d]@%d header %s; ignored and replaced (further "
+                       "ones on this topic are counted in mesh_invalid_headers_total)",
+                       self.agent.name, record.topic, record.partition, record.offset, problem)
 
     def _audit(self, record: Record, event: Envelope[Any] | None, outcome: str,
                started: float, error: BaseException | None = None,

@@ -119,6 +119,9 @@ class _RunnerCollector(Collector):
                                    labels=["agent"])
         holds = CounterMetricFamily("mesh_holds", "Times an input was held (a breaker open)",
                                     labels=["agent"])
+        invalid_headers = CounterMetricFamily(
+            "mesh_invalid_headers", "Malformed optional headers of inputs, ignored and "
+            "replaced (the input was handled)", labels=["agent"])
         rebalances = CounterMetricFamily("mesh_revocations", "Partition revocations while "
                                          "running", labels=["agent"])
         in_flight = GaugeMetricFamily("mesh_in_flight_events", "Inputs taken, outputs not yet "
@@ -127,9 +130,16 @@ class _RunnerCollector(Collector):
                                  labels=["agent"])
         lag = GaugeMetricFamily("mesh_consumer_lag_events", "Records behind the end of each "
                                 "assigned partition", labels=["agent", "topic", "partition"])
+        misplaced = CounterMetricFamily("mesh_misplaced_records", "Keyed inputs in another "
+                                        "partition than murmur2 gives their key (a foreign "
+                                        "producer's partitioner)", labels=["agent", "topic"])
+        unreadable = CounterMetricFamily("mesh_unreadable_batches", "Fetched batches that could "
+                                         "not be read (codec missing, corrupt): the agent "
+                                         "stopped", labels=["agent", "topic"])
         for runner in self._runners:
             name = runner.agent.name
             retries.add_metric([name], runner.retried)
+            invalid_headers.add_metric([name], runner.invalid_headers)
             dead.add_metric([name], runner.dead_lettered)
             holds.add_metric([name], runner.holds)
             rebalances.add_metric([name], runner.revocations)
@@ -137,7 +147,12 @@ class _RunnerCollector(Collector):
             held.add_metric([name], 1 if runner.held else 0)
             for (topic, partition), behind in runner.lag().items():
                 lag.add_metric([name, topic, str(partition)], behind)
-        yield from (retries, dead, holds, rebalances, in_flight, held, lag)
+            for topic, count in sorted(runner.placement.misplaced.items()):
+                misplaced.add_metric([name, topic], count)
+            for topic, count in sorted(runner.unreadable.items()):
+                unreadable.add_metric([name, topic], count)
+        yield from (retries, dead, holds, invalid_headers, rebalances, in_flight, held, lag)
+        yield from (misplaced, unreadable)
 
 
 class _ResilienceCollector(Collector):

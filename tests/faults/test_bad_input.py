@@ -3,10 +3,10 @@ wrong-schema payloads, oversize payloads and missing / malformed headers; all of
 interleaved with good items, go to one running `mesh run tests.apps.chain:stage1`.
 
 Every record is accounted for: in the sink or in ``<topic>.dlq`` (with the expected error
-class), never both, never neither. Missing mesh headers are *not* an error (the event id
-is derived from topic/partition/offset, the rest defaulted): those records must reach
-the sink, and so must records with a null value in a text header (it reads as empty
-text, i.e. as missing; a null attempt / produced-at / traceparent is malformed). A
+class), never both, never neither. Headers are optional: missing ones are defaulted (the
+event id derived from topic/partition/offset) and malformed ones (not UTF-8, not a
+number, null, a traceparent that is not W3C) are ignored and replaced, so every such
+record must reach the sink; only the value can send a record to the dead letters. A
 truncated prefix that still decodes into a valid Item is accepted only if the
 sink has it (in practice it never happens: the decoder must consume every byte).
 """
@@ -94,12 +94,10 @@ def strategies(codec: Codec, topic: Topic[Any]) -> dict[str, st.SearchStrategy[B
     def malformed(text: str, name: str, bad: bytes | None, key: bytes) -> Bad:
         item = _item(text)
         headers = (*[(k, v) for k, v in _headers(codec, topic, item) if k != name], (name, bad))
-        if bad is None and name not in (ATTEMPT, PRODUCED_AT, TRACEPARENT):
-            # a null value reads as empty text: as good as a missing header -> the sink
-            return Bad(f"null {name}", codec.encode(topic, item)[0], key, headers,
-                       frozenset(), item, sink_ok=True)
+        # optional headers: a malformed one is ignored and replaced, the value is good,
+        # so the event is handled (only the value may send it to the dead-letter topic)
         return Bad(f"header {name}", codec.encode(topic, item)[0], key, headers,
-                   frozenset({"HeaderInvalid"}))
+                   frozenset(), item, sink_ok=True)
 
     def missing(text: str, drop: set[str], key: bytes) -> Bad:
         item = _item(text)

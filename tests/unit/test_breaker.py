@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from mesh.errors import BreakerOpen, ConfigError
+from mesh.errors import BreakerOpen, ConfigError, HandlerError
 from mesh.resilience.breaker import BreakerPolicy, BreakerRecord, CircuitBreaker
 
 
@@ -27,8 +27,12 @@ async def down() -> str:
     raise ConnectionError("503 from downstream")
 
 
+async def flaky() -> str:
+    raise ValueError("an untyped failure of a downstream")
+
+
 async def bug() -> str:
-    raise ValueError("a bug, not an outage")
+    raise HandlerError("the request itself is wrong, not an outage", retriable=False)
 
 
 def make(clock: Clock, **policy: object) -> CircuitBreaker:
@@ -38,7 +42,7 @@ def make(clock: Clock, **policy: object) -> CircuitBreaker:
 
 async def fail(breaker: CircuitBreaker, times: int, fn=down) -> None:  # type: ignore[no-untyped-def]
     for _ in range(times):
-        with pytest.raises((ConnectionError, ValueError, BreakerOpen)):
+        with pytest.raises((ConnectionError, ValueError, HandlerError, BreakerOpen)):
             await breaker.call(fn)
 
 
@@ -116,6 +120,9 @@ async def test_non_retriable_errors_do_not_count_unless_configured() -> None:
     breaker = make(clock, failure_threshold=2)
     await fail(breaker, 3, bug)
     assert breaker.state == "closed"
+    untyped = make(clock, failure_threshold=2)  # counted by the retry rule: any exception
+    await fail(untyped, 2, flaky)
+    assert untyped.state == "open"
     strict = make(clock, failure_threshold=2, is_failure=lambda exc: True)
     await fail(strict, 2, bug)
     assert strict.state == "open"

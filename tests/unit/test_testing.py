@@ -129,7 +129,7 @@ async def test_poison_input_goes_to_dead_letter_with_the_real_headers() -> None:
     assert (letter.origin_topic, letter.origin_partition, letter.origin_offset) == (
         "tk.orders", original.partition, original.offset)
     assert (letter.error_class, letter.error, letter.attempts, letter.agent) == (
-        "ValueError", "cannot bill poison", 1, "biller")
+        "ValueError", "cannot bill poison", 3, "biller")  # retried: any exception is
     assert letter.event_id == bad.event_id
     assert letter.record.value == original.value and letter.record.key == b"o1"
     assert [r.order_id for r in receipts_out] == ["o2"]  # the partition moved on
