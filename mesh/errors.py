@@ -20,7 +20,9 @@ topic. The hierarchy::
     └── TransportError              retriable=True: broker unreachable, timeouts
         ├── BrokerUnavailable       the embedded broker did not start / answer
         ├── BrokerLost              a running agent's broker went away or lost its data
-        └── CommitFailed            the group rebalanced before a commit landed
+        ├── CommitFailed            the group rebalanced before a commit landed
+        └── UnreadableBatch         retriable=False: a fetched batch the client cannot
+                                    read (codec missing, corrupt): the agent stops
 """
 
 from __future__ import annotations
@@ -129,6 +131,21 @@ class BrokerLost(TransportError):
 class CommitFailed(TransportError):
     """An offset commit was refused because the group rebalanced; the partition's new
     owner re-reads from the last committed offset (at-least-once)."""
+
+
+class UnreadableBatch(TransportError):
+    """A fetched record batch the Kafka client cannot read at all: compressed with a
+    codec whose library is missing (or unknown), or corrupt. No record of it can be
+    isolated and dead-lettered, and every refetch fails the same way, so the agent stops
+    once, loudly, naming where (``topic``, ``partition``, ``offset`` of the batch, when
+    the client says) and the fix, instead of retrying or skipping the batch silently."""
+
+    retriable = False
+
+    def __init__(self, message: str, *, topic: str | None = None,
+                 partition: int | None = None, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.topic, self.partition, self.offset = topic, partition, offset
 
 
 def is_retriable(error: BaseException) -> bool:

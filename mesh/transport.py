@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Self
@@ -25,15 +26,17 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (
     CommitFailedError,
+    CorruptRecordException,
     IllegalStateError,
     KafkaError,
     RebalanceInProgressError,
     TopicAlreadyExistsError,
+    UnsupportedCodecError,
 )
 from aiokafka.partitioner import murmur2
 
 from mesh.config import KafkaSettings
-from mesh.errors import CommitFailed, TransportError
+from mesh.errors import CommitFailed, TransportError, UnreadableBatch
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +224,7 @@ class Consumer(_Client):
                  auto_offset_reset: str = "earliest", max_poll_interval_ms: int | None = None,
                  isolation_level: str = "read_uncommitted") -> None:
         super().__init__()
+        self._group = group_id
         timings = settings.group_timings()
         self._client = AIOKafkaConsumer(
             **settings.client_kwargs(), group_id=group_id, enable_auto_commit=False,
@@ -260,6 +264,8 @@ class Consumer(_Client):
         """Fetch what is ready on the assigned, unpaused partitions."""
         try:
             batches = await self._client.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except (UnsupportedCodecError, CorruptRecordException) as exc:
+            raise _unreadable(exc, self._group) from exc
         except KafkaError as exc:
             raise _transport_error(exc, "Fetching") from exc
         return {
@@ -310,6 +316,65 @@ class Consumer(_Client):
         """The partition's end as reported by the last fetch (reliable on every broker,
         unlike ``end_offsets()`` on the embedded one)."""
         return self._client.highwater(_tp(partition))  # type: ignore[no-any-return]
+
+
+    def partition_count(self, topic: str) -> int | None:
+        """The number of partitions of ``topic`` in the consumer's metadata (None when
+        the metadata has not got it yet); no request is made."""
+        parts = self._client.partitions_for_topic(topic)
+        return len(parts) if parts else None
+
+
+CODECS = {1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}  # Kafka's compression type ids
+
+
+def _unreadable(exc: KafkaError, group: str | None) -> UnreadableBatch:
+    """The mesh's error for a fetched batch aiokafka cannot read: where it is and the fix.
+
+    aiokafka raises while iterating the fetched records, without saying where; the
+    frames of its record iterator hold the partition (``tp``) and the batch
+    (``next_batch``), so they are read from the traceback when they are there.
+    """
+    tp: Any = None
+    batch: Any = None
+    tb = exc.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        if isinstance(local.get("tp"), TopicPartition):
+            tp = local["tp"]
+            batch = local.get("next_batch", batch)
+        tb = tb.tb_next
+    topic, partition = (tp.topic, tp.partition) if tp is not None else (None, None)
+    offset = getattr(batch, "base_offset", None)
+    where = (f"{topic}[{partition}]" if tp is not None
+             else "one of the assigned partitions (the client did not say which)")
+    if offset is not None:
+        where += f" at offset {offset} (offsets {offset}-{batch.next_offset - 1})"
+    detail = str(exc) if str(exc).startswith(type(exc).__name__) else (
+        f"{type(exc).__name__}: {exc}")
+    message = (f"Cannot read the record batch of {where}: {detail}. "
+               f"{_unreadable_fix(exc, batch)} The agent stops instead of skipping the "
+               "batch: nothing past it is handled or committed.")
+    if topic is not None and offset is not None and group is not None:
+        message += (f" To drop the batch's records instead, move group {group} past it "
+                    f"while the agent is stopped: kafka-consumer-groups.sh --group {group} "
+                    f"--topic {topic}:{partition} --reset-offsets --to-offset "
+                    f"{batch.next_offset} --execute.")
+    return UnreadableBatch(message, topic=topic, partition=partition, offset=offset)
+
+
+def _unreadable_fix(exc: KafkaError, batch: Any) -> str:
+    if not isinstance(exc, UnsupportedCodecError):
+        return ("The batch is corrupt (a CRC mismatch or truncated): if it reads the same "
+                "after a restart, the log is damaged on the broker.")
+    codec = CODECS.get(getattr(batch, "compression_type", 0) or 0)
+    named = re.search(r"for (\w+) compression", str(exc))
+    codec = codec or (named.group(1) if named else None)
+    what = f"{codec}-compressed" if codec else "compressed with a codec Kafka does not define"
+    return (f"The batch is {what} and this process cannot decompress it. Fix: install the "
+            "codec libraries the mesh depends on (pip install 'aiokafka[lz4,snappy,zstd]': "
+            "a partial install or an old image lacks them) and start the agent again, or "
+            "have the producer use compression.type=gzip or none.")
 
 
 def partition_for(key: bytes, partitions: int) -> int:
