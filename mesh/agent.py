@@ -341,12 +341,29 @@ def _topics(value: Topic[Any] | Sequence[Topic[Any]]) -> tuple[Topic[Any], ...]:
 
 def agent(*, consumes: Topic[Any] | Sequence[Topic[Any]],
           produces: Topic[Any] | Sequence[Topic[Any]] = (), name: str | None = None,
-          group: str | None = None) -> Callable[[Handler], Agent[Any]]:
-    """Declare an agent from an async handler ``(payload, ctx)``; see the module example."""
+          group: str | None = None, description: str | None = None,
+          state: Sequence[Topic[Any]] = (), on_failure: FailureHandler | None = None,
+          retry: RetryPolicy | None = None,
+          propagate_headers: bool | Collection[str] = True) -> Callable[[Handler], Agent[Any]]:
+    """Declare an agent from an async handler ``(payload, ctx)``; see the module example.
+
+    Takes every option :class:`Agent` takes; the name defaults to the handler's name and
+    the description to its docstring.
+
+    Example:
+        >>> from mesh.resilience.retry import RetryPolicy
+        >>> @agent(consumes=questions, produces=answers,
+        ...        retry=RetryPolicy(attempts=5, blocking=True))  # doctest: +SKIP
+        ... async def careful(question: Question, ctx: Context) -> Answer: ...
+    """
 
     def wrap(handler: Handler) -> Agent[Any]:
         return Agent(name or handler.__name__, consumes=consumes, produces=produces,
-                     handler=handler, group=group, description=(handler.__doc__ or "").strip())
+                     handler=handler, group=group,
+                     description=(handler.__doc__ or "").strip() if description is None
+                     else description,
+                     state=state, on_failure=on_failure, retry=retry,
+                     propagate_headers=propagate_headers)
 
     return wrap
 

@@ -173,3 +173,21 @@ def test_emit_can_name_another_cause_trace_and_correlation_than_the_input() -> N
     assert late.traceparent == child_traceparent(kept, late.event_id)
     assert (now.correlation_id, now.causation_id) == (ctx.event.correlation_id,
                                                       ctx.event.event_id)
+
+
+def test_decorator_takes_every_option_agent_takes() -> None:
+    """The README's `@agent(..., retry=..., state=[...])` must not raise TypeError."""
+    import inspect
+
+    options = set(inspect.signature(Agent.__init__).parameters) - {"self", "handler"}
+    assert options <= set(inspect.signature(agent).parameters)
+    counts = Topic("qa.counts", Note, key="text", compacted=True)
+    policy = RetryPolicy(attempts=5, blocking=True)
+
+    @agent(consumes=questions, produces=answers, retry=policy, state=[counts],
+           description="counts", propagate_headers=["tenant"])
+    async def counter(question: Question, ctx: Context) -> None:
+        """Docstring loses to the explicit description."""
+
+    assert (counter.retry, counter.state, counter.description) == (policy, (counts,), "counts")
+    assert counter.propagate_headers == frozenset({"tenant"})
