@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 from mesh.agent import Agent, App, Context, agent
+from mesh.apache import ApacheKafka
 from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.embedded import EmbeddedBroker
@@ -37,6 +38,7 @@ from mesh.topic import Topic
 __all__ = [
     "Agent",
     "AgentRunner",
+    "ApacheKafka",
     "App",
     "AvroSerde",
     "BreakerOpen",

@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mesh.agent import Agent, App
+from mesh.apache import ApacheKafka
 from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.embedded import EmbeddedBroker
@@ -156,11 +157,27 @@ def dev(target: Annotated[str, typer.Argument(help="module:app")]) -> None:
 
 
 @app.command()
-def broker(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 0) -> None:
-    """Run the embedded broker in the foreground and print its address."""
+def broker(port: Annotated[int, typer.Option(help="Port (0: a free one; embedded only).")] = 0,
+           kafka: Annotated[bool, typer.Option(
+               "--kafka", help="Apache Kafka (KRaft, from MESH_KAFKA_HOME or Maven Central) "
+               "instead of the embedded broker.")] = False,
+           nodes: Annotated[int, typer.Option(
+               min=1, help="Apache Kafka nodes (3: replication factor 3, min.insync.replicas "
+               "2).")] = 1,
+           data: Annotated[Path | None, typer.Option(
+               help="Keep Apache Kafka's data and logs here (default: a temporary folder, "
+               "removed at stop).")] = None) -> None:
+    """Run a broker in the foreground and print its address: the embedded one, or Apache
+    Kafka with --kafka. Stops what it started on Ctrl-C or SIGTERM."""
     _settings()
+    if not kafka and (nodes != 1 or data is not None):
+        raise typer.BadParameter("--nodes and --data are for Apache Kafka: add --kafka.")
+    if kafka and port:
+        raise typer.BadParameter("--port is for the embedded broker; Apache Kafka takes free "
+                                 "ports and prints them.")
     _exit_on_sigterm()
-    embedded = EmbeddedBroker(port or None)
+    embedded: EmbeddedBroker | ApacheKafka = (
+        ApacheKafka(nodes, data=data) if kafka else EmbeddedBroker(port or None))
     stopped = asyncio.Event()
 
     async def wait() -> None:
@@ -171,6 +188,10 @@ def broker(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 0)
 
     try:
         embedded.start()
+        if isinstance(embedded, ApacheKafka):
+            err.print(f"Apache Kafka {embedded.version}, {nodes} node(s), pids "
+                      f"{', '.join(map(str, embedded.node_pids.values()))}, data and logs "
+                      f"in {embedded.data}")
         print(f"MESH_KAFKA__BOOTSTRAP_SERVERS={embedded.bootstrap}", flush=True)
         asyncio.run(wait())
     finally:

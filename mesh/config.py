@@ -13,7 +13,9 @@ All settings use the ``MESH_`` prefix, nested with ``__``::
 When ``MESH_KAFKA__BOOTSTRAP_SERVERS`` is unset the mesh starts its embedded broker and
 uses the *embedded profile*: short group timings, because the embedded broker holds a
 join for about half the session timeout, and a fetch wait that keeps idle hops quick
-(the embedded broker holds an empty fetch for about half of it).
+(the embedded broker holds an empty fetch for about half of it). With a bootstrap server
+the *kafka profile* applies (``MESH_KAFKA__PROFILE=embedded|kafka`` forces one): Kafka's
+own timings, no embedded workaround.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int | None = Field(default=None, gt=0)
     heartbeat_interval_ms: int | None = Field(default=None, gt=0)
     max_poll_interval_ms: int = Field(default=300_000, gt=0)
-    fetch_max_wait_ms: int | None = Field(default=None, ge=50)
+    # >= 50 on the embedded broker only (checked below); Apache Kafka takes any wait
+    fetch_max_wait_ms: int | None = Field(default=None, ge=0)
     linger_ms: int = Field(default=5, ge=0)
     max_batch_size: int = Field(default=262_144, gt=0)
     # acks=0 would make "committed after the broker acknowledged" untrue: not offered.
@@ -67,6 +70,12 @@ class KafkaSettings(BaseModel):
                 and (not self.sasl_plain_username or self.sasl_plain_password is None)):
             raise ValueError(f"sasl_mechanism={self.sasl_mechanism} needs "
                              "MESH_KAFKA__SASL_PLAIN_USERNAME and MESH_KAFKA__SASL_PLAIN_PASSWORD.")
+        if (self.embedded_profile and self.fetch_max_wait_ms is not None
+                and self.fetch_max_wait_ms < 50):
+            raise ValueError(
+                f"fetch_max_wait_ms={self.fetch_max_wait_ms} with the embedded profile: the "
+                "embedded broker needs >= 50 (with less its fetches return nothing). Raise "
+                "MESH_KAFKA__FETCH_MAX_WAIT_MS, or use Apache Kafka (MESH_KAFKA__PROFILE=kafka).")
         return self
 
     @property
@@ -80,7 +89,14 @@ class KafkaSettings(BaseModel):
         return self.profile == "embedded" or (self.profile == "auto" and self.embedded)
 
     def group_timings(self) -> dict[str, int]:
-        """Session, heartbeat and fetch-wait settings; shorter on the embedded broker."""
+        """Session, heartbeat and fetch-wait settings.
+
+        The embedded profile works around the embedded broker: short sessions (it holds a
+        join for about half the session timeout) and a 100 ms fetch wait (an empty fetch
+        is held for about half of it and does not wake on new data). The ``kafka``
+        profile keeps Kafka's own behaviour: a fetch wakes as soon as data arrives, so
+        the 500 ms wait costs an idle consumer nothing and a busy hop no latency.
+        """
         if self.embedded_profile:
             session, heartbeat, fetch_wait = 6_000, 500, 100
         else:
@@ -88,7 +104,8 @@ class KafkaSettings(BaseModel):
         return {
             "session_timeout_ms": self.session_timeout_ms or session,
             "heartbeat_interval_ms": self.heartbeat_interval_ms or heartbeat,
-            "fetch_max_wait_ms": self.fetch_max_wait_ms or fetch_wait,
+            "fetch_max_wait_ms": (fetch_wait if self.fetch_max_wait_ms is None
+                                  else self.fetch_max_wait_ms),
         }
 
     def client_kwargs(self) -> dict[str, Any]:

@@ -407,6 +407,12 @@ class Admin(_Client):
         found = described.get("cluster_id")
         return None if found is None else str(found)
 
+    async def leaders(self, topic: str) -> dict[int, int]:
+        """The leader node id of each of ``topic``'s partitions that has one."""
+        described = await self._client.describe_topics([topic])
+        return {p["partition"]: p["leader"] for t in described if not t["error_code"]
+                for p in t["partitions"] if p["leader"] >= 0}
+
     async def create_topic(self, spec: TopicSpec) -> bool:
         """Create ``spec``; False if it already existed."""
         topic = NewTopic(spec.name, spec.partitions, spec.replication,

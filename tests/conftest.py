@@ -2,6 +2,9 @@
 
 * default: the embedded broker (Tansu), one per test session, on a free loopback port;
 * ``MESH_KAFKA__BOOTSTRAP_SERVERS``: any running cluster;
+* ``MESH_TEST_KAFKA=apache``: a three-node Apache Kafka cluster (KRaft, from its jars:
+  ``MESH_KAFKA_HOME`` or Maven Central; replication factor 3, ``min.insync.replicas=2``).
+  Without Java or Maven this fails, it does not skip;
 * ``MESH_TEST_KAFKA=docker``: Apache Kafka through testcontainers (skipped with the
   reason when no Docker engine answers).
 
@@ -21,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh import EmbeddedBroker, MeshSettings
+from mesh import ApacheKafka, EmbeddedBroker, MeshSettings
+from mesh.errors import BrokerUnavailable
 from mesh.observe.audit import audit_topic
 from mesh.provision import apply_topics
 
@@ -73,6 +77,20 @@ def _docker_kafka() -> Iterator[BrokerUnderTest]:
         yield BrokerUnderTest(kafka.get_bootstrap_server(), False, "apache-kafka")
 
 
+def _apache_kafka() -> Iterator[BrokerUnderTest]:
+    # Asked for explicitly: a missing Java or Maven is a failure with the fix, not a skip.
+    try:
+        kafka = ApacheKafka(nodes=3)
+        kafka.start()
+    except BrokerUnavailable as exc:
+        pytest.fail(f"MESH_TEST_KAFKA=apache but Apache Kafka did not start: {exc}",
+                    pytrace=False)
+    try:
+        yield BrokerUnderTest(kafka.bootstrap, False, "apache-kafka")
+    finally:
+        kafka.stop()
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[BrokerUnderTest]:
     """The session's broker (see the module docstring for the choices)."""
@@ -81,6 +99,9 @@ def broker() -> Iterator[BrokerUnderTest]:
         yield _with_mesh_topics(BrokerUnderTest(configured, False, "configured"))
     elif os.environ.get("MESH_TEST_KAFKA") == "docker":
         for kafka in _docker_kafka():
+            yield _with_mesh_topics(kafka)
+    elif os.environ.get("MESH_TEST_KAFKA") == "apache":
+        for kafka in _apache_kafka():
             yield _with_mesh_topics(kafka)
     else:
         with EmbeddedBroker() as embedded:
