@@ -2,9 +2,12 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY mesh ./mesh
+RUN pip install --no-cache-dir .
+# The reference mesh: not part of the installed library (which is only `mesh`), imported
+# from /app, the working directory every `mesh` command runs in (as in the repository)
 COPY agents ./agents
 COPY topics ./topics
 COPY schemas ./schemas
-RUN pip install --no-cache-dir .
+ENV PYTHONPATH=/app
 USER nobody
 ENTRYPOINT []

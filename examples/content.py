@@ -19,6 +19,8 @@ import asyncio
 import time
 from typing import Any
 
+import _repo  # noqa: F401  # the repository's agents/ and topics/ (not installed)
+
 from mesh import Agent, Codec, EmbeddedBroker, Mesh, MeshSettings, apply_topics
 from mesh.patterns.events import EventBus, EventContext
 from mesh.reader import TopicReader

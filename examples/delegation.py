@@ -15,6 +15,7 @@ import asyncio
 import time
 from typing import Any
 
+import _repo  # noqa: F401  # the repository's agents/ and topics/ (not installed)
 from rich.console import Console
 
 from mesh import Codec, Context, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics

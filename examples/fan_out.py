@@ -17,6 +17,7 @@ import asyncio
 import time
 from typing import Any
 
+import _repo  # noqa: F401  # the repository's agents/ and topics/ (not installed)
 from rich.console import Console
 
 from mesh import Codec, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics

@@ -18,6 +18,7 @@ import re
 import time
 from collections import Counter
 
+import _repo  # noqa: F401  # the repository's agents/ and topics/ (not installed)
 from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape

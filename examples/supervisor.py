@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+import _repo  # noqa: F401  # the repository's agents/ and topics/ (not installed)
 from rich.console import Console
 from rich.table import Table
 

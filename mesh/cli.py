@@ -205,6 +205,10 @@ def _exit_on_sigterm() -> None:
 
 
 def _declared(modules: list[str] | None, app_spec: str | None = None) -> dict[str, Topic[Any]]:
+    # the user's modules come from the working directory, as for `mesh run`: first on the
+    # path, so no other package named `topics` can stand in for the project's own
+    if str(Path.cwd()) not in sys.path[:1]:
+        sys.path.insert(0, str(Path.cwd()))
     found = discover_topics(*(modules or DEFAULT_MODULES))
     found.setdefault(audit_topic.name, audit_topic)  # the mesh's own: always declared
     if app_spec:

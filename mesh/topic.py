@@ -134,7 +134,17 @@ def discover_topics(*module_names: str) -> dict[str, Topic[Any]]:
     """
     objects: list[Any] = []
     for name in module_names:
-        for module in _walk(importlib.import_module(name)):
+        try:
+            top = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
+                raise  # the module exists; something it imports does not
+            raise ConfigError(
+                f"Cannot import {name!r} to find the declared topics: {exc}. Run from your "
+                "project's root (the directory holding your topics/ package), or name the "
+                "module(s) declaring your topics with -t/--topics (e.g. -t myapp.topics)."
+            ) from exc
+        for module in _walk(top):
             objects.extend(vars(module).values())
     return collect_topics(objects)
 
