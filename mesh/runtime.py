@@ -381,6 +381,13 @@ class AgentRunner:
         return lane
 
     async def _on_assigned(self, partitions: list[Partition]) -> None:
+        if self._stopping or self._tasks is None:
+            # A rebalance that completes while the runner stops (a rolling stop: the
+            # other replica left first) hands out partitions nobody will handle here:
+            # take none; leaving the group right after gives them to the others.
+            logger.info("agent %s stopping: not taking %d partition(s) of a rebalance",
+                        self.agent.name, len(partitions))
+            return
         try:
             await self._assign(partitions)
         except BaseException as exc:  # aiokafka swallows callback errors: re-raise in _poll
