@@ -85,6 +85,8 @@ def _settings() -> MeshSettings:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    for chatty in ("httpx", "httpcore"):  # the registry client logs every call at INFO
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     return settings
 
 
@@ -109,7 +111,6 @@ def _agents_of(obj: Any, spec: str) -> list[Agent[Any]]:
 
 
 async def _serve(agents: list[Agent[Any]], settings: MeshSettings, apply: bool) -> None:
-    topics = {t.name: t for a in agents for t in a.all_topics}
     broker = EmbeddedBroker() if settings.kafka.embedded else None
     try:
         if broker is not None:
@@ -117,15 +118,12 @@ async def _serve(agents: list[Agent[Any]], settings: MeshSettings, apply: bool) 
             settings = settings.with_bootstrap(broker.bootstrap, embedded=True)
             err.print(f"embedded broker on {broker.bootstrap} (pid {broker.pid})")
             apply = True
-        if apply:
-            await apply_topics(settings.kafka, topics.values())
-        mesh = Mesh(settings, agents)
+        mesh = Mesh(settings, agents, create_topics=apply)
         if settings.metrics.enabled:
             metrics = MeshMetrics(CollectorRegistry())
             for runner in mesh.runners:
                 metrics.watch(runner)
-            port = metrics.serve(settings.metrics.port, host=settings.metrics.host)
-            err.print(f"metrics on http://{settings.metrics.host}:{port}/metrics")
+            metrics.serve(settings.metrics.port, host=settings.metrics.host)  # logs where
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, mesh.stop_event.set)

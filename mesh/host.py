@@ -14,7 +14,7 @@ from mesh.config import MeshSettings
 from mesh.errors import TransportError
 from mesh.liveness import BrokerWatch
 from mesh.observe.audit import audit_topic
-from mesh.provision import apply_topics
+from mesh.provision import apply_topics, check_topics
 from mesh.runtime import AgentRunner, bounded
 from mesh.transport import Producer
 
@@ -30,14 +30,21 @@ def _first(group: BaseExceptionGroup[Any]) -> BaseException:
 class Mesh:
     """Runs a set of agents in this process over one producer and one codec.
 
+    At start every topic the agents consume, produce to or keep state in must exist with
+    its declared partitions (else :class:`~mesh.errors.TopicDrift` names them and
+    ``mesh topics apply``), unless ``create_topics=True`` creates what is missing. The
+    mesh's own derived topics (retry tiers, the audit topic) are always created.
+
     Example:
         >>> async with Mesh(settings, [answerer]) as mesh:  # doctest: +SKIP
         ...     await mesh.wait_assigned()
         ...     await stop.wait()
     """
 
-    def __init__(self, settings: MeshSettings, agents: Sequence[Agent[Any]]) -> None:
+    def __init__(self, settings: MeshSettings, agents: Sequence[Agent[Any]], *,
+                 create_topics: bool = False) -> None:
         self.settings = settings
+        self.create_topics = create_topics
         self.agents = list(agents)
         self.codec = Codec(settings.schema_registry)
         self.producer = Producer(settings.kafka)
@@ -57,8 +64,13 @@ class Mesh:
         own = [t for a in self.agents for t in a.retry_topics]
         if self.settings.audit.enabled:
             own.append(audit_topic)
-        if own:
-            await apply_topics(self.settings.kafka, own)
+        declared = [t for t in topics.values() if t not in own]
+        if self.create_topics:
+            await apply_topics(self.settings.kafka, [*declared, *own])
+        else:  # the declared ones first: no tier of a topic that is missing
+            await check_topics(self.settings.kafka, declared)
+            if own:
+                await apply_topics(self.settings.kafka, own)
         await self.producer.start()
         try:
             async with asyncio.TaskGroup() as tasks:

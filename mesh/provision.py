@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mesh.config import KafkaSettings
+from mesh.errors import TopicDrift
 from mesh.topic import Topic
 from mesh.transport import MAX_REQUEST_BYTES, Admin, TopicSpec
 
@@ -66,6 +67,36 @@ async def apply_topics(settings: KafkaSettings, topics: Iterable[Topic[Any]]) ->
             changes.append(TopicChange(spec.name, "drift" if drift else "unchanged",
                                        "; ".join(drift)))
     return changes
+
+
+async def check_topics(settings: KafkaSettings, topics: Iterable[Topic[Any]]) -> None:
+    """Raise :class:`~mesh.errors.TopicDrift` unless every declared topic (and its
+    ``.dlq``) exists with its declared partition count. Creates nothing: an agent that
+    subscribed to or produced to a missing topic would have the broker auto-create it
+    with the broker's default partitions, which splits keys from their co-partitioned
+    state silently.
+
+    Example:
+        >>> await check_topics(settings.kafka, agent.all_topics)  # doctest: +SKIP
+    """
+    specs = specs_of(topics)
+    async with Admin(settings) as admin:
+        existing = await admin.describe([s.name for s in specs])
+    missing = [s.name for s in specs if s.name not in existing]
+    wrong = [f"{s.name} (declared {s.partitions} partitions, broker has "
+             f"{existing[s.name].partitions})" for s in specs
+             if s.name in existing and existing[s.name].partitions != s.partitions]
+    if not missing and not wrong:
+        return
+    problems = []
+    if missing:
+        problems.append(f"missing: {', '.join(missing)}")
+    if wrong:
+        problems.append(f"partitions differ: {', '.join(wrong)}")
+    raise TopicDrift(f"The agent's topics are not as declared ({'; '.join(problems)}). "
+                     "Create them with `mesh topics apply` (or start with `mesh run --apply`); "
+                     "a partition count that differs needs a new topic or a new declaration. "
+                     "Agents never let the broker create a topic implicitly.")
 
 
 def _drift(declared: TopicSpec, found: TopicSpec) -> list[str]:

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from mesh import Codec, Topic
 from mesh.config import KafkaSettings
+from mesh.provision import apply_topics
 from mesh.resilience.dead_letter import DLQ_AGENT, DLQ_ERROR_CLASS, DLQ_TOPIC
 from mesh.transport import Admin, OutRecord, Producer, Record, TopicSpec
 from tests.apps.chain import Item
@@ -672,3 +673,20 @@ async def test_schemas_check_prints_each_drifting_path_on_one_line(
 
     assert result.returncode == 1, _explain(result)
     assert any(str(edited) in line for line in result.stderr.splitlines()), result.stderr
+
+
+async def test_run_without_its_topics_fails_naming_them_and_creates_nothing(
+        cli: Cli, broker: BrokerUnderTest, prefix: str) -> None:
+    """Pass: `mesh run` of an agent whose topics were never applied exits 1 naming the
+    missing topics and `mesh topics apply`, and the broker did not auto-create them; with
+    the topics applied with another partition count it names the difference too."""
+    failed = await cli("run", "tests.apps.chain:stage1")
+    assert failed.returncode == 1, _explain(failed)
+    assert f"{prefix}.in" in failed.stderr and "mesh topics apply" in failed.stderr
+    assert "TopicDrift" in failed.stderr and "Traceback" not in failed.stderr
+    async with Admin(broker.settings().kafka) as admin:
+        assert not [t for t in await admin.list_topics() if t.startswith(f"{prefix}.in")]
+    await apply_topics(broker.settings().kafka, [Topic(f"{prefix}.in", Item, partitions=1)])
+    differs = await cli("run", "tests.apps.chain:stage1")
+    assert differs.returncode == 1, _explain(differs)
+    assert "partitions differ" in differs.stderr and f"{prefix}.in (declared" in differs.stderr
