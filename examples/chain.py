@@ -1,7 +1,8 @@
 """A sequential chain: research -> analysis -> synthesis -> review, one agent per step.
 
 Each step is its own agent, wired to the next through a per-step topic; the history
-(every step's output) travels with the event. The example sends three briefing
+(every step's output) travels with the event, and a step that takes a third argument
+(the review) gets it as a ``ChainHistory``. The example sends three briefing
 requests on the embedded broker. Two complete and carry all four outputs; one asks
 about perpetual motion, which the analysis step refuses, so the chain reports one
 ``ChainFailed`` naming step 1 (analysis), its agent, the error, and the research it had
@@ -23,9 +24,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mesh import Codec, Context, EmbeddedBroker, Emitter, HandlerError, Mesh, MeshSettings
-from mesh import apply_topics
-from mesh.patterns.chain import Chain, ChainCompleted, ChainFailed
+from mesh import (
+    Codec,
+    Context,
+    EmbeddedBroker,
+    Emitter,
+    HandlerError,
+    Mesh,
+    MeshSettings,
+    apply_topics,
+)
+from mesh.patterns.chain import Chain, ChainCompleted, ChainFailed, ChainHistory
 from mesh.reader import TopicReader
 
 console = Console()
@@ -78,8 +87,12 @@ async def synthesis(analysed: Analysis, ctx: Context) -> Synthesis:
                              f"confidence {analysed.confidence:.0%}")
 
 
-async def review(draft: Synthesis, ctx: Context) -> Review:
-    return Review(approved=len(draft.summary) < 200, notes="concise" if draft.summary else "empty")
+async def review(draft: Synthesis, ctx: Context, history: ChainHistory) -> Review:
+    """A third argument gets the chain's history: the research, three steps back."""
+    findings = history.output("research")
+    return Review(approved=len(draft.summary) < 200,
+                  notes=f"{'concise' if draft.summary else 'empty'}; checked against "
+                        f"{len(findings.facts)} researched facts")
 
 
 chain = Chain("briefing", [research, analysis, synthesis, review], key="request_id")

@@ -4,7 +4,11 @@ The plan: two researchers in parallel (web and papers) -> analysis, a checkpoint
 the reviewer sees claims and adds a fact-check step -> writing. The coordinator
 publishes every plan version to the compacted plans topic, dispatches ready steps to
 the specialists' task topics, and publishes the synthesised report with every step's
-result and the plan executed. Everything runs on the embedded broker, in this process.
+result (``step_results``) and the plan executed (``plan_executed``). The plan declares
+its dependencies, so the two researches (which declare none) run in parallel; a plan
+in which no step declares ``depends_on`` runs its steps in order, each with every
+earlier result as context (the seed's semantics). Everything runs on the embedded
+broker, in this process.
 
     .venv/bin/python examples/delegation.py
 """
@@ -162,6 +166,9 @@ def show(outcomes: dict[str, WorkflowOutcome], plans: list[Plan],
             console.print(f"[red]failed at {outcome.failed_step}: {outcome.error}[/red]")
             continue
         console.print("dispatched: " + " -> ".join(" + ".join(r) for r in rounds(events, wf)))
+        executed = outcome.plan_executed.version if outcome.plan_executed else "?"
+        console.print(f"step_results: {', '.join(outcome.step_results)}; "
+                      f"plan_executed: v{executed}", markup=False)
         console.print(f"[bold]{outcome.final_output['title']}[/bold]")
         console.print(outcome.final_output["body"], markup=False)
 

@@ -24,10 +24,23 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mesh import Codec, Context, EmbeddedBroker, Emitter, HandlerError, Mesh, MeshSettings
-from mesh import apply_topics
-from mesh.patterns.checkpoint import Pipeline, StageRun, WorkflowResult
-from mesh.patterns.checkpoint import format_history, workflow_history
+from mesh import (
+    Codec,
+    Context,
+    EmbeddedBroker,
+    Emitter,
+    HandlerError,
+    Mesh,
+    MeshSettings,
+    apply_topics,
+)
+from mesh.patterns.checkpoint import (
+    Pipeline,
+    StageRun,
+    WorkflowResult,
+    format_history,
+    workflow_history,
+)
 from mesh.reader import TopicReader
 from topics.pipeline import Document, document_pipeline, documents
 
@@ -126,7 +139,7 @@ def show(results: dict[str, WorkflowResult]) -> None:
 
 async def run(bootstrap: str) -> int:
     settings = MeshSettings().with_bootstrap(bootstrap, embedded=True)
-    await apply_topics(settings.kafka, document_pipeline.all)
+    await apply_topics(settings.kafka, document_pipeline.all())
     async with Mesh(settings, [agent]) as mesh:
         await mesh.wait_assigned()
         await send(settings)

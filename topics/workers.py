@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from mesh import Topic
-from mesh.patterns.supervisor import worker_topics
+from mesh.patterns.supervisor import WorkerTopics
 
 
 class Job(BaseModel):
@@ -28,7 +28,7 @@ class JobResult(BaseModel):
 jobs = Topic("workers.jobs", Job, key="job_id", partitions=3)
 results = Topic("workers.results", JobResult, key="job_id", partitions=3)
 
-pool = worker_topics("workers", jobs)
+pool = WorkerTopics.named("workers", jobs)
 status = pool.status
 outcomes = pool.outcomes
 control = pool.control

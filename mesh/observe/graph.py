@@ -368,8 +368,6 @@ def _walk_target(obj: Any, *, explicit: bool) -> Iterator[Agent[Any] | Topic[Any
         yield from _walk_target(obj.app, explicit=False)
     elif isinstance(getattr(obj, "agent", None), Agent):
         yield obj.agent
-    elif explicit and callable(getattr(obj, "app", None)):  # EventBus.app()
-        yield from _walk_target(obj.app(), explicit=False)
     elif explicit and callable(obj):  # a factory of agents
         yield from _walk_target(obj(), explicit=False)
 

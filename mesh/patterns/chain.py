@@ -14,7 +14,20 @@ per-step topics::
 step appends its own and emits :class:`ChainCompleted` with all of them. So a step
 needs no state table, a replay after a crash recomputes exactly what it did before, a
 failing step has its partial results in hand when it reports :class:`ChainFailed`, and
-any tap of one hop topic sees a whole workflow's past. The price: an event grows with
+any tap of one hop topic sees a whole workflow's past.
+
+**A step sees the whole history when it asks for it.** A step function's first
+argument is the previous step's output (typed by its annotation); a step that takes a
+third argument gets a :class:`ChainHistory` in it: the chain's ``input``, every earlier
+``outputs``, ``previous_output``, ``output(step)`` (by index or name, typed back into
+the step's model) and ``as_dict()``, the seed's accumulated dict (the input's fields,
+``step_<i>_output`` for each earlier step, ``previous_output``)::
+
+    async def review(draft: Draft, ctx: Context, history: ChainHistory) -> Review:
+        findings = history.output("research")     # a Findings, two steps back
+        ...
+
+Steps with two arguments (and agents) work as before. The price: an event grows with
 every step, and the whole history counts against ``MESH_RUNTIME__MAX_MESSAGE_BYTES``
 (send references to large blobs, not the blobs). Outputs travel as JSON (Avro strings
 marked ``mesh.json``) because each step has its own model; :meth:`Chain.output` turns
@@ -68,7 +81,7 @@ from mesh.topic import Topic
 
 logger = logging.getLogger(__name__)
 
-StepFunction = Callable[[Any, Context], Awaitable[Any]]
+StepFunction = Callable[..., Awaitable[Any]]  # (input, ctx) or (input, ctx, history)
 StepStatus = Literal["started", "finished", "failed"]
 _ERROR_CHARS = 2000
 
@@ -137,12 +150,63 @@ class ChainStepEvent(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class ChainHistory:
+    """What ran before a step: the chain's input and every earlier step's output, the
+    third argument of a step function that takes one (see the module docstring).
+
+    It is the history that travels with the event (no lookup, no state): a replay sees
+    the same history. Outputs are JSON data; :meth:`output` types them back.
+
+    Example:
+        >>> first = StepOutput(index=0, step="research", agent="notes.research",
+        ...                    output={"facts": ["a"]}, started_at_ms=1, finished_at_ms=2)
+        >>> history = ChainHistory("notes", {"subject": "kafka"}, (first,))
+        >>> history.previous_output, history.output("research")
+        ({'facts': ['a']}, {'facts': ['a']})
+        >>> sorted(history.as_dict())
+        ['previous_output', 'step_0_output', 'subject']
+    """
+
+    chain: str
+    input: Any
+    outputs: tuple[StepOutput, ...] = ()
+    models: tuple[type[BaseModel] | None, ...] = ()  # each step's output model, by index
+
+    @property
+    def previous_output(self) -> Any:
+        """The previous step's output (JSON), or None at the first step."""
+        return self.outputs[-1].output if self.outputs else None
+
+    def output(self, step: int | str) -> Any:
+        """An earlier step's output, by index or step name, as the step's output model
+        if it declares one (else JSON data)."""
+        found = next((o for o in self.outputs if step in (o.index, o.step)), None)
+        if found is None:
+            ran = ", ".join(f"{o.index} ({o.step})" for o in self.outputs) or "none"
+            raise ConfigError(f"Chain {self.chain!r}: no output of step {step!r} before this "
+                              f"step; the earlier steps are {ran}. Ask for one of them.")
+        model = self.models[found.index] if found.index < len(self.models) else None
+        return model.model_validate(found.output) if model is not None else found.output
+
+    def as_dict(self) -> dict[str, Any]:
+        """The seed's accumulated input: the chain input's fields (or ``input``), then
+        ``step_<i>_output`` per earlier step and ``previous_output``."""
+        merged = dict(self.input) if isinstance(self.input, dict) else {"input": self.input}
+        for out in self.outputs:
+            merged[f"step_{out.index}_output"] = out.output
+        if self.outputs:
+            merged["previous_output"] = self.previous_output
+        return merged
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     """One step: a function from input to output, its name, its declared models.
 
     ``input``/``output`` default to the function's annotations (pydantic models), or
     for an agent to its consumed/produced topic's model. Without an input model the
-    step gets the previous output as plain JSON.
+    step gets the previous output as plain JSON. ``history`` (default: whether ``run``
+    takes a third positional argument) hands it a :class:`ChainHistory` as that argument.
 
     Example:
         >>> async def review(draft: dict, ctx: Context) -> dict:
@@ -155,8 +219,11 @@ class Step:
     name: str
     input: type[BaseModel] | None = None
     output: type[BaseModel] | None = None
+    history: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.history is None:
+            object.__setattr__(self, "history", _takes_third_argument(self.run))
         if not self.name or "/" in self.name or " " in self.name:
             raise ConfigError(f"Step name {self.name!r} is not valid: use a non-empty name "
                               "without spaces or '/' (it becomes part of an agent name).")
@@ -168,7 +235,7 @@ class Step:
             return item
         if isinstance(item, Agent):
             return cls(item.handle, item.name, _single_model(item.consumes),
-                       _single_model(item.produces))
+                       _single_model(item.produces), history=False)
         if not callable(item):
             raise ConfigError(f"Chain step {item!r} is not a step: pass an async function "
                               "(input, ctx) -> output, an Agent or a Step.")
@@ -268,7 +335,9 @@ class Chain:
             began = now_ms()
             self._began[ctx.event_id] = began
             hop = self._hop_of(index, payload, ctx)
-            value = await step.run(self._input_of(index, hop, payload), ctx)
+            given = self._input_of(index, hop, payload)
+            value = await (step.run(given, ctx, self._history(hop)) if step.history
+                           else step.run(given, ctx))
             done = StepOutput(index=index, step=step.name, agent=name,
                               model=type(value).__name__ if isinstance(value, BaseModel) else None,
                               output=json_data(value), started_at_ms=began, finished_at_ms=now_ms())
@@ -314,6 +383,10 @@ class Chain:
         key = ctx.event.key.decode(errors="replace") if ctx.event.key else ctx.correlation_id
         return ChainHop(chain=self.name, key=key, step=0, input=json_data(payload))
 
+    def _history(self, hop: ChainHop) -> ChainHistory:
+        return ChainHistory(self.name, hop.input, tuple(hop.outputs),
+                            tuple(s.output for s in self.steps))
+
     def _input_of(self, index: int, hop: ChainHop, payload: Any) -> Any:
         if index == 0:
             return payload
@@ -352,6 +425,16 @@ def _hints(fn: Any) -> dict[str, Any]:
     except Exception:  # unresolvable forward references: no declared models
         logger.debug("annotations of %r cannot be resolved", fn)
         return {}
+
+
+def _takes_third_argument(fn: Any) -> bool:
+    """Whether ``fn`` takes a third positional argument (the step's history)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3
 
 
 def _first_parameter(fn: Any) -> str | None:

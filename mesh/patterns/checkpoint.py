@@ -37,7 +37,7 @@ Example:
     ...     doc_id: str
     >>> async def extract(run: StageRun, ctx: Context) -> dict:
     ...     return {"id": run.input.doc_id}
-    >>> pipe = Pipeline(PipelineTopics.declare("docs", Topic("docs.in", Doc, key="doc_id")),
+    >>> pipe = Pipeline(PipelineTopics.named("docs", Topic("docs.in", Doc, key="doc_id")),
     ...                 [extract])
     >>> pipe.agent.name, pipe.topics.checkpoints.name, pipe.topics.checkpoints.compacted
     ('docs', 'docs.checkpoints', True)
@@ -161,7 +161,7 @@ class WorkflowResult(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class PipelineTopics:
-    """The topics of one pipeline. Declare them in ``topics/`` with :meth:`declare` and
+    """The topics of one pipeline. Declare them in ``topics/`` with :meth:`named` and
     bind each to a module-level name so ``mesh topics apply`` finds them (see
     ``topics/pipeline.py``)."""
 
@@ -179,7 +179,7 @@ class PipelineTopics:
                               "key='<your id field>'.")
 
     @classmethod
-    def declare(cls, name: str, source: Topic[Any], *, partitions: int | None = None,
+    def named(cls, name: str, source: Topic[Any], *, partitions: int | None = None,
                 retention_ms: int | None = None) -> PipelineTopics:
         """The topics of pipeline ``name`` fed by ``source`` (partitions default to the
         source's, so a workflow's request and tasks share a partition number)."""
@@ -194,9 +194,9 @@ class PipelineTopics:
                    topic("events", StageEvent, retention_ms=retention_ms),
                    topic("results", WorkflowResult, retention_ms=retention_ms))
 
-    @property
-    def all(self) -> tuple[Topic[Any], ...]:
-        return (self.source, self.tasks, self.checkpoints, self.events, self.results)
+    def all(self) -> list[Topic[Any]]:
+        """Every topic, for ``apply_topics``."""
+        return [self.source, self.tasks, self.checkpoints, self.events, self.results]
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +241,7 @@ class Pipeline:
     """A checkpointed pipeline of stages run by one agent; see the module docstring.
 
     Args:
-        topics: its topics (:meth:`PipelineTopics.declare`).
+        topics: its topics (:meth:`PipelineTopics.named`).
         stages: async functions ``(run, ctx) -> output``, or :class:`Stage`.
         retention_s: delete finished workflows' checkpoints after this many seconds
             (None: keep them).
@@ -272,7 +272,7 @@ class Pipeline:
         if retention_s is not None:
             every = sweep_every_s or min(max(retention_s / 4, 0.1), 60.0)
             self.agent.every(every)(self._sweep)
-        self.app = App(self.name, agents=[self.agent], topics=topics.all)
+        self.app = App(self.name, agents=[self.agent], topics=topics.all())
 
     async def _handle(self, payload: Any, ctx: Context) -> None:
         if isinstance(payload, StageTask):

@@ -4,11 +4,16 @@ The :class:`Coordinator` agent consumes requests and step results, both keyed by
 workflow id and co-partitioned with its state. For a request it asks a planner for a
 :class:`~mesh.patterns.plan.Plan` and validates it (an invalid plan is one
 ``PlanInvalid`` event and a failed outcome: no crash, no dispatch), publishes it to the
-compacted plans topic and dispatches the ready steps to their specialists' task topics
-(independent steps together, so they run in parallel). Each result marks its step done
-and dispatches what became ready. At a checkpoint, or when a step fails, a reviewer may
-revise the rest of the plan (a new version, published). When all steps are done a
-synthesizer builds the final result, published with every step's result and the plan.
+compacted plans topic and dispatches the ready steps to their specialists' task topics.
+A plan whose steps declare no ``depends_on`` runs them one after another, each with
+every earlier step's result as context (the seed's semantics); declared dependencies
+make a DAG whose independent steps are dispatched together and run in parallel (see
+:mod:`mesh.patterns.plan`). Each result marks its step done and dispatches what became
+ready. At a checkpoint, or when a step fails, a reviewer may revise the rest of the
+plan (a new version, published). When all steps are done a synthesizer builds the final
+result: a :class:`WorkflowOutcome` with ``success``, ``final_output``, ``step_results``
+(step id -> output) and the plan executed (``plan``, also ``plan_executed``), the
+seed's field names.
 
 With a plan key (``MESH_SECURITY__PLAN_KEY``) every task and plan version is signed and
 specialists run only tasks that check (:mod:`mesh.patterns.signing`).
@@ -33,6 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr
@@ -52,6 +58,7 @@ from mesh.patterns.plan import (
     Synthesizer,
     as_plan,
     collect,
+    order_steps,
     ready_steps,
     revise,
     validate_plan,
@@ -122,6 +129,11 @@ class WorkflowOutcome(BaseModel):
     failed_step: str | None = None
     error: str | None = None
 
+    @property
+    def plan_executed(self) -> Plan | None:
+        """The plan executed (its last version): the seed's name for ``plan``."""
+        return self.plan
+
 
 @dataclass(frozen=True, slots=True)
 class DelegationTopics:
@@ -143,6 +155,7 @@ class DelegationTopics:
     tasks: Mapping[str, Topic[StepTask]]
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", MappingProxyType(dict(self.tasks)))  # frozen too
         if self.requests.key is None:
             raise ConfigError(f"Requests topic {self.requests.name!r} has no key: key it by "
                               "the workflow id (key='workflow_id').")
@@ -253,8 +266,10 @@ class Coordinator(Agent[Any]):
         self._event(ctx, wf, "WorkflowStarted", f"Workflow {wf!r} received; planning.")
         plan: Plan | None = None
         try:
-            plan = as_plan(await self.planner(request)).model_copy(
-                update={"workflow_id": wf, "version": 1, "signature": ""})
+            planned = as_plan(await self.planner(request))
+            plan = planned.model_copy(update={
+                "workflow_id": wf, "version": 1, "signature": "",
+                "steps": order_steps(planned.steps)})  # a list without depends_on: in order
             validate_plan(plan, self.topics.tasks)
         except PlanError as exc:
             self._reject(ctx, wf, request, exc, plan)

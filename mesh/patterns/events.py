@@ -69,6 +69,7 @@ from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.envelope import Envelope
 from mesh.errors import ConfigError, PayloadInvalid
+from mesh.resilience.retry import origin_of
 from mesh.topic import Topic
 from mesh.transport import OutRecord, Producer
 
@@ -133,6 +134,9 @@ class EventBus:
                                  partitions=partitions, retention_ms=retention_ms)
         self.topics: Mapping[str, Topic[Any]] = MappingProxyType(topics)
         self._by_topic = {t.name: name for name, t in topics.items()}
+        # Every listener and every type topic, for ``mesh dev module:app`` (an attribute,
+        # as on every pattern object; ``on()`` adds each listener to it).
+        self.app = App(namespace, topics=self.topics.values())
 
     def topic(self, event_type: str) -> Topic[Any]:
         """The topic of ``event_type``; unknown names raise ``ConfigError``."""
@@ -144,8 +148,9 @@ class EventBus:
         return found
 
     def type_of(self, topic_name: str | None) -> str | None:
-        """The event type carried by the topic called ``topic_name`` (None if not ours)."""
-        return self._by_topic.get(topic_name or "")
+        """The event type carried by the topic called ``topic_name``, or by the topic a
+        retry topic of that name retries (None if not ours)."""
+        return self._by_topic.get(origin_of(topic_name or ""))
 
     def key_of(self, event_type: str, payload: BaseModel, correlation_id: str) -> bytes:
         """The record key: the bus's key field, else the correlation id."""
@@ -210,13 +215,10 @@ class EventBus:
                 description=(handler.__doc__ or "").strip(), state=tuple(state),
                 on_failure=failed)
             self.listeners.append(listener)
+            self.app.add(listener)
             return listener
 
         return build
-
-    def app(self, name: str | None = None) -> App:
-        """Every listener and every type topic, for ``mesh dev module:app``."""
-        return App(name or self.namespace, agents=self.listeners, topics=self.topics.values())
 
     def record(self, event_type: str, payload: BaseModel | Mapping[str, Any], *, codec: Codec,
                correlation_id: str | None = None, key: bytes | str | None = None,

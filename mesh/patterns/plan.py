@@ -7,14 +7,32 @@ Everything here is pure (no Kafka): the coordinator (:mod:`mesh.patterns.coordin
 calls it on every request and result. A plan is a payload: it is published, one
 version after another, to the compacted plans topic keyed by workflow id.
 
+**Order: a list runs in order unless it declares dependencies.** A plan (or a
+reviewer's revision) in which *no* step declares ``depends_on`` is a sequence, as in
+the seed's orchestrator: each step runs after every step listed before it, with every
+earlier step's result in its task's ``context`` (keyed by step id). As soon as *any*
+step declares ``depends_on``, the plan is a DAG and only declared dependencies count:
+a step without ``depends_on`` then has none and starts at once, and steps whose
+dependencies are done run in parallel, each with its dependencies' results as
+context. (An empty ``depends_on`` is no declaration: a planner that writes ``[]``
+everywhere gets a sequence.) :func:`order_steps` makes a sequence's order explicit
+(each step's ``depends_on`` lists the earlier steps) before the plan is validated and
+published, so the plan on the topic says exactly what runs after what, and
+:func:`ready_steps` needs no rule of its own. A plan of only independent steps has
+nothing to declare: it runs in order; to run such work in parallel, add the step that
+uses the results with its ``depends_on`` (or use :mod:`mesh.patterns.gather`).
+
 Example:
-    >>> plan = Plan(steps=[
+    >>> plan = Plan(steps=order_steps([
     ...     PlanStep(id="research", specialist="researcher"),
-    ...     PlanStep(id="write", specialist="writer", depends_on=["research"]),
-    ... ])
-    >>> validate_plan(plan, ["researcher", "writer"])
-    >>> [s.id for s in ready_steps(plan, done=set())]
-    ['research']
+    ...     PlanStep(id="analyse", specialist="analyst"),
+    ...     PlanStep(id="write", specialist="writer"),
+    ... ]))
+    >>> validate_plan(plan, ["researcher", "analyst", "writer"])
+    >>> [s.depends_on for s in plan.steps]
+    [[], ['research'], ['research', 'analyse']]
+    >>> [s.id for s in ready_steps(plan, done={"research"})]
+    ['analyse']
 """
 
 from __future__ import annotations
@@ -149,6 +167,30 @@ class Revision:
                              "new version for the audit trail): pass reason=."])
 
 
+def order_steps(steps: Sequence[PlanStep], *, after: Sequence[str] = ()) -> list[PlanStep]:
+    """``steps`` with their order made explicit (see the module docstring): when no step
+    declares ``depends_on``, each step depends on ``after`` (steps done before these,
+    e.g. those a revision keeps) and on every step before it; otherwise ``steps``
+    unchanged.
+
+    Example:
+        >>> [s.depends_on for s in order_steps([PlanStep(id="a", specialist="r"),
+        ...                                     PlanStep(id="b", specialist="w")])]
+        [[], ['a']]
+        >>> [s.depends_on for s in order_steps([
+        ...     PlanStep(id="a", specialist="r"), PlanStep(id="b", specialist="r"),
+        ...     PlanStep(id="c", specialist="w", depends_on=["a", "b"])])]
+        [[], [], ['a', 'b']]
+    """
+    if any(step.depends_on for step in steps):
+        return list(steps)
+    earlier, ordered = list(after), []
+    for step in steps:
+        ordered.append(step.model_copy(update={"depends_on": list(earlier)}))
+        earlier.append(step.id)
+    return ordered
+
+
 def validate_plan(plan: Plan, specialists: Collection[str]) -> None:
     """Check that ``plan`` can run with ``specialists``; raise :class:`PlanError` with
     every problem found otherwise.
@@ -226,6 +268,8 @@ def ready_steps(plan: Plan, *, done: Collection[str],
                 started: Collection[str] = ()) -> list[PlanStep]:
     """The steps to dispatch now: not done, not started, every dependency done; in plan
     order. Steps returned together are independent of each other and run in parallel.
+    Only declared dependencies count: pass a plan through :func:`order_steps` first
+    for the sequential reading of a plan without any (the coordinator does).
 
     Example:
         >>> plan = Plan(steps=[PlanStep(id="a", specialist="r"),
@@ -243,7 +287,9 @@ def ready_steps(plan: Plan, *, done: Collection[str],
 
 def revise(plan: Plan, revision: Revision, *, done: Collection[str]) -> Plan:
     """The next version of ``plan``: its done steps, then the revision's steps in place
-    of everything not yet done. Validate the result with :func:`validate_plan`.
+    of everything not yet done. A revision that declares no ``depends_on`` is a
+    sequence after the done steps (:func:`order_steps`). Validate the result with
+    :func:`validate_plan`.
 
     Example:
         >>> plan = Plan(steps=[PlanStep(id="a", specialist="r"),
@@ -254,7 +300,8 @@ def revise(plan: Plan, revision: Revision, *, done: Collection[str]) -> Plan:
         (2, ['a', 'c'])
     """
     kept = [s for s in plan.steps if s.id in done]
-    return plan.model_copy(update={"steps": kept + list(revision.steps),
+    new = order_steps(revision.steps, after=[s.id for s in kept])
+    return plan.model_copy(update={"steps": kept + new,
                                    "version": plan.version + 1, "reason": revision.reason,
                                    "author": "reviewer", "signature": ""})
 

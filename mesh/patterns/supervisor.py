@@ -5,10 +5,16 @@
   task topic; each publishes its row (:class:`WorkerStatus`) to a compacted status topic
   on a heartbeat timer and after every task, with a :class:`TaskOutcome` event.
 * **The supervisor** (:class:`Supervisor`, one replica) consumes statuses and outcomes.
-  A worker reaching ``max_failures`` consecutive failures is told on the control topic
-  to stop taking work; it calls ``AgentRunner.quarantine()`` (finishes the task in hand,
-  commits, leaves the group: its partitions move to healthy replicas) and keeps
-  heartbeating as quarantined. A failed task waits in the supervisor's compacted
+  A worker reaching ``max_failures`` consecutive failures stops taking work by itself
+  (the moment its handler sees the limit: see :mod:`mesh.patterns.worker` for the
+  bound) and calls ``AgentRunner.quarantine()`` (finishes the tasks in hand, commits,
+  leaves the group: its partitions move to healthy replicas) and keeps heartbeating as
+  quarantined. The supervisor is the fleet-wide view: it records the failure and the
+  quarantine as events, and orders a worker that has not quarantined itself to do so
+  (a ``quarantine`` command on the control topic). Only a ``release`` command on the
+  control topic re-admits a worker (``mesh emit <prefix>.control
+  '{"worker_id": "w3", "action": "release"}'``); the supervisor records it as
+  ``worker_released``. A failed task waits in the supervisor's compacted
   retries table until its retry-after time, then is republished with a key chosen to
   land on a partition a healthy worker holds that has not failed it. A task that failed
   on ``max_task_workers`` different workers (or ``max_task_attempts`` times) goes to the
@@ -33,7 +39,7 @@ Everything the pool defines is importable from here: the worker side is re-expor
 from :mod:`mesh.patterns.worker`.
 
 Example:
-    >>> topics = worker_topics("jobs", tasks=job_topic)  # doctest: +SKIP
+    >>> topics = WorkerTopics.named("jobs", job_topic)  # doctest: +SKIP
     >>> service = WorkerService(topics, summarise, produces=summaries)  # doctest: +SKIP
     >>> supervisor = Supervisor(topics, SupervisorPolicy(max_failures=3))  # doctest: +SKIP
     >>> # mesh run mymod:service.app (per replica) and mesh run mymod:supervisor.agent
@@ -71,7 +77,6 @@ from mesh.patterns.worker import (
     WorkerTopics,
     WorkerView,
     worker,
-    worker_topics,
 )
 from mesh.state import CompactedTable
 from mesh.topic import Topic
@@ -99,7 +104,6 @@ __all__ = [
     "partition_of",
     "render_workers",
     "worker",
-    "worker_topics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -197,23 +201,34 @@ class Supervisor:
 
     def _judge(self, ctx: Context, view: WorkerView, failures: int,
                status: WorkerStatus | None, correlation: str | None = None) -> WorkerView:
-        """The view after what a status (or an outcome, without one) says."""
+        """The view after what a status (or an outcome, without one) says.
+
+        Whichever of a worker's outcome and its quarantined row arrives first, a worker
+        at the limit gets one ``worker_failed`` and then one ``worker_quarantined``.
+        """
         wid = view.worker_id
+        if view.state == "alive" and failures >= self.policy.max_failures:
+            reason = f"{failures} consecutive failures (limit {self.policy.max_failures})"
+            row = status or self.latest.get(wid)
+            if row is not None and row.instance == view.instance \
+                    and row.status == "quarantined":
+                detail = reason + ": it quarantined itself"
+            else:  # not known to have stopped (its row may be on the way): order it;
+                # a worker that already quarantined itself ignores the order
+                ctx.emit(self.topics.control, WorkerCommand(
+                    worker_id=wid, action="quarantine", instance=view.instance, reason=reason,
+                    at_ms=envelope.now_ms()), correlation_id=correlation)
+                detail = reason + ": quarantine ordered"
+            self._event(ctx, "worker_failed", worker_id=wid, failures=failures,
+                        correlation=correlation, detail=detail)
+            view = view.model_copy(update={"state": "failed"})
         if status is not None and status.status == "quarantined" and view.state != "quarantined":
             self._event(ctx, "worker_quarantined", worker_id=wid, failures=failures,
-                        detail="left the task group; heartbeats go on")
+                        detail="stopped taking work and left the task group; heartbeats go on")
             return view.model_copy(update={"state": "quarantined"})
         if status is not None and status.status != "quarantined" and view.state == "quarantined":
             self._event(ctx, "worker_released", worker_id=wid)
             return view.model_copy(update={"state": "alive"})
-        if view.state == "alive" and failures >= self.policy.max_failures:
-            reason = f"{failures} consecutive failures (limit {self.policy.max_failures})"
-            ctx.emit(self.topics.control, WorkerCommand(
-                worker_id=wid, action="quarantine", instance=view.instance, reason=reason,
-                at_ms=envelope.now_ms()), correlation_id=correlation)
-            self._event(ctx, "worker_failed", worker_id=wid, failures=failures,
-                        correlation=correlation, detail=reason + ": told to quarantine")
-            return view.model_copy(update={"state": "failed"})
         return view
 
     def _on_outcome(self, outcome: TaskOutcome, ctx: Context) -> None:

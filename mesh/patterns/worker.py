@@ -7,9 +7,22 @@ idle/busy/quarantined, the task in hand, consecutive failures, tasks done, throu
 partitions) to a compacted status topic keyed by worker id: on a heartbeat timer and
 after every task, with a :class:`TaskOutcome` event. A failed task is not dead-lettered
 by the worker: its outcome carries the task, and the input is committed once that
-outcome is acknowledged (nothing is lost). A worker told on the control topic to
-quarantine finishes the task in hand, commits, leaves the task group (its partitions
-move to healthy replicas) and keeps heartbeating as quarantined.
+outcome is acknowledged (nothing is lost).
+
+**Quarantine is the worker's own act.** A worker whose ``max_failures``-th task in a row
+fails stops taking work at once, without waiting for the supervisor: before its
+handler returns it marks itself quarantined and holds (pauses) its partitions through
+the runner (no further input is run; one that reaches the handler anyway is handed
+back, not failed), and within one heartbeat calls
+``AgentRunner.quarantine()``, which finishes the tasks in hand, commits and leaves the
+task group (its partitions move to healthy replicas; the inputs it had fetched but not
+started are redelivered to them). It keeps heartbeating as quarantined. So a worker
+fails at most ``max_failures`` tasks in a row, plus the tasks whose handlers were
+already running when the limit was reached: the runner runs one handler per partition
+lane, so at most ``max_failures + min(partitions held, max_partitions_in_flight) - 1``.
+A worker told on the control topic to quarantine does the same (the supervisor's
+order: a worker with ``max_failures=None``, or a higher limit than the supervisor's).
+Only a ``release`` command on the control topic re-admits it (failures start from 0).
 
 The models and :class:`WorkerTopics` below are the pool's whole protocol; the
 supervisor (:mod:`mesh.patterns.supervisor`) reads and writes the same topics.
@@ -21,7 +34,7 @@ as an event of that task's workflow, caused by it. A heartbeat is the clock's ow
 it acts for no other event, so its causation is the timer's tick.
 
 Example:
-    >>> topics = worker_topics("jobs", tasks=job_topic)  # doctest: +SKIP
+    >>> topics = WorkerTopics.named("jobs", job_topic)  # doctest: +SKIP
     >>> service = WorkerService(topics, summarise, produces=summaries)  # doctest: +SKIP
     >>> app = service.app  # mesh run mymod:app, once per replica  # doctest: +SKIP
 """
@@ -164,7 +177,7 @@ class DeadTask(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class WorkerTopics:
-    """The topics of one supervised pool; build them with :func:`worker_topics`."""
+    """The topics of one supervised pool; build them with :meth:`named`."""
 
     tasks: Topic[Any]
     status: Topic[WorkerStatus]
@@ -180,32 +193,33 @@ class WorkerTopics:
             raise ConfigError(f"Task topic {self.tasks.name!r} has no key field: workers "
                               "name tasks by it. Declare the topic with key='<id field>'.")
 
-    @property
+    @classmethod
+    def named(cls, prefix: str, tasks: Topic[Any], *, partitions: int = 3) -> WorkerTopics:
+        """The pool's topics named ``<prefix>.status``, ``.outcomes``, ``.control``,
+        ``.events``, ``.supervision``, ``.retries``, ``.dead`` around ``tasks``.
+
+        Example:
+            >>> topics = WorkerTopics.named("jobs", job_topic)  # doctest: +SKIP
+            >>> topics.status.name  # doctest: +SKIP
+            'jobs.status'
+        """
+        def topic(name: str, model: type[BaseModel], key: str,
+                  compacted: bool = False) -> Topic[Any]:
+            return Topic(f"{prefix}.{name}", model, key=key, partitions=partitions,
+                         compacted=compacted)
+
+        return cls(
+            tasks, topic("status", WorkerStatus, "worker_id", True),
+            topic("outcomes", TaskOutcome, "task_id"),
+            topic("control", WorkerCommand, "worker_id"),
+            topic("events", SupervisorEvent, "subject"),
+            topic("supervision", WorkerView, "worker_id", True),
+            topic("retries", TaskRetry, "task_id", True), topic("dead", DeadTask, "task_id"))
+
     def all(self) -> list[Topic[Any]]:
         """Every topic of the pool, for ``apply_topics``."""
         return [self.tasks, self.status, self.outcomes, self.control, self.events,
                 self.views, self.retries, self.dead]
-
-
-def worker_topics(prefix: str, tasks: Topic[Any], *, partitions: int = 3) -> WorkerTopics:
-    """The pool's topics named ``<prefix>.status``, ``.outcomes``, ``.control``,
-    ``.events``, ``.supervision``, ``.retries``, ``.dead`` around ``tasks``.
-
-    Example:
-        >>> topics = worker_topics("jobs", job_topic)  # doctest: +SKIP
-        >>> topics.status.name  # doctest: +SKIP
-        'jobs.status'
-    """
-    def topic(name: str, model: type[BaseModel], key: str, compacted: bool = False) -> Topic[Any]:
-        return Topic(f"{prefix}.{name}", model, key=key, partitions=partitions,
-                     compacted=compacted)
-
-    return WorkerTopics(
-        tasks, topic("status", WorkerStatus, "worker_id", True),
-        topic("outcomes", TaskOutcome, "task_id"), topic("control", WorkerCommand, "worker_id"),
-        topic("events", SupervisorEvent, "subject"),
-        topic("supervision", WorkerView, "worker_id", True),
-        topic("retries", TaskRetry, "task_id", True), topic("dead", DeadTask, "task_id"))
 
 
 TaskFunction = Callable[[Any, Context], Awaitable[Any]]
@@ -218,7 +232,10 @@ class WorkerService:
 
     The task function's return value goes to ``produces`` as with any agent. An
     exception is a failed task: its outputs are dropped, the outcome (with the task) is
-    produced and the input committed; the supervisor decides about a retry. Handlers
+    produced and the input committed; the supervisor decides about a retry. After
+    ``max_failures`` failures in a row (default 3, as ``SupervisorPolicy``; use the same
+    value) the worker quarantines itself (see the module docstring for the bound on
+    the tasks it fails). Handlers
     must be idempotent: a replay after a crash runs the task again. Give each replica a
     stable ``MESH_WORKER_ID`` (a pod name): a generated one leaves a control group
     behind per process start.
@@ -232,8 +249,13 @@ class WorkerService:
     def __init__(self, topics: WorkerTopics, task: TaskFunction, *,
                  produces: Topic[Any] | Sequence[Topic[Any]] = (), name: str | None = None,
                  worker_id: str | None = None, heartbeat_s: float = 1.0,
-                 window_s: float = 60.0) -> None:
-        self.topics = topics
+                 window_s: float = 60.0, max_failures: int | None = 3) -> None:
+        if max_failures is not None and max_failures <= 0:
+            raise ConfigError(f"WorkerService max_failures={max_failures} must be positive: "
+                              "set it to the supervisor's SupervisorPolicy.max_failures, or "
+                              "None to leave quarantine to the supervisor.")
+        self.topics, self.max_failures = topics, max_failures
+        self._heartbeat_s = heartbeat_s
         name = name or f"{topics.tasks.name}-worker"  # the group: one per pool
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.worker_id = (worker_id or os.environ.get(WORKER_ID_ENV)
@@ -285,30 +307,48 @@ class WorkerService:
 
     async def quarantine(self, reason: str = "") -> None:
         """Stop taking work: leave the task group (partitions move to healthy replicas);
-        heartbeats go on. Tasks that arrive meanwhile are handed back, not failed."""
-        if self.quarantined:
-            return
-        self.quarantined = True
-        logger.warning("worker %s quarantined: %s", self.worker_id, reason or "ordered")
+        heartbeats go on. Tasks that arrive meanwhile are handed back, not failed.
+
+        Call it from outside the task handler (the control listener, the heartbeat):
+        the runner waits for the task lanes, the handler's own included."""
+        self._stop_taking_work(reason or "ordered")
         if self.runner is None:
             logger.error("worker %s has no runner yet; handing tasks back until it has",
                          self.worker_id)
             return
-        await self.runner.quarantine()
+        await self._leave_group()
 
     def release(self) -> None:
-        """Take work again (an operator's decision); failures start from zero."""
+        """Take work again (the supervisor's or an operator's decision, as a ``release``
+        command on the control topic); failures start from zero."""
         if self.quarantined:
             self.quarantined, self.consecutive_failures = False, 0
             if self.runner is not None:
+                self.runner.end_hold()
                 self.runner.release()
             logger.info("worker %s released", self.worker_id)
 
+    def _stop_taking_work(self, reason: str) -> None:
+        """Quarantined from now on: no input is run any more (each is handed back), and
+        the runner's partitions are held until the group is left. No awaits: the task
+        handler calls it before it returns."""
+        if self.quarantined:
+            return
+        self.quarantined = True
+        logger.warning("worker %s quarantined: %s", self.worker_id, reason)
+        if self.runner is not None:
+            # Bounded: if leaving never happens, the hold ends and inputs are handed back.
+            self.runner.hold(time.time() + max(30.0, 10 * self._heartbeat_s))
+
+    async def _leave_group(self) -> None:
+        assert self.runner is not None
+        await self.runner.quarantine()  # a no-op once the runner has left
+        self.runner.end_hold()  # its lanes are closed: nothing is held any more
+
     async def _heartbeat(self, ctx: Context) -> None:
-        if self.runner is None:
-            self.runner = ctx.runner
-            if self.runner is not None and self.quarantined:
-                await self.runner.quarantine()  # ordered before the runner was known
+        self.runner = self.runner or ctx.runner
+        if self.runner is not None and self.quarantined and not self.runner.quarantined:
+            await self._leave_group()  # quarantined by itself (or before the runner was known)
         ctx.emit(self.topics.status, self.status())
 
     async def _command(self, command: WorkerCommand, ctx: Context) -> None:
@@ -322,6 +362,7 @@ class WorkerService:
 
     async def _handle(self, payload: Any, ctx: Context) -> Any:
         task_id = str(getattr(payload, self.topics.tasks.key or ""))
+        self.runner = self.runner or ctx.runner
         if self.quarantined:
             self._report(ctx, payload, task_id, 0.0, handed_back=True,
                          error="worker quarantined: task handed back")
@@ -339,6 +380,9 @@ class WorkerService:
             logger.warning("worker %s: task %s failed (%d in a row): %s", self.worker_id,
                            task_id, self.consecutive_failures, self.last_error)
             self._in_hand.pop(ctx.event_id, None)  # the row reported with it: not in hand
+            if self.max_failures is not None and self.consecutive_failures >= self.max_failures:
+                self._stop_taking_work(f"{self.consecutive_failures} consecutive failures "
+                                       f"(limit {self.max_failures})")
             self._report(ctx, payload, task_id, started, error=self.last_error)
             return None
         finally:

@@ -25,7 +25,7 @@ def build(prefix: str, *, max_revisions: int = MAX_REVISIONS
 
 PREFIX = os.environ.get("MESH_TEST_PREFIX", "content")
 bus, (writer, reviewer, editor, publisher) = build(PREFIX)
-app = bus.app(PREFIX)
+app = bus.app
 # Module-level topics, so `-t tests.apps.content` declares (and decodes) them.
 content_requested = bus.topic("content_requested")
 content_created = bus.topic("content_created")

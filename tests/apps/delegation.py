@@ -2,11 +2,13 @@
 
 ``kind`` on the request picks the plan: ``report`` (research-a and research-b in
 parallel -> analyse, a checkpoint where the reviewer adds fact-check -> write),
-``unknown`` (a step for an unregistered 'coder'), ``cycle`` and ``replan`` (a report
-whose failing step the reviewer replaces). ``fail_step`` makes that step's specialist
-raise (not retriable), ``flaky_step`` raises a retriable error on its first attempt,
-``sleep_ms`` makes every step slow. `mesh run tests.apps.delegation:coordinator` with
-``MESH_TEST_PREFIX`` runs the coordinator on the test's topics.
+``sequence`` (research, analyse, write written the seed's way: an ordered list without
+``depends_on``, so they run in order), ``unknown`` (a step for an unregistered
+'coder'), ``cycle`` and ``replan`` (a report whose failing step the reviewer replaces).
+``fail_step`` makes that step's specialist raise (not retriable), ``flaky_step`` raises
+a retriable error on its first attempt, ``sleep_ms`` makes every step slow.
+`mesh run tests.apps.delegation:coordinator` with ``MESH_TEST_PREFIX`` runs the
+coordinator on the test's topics.
 """
 
 from __future__ import annotations
@@ -65,7 +67,16 @@ def odd_steps(job: Job) -> list[PlanStep]:
             PlanStep(id="b", specialist="writer", depends_on=["a"])]
 
 
+def sequence_steps(job: Job) -> list[PlanStep]:
+    """The seed's plan: an ordered list, no step naming a dependency."""
+    knobs = {"subject": job.subject, "sleep_ms": job.sleep_ms}
+    return [PlanStep(id="research", specialist="researcher", input=knobs),
+            PlanStep(id="analyse", specialist="analyst", input=knobs),
+            PlanStep(id="write", specialist="writer", input=knobs)]
+
+
 planner = RulesPlanner(Rule("odd", odd_steps, when=lambda j: j.kind in ("unknown", "cycle")),
+                       Rule("sequence", sequence_steps, when=lambda j: j.kind == "sequence"),
                        Rule("report", report_steps))
 
 

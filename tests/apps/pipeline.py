@@ -47,7 +47,7 @@ def build(prefix: str, *, retention_s: float | None = None,
           sweep_every_s: float | None = None, partitions: int = 3) -> Pipeline:
     """The pipeline with topics named ``<prefix>.*``."""
     source = Topic(f"{prefix}.docs", Doc, key="doc_id", partitions=partitions)
-    topics = PipelineTopics.declare(f"{prefix}.pipe", source)
+    topics = PipelineTopics.named(f"{prefix}.pipe", source)
     return Pipeline(topics, [_stage(n, i) for i, n in enumerate(STAGES)],
                     retention_s=retention_s, sweep_every_s=sweep_every_s)
 

@@ -64,7 +64,7 @@ async def test_kill_9_mid_workflow_resumes_from_checkpoints_without_rerunning_st
     workflow was mid-way at a kill, and the last process stops with exit code 0."""
     pipe = build(prefix)
     settings = broker.settings()
-    await apply_topics(settings.kafka, pipe.topics.all)
+    await apply_topics(settings.kafka, pipe.topics.all())
     codec = Codec()
     docs = [Doc(doc_id=f"doc-{n:02d}", text=f"document {n}", sleep_ms=60) for n in range(24)]
     total = len(docs) * len(STAGES)

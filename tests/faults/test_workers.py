@@ -30,7 +30,7 @@ async def test_kill_9_of_a_worker_is_reported_dead_and_nothing_is_lost(
     process exits 0 on SIGTERM."""
     topics, results = build(prefix)
     settings = broker.settings()
-    await apply_topics(settings.kafka, [*topics.all, results])
+    await apply_topics(settings.kafka, [*topics.all(), results])
     supervisor = Supervisor(topics, SupervisorPolicy(dead_after_s=5, check_every_s=0.2))
     log = (tmp_path / "workers.log").open("wb")
     procs = {wid: AgentProcess(broker, "tests.apps.workers:app", prefix=prefix, log=log,

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh import Codec, Context, Envelope, Mesh, apply_topics
-from mesh.patterns.chain import Chain, ChainCompleted
+from mesh.patterns.chain import Chain, ChainCompleted, ChainHistory
 from mesh.topic import Topic
 from mesh.transport import OutRecord, Record
 from tests.conftest import BrokerUnderTest
@@ -212,3 +212,46 @@ async def test_chain_of_agents_uses_their_handlers_and_models(
     assert isinstance(article, Article) and article.title == "On Compacted Topics"
     assert [o.model for o in done.outputs] == ["Findings", "Draft", "Article"]
     assert done.correlation_id == env.correlation_id
+
+
+async def test_a_step_taking_a_third_argument_sees_every_earlier_output(
+        broker: BrokerUnderTest, prefix: str) -> None:
+    """Pass: the last step of research -> analyse -> review takes a ChainHistory and
+    reads the chain's input, the research two steps back (typed as Research, by name
+    and by index), the previous output, and the seed's accumulated dict (the input's
+    fields, step_0_output, step_1_output, previous_output); the two-argument steps run
+    as before."""
+    seen: list[ChainHistory] = []
+
+    async def research(req: Request, ctx: Context) -> Research:
+        return Research(request_id=req.request_id, seq=req.seq, facts=[req.subject])
+
+    async def analyse(found: Research, ctx: Context) -> Analysis:
+        return Analysis(request_id=found.request_id, seq=found.seq, insight="1 fact")
+
+    async def review(analysis: Analysis, ctx: Context, history: ChainHistory) -> Review:
+        seen.append(history)
+        found = history.output("research")
+        assert isinstance(found, Research) and history.output(0) == found
+        return Review(request_id=analysis.request_id, seq=analysis.seq,
+                      verdict=f"{analysis.insight} on {found.facts[0]} "
+                              f"(asked: {history.input['subject']})")
+
+    chain = Chain(prefix, [research, analyse, review], key="request_id", partitions=2)
+    settings, codec = broker.settings(), Codec()
+    await apply_topics(settings.kafka, chain.topics)
+    req = Request(request_id="k1", seq=0, subject="compaction")
+    record, _ = encode(codec, chain.source, req)
+    async with Mesh(settings, chain.agents) as mesh:
+        await mesh.wait_assigned()
+        await inject(settings, [record])
+        records = await wait_for_count(settings, [chain.completed.name], 1)
+    (done,) = await decoded(codec, chain.completed, records)
+    assert chain.output(done.outputs, 2).verdict == "1 fact on compaction (asked: compaction)"
+    history = seen[-1]
+    assert [o.step for o in history.outputs] == ["research", "analyse"]
+    assert history.previous_output == {"request_id": "k1", "seq": 0, "insight": "1 fact"}
+    assert history.as_dict() == {
+        "request_id": "k1", "seq": 0, "subject": "compaction",
+        "step_0_output": {"request_id": "k1", "seq": 0, "facts": ["compaction"]},
+        "step_1_output": history.previous_output, "previous_output": history.previous_output}

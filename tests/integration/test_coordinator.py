@@ -81,6 +81,31 @@ async def test_report_runs_research_in_parallel_is_revised_at_the_checkpoint_and
     assert {wf: s.status for wf, s in state.items()} == {wf: "completed" for wf in outcomes}
 
 
+async def test_a_plan_without_dependencies_runs_its_steps_in_order_with_earlier_results(
+        broker: BrokerUnderTest, prefix: str) -> None:
+    """Pass: a plan written the seed's way (research, analyse, write; no depends_on)
+    dispatches each step only after the previous one completed (the workflow's events,
+    one partition, in order), each with every earlier step's result as context; the
+    outcome carries step_results in plan order and plan_executed, whose steps list the
+    order as explicit dependencies."""
+    app = build(prefix)
+    settings, codec = broker.settings(), Codec()
+    outcomes, _ = await run(broker, app, [Job(workflow_id="s0", kind="sequence", sleep_ms=100)])
+    outcome = outcomes["s0"]
+    assert outcome.success, outcome.error
+    assert list(outcome.step_results) == ["research", "analyse", "write"]
+    assert [outcome.step_results[s]["context"] for s in ("research", "analyse", "write")] == [
+        [], ["research"], ["analyse", "research"]]
+    assert outcome.plan_executed is not None
+    assert [s.depends_on for s in outcome.plan_executed.steps] == [
+        [], ["research"], ["research", "analyse"]]
+    events = [e for e, _ in await decoded(settings, codec, app.topics.events)
+              if e.workflow_id == "s0" and e.kind in ("StepDispatched", "StepCompleted")]
+    assert [(e.kind, e.step_id) for e in events] == [
+        (kind, step) for step in ("research", "analyse", "write")
+        for kind in ("StepDispatched", "StepCompleted")]
+
+
 async def test_an_invalid_plan_is_one_plan_invalid_event_and_nothing_is_dispatched(
         broker: BrokerUnderTest, prefix: str) -> None:
     """Pass: a plan naming an unknown specialist and a plan with a cycle each give one

@@ -60,7 +60,7 @@ async def test_every_stage_writes_a_checkpoint_and_the_history_shows_each_versio
     completed; the plain-text rendering shows each version and result."""
     pipe = build(prefix)
     settings = broker.settings()
-    await apply_topics(settings.kafka, pipe.topics.all)
+    await apply_topics(settings.kafka, pipe.topics.all())
     docs = [Doc(doc_id=f"doc-{n}", text=f"words of doc {n}") for n in range(6)]
     results = await run_docs(settings, pipe, docs)
     assert {r.workflow_id for r in results} == {d.doc_id for d in docs}
@@ -69,7 +69,7 @@ async def test_every_stage_writes_a_checkpoint_and_the_history_shows_each_versio
         assert result.results["index"]["stages"] == list(STAGES)
         assert result.correlation_id == f"corr-{result.workflow_id}"
 
-    assert checkpoint_topics(pipe.topics.all) == [pipe.topics.checkpoints]
+    assert checkpoint_topics(pipe.topics.all()) == [pipe.topics.checkpoints]
     history = await workflow_history(settings.kafka, "doc-3", [pipe.topics.checkpoints])
     assert history.found and not history.deleted
     versions = [v for v in history.versions if v is not None]
@@ -117,7 +117,7 @@ async def test_failing_stage_writes_a_failure_checkpoint_naming_stage_and_error(
     other documents complete."""
     pipe = build(prefix)
     settings = broker.settings()
-    await apply_topics(settings.kafka, pipe.topics.all)
+    await apply_topics(settings.kafka, pipe.topics.all())
     docs = [Doc(doc_id=f"doc-{n}", text="some text") for n in range(4)]
     docs.append(Doc(doc_id="bad", text="text", fail_at="classify"))
     results = {r.workflow_id: r for r in await run_docs(settings, pipe, docs)}
@@ -162,7 +162,7 @@ async def test_retention_tombstones_finished_workflows_and_keeps_running_ones(
     (in memory and rebuilt from the topic) holds only the running one."""
     pipe = build(prefix, retention_s=0.5, sweep_every_s=0.2)
     settings = broker.settings()
-    await apply_topics(settings.kafka, pipe.topics.all)
+    await apply_topics(settings.kafka, pipe.topics.all())
     codec = Codec()
     seed = CompactedTable(pipe.topics.checkpoints, settings.kafka, codec)
     now = int(time.time() * 1000)

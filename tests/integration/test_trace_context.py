@@ -295,7 +295,7 @@ async def test_pipeline_stages_failure_and_retention_deletion_are_in_the_request
     pipe = pipeline.build(prefix, retention_s=0.5, sweep_every_s=0.2)
     topics = pipe.topics
     settings = broker.settings()
-    await apply_topics(settings.kafka, topics.all)
+    await apply_topics(settings.kafka, topics.all())
     docs = [pipeline.Doc(doc_id="fine", text="a b c"),
             pipeline.Doc(doc_id="bad", text="a b", fail_at="classify")]
     async with Mesh(settings, [pipe.agent]) as mesh, \
@@ -451,7 +451,7 @@ async def test_task_requeued_by_the_supervisor_timer_stays_in_the_task_trace(
     the outcome) -> failed outcome -> dead task."""
     topics, results = workers.build(prefix)
     settings, codec = broker.settings(), Codec()
-    await apply_topics(settings.kafka, [*topics.all, results])
+    await apply_topics(settings.kafka, [*topics.all(), results])
     supervisor = Supervisor(topics, SupervisorPolicy(
         dead_after_s=60, check_every_s=0.2, requeue_delay_s=0.2, max_task_attempts=2))
     worker = workers.service(prefix, worker_id="a", heartbeat_s=0.3)
@@ -459,7 +459,7 @@ async def test_task_requeued_by_the_supervisor_timer_stays_in_the_task_trace(
         await mesh.wait_assigned()
         [env] = await emit_first(settings, topics.tasks, [Job(job_id="j", prompt="poison")])
         await wait_for_count(settings, [topics.dead.name], 1)
-    seen = await workflow(settings, [t.name for t in topics.all], env.correlation_id)
+    seen = await workflow(settings, [t.name for t in topics.all()], env.correlation_id)
     assert_one_trace(seen, env.traceparent)
     tasks = [s for s in seen if s.topic == topics.tasks.name]
     assert [s.source for s in tasks] == ["test", supervisor.agent.name]
@@ -487,7 +487,7 @@ async def test_worker_found_dead_with_a_task_in_hand_is_reported_in_that_task_tr
     the last status record the worker wrote."""
     topics, results = workers.build(prefix)
     settings, codec = broker.settings(), Codec()
-    await apply_topics(settings.kafka, [*topics.all, results])
+    await apply_topics(settings.kafka, [*topics.all(), results])
     supervisor = Supervisor(topics, SupervisorPolicy(dead_after_s=2, check_every_s=0.2))
     log = (tmp_path / "worker.log").open("wb")
     proc = AgentProcess(broker, "tests.apps.workers:app", prefix=prefix, log=log,
@@ -506,7 +506,7 @@ async def test_worker_found_dead_with_a_task_in_hand_is_reported_in_that_task_tr
         if proc.alive():  # the test failed before the kill
             proc.terminate()
         log.close()
-    seen = await workflow(settings, [t.name for t in topics.all], env.correlation_id)
+    seen = await workflow(settings, [t.name for t in topics.all()], env.correlation_id)
     assert_one_trace(seen, env.traceparent)
     assert_caused_within(seen, [env.event_id])
     [dead] = [s for s in seen if s.topic == topics.events.name]

@@ -20,6 +20,7 @@ from mesh.patterns.plan import (
     RulesPlanner,
     as_plan,
     find_cycle,
+    order_steps,
     ready_steps,
     revise,
     validate_plan,
@@ -109,6 +110,28 @@ def test_a_revision_keeps_done_steps_and_replaces_the_rest() -> None:
     validate_plan(new, KNOWN)
     with pytest.raises(PlanError, match="needs a reason"):
         Revision([], reason=" ")
+
+
+def test_a_list_without_dependencies_runs_in_order_each_step_after_every_earlier_one() -> None:
+    plan = Plan(steps=order_steps([step("a"), step("b", "writer"), step("c")]))
+    assert [s.depends_on for s in plan.steps] == [[], ["a"], ["a", "b"]]
+    assert [s.id for s in ready_steps(plan, done=set())] == ["a"]
+    assert [s.id for s in ready_steps(plan, done={"a"}, started={"a"})] == ["b"]
+    assert [s.id for s in ready_steps(plan, done={"a", "b"}, started={"a", "b"})] == ["c"]
+    validate_plan(plan, KNOWN)
+
+
+def test_one_declared_dependency_makes_a_dag_where_only_declared_ones_count() -> None:
+    steps = [step("a"), step("b"), step("c", "writer", "a")]
+    assert order_steps(steps) == steps
+    assert [s.id for s in ready_steps(Plan(steps=order_steps(steps)), done=set())] == ["a", "b"]
+
+
+def test_a_revision_without_dependencies_runs_in_order_after_the_done_steps() -> None:
+    plan = Plan(steps=order_steps([step("a"), step("b", "writer")]))
+    new = revise(plan, Revision([step("c"), step("d", "writer")], reason="more"), done={"a"})
+    assert [(s.id, s.depends_on) for s in new.steps] == [("a", []), ("c", ["a"]),
+                                                          ("d", ["a", "c"])]
 
 
 def test_same_work_ignores_dependency_order_but_not_input() -> None:
@@ -208,6 +231,27 @@ async def test_coordinator_runs_a_report_and_a_redelivery_resends_only_pending_w
     assert kinds(out) == ["StepCompleted", "WorkflowCompleted"]
     # a late duplicate result of a finished workflow is ignored, visibly
     assert kinds(await h.deliver(done(write, "r6"), event_id="r6")) == ["ResultIgnored"]
+
+
+async def test_coordinator_runs_a_plan_without_dependencies_one_step_at_a_time() -> None:
+    """The seed's semantics: each step after the previous one, with every earlier
+    result as context; the outcome names step_results and plan_executed."""
+    h = Harness()
+    out = await h.deliver(Job(workflow_id="s1", kind="sequence"), event_id="req")
+    assert tasks(out) == ["research"]
+    contexts = []
+    for n, expected in enumerate(["analyse", "write", None]):
+        task = next(p for t, p in out if t.startswith("tasks."))
+        contexts.append(task.context)
+        out = await h.deliver(done(task, f"r{n}"), event_id=f"r{n}")
+        assert tasks(out) == ([expected] if expected else [])
+    assert contexts == [{}, {"research": {"from": "research"}},
+                        {"research": {"from": "research"}, "analyse": {"from": "analyse"}}]
+    (outcome,) = [p for _, p in out if isinstance(p, WorkflowOutcome)]
+    assert outcome.success and list(outcome.step_results) == ["research", "analyse", "write"]
+    assert outcome.plan_executed is outcome.plan and outcome.plan is not None
+    assert [s.depends_on for s in outcome.plan.steps] == [[], ["research"],
+                                                          ["research", "analyse"]]
 
 
 async def test_a_result_for_a_workflow_without_state_is_bad_input() -> None:
