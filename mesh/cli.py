@@ -398,14 +398,22 @@ def _letters(topic: str) -> tuple[MeshSettings, list[DeadLetter]]:
 @dlq_app.command("list")
 def dlq_list(topic: Annotated[str, typer.Argument(help="TOPIC or TOPIC.dlq")],
              where: Annotated[list[str] | None, typer.Option(help="field<op>value")] = None,
-             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+             as_json: Annotated[bool, typer.Option("--json")] = False,
+             modules: Annotated[list[str] | None, typer.Option(
+                 "--topics", "-t", help="Module(s) declaring topics: --json then carries "
+                 "each payload decoded (or why not)")] = None) -> None:
     """One line per dead letter: position, origin, error, attempts, agent."""
     _, letters = _letters(topic)
     keep = parse_where(where or [])
+    declared = _declared(modules) if modules else None
+    codec = Codec()
     for letter in filter(keep, letters):
         f = letter.fields()
         if as_json:
-            print(json.dumps(f), flush=True)
+            if declared is not None:
+                info = asyncio.run(_describe(letter.record, declared, codec))
+                f = {**f, **{k: info[k] for k in ("payload", "error") if k in info}}
+            print(json.dumps(f, default=str), flush=True)
         else:
             print(f"{f['partition']}@{f['offset']}  {f['origin_topic']}[{f['origin_partition']}]"
                   f"@{f['origin_offset']}  {f['error_class']}  attempts={f['attempts']}  "
@@ -431,9 +439,14 @@ def dlq_show(topic: Annotated[str, typer.Argument(help="TOPIC or TOPIC.dlq")],
 def dlq_replay(topic: Annotated[str, typer.Argument(help="TOPIC or TOPIC.dlq")],
                where: Annotated[list[str] | None, typer.Option(help="field<op>value")] = None,
                to: Annotated[str | None, typer.Option(help="Target (default: origin)")] = None,
-               ) -> None:
+               modules: Annotated[list[str] | None, typer.Option(
+                   "--topics", "-t", help="Module(s) declaring topics: the target must be "
+                   "one of them")] = None) -> None:
     """Re-publish dead letters (same event ids) to their origin topic or --to; each
     replay is recorded on mesh.audit."""
+    if modules and to is not None and to not in (declared := _declared(modules)):
+        raise typer.BadParameter(f"--to {to!r} is not declared in {', '.join(modules)} "
+                                 f"(declared: {', '.join(sorted(declared)) or 'none'}).")
     settings, letters = _letters(topic)
     report = asyncio.run(replay(settings.kafka, letters, where=parse_where(where or []), to=to,
                                 codec=Codec(settings.schema_registry)))

@@ -127,6 +127,7 @@ class Outcome:
     error: str | None = None
     bytes_in: int = 0
     bytes_out: int = 0  # values produced: outputs and state writes (not audit, dead letters)
+    result: str = OK  # as the audit says it: ok, retry (to a retry topic), dead_letter
 
 
 Observer = Callable[[Outcome], None]
@@ -553,15 +554,17 @@ class AgentRunner:
                            record.partition, record.offset, exc)
             audit = self._audit(record, None, DEAD_LETTER, started, exc)
             acks = await self._dead_letter(record, exc, attempts=1, extra=audit)
-            self._observe(record, None, started, attempts=1, error=exc, outputs=())
+            self._observe(record, None, started, attempts=1, error=exc, outputs=(),
+                          result=DEAD_LETTER)
             return acks
-        acks, attempts, error, outputs = await self._handle(record, event)
-        self._observe(record, event, started, attempts=attempts, error=error, outputs=outputs)
+        acks, attempts, error, outputs, result = await self._handle(record, event)
+        self._observe(record, event, started, attempts=attempts, error=error, outputs=outputs,
+                      result=result)
         return acks
 
     def _observe(self, record: Record, event: Envelope[Any] | None, started: float, *,
                  attempts: int, error: BaseException | None,
-                 outputs: Sequence[OutRecord]) -> None:
+                 outputs: Sequence[OutRecord], result: str) -> None:
         if not self.observers:
             return
         outcome = Outcome(
@@ -570,7 +573,7 @@ class AgentRunner:
             ok=error is None, attempts=attempts, duration_s=time.monotonic() - started,
             outputs=len(outputs), error_class=type(error).__name__ if error else None,
             error=str(error) if error else None, bytes_in=len(record.value or b""),
-            bytes_out=sum(len(r.value or b"") for r in outputs))
+            bytes_out=sum(len(r.value or b"") for r in outputs), result=result)
         for observer in self.observers:
             try:
                 observer(outcome)
@@ -619,10 +622,11 @@ class AgentRunner:
                                      duration_s=took, error=error, outputs=emitted)
 
     async def _handle(self, record: Record, event: Envelope[Any]
-                      ) -> tuple[Acks, int, BaseException | None, list[OutRecord]]:
+                      ) -> tuple[Acks, int, BaseException | None, list[OutRecord], str]:
         """Run the handler: a retriable failure goes to the retry topic (or, with a
         blocking policy, is retried in place); returns the acks, the attempts made here,
-        the final error (None on success) and the output records (with state writes).
+        the final error (None on success), the output records (with state writes) and
+        the result (ok, retry or dead_letter, as the audit names it).
         Every attempt is audited, with the outputs of the last."""
         policy = self.agent.retry
         in_place = policy.attempts if policy.blocking else 1
@@ -658,7 +662,7 @@ class AgentRunner:
                     acks = await self.producer.send_many([retry.retry_record(
                         record, exc, policy=policy, attempt=event.attempt,
                         group=self.agent.group), *self._audit(record, this, RETRY, tried, exc)])
-                    return acks, attempt, exc, []
+                    return acks, attempt, exc, [], RETRY
                 logger.warning("agent %s failed on %s[%d]@%d after %d attempt(s): %s: %s",
                                self.agent.name, record.topic, record.partition, record.offset,
                                attempt, type(exc).__name__, exc)
@@ -667,10 +671,11 @@ class AgentRunner:
                     record, event, exc, attempts=total, first_failure_ms=first_failure,
                     audit=functools.partial(self._failure_audit, record, this, tried, exc,
                                             earlier))
-                return acks, attempt, exc, []
+                return acks, attempt, exc, [], DEAD_LETTER
             self.handled += 1
             audit = earlier + self._audit(record, this, OK, tried, emitted=emitted)
-            return await self.producer.send_many(records + audit), attempt, None, records
+            return (await self.producer.send_many(records + audit), attempt, None, records,
+                    OK)
         raise AssertionError("unreachable: the last attempt returns or dead-letters")
 
     def _failure_audit(self, record: Record, event: Envelope[Any], tried: float,

@@ -61,7 +61,8 @@ class MeshMetrics:
         self.registry = registry
         labels = ("agent", "topic")
         self.invocations = Counter("mesh_handler_invocations_total",
-                                   "Inputs handled, by outcome (success or failure)",
+                                   "Inputs handled, by outcome as the audit names it (ok, retry: sent to a retry "
+                                   "topic, dead_letter)",
                                    (*labels, "outcome"), registry=registry)
         self.failures = Counter("mesh_handler_failures_total",
                                 "Inputs that failed (then retried or dead-lettered), by error",
@@ -89,7 +90,7 @@ class MeshMetrics:
 
     def observe(self, outcome: Outcome) -> None:
         labels = (outcome.agent, outcome.topic)
-        self.invocations.labels(*labels, "success" if outcome.ok else "failure").inc()
+        self.invocations.labels(*labels, outcome.result).inc()
         if not outcome.ok:
             self.failures.labels(*labels, outcome.error_class or "unknown").inc()
         self.duration.labels(*labels).observe(outcome.duration_s)

@@ -5,7 +5,7 @@ Two sources, joined by agent name:
 * the audit topic (:mod:`mesh.observe.audit`): an :class:`AuditWindow` keeps the
   ``consumed`` and ``produced`` events of the last ``window_s`` seconds (by the event's
   ``at_ms``, when handling started) and gives per agent the rate in and out, the
-  outcomes (``ok``, ``retry``, ``dead_letter``), the success rate, p50/p99 handling time,
+  outcomes (``ok``, ``retry``, ``dead_letter``), the success rate, average and p50/p99 handling time,
   the distinct replicas (``details["replica"]`` when the publisher sets it) and the last
   error; it also keeps the last failures for the errors panel;
 * ``/metrics`` of agent processes (:mod:`mesh.observe.metrics`): a :class:`Scrape` per
@@ -88,6 +88,7 @@ class AgentStats:
     retries: int
     dead_letters: int
     success_rate: float | None  # ok / (ok + retry + dead_letter); None: nothing finished
+    avg_ms: float | None  # the mean handling time (the seed's dashboard shows it)
     p50_ms: float | None
     p99_ms: float | None
     replicas: int  # distinct details["replica"]; 0 when the publishers do not say
@@ -199,6 +200,7 @@ class AuditWindow:
             agent=name, consumed=len(handled), rate=len(handled) / span_s,
             produced=produced, produced_rate=produced / span_s, ok=ok, retries=retries,
             dead_letters=dead, success_rate=ok / finished if finished else None,
+            avg_ms=sum(durations) / len(durations) if durations else None,
             p50_ms=percentile(durations, 0.5), p99_ms=percentile(durations, 0.99),
             replicas=len({h.replica for h in handled if h.replica}),
             last_error=agent.last_error[1] if agent.last_error else None)

@@ -5,7 +5,7 @@ It follows the audit topic from a recent window (the last ``--since`` seconds, a
 scrapes each ``--metrics`` target every refresh. The numbers come from
 :mod:`mesh.observe.stats`; this module reads, scrapes and draws:
 
-* a table of agents: replicas, events/s in and out, success rate, p50/p99 handling
+* a table of agents: replicas, events/s in and out, success rate, average and p50/p99 handling
   time, retries and dead letters over the window (audit); consumer lag, in-flight
   inputs and held state (metrics); the last error;
 * a panel of circuit breakers (``mesh_breaker_state``) and fallbacks;
@@ -303,7 +303,8 @@ def _header(frame: Frame) -> Text:
     return text
 
 
-_COLUMNS = ("agent", "replicas", "in/s", "out/s", "handled", "ok %", "p50 ms", "p99 ms",
+_COLUMNS = ("agent", "replicas", "in/s", "out/s", "handled", "ok %", "avg ms", "p50 ms",
+            "p99 ms",
             "retries", "dead", "lag", "in flight", "state", "last error")
 
 
@@ -325,11 +326,11 @@ def _agents_table(frame: Frame) -> Table:
 
 def _cells(s: AgentStats | None, g: AgentGauges | None, down: bool) -> list[str | Text]:
     replicas = max(s.replicas if s else 0, g.targets if g else 0)
-    audit: list[str | Text] = ["-"] * 8
+    audit: list[str | Text] = ["-"] * 9
     if s is not None:
         audit = [f"{s.rate:.1f}", f"{s.produced_rate:.1f}", str(s.consumed),
                  _num(None if s.success_rate is None else 100 * s.success_rate),
-                 _num(s.p50_ms), _num(s.p99_ms), str(s.retries),
+                 _num(s.avg_ms), _num(s.p50_ms), _num(s.p99_ms), str(s.retries),
                  Text(str(s.dead_letters), style="red" if s.dead_letters else "")]
     gauges: list[str | Text] = ["-", "-"]
     if g is not None:

@@ -50,6 +50,18 @@ async def test_dlq_list_show_and_replay_keep_event_ids_and_audit_the_replay(
     only = mesh(broker, prefix, "dlq", "list", source.name, "--where", "error_class=ValueError")
     assert len(only.splitlines()) == 1 and "ValueError" in only
 
+    decoded = [json.loads(line) for line in mesh(
+        broker, prefix, "dlq", "list", source.name, "--json", "-t", "tests.apps.cli_topics"
+    ).splitlines()]
+    assert {d["error_class"]: d.get("payload", {}).get("source_id") for d in decoded} == {
+        "ValueError": poison.source_id, "DecodeError": None}
+    assert next(d for d in decoded if d["error_class"] == "DecodeError")["error"]
+    refused = subprocess.run(
+        [sys.executable, "-m", "mesh.cli", "dlq", "replay", source.name, "--to", "nowhere",
+         "-t", "tests.apps.cli_topics"], env=broker.env(MESH_TEST_PREFIX=prefix), cwd=ROOT,
+        capture_output=True, timeout=120, check=False)
+    assert refused.returncode == 2 and b"not declared" in refused.stderr
+
     poison_letter = next(d for d in listed if d["error_class"] == "ValueError")
     shown = json.loads(mesh(broker, prefix, "dlq", "show", source.dlq_name,
                             str(poison_letter["offset"]), "--partition",
@@ -72,8 +84,9 @@ async def test_dlq_list_show_and_replay_keep_event_ids_and_audit_the_replay(
               for r in await read_all(settings, [audit_topic.name])]
     about = [a for a in audits if a.event_id == poison.source_id]  # type: ignore[attr-defined]
     # the agent audited the failure, the replay command the replay
-    assert [(a.kind, a.outcome) for a in about if a.kind == "consumed"  # type: ignore[attr-defined]
-            ] == [("consumed", "dead_letter")]
+    # (a plain exception: retried twice through the retry topics, then dead-lettered)
+    assert [a.outcome for a in about if a.kind == "consumed"  # type: ignore[attr-defined]
+            ] == ["retry", "retry", "dead_letter"]
     mine = [a for a in about if a.kind == "dlq_replayed"]  # type: ignore[attr-defined]
     assert len(mine) == 1 and mine[0].outcome == "replayed"  # type: ignore[attr-defined]
     assert mine[0].details["to"] == target  # type: ignore[attr-defined]

@@ -45,8 +45,10 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 async def test_metrics_count_a_known_workload_and_lag_returns_to_zero(
         broker: BrokerUnderTest, prefix: str, tmp_path: Path) -> None:
     """Pass: after 20 good items, 2 poison items and 1 undecodable record, the agent's
-    /metrics says 20 successes and 3 failures (2 ValueError, 1 DecodeError), 3 dead
-    letters, 20 events produced, 23 handler durations observed, bytes consumed, and
+    /metrics says, in the audit's words, 20 ok, 4 retry (each poison item is tried 3
+    times: a plain exception is retried) and 3 dead_letter; 6 ValueError and 1
+    DecodeError failures, 3 dead letters, 20 events produced, 27 handler durations
+    observed, bytes consumed, and
     consumer lag 0 on every partition once the work is done; no label holds an id."""
     stage1 = build(prefix).agents[0]
     source, sink = stage1.consumes[0], stage1.produces[0]
@@ -68,7 +70,7 @@ async def test_metrics_count_a_known_workload_and_lag_returns_to_zero(
         while True:  # the lag gauge follows the commits: wait for it to reach 0
             samples = scrape(port)
             lags = [v for (n, _), v in samples.items() if n == "mesh_consumer_lag_events"]
-            if (lags and not any(lags) and value(samples, "mesh_handler_invocations_total") == 23):
+            if (lags and not any(lags) and value(samples, "mesh_handler_invocations_total") == 27):
                 break
             assert time.monotonic() < deadline, f"lag {lags} not 0 after 60 s"
             await asyncio.sleep(0.2)  # poll interval of the scrape, bounded by the deadline
@@ -76,13 +78,16 @@ async def test_metrics_count_a_known_workload_and_lag_returns_to_zero(
         assert proc.terminate() == 0
         log.close()
     agent = {"agent": stage1.name}
-    assert value(samples, "mesh_handler_invocations_total", outcome="success", **agent) == 20
-    assert value(samples, "mesh_handler_invocations_total", outcome="failure", **agent) == 3
-    assert value(samples, "mesh_handler_failures_total", error_class="ValueError") == 2
+    assert value(samples, "mesh_handler_invocations_total", outcome="ok", **agent) == 20
+    assert value(samples, "mesh_handler_invocations_total", outcome="retry", **agent) == 4
+    assert value(samples, "mesh_handler_invocations_total", outcome="dead_letter",
+                 **agent) == 3
+    assert value(samples, "mesh_handler_failures_total", error_class="ValueError") == 6
     assert value(samples, "mesh_handler_failures_total", error_class="DecodeError") == 1
     assert value(samples, "mesh_dead_letters_total", **agent) == 3
     assert value(samples, "mesh_produced_events_total", **agent) == 20
     assert value(samples, "mesh_handler_duration_seconds_count", topic=source.name) == 23
+    assert value(samples, "mesh_handler_duration_seconds_count", **agent) == 27  # + tiers
     assert value(samples, "mesh_consumed_bytes_total", **agent) == sum(
         len(r.value or b"") for r in injected)
     assert value(samples, "mesh_produced_bytes_total", **agent) == sum(
@@ -139,6 +144,6 @@ async def test_breaker_and_fallback_metrics_after_a_known_workload(
     assert value(samples, "mesh_fallbacks_total", level="2", handler="tertiary", **named) == 1
     assert value(samples, "mesh_fallbacks_total", **named) == 6
     assert value(samples, "mesh_fallbacks_exhausted_total", **named) == 1
-    assert value(samples, "mesh_handler_invocations_total", outcome="success", **named) == 6
-    assert value(samples, "mesh_handler_invocations_total", outcome="failure", **named) == 1
+    assert value(samples, "mesh_handler_invocations_total", outcome="ok", **named) == 6
+    assert value(samples, "mesh_handler_invocations_total", outcome="dead_letter", **named) == 1
     assert value(samples, "mesh_holds_total", **named) == 0  # BreakerOpen went to level 1

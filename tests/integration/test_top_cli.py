@@ -166,7 +166,7 @@ async def test_once_shows_a_running_agents_replicas_lag_and_state_from_metrics(
         assert proc.terminate() == 0
     row = row_of(out, agent)
     assert row[1] == "1"
-    assert row[10:13] == ["0", "0", "up"]
+    assert row[11:14] == ["0", "0", "up"]
     assert "metrics: 1/2 targets up" in out
     assert f"down: {dead}" in out
 
@@ -184,8 +184,8 @@ async def test_once_counts_what_a_running_agent_audited(
         assert proc.terminate() == 0
     row = row_of(out, agent)
     assert row[4:6] == ["12", "83.3"]
-    assert row[8:10] == ["0", "2"]
-    assert row[13].startswith("ValueError")
+    assert row[9:11] == ["0", "2"]
+    assert row[14].startswith("ValueError")
     assert out.count(f"{agent}  dead_letter") == 2
 
 

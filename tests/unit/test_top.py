@@ -64,6 +64,7 @@ def test_rates_outcomes_success_rate_and_percentiles_over_the_window() -> None:
     assert (stats.ok, stats.retries, stats.dead_letters) == (27, 2, 1)
     assert stats.success_rate == pytest.approx(0.9)
     assert (stats.p50_ms, stats.p99_ms) == (15, 30)
+    assert stats.avg_ms == pytest.approx(15.5)  # the mean of 1..30 ms
     assert stats.last_error == "ValueError: bad input 29"
     assert stats.replicas == 0  # the events do not name a replica
 
@@ -259,16 +260,16 @@ def row_of(text: str, agent: str) -> list[str]:
 
 def test_the_dashboard_draws_a_row_per_agent_with_audit_and_metrics_numbers() -> None:
     """Pass: writer's row has 2 replicas, 0.5/s in, 0.2/s out, 30 handled, 90.0 % ok,
-    p50 15.0 and p99 30.0 ms, 2 retries, 1 dead, lag 8, 4 in flight, held and its last
+    average 15.5, p50 15.0 and p99 30.0 ms, 2 retries, 1 dead, lag 8, 4 in flight, held and its last
     error; the open breaker, the down target and the dead letter are on screen too."""
     dash = Dashboard(window_with_workload())
     dash.update(scrapes())
     text = rendered(dash, MIN)
     assert row_of(text, "writer") == [
-        "writer", "2", "0.5", "0.2", "30", "90.0", "15.0", "30.0", "2", "1", "8", "4",
+        "writer", "2", "0.5", "0.2", "30", "90.0", "15.5", "15.0", "30.0", "2", "1", "8", "4",
         "held", "ValueError: bad input 29"]
     assert row_of(text, "reader") == [
-        "reader", "1", "-", "-", "-", "-", "-", "-", "-", "-", "0", "0", "up", ""]
+        "reader", "1", "-", "-", "-", "-", "-", "-", "-", "-", "-", "0", "0", "up", ""]
     assert "down: http://127.0.0.1:3/metrics (URLError: connection refused)" in text
     assert "metrics: 2/3 targets up" in text
     assert re.search(r"│ +llm +open +3 +9 +2 +│", text)
