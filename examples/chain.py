@@ -8,7 +8,7 @@ about perpetual motion, which the analysis step refuses, so the chain reports on
 ``ChainFailed`` naming step 1 (analysis), its agent, the error, and the research it had
 already done (the partial results); nothing reaches the completed topic for it.
 
-    .venv/bin/python examples/chain.py
+    .venv/bin/python -m examples.chain
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ in which no step declares ``depends_on`` runs its steps in order, each with ever
 earlier result as context (the seed's semantics). Everything runs on the embedded
 broker, in this process.
 
-    .venv/bin/python examples/delegation.py
+    .venv/bin/python -m examples.delegation
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import asyncio
 import time
 from typing import Any
 
-import _repo  # noqa: F401  # the repository's agents/ and topics/ (not installed)
 from rich.console import Console
 
 from mesh import Codec, Context, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import _repo  # noqa: F401  # the repository's agents/ and topics/ (not installed)
 from rich.console import Console
 from rich.table import Table
 

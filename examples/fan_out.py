@@ -8,7 +8,7 @@ documents researcher is slow on archive questions. The gather (rule all, deadlin
 overridden to 2 s by one question) emits one merged result per question to
 ``research.merged``: successes, failures with agent and error, and who timed out.
 
-Run: ``.venv/bin/python examples/fan_out.py`` (starts its own embedded broker).
+Run: ``.venv/bin/python -m examples.fan_out`` (starts its own embedded broker).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import asyncio
 import time
 from typing import Any
 
-import _repo  # noqa: F401  # the repository's agents/ and topics/ (not installed)
 from rich.console import Console
 
 from mesh import Codec, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics

@@ -13,9 +13,9 @@ so the example runs anywhere. With a provider's extra installed and its key set,
 it on a real model, e.g.::
 
     pip install 'pydantic-ai-slim[openai]'
-    OPENAI_API_KEY=... LLM_MODEL=openai:gpt-4o-mini .venv/bin/python examples/llm.py
+    OPENAI_API_KEY=... LLM_MODEL=openai:gpt-4o-mini .venv/bin/python -m examples.llm
 
-    .venv/bin/python examples/llm.py
+    .venv/bin/python -m examples.llm
 """
 
 from __future__ import annotations

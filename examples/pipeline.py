@@ -7,7 +7,7 @@ embedded broker, sends four documents (one has no text and fails at classify), p
 how each ended, then the checkpoint history of one workflow and of the failed one: what
 ``mesh workflows show ID`` shows.
 
-    .venv/bin/python examples/pipeline.py
+    .venv/bin/python -m examples.pipeline
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import re
 import time
 from collections import Counter
 
-import _repo  # noqa: F401  # the repository's agents/ and topics/ (not installed)
 from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape

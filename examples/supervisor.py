@@ -10,7 +10,7 @@ after a delay, to partitions the healthy workers hold. The example
 sends 30 jobs, waits for all 30 results, then prints the workers table (what
 ``mesh workers`` shows), the supervisor's events and who did what.
 
-    .venv/bin/python examples/supervisor.py
+    .venv/bin/python -m examples.supervisor
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-import _repo  # noqa: F401  # the repository's agents/ and topics/ (not installed)
 from rich.console import Console
 from rich.table import Table
 

@@ -570,7 +570,9 @@ def trace(correlation_id: str,
           all_partitions: Annotated[bool, typer.Option(
               "--all-partitions", help="Decode every audit partition, not only the id's "
               "(also finds outputs emitted under another correlation id; slower)")] = False,
-          ) -> None:
+          modules: Annotated[list[str] | None, typer.Option(
+              "--topics", "-t", help="Module(s) declaring topics: each topic is labelled "
+              "with its payload model")] = None) -> None:
     """One workflow from mesh.audit as a tree: each event, the agents that handled it,
     their outcomes and timings (exit 1 when the audit has none of it)."""
     from mesh.observe.trace import read_trace, render_trace
@@ -588,7 +590,9 @@ def trace(correlation_id: str,
         print(json.dumps(found.to_dict(), indent=2))
     else:
         wide = None if sys.stdout.isatty() else 100_000  # pipes get whole lines
-        Console(width=wide).print(render_trace(found))
+        models = ({name: topic.model.__name__ for name, topic in _declared(modules).items()}
+                  if modules else None)
+        Console(width=wide).print(render_trace(found, models))
 
 
 if __name__ == "__main__":

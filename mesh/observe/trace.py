@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -399,11 +399,13 @@ def _mentions(event: AuditEvent, correlation_id: str) -> bool:
 # --- rendering --------------------------------------------------------------------
 
 
-def render_trace(trace: Trace) -> Tree:
+def render_trace(trace: Trace, models: Mapping[str, str] | None = None) -> Tree:
     """The trace as a rich tree: the workflow's wall time at the top, then each event
     (``topic [evt 1a2b3c4d…] ← producer @ +N ms``) with, under it, each agent that
     consumed it (``→ agent: ok 12.3 ms (+5 ms)``; with several attempts one line each
-    under it) and, under that agent, the events it produced from it.
+    under it) and, under that agent, the events it produced from it. ``models`` (topic
+    name -> payload model name, from the declarations ``mesh trace -t`` names) labels
+    each topic with what it carries.
 
     Example:
         >>> Console().print(render_trace(trace))  # doctest: +SKIP
@@ -420,12 +422,15 @@ def render_trace(trace: Trace) -> Tree:
                         "red" if name == "dead_letters" else "yellow")
     tree = Tree(head)
     for root in trace.roots:
-        _render_node(tree, root, trace.start_ms)
+        _render_node(tree, root, trace.start_ms, models or {})
     return tree
 
 
-def _render_node(parent: Tree, node: TraceNode, start: int) -> None:
-    label = Text.assemble((node.topic or "?", "bold cyan"), f" [evt {_short(node.event_id)}] ")
+def _render_node(parent: Tree, node: TraceNode, start: int, models: Mapping[str, str]) -> None:
+    label = Text.assemble((node.topic or "?", "bold cyan"))
+    if node.topic in models:
+        label.append(f" ({models[node.topic]})", "cyan")
+    label.append(f" [evt {_short(node.event_id)}] ")
     if node.producer is None:
         label.append("← ? (its production is not in the audit)", "dim")
     else:
@@ -452,10 +457,10 @@ def _render_node(parent: Tree, node: TraceNode, start: int) -> None:
         for child in node.children:
             if child.producer == handling.agent and child.event_id not in placed:
                 placed.add(child.event_id)
-                _render_node(under, child, start)
+                _render_node(under, child, start, models)
     for child in node.children:
         if child.event_id not in placed:
-            _render_node(branch, child, start)
+            _render_node(branch, child, start, models)
 
 
 def _handling_label(handling: Handling, node: TraceNode, start: int) -> Text:

@@ -38,7 +38,8 @@ async def test_chain_publishes_consumed_and_produced_events_with_ids_sizes_and_o
     emitter's `produced`, then per stage one `consumed` (ok, duration, size, offset) and
     one `produced` whose causation id is the consumed event; ids link emit -> stage1
     -> stage2; no payloads (off by default); a poison event's consumption is audited
-    with outcome dead_letter and its error."""
+    once per attempt: retry, retry (a plain exception is retried), then dead_letter,
+    each with its error."""
     app = build(prefix)
     stage1, stage2 = app.agents[:2]
     settings = broker.settings()
@@ -54,20 +55,21 @@ async def test_chain_publishes_consumed_and_produced_events_with_ids_sizes_and_o
                 correlation_id=correlation)
         await wait_for_count(settings, [stage2.produces[0].name], 1)
         await audit.until(lambda: len(audit.of("produced", stage2.name)) == 1
-                          and len(audit.of("consumed", stage1.name)) == 2, "the chain's audit")
+                          and len(audit.of("consumed", stage1.name)) == 4, "the chain's audit")
 
     [emitted_ok, emitted_poison] = audit.of("produced", f"{prefix}-billing")
     assert (emitted_ok.event_id, emitted_poison.event_id) == (root.event_id, poison.event_id)
     assert emitted_ok.topic == stage1.consumes[0].name and emitted_ok.size
 
-    consumed1 = {e.event_id: e for e in audit.of("consumed", stage1.name)}
+    consumed1 = {e.event_id: e for e in audit.of("consumed", stage1.name)}  # the last of each
     ok = consumed1[root.event_id]
     assert (ok.outcome, ok.topic, ok.attempt, ok.error) == ("ok", stage1.consumes[0].name, 1, None)
     assert ok.duration_ms is not None and ok.duration_ms >= 0 and ok.offset is not None
     assert ok.size == emitted_ok.size and ok.payload is None
-    failed = consumed1[poison.event_id]
-    assert (failed.outcome, failed.error_class) == ("dead_letter", "ValueError")
-    assert "cannot handle poison" in (failed.error or "")
+    attempts = [e for e in audit.of("consumed", stage1.name) if e.event_id == poison.event_id]
+    assert [(e.outcome, e.attempt, e.error_class) for e in attempts] == [
+        ("retry", 1, "ValueError"), ("retry", 2, "ValueError"), ("dead_letter", 3, "ValueError")]
+    assert all("cannot handle poison" in (e.error or "") for e in attempts)
 
     [out1] = audit.of("produced", stage1.name)
     assert out1.causation_id == root.event_id and out1.topic == stage1.produces[0].name

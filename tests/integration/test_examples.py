@@ -29,11 +29,15 @@ def test_every_example_is_listed() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example_runs_on_its_own_embedded_broker(name: str) -> None:
-    """Pass: exit code 0 and the promised output; no MESH_ variable of the test
-    session leaks in (each example starts and stops its own broker)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    env.update(PYTHONPATH=str(ROOT), MESH_METRICS__HOST="127.0.0.1", COLUMNS="200")
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / name)], cwd=ROOT,
+    """Pass: run as the README says (`python -m examples.NAME` from the repository root,
+    no PYTHONPATH: agents/ and topics/ are not installed), exit code 0 and the promised
+    output; no MESH_ variable of the test session leaks in (each example starts and
+    stops its own broker)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MESH_") and k != "PYTHONPATH"}
+    env.update(MESH_METRICS__HOST="127.0.0.1", COLUMNS="200")
+    done = subprocess.run([sys.executable, "-m", f"examples.{name.removesuffix('.py')}"],
+                          cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]

@@ -19,7 +19,7 @@ import pytest
 
 from mesh import Codec, Mesh, Topic, apply_topics
 from mesh.envelope import derive_event_id
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, HandlerError
 from mesh.patterns.gather import (
     Gather,
     GatherState,
@@ -319,9 +319,10 @@ async def test_done_markers_and_orphan_parts_are_tombstoned_after_retention(
 async def test_branches_turn_worker_results_and_failures_into_parts(
         broker: BrokerUnderTest, prefix: str) -> None:
     """Pass: three branches from plain functions answer each request with deterministic
-    part ids; a worker error is a failure part (agent, error, class) and no dead letter;
-    a retriable error retried until the attempts run out is a failure part too (and the
-    request is dead-lettered for that branch); the gather lists both."""
+    part ids; an error the worker says not to retry (HandlerError(retriable=False)) is a
+    failure part (agent, error, class) and no dead letter; any other error, retried
+    until the attempts run out, is a failure part too (and the request is dead-lettered
+    for that branch); the gather lists both."""
     topics = topics_for(prefix)
 
     def web(ask: Ask) -> dict[str, Any]:
@@ -329,7 +330,7 @@ async def test_branches_turn_worker_results_and_failures_into_parts(
 
     async def db(ask: Ask) -> list[str]:
         if "bad" in ask.question:
-            raise LookupError(f"no table for {ask.question!r}")
+            raise HandlerError(f"no table for {ask.question!r}", retriable=False)
         return [f"row for {ask.question}"]
 
     def net(ask: Ask) -> str:
@@ -353,7 +354,7 @@ async def test_branches_turn_worker_results_and_failures_into_parts(
         "web": {"findings": ["web on good"]}, "db": ["row for good"], "net": "ok"}
     assert sorted(map(str, good.merged_output)) == sorted(  # concat flattens db's list
         ["{'findings': ['web on good']}", "row for good", "ok"])
-    assert [(f.agent, f.error_class) for f in bad.failures] == [("db", "LookupError")]
+    assert [(f.agent, f.error_class) for f in bad.failures] == [("db", "HandlerError")]
     assert "no table for 'bad'" in bad.failures[0].error and not bad.success
     assert [(f.agent, f.error, f.error_class) for f in outage.failures] == [
         ("net", "upstream unreachable", "ConnectionError")]

@@ -33,11 +33,13 @@ from tests.support import inject, wait_for_count
 CLI_TIMEOUT_S = 120.0
 
 
-async def mesh_trace(broker: BrokerUnderTest, *args: str) -> subprocess.CompletedProcess[str]:
-    """`mesh trace ARGS...` as a user runs it (stdout is a pipe)."""
+async def mesh_trace(broker: BrokerUnderTest, *args: str,
+                     prefix: str = "") -> subprocess.CompletedProcess[str]:
+    """`mesh trace ARGS...` as a user runs it (stdout is a pipe); ``prefix`` names the
+    test's topics for ``-t tests.apps.cli_topics``."""
     return await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "mesh.cli", "trace", *args],
-        env=broker.env(), cwd=ROOT, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+        env=broker.env(MESH_TEST_PREFIX=prefix) if prefix else broker.env(), cwd=ROOT, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
 
 
 async def traced(broker: BrokerUnderTest, correlation_id: str) -> tuple[dict[str, Any], str]:
@@ -304,6 +306,10 @@ async def test_trace_of_an_emitted_event_shows_emitter_then_each_stage_nested(
         rf"^→ {stage2.name}: ok [\d.]+ ms \(\+\d+ ms\)$",
         rf"^{prefix}\.b \[evt \S+\] ← {stage2.name} @ \+\d+ ms")]
     assert depths == list(range(depths[0], depths[0] + 5))
+    labelled = await mesh_trace(broker, cid, "-t", "tests.apps.cli_topics", prefix=prefix)
+    assert labelled.returncode == 0, labelled.stderr
+    assert re.search(rf"^{prefix}\.in \(Item\) \[evt ", "\n".join(
+        label for _, label in tree(labelled.stdout)), re.M)
 
 
 async def test_trace_shows_retries_through_retry_topics_and_a_dead_letter_from_real_agents(

@@ -260,8 +260,9 @@ def row_of(text: str, agent: str) -> list[str]:
 
 def test_the_dashboard_draws_a_row_per_agent_with_audit_and_metrics_numbers() -> None:
     """Pass: writer's row has 2 replicas, 0.5/s in, 0.2/s out, 30 handled, 90.0 % ok,
-    average 15.5, p50 15.0 and p99 30.0 ms, 2 retries, 1 dead, lag 8, 4 in flight, held and its last
-    error; the open breaker, the down target and the dead letter are on screen too."""
+    average 15.5, p50 15.0 and p99 30.0 ms, 2 retries, 1 dead, lag 8, 4 in flight, held
+    and its last error; the open breaker, the down target and the dead letter are on
+    screen too."""
     dash = Dashboard(window_with_workload())
     dash.update(scrapes())
     text = rendered(dash, MIN)
