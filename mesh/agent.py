@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
@@ -40,6 +40,7 @@ P = TypeVar("P", bound=BaseModel)
 M = TypeVar("M", bound=BaseModel)
 
 Handler = Callable[[Any, "Context"], Awaitable[Any]]
+Ordering = Literal["key", "partition", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +206,26 @@ class Agent(Generic[P]):
             its outputs carry: ``True`` (the default: all, so a tenant id or a
             producer's tags follow a request through the mesh), ``False`` (none), or
             the names to carry. ``ctx.emit(..., headers=)`` sets or overrides one output's.
+        exactly_once: run consume-transform-produce in Kafka transactions: an input's
+            outputs, state writes, audit records, retry or dead letter and its offset
+            are committed together or not at all, and the agent reads its inputs
+            ``read_committed``. ``None`` (the default) follows
+            ``MESH_RUNTIME__EXACTLY_ONCE`` (off unless set). Needs a broker with
+            transactions (Apache Kafka): refused at start on the embedded broker. See
+            :mod:`mesh.transactions`.
+        concurrency: how many inputs this replica handles at once, across its partitions
+            (default ``MESH_RUNTIME__CONCURRENCY``, 16): an agent waiting seconds on an
+            LLM or an API keeps that many calls in flight instead of one per partition.
+        ordering: which inputs must wait for each other. ``"key"`` (the default): inputs
+            with the same key are handled one at a time, in order, and inputs with
+            other keys concurrently, within a partition too; keyed state (``ctx.get/
+            put``) stays consistent because one key's inputs never overlap.
+            ``"partition"``: one input at a time per partition (the order Kafka gives).
+            ``"none"``: any input any time (stateless work). Offsets are committed only
+            up to the lowest input not finished, whatever the ordering.
+        rate_limit: at most this many handler calls per second for the agent (all its
+            replicas together: each takes the share of its partitions), so a wide
+            concurrency does not trip a provider's rate limit. None: no limit.
     """
 
     def __init__(self, name: str, *, consumes: Topic[P] | Sequence[Topic[Any]],
@@ -213,8 +234,23 @@ class Agent(Generic[P]):
                  description: str = "", state: Sequence[Topic[Any]] = (),
                  on_failure: FailureHandler | None = None,
                  retry: RetryPolicy | None = None,
-                 propagate_headers: bool | Collection[str] = True) -> None:
+                 propagate_headers: bool | Collection[str] = True,
+                 exactly_once: bool | None = None,
+                 concurrency: int | None = None, ordering: Ordering = "key",
+                 rate_limit: float | None = None) -> None:
         self.name = name
+        self.concurrency = concurrency
+        self.ordering: Ordering = ordering
+        self.rate_limit = rate_limit
+        if concurrency is not None and concurrency < 1:
+            raise ConfigError(f"Agent {name!r}: concurrency={concurrency} must be >= 1.")
+        if ordering not in ("key", "partition", "none"):
+            raise ConfigError(f"Agent {name!r}: ordering={ordering!r} is not one of 'key', "
+                              "'partition', 'none'.")
+        if rate_limit is not None and rate_limit <= 0:
+            raise ConfigError(f"Agent {name!r}: rate_limit={rate_limit} calls/s must be > 0 "
+                              "(None: no limit).")
+        self.exactly_once = exactly_once
         self.consumes: tuple[Topic[Any], ...] = _topics(consumes)
         self.produces: tuple[Topic[Any], ...] = _topics(produces)
         self.state: tuple[Topic[Any], ...] = tuple(state)
@@ -344,7 +380,10 @@ def agent(*, consumes: Topic[Any] | Sequence[Topic[Any]],
           group: str | None = None, description: str | None = None,
           state: Sequence[Topic[Any]] = (), on_failure: FailureHandler | None = None,
           retry: RetryPolicy | None = None,
-          propagate_headers: bool | Collection[str] = True) -> Callable[[Handler], Agent[Any]]:
+          propagate_headers: bool | Collection[str] = True,
+          exactly_once: bool | None = None, concurrency: int | None = None,
+          ordering: Ordering = "key",
+          rate_limit: float | None = None) -> Callable[[Handler], Agent[Any]]:
     """Declare an agent from an async handler ``(payload, ctx)``; see the module example.
 
     Takes every option :class:`Agent` takes; the name defaults to the handler's name and
@@ -363,7 +402,8 @@ def agent(*, consumes: Topic[Any] | Sequence[Topic[Any]],
                      description=(handler.__doc__ or "").strip() if description is None
                      else description,
                      state=state, on_failure=on_failure, retry=retry,
-                     propagate_headers=propagate_headers)
+                     propagate_headers=propagate_headers, exactly_once=exactly_once,
+                     concurrency=concurrency, ordering=ordering, rate_limit=rate_limit)
 
     return wrap
 

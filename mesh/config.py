@@ -58,6 +58,20 @@ class KafkaSettings(BaseModel):
     max_batch_size: int = Field(default=262_144, gt=0)
     # acks=0 would make "committed after the broker acknowledged" untrue: not offered.
     acks: Literal["all", "1"] = "all"
+    # The idempotent producer: a retried send after a leader change is written once.
+    # None: on with the kafka profile and acks=all; off with the embedded profile (the
+    # embedded broker refuses InitProducerId).
+    idempotence: bool | None = None
+    # Static group membership (KIP-345), opt-in: a replica that restarts with the same id
+    # within the session timeout gets its partitions back without a rebalance. A static
+    # member does not leave its group on a clean stop, so its partitions wait for the
+    # session timeout before moving to another replica. Unique per replica (a pod name);
+    # the same id may be used in every group the process joins.
+    group_instance_id: str | None = Field(default=None, min_length=1, max_length=249)
+    # What readers (mesh tap, TopicReader, state tables) and at-least-once agents see of
+    # transactional topics: read_committed hides open and aborted transactions (needed
+    # downstream of exactly-once agents, which always read committed themselves).
+    isolation_level: Literal["read_uncommitted", "read_committed"] = "read_uncommitted"
 
     @model_validator(mode="after")
     def _check_sasl(self) -> KafkaSettings:
@@ -70,6 +84,10 @@ class KafkaSettings(BaseModel):
                 and (not self.sasl_plain_username or self.sasl_plain_password is None)):
             raise ValueError(f"sasl_mechanism={self.sasl_mechanism} needs "
                              "MESH_KAFKA__SASL_PLAIN_USERNAME and MESH_KAFKA__SASL_PLAIN_PASSWORD.")
+        if self.idempotence and self.acks != "all":
+            raise ValueError(
+                f"idempotence=True with acks={self.acks}: the idempotent producer needs "
+                "acks=all. Set MESH_KAFKA__ACKS=all or MESH_KAFKA__IDEMPOTENCE=false.")
         if (self.embedded_profile and self.fetch_max_wait_ms is not None
                 and self.fetch_max_wait_ms < 50):
             raise ValueError(
@@ -87,6 +105,14 @@ class KafkaSettings(BaseModel):
     def embedded_profile(self) -> bool:
         """True when talking to the embedded broker (timings tuned to its behaviour)."""
         return self.profile == "embedded" or (self.profile == "auto" and self.embedded)
+
+    @property
+    def idempotent_producer(self) -> bool:
+        """Whether producers are idempotent (``idempotence``, else on for the kafka
+        profile with acks=all: a send retried after a leader change is written once)."""
+        if self.idempotence is not None:
+            return self.idempotence
+        return self.acks == "all" and not self.embedded_profile
 
     def group_timings(self) -> dict[str, int]:
         """Session, heartbeat and fetch-wait settings.
@@ -155,7 +181,10 @@ class RuntimeSettings(BaseModel):
     """How agents run: limits, concurrency, retries, shutdown."""
 
     max_message_bytes: int = Field(default=1_048_576, gt=0)
-    max_partitions_in_flight: int = Field(default=16, gt=0)
+    # Inputs an agent replica handles at once (Agent(concurrency=) overrides), and how
+    # many inputs of a partition may be taken past its committed offset.
+    concurrency: int = Field(default=16, gt=0)
+    max_uncommitted: int = Field(default=1000, gt=0)
     max_records_per_poll: int = Field(default=500, gt=0)
     commit_interval_ms: int = Field(default=200, ge=0)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
@@ -165,6 +194,17 @@ class RuntimeSettings(BaseModel):
     broker_timeout_s: float = Field(default=30.0, gt=0)
     broker_check_interval_s: float = Field(default=2.0, gt=0)
     auto_offset_reset: Literal["earliest", "none"] = "earliest"
+    # Exactly-once (consume-transform-produce in Kafka transactions, brokers with
+    # transactions only: Apache Kafka) for every agent; Agent(exactly_once=) overrides
+    # it per agent. One transaction per consumed partition at a time takes that
+    # partition's records as they come, for up to transaction_max_ms (Kafka Streams'
+    # exactly-once commit interval is 100 ms too) or transaction_max_records; downstream
+    # read_committed readers see its outputs at its commit.
+    exactly_once: bool = False
+    transaction_max_records: int = Field(default=500, gt=0)
+    transaction_max_ms: int = Field(default=100, gt=0)
+    # The broker aborts (and fences) a transaction open longer than this.
+    transaction_timeout_ms: int = Field(default=60_000, gt=0)
 
 
 class MetricsSettings(BaseModel):

@@ -3,8 +3,13 @@
 Delivery contract (at-least-once):
 
 * One consumer group per agent; replicas share it and Kafka balances partitions.
-* Records of one partition are handled in order, one at a time, by that partition's
-  *lane*; different partitions are handled concurrently.
+* Records of one partition are taken in order by that partition's *lane* and handled
+  by one worker per order key (``Agent(ordering=)``: the record key by default, the
+  partition, or none): one key's inputs one at a time, in order; other keys and other
+  partitions concurrently, up to ``Agent(concurrency=)`` handlers at once per replica.
+* A partition's committed offset advances only to the lowest input not yet finished
+  (handled, and every output acknowledged); at most ``runtime.max_uncommitted`` inputs
+  are taken past it.
 * An input's offset is committed only after every output it produced has been
   acknowledged by the broker; auto-commit is never used.
 * The poll loop never waits for handlers: a busy partition is paused (and resumed
@@ -135,12 +140,18 @@ Observer = Callable[[Outcome], None]
 
 @dataclass(slots=True)
 class _Lane:
-    """The records of one partition, handled in order by one task."""
+    """The records of one partition: taken in offset order by one task, handled by one
+    worker per key (per partition, or per record, as the agent's ordering says)."""
 
     partition: Partition
     backlog: deque[Record] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    inflight: deque[tuple[int, Acks]] = field(default_factory=deque)
+    # offset -> the acks of its outputs once handled (None while its handler runs), in
+    # offset order: ``done`` advances over the front while it is acknowledged
+    pending: dict[int, Acks | None] = field(default_factory=dict)
+    keys: dict[Any, deque[Record]] = field(default_factory=dict)  # waiting, per key
+    workers: set[asyncio.Task[None]] = field(default_factory=set)
+    halted: asyncio.Event = field(default_factory=asyncio.Event)  # set when it stops
     done: int | None = None  # next offset to commit
     committed: int | None = None
     stopping: bool = False
@@ -168,7 +179,9 @@ class AgentRunner:
         self.assigned = asyncio.Event()
         self._lanes: dict[Partition, _Lane] = {}
         self._consumer: Consumer | None = None
-        self._slots = asyncio.Semaphore(settings.runtime.max_partitions_in_flight)
+        # handlers running at once, across the replica's partitions (Agent(concurrency=))
+        self._slots = asyncio.Semaphore(agent.concurrency or settings.runtime.concurrency)
+        self.limiter = RateLimit(agent.rate_limit) if agent.rate_limit else None
         self._tasks: asyncio.TaskGroup | None = None
         self.handled = 0
         self.dead_lettered = 0
@@ -253,7 +266,7 @@ class AgentRunner:
 
     def in_flight(self) -> int:
         """Inputs taken from Kafka whose outputs are not acknowledged yet."""
-        return sum(len(lane.backlog) + len(lane.inflight) for lane in self._lanes.values())
+        return sum(len(lane.backlog) + len(lane.pending) for lane in self._lanes.values())
 
     def lag(self) -> dict[Partition, int]:
         """Per assigned partition, records between what is done and the partition's end
@@ -432,13 +445,18 @@ class AgentRunner:
             for lane in lanes:
                 lane.stopping = True
                 lane.backlog.clear()  # uncommitted: redelivered to the next owner
+                lane.keys.clear()
                 lane.wakeup.set()
+                lane.halted.set()
             tasks = [lane.task for lane in lanes if lane.task is not None]
             if tasks:
                 _, late = await asyncio.wait(tasks, timeout=self._close_timeout())
                 for task in late:  # nothing past `done` is committed: cancelling is safe
                     logger.warning("agent %s: %s still busy after %.0f s, cancelled",
                                    self.agent.name, task.get_name(), self._close_timeout())
+                    task.cancel()
+                late |= {w for lane in lanes for w in lane.workers}
+                for task in late:
                     task.cancel()
                 if late:
                     await asyncio.wait(late)
@@ -479,14 +497,18 @@ class AgentRunner:
                 lane.committed = due[lane.partition]
 
     async def _drain(self, lane: _Lane) -> None:
-        """Handle the lane's records in order. Outputs are not awaited one by one: up to
-        ``max_records_per_poll`` inputs have their outputs in flight, and ``done`` (the
-        offset to commit) advances only over inputs whose outputs are all acknowledged."""
-        limit = self.settings.runtime.max_records_per_poll
+        """Take the lane's records in offset order and hand each to the worker of its key
+        (:meth:`_work`): inputs of one key run one at a time, in order; other keys run
+        concurrently, up to the agent's concurrency across the replica. ``done`` (the
+        offset to commit) advances only over a prefix of inputs that are handled and
+        whose outputs are all acknowledged; at most ``runtime.max_uncommitted`` inputs
+        of the partition are taken past it."""
+        window = self.settings.runtime.max_uncommitted
         try:
             while not lane.stopping:
+                await self._settle(lane, wait=False)
                 if not lane.backlog:
-                    await self._settle(lane, until=0)  # idle: let the commit catch up
+                    await self._settle(lane, wait=True)  # idle: let the commit catch up
                     lane.wakeup.clear()
                     if not lane.backlog and not lane.stopping:
                         await lane.wakeup.wait()
@@ -502,26 +524,92 @@ class AgentRunner:
                 record = lane.backlog[0]
                 if not retry.is_for(record, self.agent.group):  # another group's retry
                     lane.backlog.popleft()
-                    lane.inflight.append((record.offset, Acks([])))
+                    lane.pending[record.offset] = Acks([])
                     continue
                 if retry.due_ms(record) > now_ms():  # a retry waits for its time
                     await self._wait(lane, retry.due_ms(record) / 1000)
                     continue
-                lane.backlog.popleft()
+                if len(lane.pending) >= window:  # the uncommitted window is full
+                    lane.wakeup.clear()
+                    await self._settle(lane, wait=True)
+                    if len(lane.pending) >= window and not lane.stopping:
+                        await lane.wakeup.wait()
+                    continue
+                self._dispatch(lane, lane.backlog.popleft())
+        finally:
+            if lane.workers:  # each finishes the input in hand (bounded by _close_lanes)
+                await asyncio.wait(set(lane.workers))
+            await self._settle(lane, wait=True)
+
+    def _order_key(self, record: Record) -> Any:
+        """Inputs with equal order keys are handled one at a time, in offset order."""
+        ordering = self.agent.ordering
+        if ordering == "key":
+            return record.key  # keyless inputs share one queue: their partition order
+        return None if ordering == "partition" else record.offset
+
+    def _dispatch(self, lane: _Lane, record: Record) -> None:
+        lane.pending[record.offset] = None
+        key = self._order_key(record)
+        queue = lane.keys.get(key)
+        if queue is not None:  # its key's worker takes it after the ones before it
+            queue.append(record)
+            return
+        lane.keys[key] = deque([record])
+        assert self._tasks is not None
+        worker = self._tasks.create_task(self._work(lane, key),
+                                         name=f"{self.agent.name}:{lane.partition}:worker")
+        lane.workers.add(worker)
+        worker.add_done_callback(lane.workers.discard)
+
+    async def _work(self, lane: _Lane, key: Any) -> None:
+        """Handle the inputs queued under ``key``, in order, until none is left."""
+        queue = lane.keys[key]
+        try:
+            while queue and not lane.stopping:
+                if self.held:
+                    await self._hold_off(lane)
+                    continue
+                record = queue[0]
                 try:
                     async with self._slots:
+                        if lane.stopping:
+                            break
+                        await self._throttle()
                         acks = await self.process(record)
                 except Held as held:  # not now: keep the input, pause, try it again later
-                    lane.backlog.appendleft(record)
                     self.hold(held.until)
                     self.holds += 1
                     logger.info("agent %s holding until %.1f: %s", self.agent.name,
                                 held.until, held)
                     continue
-                lane.inflight.append((record.offset, acks))
-                await self._settle(lane, until=limit)
+                queue.popleft()
+                lane.pending[record.offset] = acks
+                lane.wakeup.set()  # the lane advances `done` over it once acknowledged
         finally:
-            await self._settle(lane, until=0)
+            if lane.keys.get(key) is queue:
+                del lane.keys[key]
+
+    async def _hold_off(self, lane: _Lane) -> None:
+        """Wait while the agent holds (a breaker is open), at most a second at a time so
+        that :meth:`end_hold` and a stop are seen."""
+        remaining = self._held_until - time.time()
+        if remaining > 0 and not lane.stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.halted.wait(), timeout=min(remaining, 1.0))
+
+    async def _throttle(self) -> None:
+        if self.limiter is not None:
+            await self.limiter.acquire(self._share())
+
+    def _share(self) -> float:
+        """The part of the agent's rate limit this replica may use: its share of the
+        consumed partitions (replicas split a group's partitions, so together they
+        keep to the limit)."""
+        consumed = {t.name for t in self.agent.consumes}
+        mine = sum(1 for p in self._lanes if p.topic in consumed)
+        total = sum(t.partitions for t in self.agent.consumes)
+        return 1.0 if not total or not mine else min(1.0, mine / total)
 
     @staticmethod
     async def _wait(lane: _Lane, until: float) -> None:
@@ -532,15 +620,17 @@ class AgentRunner:
                 await asyncio.wait_for(lane.wakeup.wait(), timeout=min(remaining, 1.0))
 
     @staticmethod
-    async def _settle(lane: _Lane, *, until: int) -> None:
-        """Advance ``done`` over acknowledged inputs; wait for the oldest ones while more
-        than ``until`` are in flight. A failed ack raises ``TransportError``."""
-        while lane.inflight:
-            offset, acks = lane.inflight[0]
-            if not acks.done() and len(lane.inflight) <= until:
+    async def _settle(lane: _Lane, *, wait: bool) -> None:
+        """Advance ``done`` over the front of the lane's inputs while they are handled
+        and acknowledged (with ``wait``, waiting for the acks of handled ones). An input
+        still being handled stops it there. A failed ack raises ``TransportError``."""
+        while lane.pending:
+            offset = next(iter(lane.pending))
+            acks = lane.pending[offset]
+            if acks is None or (not wait and not acks.done()):
                 return
             await acks.wait()
-            lane.inflight.popleft()
+            del lane.pending[offset]
             lane.done = offset + 1
 
     async def process(self, record: Record) -> Acks:
@@ -659,7 +749,7 @@ class AgentRunner:
                     logger.info("agent %s attempt %d failed (%s): to the retry topic",
                                 self.agent.name, event.attempt, exc)
                     self.retried += 1
-                    acks = await self.producer.send_many([retry.retry_record(
+                    acks = await self._send(record, [retry.retry_record(
                         record, exc, policy=policy, attempt=event.attempt,
                         group=self.agent.group), *self._audit(record, this, RETRY, tried, exc)])
                     return acks, attempt, exc, [], RETRY
@@ -674,7 +764,7 @@ class AgentRunner:
                 return acks, attempt, exc, [], DEAD_LETTER
             self.handled += 1
             audit = earlier + self._audit(record, this, OK, tried, emitted=emitted)
-            return (await self.producer.send_many(records + audit), attempt, None, records,
+            return (await self._send(record, records + audit), attempt, None, records,
                     OK)
         raise AssertionError("unreachable: the last attempt returns or dead-letters")
 
@@ -705,13 +795,47 @@ class AgentRunner:
                                        extra=[*records, *audit(emitted)],
                                        first_failure_ms=first_failure_ms)
 
+    async def _send(self, record: Record, records: list[OutRecord]) -> Acks:
+        """Send what handling ``record`` produced (outputs, state writes, audit, retry
+        or dead letter); the exactly-once runner sends them in the partition's
+        transaction instead (:mod:`mesh.transactions`)."""
+        return await self.producer.send_many(records)
+
     async def _dead_letter(self, record: Record, error: BaseException, *, attempts: int,
                            extra: Sequence[OutRecord] = (),
                            first_failure_ms: int | None = None) -> Acks:
         self.dead_lettered += 1
-        return await self.producer.send_many(
-            [*extra, dead_letter(record, error, agent=self.agent.name, attempts=attempts,
-                                 first_failure_ms=first_failure_ms)])
+        return await self._send(record, [
+            *extra, dead_letter(record, error, agent=self.agent.name, attempts=attempts,
+                                first_failure_ms=first_failure_ms)])
+
+
+class RateLimit:
+    """At most ``rate`` calls per second: a token bucket holding one second's calls.
+
+    Example:
+        >>> limit = RateLimit(5.0)
+        >>> await limit.acquire()  # doctest: +SKIP
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._tokens = 1.0
+        self._last = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, share: float = 1.0) -> None:
+        """Take one call of ``share`` x the rate (a replica's part), waiting for it."""
+        rate = self.rate * share
+        async with self._lock:  # first come, first served
+            while True:
+                now = time.monotonic()
+                self._tokens = min(max(rate, 1.0), self._tokens + (now - self._last) * rate)
+                self._last = now
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                await asyncio.sleep((1.0 - self._tokens) / rate)  # until the next token
 
 
 async def bounded(work: Awaitable[Any], timeout: float, what: str) -> None:

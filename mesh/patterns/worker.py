@@ -18,8 +18,9 @@ back, not failed), and within one heartbeat calls
 task group (its partitions move to healthy replicas; the inputs it had fetched but not
 started are redelivered to them). It keeps heartbeating as quarantined. So a worker
 fails at most ``max_failures`` tasks in a row, plus the tasks whose handlers were
-already running when the limit was reached: the runner runs one handler per partition
-lane, so at most ``max_failures + min(partitions held, max_partitions_in_flight) - 1``.
+already running when the limit was reached: at most ``max_failures + concurrency - 1``
+(``WorkerService(concurrency=1)`` by default: a worker takes one task at a time, as
+the seed's workers do, and the pool scales by replicas; so exactly ``max_failures``).
 A worker told on the control topic to quarantine does the same (the supervisor's
 order: a worker with ``max_failures=None``, or a higher limit than the supervisor's).
 Only a ``release`` command on the control topic re-admits it (failures start from 0).
@@ -249,7 +250,8 @@ class WorkerService:
     def __init__(self, topics: WorkerTopics, task: TaskFunction, *,
                  produces: Topic[Any] | Sequence[Topic[Any]] = (), name: str | None = None,
                  worker_id: str | None = None, heartbeat_s: float = 1.0,
-                 window_s: float = 60.0, max_failures: int | None = 3) -> None:
+                 window_s: float = 60.0, max_failures: int | None = 3,
+                 concurrency: int = 1) -> None:
         if max_failures is not None and max_failures <= 0:
             raise ConfigError(f"WorkerService max_failures={max_failures} must be positive: "
                               "set it to the supervisor's SupervisorPolicy.max_failures, or "
@@ -273,7 +275,8 @@ class WorkerService:
         extra = [produces] if isinstance(produces, Topic) else list(produces)
         self.worker = Agent(name, consumes=topics.tasks,
                             produces=[*extra, topics.status, topics.outcomes],
-                            handler=self._handle, description=f"worker {self.worker_id}")
+                            handler=self._handle, description=f"worker {self.worker_id}",
+                            concurrency=concurrency)
         self.worker.every(heartbeat_s)(self._heartbeat)
         self.control = Agent(f"{name}-control", consumes=topics.control,
                              produces=[topics.status], handler=self._command,
