@@ -37,8 +37,18 @@ class Topic(Generic[M]):
         partitions: partition count; bounds the parallelism of a consumer group.
         compacted: ``cleanup.policy=compact`` (the latest value per key is kept).
         retention_ms: ``retention.ms``; ``None`` keeps the broker default.
-        replication: replication factor.
-        configs: any other topic configs.
+        replication: replication factor; ``None`` (the default) takes the cluster's size
+            capped at 3 when the topic is created (1 on a single broker, 3 on a cluster),
+            so a declaration works on a development broker and survives a broker loss
+            on a cluster.
+        segment_ms: ``segment.ms``: how old the active segment may grow before it rolls
+            (the log cleaner and retention only act on rolled segments).
+        min_cleanable_dirty_ratio: ``min.cleanable.dirty.ratio`` of a compacted topic:
+            the share of not-yet-compacted log that makes the cleaner run (0-1).
+        delete_retention_ms: ``delete.retention.ms`` of a compacted topic: how long a
+            tombstone stays readable after compaction (a reader rebuilding a table
+            slower than this may miss a delete).
+        configs: any other topic configs (they win over the three options above).
         dead_letters: whether ``<name>.dlq`` is declared with it.
 
     Example:
@@ -55,9 +65,12 @@ class Topic(Generic[M]):
     partitions: int = 3
     compacted: bool = False
     retention_ms: int | None = None
-    replication: int = 1
+    replication: int | None = None
     configs: Mapping[str, str] = field(default_factory=dict, hash=False)
     dead_letters: bool = True
+    segment_ms: int | None = None
+    min_cleanable_dirty_ratio: float | None = None
+    delete_retention_ms: int | None = None
 
     def __post_init__(self) -> None:
         longest = self.name + (DLQ_SUFFIX if self.dead_letters else "")
@@ -77,11 +90,20 @@ class Topic(Generic[M]):
                 f"Topic {self.name!r}: key field {self.key!r} is not a field of "
                 f"{self.model.__name__} (fields: {known}). Name an existing field or None."
             )
-        if self.partitions < 1 or self.replication < 1:
+        if self.partitions < 1 or (self.replication is not None and self.replication < 1):
             raise ConfigError(
                 f"Topic {self.name!r}: partitions ({self.partitions}) and replication "
                 f"({self.replication}) must be at least 1."
             )
+        if self.min_cleanable_dirty_ratio is not None and not (
+                0.0 <= self.min_cleanable_dirty_ratio <= 1.0):
+            raise ConfigError(
+                f"Topic {self.name!r}: min_cleanable_dirty_ratio="
+                f"{self.min_cleanable_dirty_ratio} is not a share: use 0 to 1.")
+        for option, least in (("segment_ms", 1), ("delete_retention_ms", 0)):
+            value = getattr(self, option)
+            if value is not None and value < least:
+                raise ConfigError(f"Topic {self.name!r}: {option}={value} is below {least}.")
         object.__setattr__(self, "configs", MappingProxyType(dict(self.configs)))
 
     @property
@@ -103,6 +125,12 @@ class Topic(Generic[M]):
             configs["cleanup.policy"] = "compact"
         if self.retention_ms is not None:
             configs["retention.ms"] = str(self.retention_ms)
+        options = {"segment.ms": self.segment_ms,
+                   "min.cleanable.dirty.ratio": self.min_cleanable_dirty_ratio,
+                   "delete.retention.ms": self.delete_retention_ms}
+        for name, value in options.items():
+            if value is not None:
+                configs.setdefault(name, str(value))
         return configs
 
     def __repr__(self) -> str:
