@@ -16,6 +16,7 @@ from mesh.liveness import BrokerWatch
 from mesh.observe.audit import audit_topic
 from mesh.provision import apply_topics, check_topics
 from mesh.runtime import AgentRunner, bounded
+from mesh.transactions import require_transactions, runner_for
 from mesh.transport import Producer
 
 
@@ -48,14 +49,16 @@ class Mesh:
         self.agents = list(agents)
         self.codec = Codec(settings.schema_registry)
         self.producer = Producer(settings.kafka)
-        self.runners = [AgentRunner(a, settings, producer=self.producer, codec=self.codec)
-                        for a in self.agents]
+        self.runners: list[AgentRunner] = [
+            runner_for(a, settings, producer=self.producer, codec=self.codec)
+            for a in self.agents]
         self.stop_event = asyncio.Event()
         self.watch = BrokerWatch(settings, self.runners)
         self._task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Run every agent until :meth:`stop`; any agent's transport failure stops all."""
+        await require_transactions(self.settings, self.agents)  # exactly-once agents only
         topics = {t.name: t for a in self.agents for t in a.all_topics}
         await self.codec.prepare([*topics.values(), audit_topic])
         # Retry tiers are derived from the agents, like dead-letter topics from topics:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Self
+from typing import Literal, Self
 
 from mesh.config import KafkaSettings
 from mesh.errors import TransportError
@@ -52,6 +52,11 @@ class TopicReader:
     the ends a seek returned). Records come in offset order per partition; the order
     across partitions is whatever the fetches return.
 
+    What it sees of transactions (exactly-once agents write in them):
+    ``isolation_level="read_committed"`` (or ``MESH_KAFKA__ISOLATION_LEVEL``, the
+    default) hides open and aborted transactions, and a partition's end is then its last
+    stable offset (everything before it decided), not its high watermark.
+
     Example:
         >>> async with TopicReader(settings.kafka, ["mesh.audit"]) as reader:  # doctest: +SKIP
         ...     ends = await reader.seek_to_last(100)
@@ -60,12 +65,15 @@ class TopicReader:
     """
 
     def __init__(self, settings: KafkaSettings, topics: Sequence[str] = (), *,
-                 partitions: Sequence[Partition] | None = None) -> None:
+                 partitions: Sequence[Partition] | None = None,
+                 isolation_level: Literal["read_uncommitted", "read_committed"] | None = None,
+                 ) -> None:
         if partitions is not None and topics:
             raise ValueError(f"TopicReader got topics={list(topics)!r} and partitions="
                              f"{list(partitions)!r}: pass one of them (topics reads every "
                              "partition of each, partitions exactly those).")
-        self._consumer = Consumer(settings, group_id=None)
+        self._consumer = Consumer(settings, group_id=None, isolation_level=isolation_level)
+        self.read_committed = self._consumer.isolation_level == "read_committed"
         self._explicit = None if partitions is None else list(dict.fromkeys(partitions))
         self._topics = (list(dict.fromkeys(p.topic for p in self._explicit))
                         if self._explicit is not None else list(topics))
@@ -138,7 +146,8 @@ class TopicReader:
         while len(ends) < len(self.partitions) and time.monotonic() < deadline:
             await self._consumer.getmany(timeout_ms=POLL_MS, max_records=1)
             for part in self.partitions:
-                high = self._consumer.highwater(part)
+                high = (self._consumer.last_stable_offset(part) if self.read_committed
+                        else self._consumer.highwater(part))
                 if high is not None:
                     ends[part] = high
         if len(ends) < len(self.partitions):

@@ -28,7 +28,9 @@ from aiokafka.errors import (
     CommitFailedError,
     CorruptRecordException,
     IllegalStateError,
+    InvalidProducerEpoch,
     KafkaError,
+    ProducerFenced,
     RebalanceInProgressError,
     TopicAlreadyExistsError,
     UnsupportedCodecError,
@@ -173,6 +175,91 @@ class Producer(_Client):
         return await (await self.send_many(records)).wait()
 
 
+class Fenced(TransportError):
+    """A transactional producer was fenced: another producer started with the same
+    transactional id (the partition's new owner), or the broker aborted a transaction
+    open longer than its timeout. Nothing of the open transaction is committed."""
+
+    retriable = False
+
+
+class TransactionalProducer(Producer):
+    """A producer whose records are written in Kafka transactions, with the consumed
+    offsets committed in the same transaction (consume-transform-produce).
+
+    ``start()`` registers ``transactional_id`` with the broker (InitProducerId): any
+    earlier producer with the same id is fenced, and its open transaction is aborted
+    (or, if it was committing, completed) before ``start()`` returns. Readers with
+    ``read_committed`` see a transaction's records only once it commits.
+
+    Example:
+        >>> txn = TransactionalProducer(settings, "stage2-orders-0")  # doctest: +SKIP
+        >>> await txn.start(); await txn.begin()  # doctest: +SKIP
+        >>> acks = await txn.send_many(records)  # doctest: +SKIP
+        >>> await txn.commit({Partition("orders", 0): 42}, group_id="stage2")  # doctest: +SKIP
+    """
+
+    _role = "transactional producer"
+
+    def __init__(self, settings: KafkaSettings, transactional_id: str, *,
+                 timeout_ms: int = 60_000) -> None:
+        _Client.__init__(self)
+        self.transactional_id = transactional_id
+        self._client = AIOKafkaProducer(
+            **settings.client_kwargs(), acks=-1, transactional_id=transactional_id,
+            transaction_timeout_ms=timeout_ms, linger_ms=settings.linger_ms,
+            # A transaction begun right after a commit is answered CONCURRENT_TRANSACTIONS
+            # until the commit markers are written: retry soon, not after 100 ms.
+            retry_backoff_ms=20,
+            max_batch_size=settings.max_batch_size, max_request_size=MAX_REQUEST_BYTES,
+        )
+
+    async def start(self) -> None:
+        try:
+            await super().start()
+        except TransportError as exc:
+            self._started = True  # the client's connections are open: stop() closes them
+            raise self._error(exc.__cause__, "Registering the transactional id") from exc
+
+    async def begin(self) -> None:
+        """Open a transaction: records sent from now on belong to it."""
+        try:
+            await self._client.begin_transaction()
+        except KafkaError as exc:
+            raise self._error(exc, "Beginning a transaction") from exc
+
+    async def commit(self, offsets: Mapping[Partition, int], group_id: str) -> None:
+        """Add ``offsets`` (the next offset to read, per consumed partition) of
+        ``group_id`` to the open transaction and commit it: its records and the offsets
+        become visible together, or (on error) neither."""
+        try:
+            if offsets:
+                await self._client.send_offsets_to_transaction(
+                    {_tp(p): o for p, o in offsets.items()}, group_id)
+            await self._client.commit_transaction()
+        except KafkaError as exc:
+            raise self._error(exc, "Committing a transaction") from exc
+
+    async def abort(self) -> None:
+        """Abort the open transaction: its records are never seen by ``read_committed``
+        readers and its offsets never committed."""
+        try:
+            await self._client.abort_transaction()
+        except KafkaError as exc:
+            raise self._error(exc, "Aborting a transaction") from exc
+
+    def _error(self, exc: BaseException | None, what: str) -> TransportError:
+        name = f"{what} of {self.transactional_id}"
+        if isinstance(exc, (ProducerFenced, InvalidProducerEpoch)):
+            return Fenced(f"{name} failed: the producer was fenced ({type(exc).__name__}): "
+                          "another producer registered the same transactional id (the "
+                          "partition's new owner), or the transaction outlived "
+                          "MESH_RUNTIME__TRANSACTION_TIMEOUT_MS.")
+        if isinstance(exc, KafkaError):
+            return _transport_error(exc, name)
+        return TransportError(f"{name} failed: {exc}")
+
+
 class Acks:
     """The broker's acknowledgements of records sent together."""
 
@@ -222,13 +309,15 @@ class Consumer(_Client):
 
     def __init__(self, settings: KafkaSettings, *, group_id: str | None,
                  auto_offset_reset: str = "earliest", max_poll_interval_ms: int | None = None,
-                 isolation_level: str = "read_uncommitted") -> None:
+                 isolation_level: str | None = None) -> None:
         super().__init__()
         self._group = group_id
+        # None: the settings' (read_uncommitted unless MESH_KAFKA__ISOLATION_LEVEL says)
+        self.isolation_level = isolation_level or settings.isolation_level
         timings = settings.group_timings()
         self._client = AIOKafkaConsumer(
             **settings.client_kwargs(), group_id=group_id, enable_auto_commit=False,
-            auto_offset_reset=auto_offset_reset, isolation_level=isolation_level,
+            auto_offset_reset=auto_offset_reset, isolation_level=self.isolation_level,
             max_poll_interval_ms=max_poll_interval_ms or settings.max_poll_interval_ms,
             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=MAX_REQUEST_BYTES,
             # Range (Kafka's own default, not aiokafka's round robin) gives one member the
@@ -316,6 +405,11 @@ class Consumer(_Client):
         """The partition's end as reported by the last fetch (reliable on every broker,
         unlike ``end_offsets()`` on the embedded one)."""
         return self._client.highwater(_tp(partition))  # type: ignore[no-any-return]
+
+    def last_stable_offset(self, partition: Partition) -> int | None:
+        """The partition's last stable offset (below it every transaction is decided)
+        as reported by the last fetch: the end a ``read_committed`` consumer can reach."""
+        return self._client.last_stable_offset(_tp(partition))  # type: ignore[no-any-return]
 
 
     def partition_count(self, topic: str) -> int | None:
