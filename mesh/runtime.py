@@ -90,25 +90,17 @@ class Outputs:
             if emitted.headers:  # set on this output: over the carried ones of that name
                 names = {name for name, _ in emitted.headers}
                 extra = (*(h for h in carried if h[0] not in names), *emitted.headers)
-            child = event.child(emitted.payload, agent=agent.name, index=index, key=emitted.key,
-                                extra_headers=extra)
-            if emitted.correlation_id is not None:
-                child = replace(child, correlation_id=emitted.correlation_id)
-            if emitted.causation_id is not None:  # caused by a kept event, not the input
-                child = replace(child, causation_id=emitted.causation_id)
-            if emitted.traceparent is not None:  # another trace than the input's
-                child = replace(child, traceparent=child_traceparent(emitted.traceparent,
-                                                                     child.event_id),
-                                tracestate=None)
-            elif traceparent is not None:
-                child = replace(child, traceparent=traceparent)
             value, fingerprint = self.codec.encode(emitted.topic, emitted.payload)
             if len(value) > self.max_bytes:
                 raise PayloadTooLarge(
                     f"Output {index} of {agent.name} to {emitted.topic.name} is {len(value)} "
                     f"bytes, above the limit of {self.max_bytes} "
                     "(MESH_RUNTIME__MAX_MESSAGE_BYTES). Send a reference, not the blob.")
-            child = child.with_payload(emitted.payload, schema=fingerprint)
+            child = event.child(
+                emitted.payload, agent=agent.name, index=index, key=emitted.key,
+                extra_headers=extra, schema=fingerprint, correlation_id=emitted.correlation_id,
+                causation_id=emitted.causation_id,  # a kept event's, not the input's
+                traceparent=traceparent, other_trace=emitted.traceparent)
             out.append((child, OutRecord(emitted.topic.name, value, emitted.key,
                                          tuple(child.headers()))))
         return out
@@ -507,9 +499,9 @@ class AgentRunner:
         try:
             while not lane.stopping:
                 await self._settle(lane, wait=False)
-                if not lane.backlog:
-                    await self._settle(lane, wait=True)  # idle: let the commit catch up
+                if not lane.backlog:  # woken by new records, a finished input, an ack
                     lane.wakeup.clear()
+                    await self._settle(lane, wait=False)
                     if not lane.backlog and not lane.stopping:
                         await lane.wakeup.wait()
                     continue
@@ -524,14 +516,14 @@ class AgentRunner:
                 record = lane.backlog[0]
                 if not retry.is_for(record, self.agent.group):  # another group's retry
                     lane.backlog.popleft()
-                    lane.pending[record.offset] = Acks([])
+                    lane.pending[record.offset] = Acks([])  # done: nothing to wait for
                     continue
                 if retry.due_ms(record) > now_ms():  # a retry waits for its time
                     await self._wait(lane, retry.due_ms(record) / 1000)
                     continue
                 if len(lane.pending) >= window:  # the uncommitted window is full
                     lane.wakeup.clear()
-                    await self._settle(lane, wait=True)
+                    await self._settle(lane, wait=False)
                     if len(lane.pending) >= window and not lane.stopping:
                         await lane.wakeup.wait()
                     continue
@@ -585,7 +577,8 @@ class AgentRunner:
                     continue
                 queue.popleft()
                 lane.pending[record.offset] = acks
-                lane.wakeup.set()  # the lane advances `done` over it once acknowledged
+                # the lane advances `done` over it once its outputs are acknowledged
+                acks.when_done(lane.wakeup.set)
         finally:
             if lane.keys.get(key) is queue:
                 del lane.keys[key]

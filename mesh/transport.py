@@ -1,15 +1,18 @@
 """The only module that imports aiokafka: producer, consumer and admin clients.
 
 Everything above it sees :class:`Record` and :class:`Partition`, and mesh errors instead
-of aiokafka's. Delivery settings are fixed here: producers wait for ``acks=all`` and do
-not use idempotence (the embedded broker does not support InitProducerId); consumers
-never auto-commit.
+of aiokafka's. Delivery settings are fixed here: producers wait for ``acks=all`` and are
+idempotent except with the embedded profile (the embedded broker does not support
+InitProducerId; ``KafkaSettings.idempotent_producer``); consumers never auto-commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import random
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,7 +91,7 @@ class TopicSpec:
 
     name: str
     partitions: int
-    replication: int = 1
+    replication: int | None = None  # None: the cluster's size, at most 3
     configs: Mapping[str, str] | None = None
 
 
@@ -146,14 +149,41 @@ class Producer(_Client):
     """
 
     _role = "producer"
+    _auto_idempotence = False  # idempotent by default, not by an explicit setting
 
     def __init__(self, settings: KafkaSettings) -> None:
         super().__init__()
-        self._client = AIOKafkaProducer(
+        self._settings = settings
+        self._auto_idempotence = settings.idempotence is None and settings.idempotent_producer
+        self._client = self._make(idempotent=settings.idempotent_producer)
+
+    def _make(self, *, idempotent: bool) -> AIOKafkaProducer:
+        settings = self._settings
+        return AIOKafkaProducer(
             **settings.client_kwargs(), acks=-1 if settings.acks == "all" else int(settings.acks),
-            enable_idempotence=False, linger_ms=settings.linger_ms,
+            enable_idempotence=idempotent, linger_ms=settings.linger_ms,
             max_batch_size=settings.max_batch_size, max_request_size=MAX_REQUEST_BYTES,
+            partitioner=_partitioner,
         )
+
+    async def start(self) -> None:
+        try:
+            await super().start()
+        except TransportError as exc:
+            if not self._auto_idempotence:
+                raise
+            # A broker without InitProducerId (the embedded one reached with the kafka
+            # profile, e.g. after `mesh broker`): at-least-once without idempotence, as
+            # on the embedded profile; the event ids still dedup downstream.
+            logger.warning("the broker refused the idempotent producer (%s): producing "
+                           "without idempotence (MESH_KAFKA__IDEMPOTENCE=false says so "
+                           "explicitly, MESH_KAFKA__PROFILE=embedded for the embedded "
+                           "broker)", exc)
+            with contextlib.suppress(Exception):
+                await self._client.stop()
+            self._auto_idempotence = False
+            self._client = self._make(idempotent=False)
+            await super().start()
 
     async def send(self, record: OutRecord) -> Awaitable[Any]:
         """Queue ``record``; the returned awaitable resolves when the broker acks it."""
@@ -272,6 +302,24 @@ class Acks:
         """Whether every record was acknowledged (or failed)."""
         return all(f.done() for f in self._futures)  # type: ignore[attr-defined]
 
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (in the event loop) once every record is acknowledged or
+        failed; at once when there is nothing to wait for."""
+        waiting = [f for f in self._futures if not f.done()]  # type: ignore[attr-defined]
+        if not waiting:
+            callback()
+            return
+        left = len(waiting)
+
+        def one_done(_: object) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                callback()
+
+        for future in waiting:
+            future.add_done_callback(one_done)  # type: ignore[attr-defined]
+
     async def wait(self) -> list[tuple[int, int]]:
         """(partition, offset) of each record; raises ``TransportError`` if any failed."""
         try:
@@ -324,6 +372,8 @@ class Consumer(_Client):
             # same partition numbers of every topic it reads: topics keyed alike are
             # co-partitioned, so one replica owns all of a key's state.
             partition_assignment_strategy=(RangePartitionAssignor,),
+            # static membership (opt-in): no LeaveGroup at stop, no rebalance on a quick return
+            group_instance_id=settings.group_instance_id if group_id else None,
             **timings,
         )
 
@@ -471,9 +521,22 @@ def _unreadable_fix(exc: KafkaError, batch: Any) -> str:
             "have the producer use compression.type=gzip or none.")
 
 
+@functools.lru_cache(maxsize=65_536)
 def partition_for(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner gives a record keyed ``key``."""
+    """The partition Kafka's default partitioner gives a record keyed ``key``.
+
+    Remembered for the last 65,536 keys: aiokafka's murmur2 is pure Python (about
+    6 µs a key) and a mesh sends the same keys over and over.
+    """
     return int((murmur2(key) & 0x7FFFFFFF) % partitions)
+
+
+def _partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's default partitioner (murmur2 of the key; a random partition for no
+    key) with :func:`partition_for`'s memory."""
+    if key is None:
+        return random.choice(available or all_partitions)
+    return all_partitions[partition_for(key, len(all_partitions))]
 
 
 class Admin(_Client):
@@ -507,9 +570,21 @@ class Admin(_Client):
         return {p["partition"]: p["leader"] for t in described if not t["error_code"]
                 for p in t["partitions"] if p["leader"] >= 0}
 
+    async def under_replicated(self, topics: Sequence[str]) -> list[Partition]:
+        """The partitions of ``topics`` with fewer in-sync replicas than replicas, or no
+        leader (a rolling restart waits for none before stopping the next broker)."""
+        described = await self._client.describe_topics(list(topics))
+        return [Partition(t["topic"], p["partition"]) for t in described
+                for p in t["partitions"]
+                if t["error_code"] or p["leader"] < 0 or len(p["isr"]) < len(p["replicas"])]
+
     async def create_topic(self, spec: TopicSpec) -> bool:
         """Create ``spec``; False if it already existed."""
-        topic = NewTopic(spec.name, spec.partitions, spec.replication,
+        replication = spec.replication
+        if replication is None:  # aiokafka's CreateTopics (v3) cannot ask for the default
+            brokers = (await self._client.describe_cluster()).get("brokers") or ()
+            replication = max(1, min(3, len(brokers)))
+        topic = NewTopic(spec.name, spec.partitions, replication,
                          topic_configs=dict(spec.configs or {}))
         try:
             response = await self._client.create_topics([topic])

@@ -100,6 +100,7 @@ class Auditor:
     def __init__(self, codec: Codec, settings: AuditSettings, *, source: str) -> None:
         self.codec, self.settings, self.source = codec, settings, source
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # which process did it
+        self._headers_of: dict[str, tuple[tuple[str, bytes], ...]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -120,24 +121,37 @@ class Auditor:
         if self.settings.payloads and event is not None and isinstance(event.payload,
                                                                        BaseModel):
             payload = event.payload.model_dump_json()
-        return [self.record(AuditEvent(
-            kind=CONSUMED, at_ms=started_ms, agent=self.source, topic=record.topic,
-            partition=record.partition, offset=record.offset,
-            event_id=event.event_id if event else None,
-            correlation_id=event.correlation_id if event else None,
-            causation_id=event.causation_id if event else None,
-            traceparent=event.traceparent if event else None, outcome=outcome,
-            duration_ms=round(duration_s * 1000, 3),
-            attempt=event.attempt if event else None,
-            error_class=type(error).__name__ if error else None,
-            error=str(error)[:1000] if error else None, size=len(record.value or b""),
-            payload=payload, details={"replica": self.replica},
-            outputs=[AuditOutput(
-                event_id=env.event_id, topic=out.topic, size=len(out.value or b""),
-                traceparent=env.traceparent,
-                correlation_id=None if event is not None
+        correlation = event.correlation_id if event else None
+        # Built straight in Avro form (the fields of AuditEvent, in its schema): one per
+        # handled input, so it skips building and validating the pydantic model.
+        fields = {
+            "kind": CONSUMED, "at_ms": started_ms, "agent": self.source, "topic": record.topic,
+            "partition": record.partition, "offset": record.offset,
+            "event_id": event.event_id if event else None, "correlation_id": correlation,
+            "causation_id": event.causation_id if event else None,
+            "traceparent": event.traceparent if event else None, "outcome": outcome,
+            "duration_ms": round(duration_s * 1000, 3),
+            "attempt": event.attempt if event else None,
+            "error_class": type(error).__name__ if error else None,
+            "error": str(error)[:1000] if error else None, "size": len(record.value or b""),
+            "payload": payload, "details": {"replica": self.replica},
+            "outputs": [{
+                "event_id": env.event_id, "topic": out.topic, "size": len(out.value or b""),
+                "traceparent": env.traceparent,
+                "correlation_id": None if event is not None
                 and env.correlation_id == event.correlation_id else env.correlation_id,
-                payload=self._payload(env)) for env, out in outputs]))]
+                "payload": self._payload(env)} for env, out in outputs],
+        }
+        value, fingerprint = self.codec.encode_fields(audit_topic, fields)
+        key = None if correlation is None else correlation.encode()
+        return [OutRecord(audit_topic.name, value, key, self._headers(fingerprint))]
+
+    def _headers(self, fingerprint: str) -> tuple[tuple[str, bytes], ...]:
+        headers = self._headers_of.get(fingerprint)
+        if headers is None:
+            headers = self._headers_of[fingerprint] = (
+                ("mesh-schema", fingerprint.encode()), ("mesh-source", self.source.encode()))
+        return headers
 
     def produced(self, outputs: list[tuple[Envelope[Any], OutRecord]]) -> list[OutRecord]:
         """The audit of events this process produced (each with its envelope)."""

@@ -41,3 +41,41 @@ def test_nothing_is_built_when_the_audit_is_off() -> None:
     record = Record("in", 0, 0, None, b"x", (), 0)
     assert auditor.consumed(record, None, outcome="dead_letter", started_ms=0,
                             duration_s=0) == []
+
+
+async def test_the_fast_consumed_record_is_byte_for_byte_the_models_encoding() -> None:
+    """The auditor builds `consumed` records straight in Avro form (the hot path); they
+    must be exactly what encoding the AuditEvent model gives, for a decoded input with
+    outputs, a failure and an input that did not decode."""
+    from mesh.errors import DecodeError
+    from mesh.observe.audit import AuditOutput, audit_record
+
+    codec = Codec()
+    auditor = Auditor(codec, AuditSettings(payloads=True), source="stage1")
+    event = Envelope.new(Item(key="k", seq=1, source_id="a"), source="emit",
+                         correlation_id="wf-1")
+    record = Record("in", 2, 40, b"k", b"x" * 30, (), 0)
+    child = event.child(Item(key="k", seq=2, source_id="a"), agent="stage1", index=0, key=b"k")
+    for env, error, outputs in ((event, None, [(child, OutRecord("a", b"y" * 7))]),
+                                (event, ValueError("boom"), []),
+                                (None, DecodeError("garbage"), [])):
+        [fast] = auditor.consumed(record, env, outcome="ok" if error is None else "retry",
+                                  started_ms=1_000, duration_s=0.0125, error=error,
+                                  outputs=outputs)
+        model = AuditEvent(
+            kind="consumed", at_ms=1_000, agent="stage1", topic="in", partition=2, offset=40,
+            event_id=env.event_id if env else None,
+            correlation_id=env.correlation_id if env else None,
+            causation_id=env.causation_id if env else None,
+            traceparent=env.traceparent if env else None,
+            outcome="ok" if error is None else "retry", duration_ms=12.5,
+            attempt=env.attempt if env else None,
+            error_class=type(error).__name__ if error else None,
+            error=str(error) if error else None, size=30,
+            payload=env.payload.model_dump_json() if env else None,
+            details={"replica": auditor.replica},
+            outputs=[AuditOutput(event_id=o.event_id, topic=r.topic, size=7,
+                                 traceparent=o.traceparent, payload=o.payload.model_dump_json())
+                     for o, r in outputs])
+        slow = audit_record(codec, model, source="stage1")
+        assert (fast.value, fast.key, fast.headers) == (slow.value, slow.key, slow.headers)
