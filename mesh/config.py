@@ -237,6 +237,49 @@ class SecuritySettings(BaseModel):
     plan_key: SecretStr | None = None  # HMAC key: the coordinator signs plans, specialists check
 
 
+class LlmSettings(BaseModel):
+    """The model LLM agents use, when the deployment picks it (``MESH_LLM__*``).
+
+    ``model`` is a pydantic-ai model name, ``provider:name`` (``openai:gpt-4o-mini``,
+    ``anthropic:claude-sonnet-4-0``, ``ollama:llama3.2``, ``test``); unset, agents that
+    read it run without a model (offline). ``base_url`` points the provider at another
+    endpoint: with ``openai:`` (or no prefix) any OpenAI-compatible chat-completions
+    server (vLLM, Ollama, LM Studio, a gateway). ``api_key`` is a secret, unwrapped only
+    when the model is built (:func:`mesh.llm.model_from_settings`); unset, the provider's
+    usual variable applies (``OPENAI_API_KEY``, ``ANTHROPIC_API_KEY``, ...).
+    """
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # errors must not echo the key
+
+    model: str | None = Field(default=None, min_length=1)
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    # Seconds one model request may take (each attempt); local models on a CPU are slow.
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    # The provider SDK's own retries of one request. 0: the mesh retries, through its
+    # retry topics (non-blocking, audited, counted by the breaker); the SDK's retries
+    # would hold a handler slot and hide an outage from the breaker.
+    max_retries: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_llm(self) -> LlmSettings:
+        if self.model is None and (self.base_url is not None or self.api_key is not None):
+            raise ValueError(
+                "MESH_LLM__BASE_URL or MESH_LLM__API_KEY is set but MESH_LLM__MODEL is not: "
+                "name the model (e.g. MESH_LLM__MODEL=openai:gpt-4o-mini, or "
+                "openai:llama3.2 for an OpenAI-compatible endpoint), or unset them.")
+        if self.base_url is not None:
+            scheme, _, rest = self.base_url.partition("://")
+            if scheme not in ("http", "https") or not rest:
+                raise ValueError("MESH_LLM__BASE_URL must be an http:// or https:// URL "
+                                 "(e.g. http://127.0.0.1:11434/v1): fix it.")
+            if "@" in rest.split("/", 1)[0]:
+                raise ValueError("MESH_LLM__BASE_URL carries credentials (user:password@): "
+                                 "put the key in MESH_LLM__API_KEY, a secret, instead.")
+        return self
+
+
 class MeshSettings(BaseSettings):
     """Everything a mesh process reads from its environment (``MESH_`` prefix)."""
 
@@ -252,6 +295,7 @@ class MeshSettings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     tracing: TracingSettings = TracingSettings()
     security: SecuritySettings = SecuritySettings()
+    llm: LlmSettings = LlmSettings()
     log_level: str = "INFO"
 
     def with_bootstrap(self, servers: str, *, embedded: bool = False) -> MeshSettings:

@@ -31,6 +31,11 @@ agent's own code (a prompt function, a tool) pass through unchanged.
 outage opens it and the agent holds its partitions (nothing is dead-lettered) until it
 half-opens; a 400 means the provider answered, and does not count.
 
+**Settings**: :func:`model_from_settings` builds the model a deployment names in
+``MESH_LLM__MODEL`` (``MESH_LLM__BASE_URL`` for an OpenAI-compatible endpoint: vLLM,
+Ollama, LM Studio; ``MESH_LLM__API_KEY`` as a secret), or returns ``None`` when none is
+configured, so an agent can fall back to work without a model.
+
 **Usage**: each run's requests and tokens (also of failed runs: they were spent) are
 added to the agent's :class:`LLMStats`; :func:`llm_stats` lists them for ``/metrics``.
 
@@ -63,6 +68,7 @@ from typing import Any, cast
 from pydantic import BaseModel, ValidationError
 
 from mesh.agent import Agent, Context
+from mesh.config import LlmSettings, MeshSettings
 from mesh.errors import ConfigError, HandlerError, MeshError
 from mesh.resilience.breaker import BreakerPolicy, BreakerRegistry, CircuitBreaker
 from mesh.resilience.retry import RetryPolicy
@@ -72,13 +78,15 @@ try:
     from pydantic_ai import Agent as ModelAgent
     from pydantic_ai import exceptions as pai
     from pydantic_ai.models import Model, infer_model
+    from pydantic_ai.providers import Provider, infer_provider, infer_provider_class
+    from pydantic_ai.settings import ModelSettings
     from pydantic_ai.usage import RunUsage, UsageLimits
 except ImportError as missing:  # an optional extra
     raise ImportError("mesh.llm needs pydantic-ai: pip install 'kafka-agent-mesh[llm]', plus "
                       "the provider's extra (e.g. 'pydantic-ai-slim[openai]').") from missing
 
 __all__ = ["LLMAgent", "LLMError", "LLMStats", "classify", "default_prompt", "llm",
-           "llm_agent", "llm_stats"]
+           "llm_agent", "llm_stats", "model_from_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +178,8 @@ _CAUSES = (
     _Cause(pai.ModelContextWindowExceededError, "input exceeds the context window", False,
            "shorten the prompt or use a model with a larger context window"),
     _Cause(pai.ModelAuthenticationError, "credentials refused", False,
-           "check the provider's API key variable (e.g. OPENAI_API_KEY) and its access"),
+           "check MESH_LLM__API_KEY or the provider's key variable (e.g. "
+           "OPENAI_API_KEY) and its access"),
     _Cause(pai.ModelNotFoundError, "model not found", False, "fix the model name"),
     _Cause(pai.ModelRequestRejectedError, "request rejected", False,
            "the same request fails the same way: fix the prompt or the model settings"),
@@ -425,6 +434,116 @@ def llm(*, consumes: Topic[Any] | Sequence[Topic[Any]],
                         prompt=prompt, description=(prompt.__doc__ or "").strip(), **kwargs)
 
     return wrap
+
+
+def model_from_settings(settings: MeshSettings | LlmSettings | None = None) -> Model | None:
+    """The pydantic-ai model the deployment configured (``MESH_LLM__*``), or ``None``.
+
+    ``None`` when ``MESH_LLM__MODEL`` is unset: the caller runs without a model (offline).
+    Otherwise the model is built by pydantic-ai, with no request sent:
+
+    * ``MESH_LLM__MODEL``: ``provider:name`` as pydantic-ai names it
+      (``openai:gpt-4o-mini``, ``anthropic:claude-sonnet-4-0``, ``ollama:llama3.2``,
+      ``test``); a name without a provider is taken as ``openai:`` when a base URL is set.
+    * ``MESH_LLM__BASE_URL``: the provider's endpoint. With ``openai:`` (or no prefix) the
+      model speaks chat completions to it, which every OpenAI-compatible server (vLLM,
+      Ollama, LM Studio, gateways) serves; ``ollama:``, ``vllm:``, ``anthropic:``... get
+      their own provider at that URL.
+    * ``MESH_LLM__API_KEY``: the key, unwrapped here only and handed to the provider's
+      client; never in a repr, log, error or event. Unset: the provider's usual variable
+      (``OPENAI_API_KEY``, ...), or none for a local endpoint.
+    * ``timeout_s``, ``max_tokens``, ``max_retries`` become the model's default
+      ``ModelSettings`` (``max_retries`` 0 by default: a 429 or 5xx raises at once and the
+      mesh retries through its retry topics).
+
+    Args:
+        settings: the mesh settings or their ``llm`` part; default: read from the
+            environment (``MeshSettings()``).
+
+    Returns:
+        The model, to pass as ``llm_agent(..., model=...)``; ``None`` without one.
+
+    Raises:
+        ConfigError: the model cannot be built (an unknown provider, its SDK missing,
+            no key), naming the setting and the fix, never the key.
+
+    Example:
+        >>> model_from_settings(LlmSettings()) is None
+        True
+        >>> model = model_from_settings(LlmSettings(
+        ...     model="llama3.2", base_url="http://127.0.0.1:11434/v1", api_key="sk-..."))
+        >>> model.model_id, model.base_url, model.settings["max_retries"]
+        ('openai:llama3.2', 'http://127.0.0.1:11434/v1/', 0)
+    """
+    llm_settings = _llm_settings(settings)
+    if llm_settings.model is None:
+        return None
+    name = llm_settings.model
+    provider_name, model_name = _split(name, with_base_url=llm_settings.base_url is not None)
+    arguments: dict[str, str] = {}
+    if llm_settings.base_url is not None:
+        arguments["base_url"] = llm_settings.base_url
+    if llm_settings.api_key is not None:
+        arguments["api_key"] = llm_settings.api_key.get_secret_value()
+    spec = f"{provider_name}:{model_name}" if provider_name else name
+    try:
+        model = infer_model(spec, provider_factory=(
+            _provider_factory(arguments) if arguments else infer_provider))
+    except (ImportError, pai.UserError, ValueError, TypeError) as exc:
+        # The provider's message names its variable or extra; it never holds the key.
+        raise ConfigError(
+            f"MESH_LLM__MODEL={name!r} cannot be used: {str(exc).rstrip('. ')}. "
+            "Install the provider's extra (e.g. 'pydantic-ai-slim[openai]'), set "
+            "MESH_LLM__API_KEY or the provider's key variable, or fix the name "
+            "(provider:model, e.g. openai:gpt-4o-mini).") from None
+    model_settings = ModelSettings(timeout=llm_settings.timeout_s,
+                                   max_retries=llm_settings.max_retries)
+    if llm_settings.max_tokens is not None:
+        model_settings["max_tokens"] = llm_settings.max_tokens
+    # infer_model takes no settings: these become the model's defaults, as the model
+    # classes' own settings= argument would make them (a run's settings still win).
+    model._settings = {**(model.settings or {}), **model_settings}
+    logger.debug("LLM model %s from the settings (base URL %s, key %s)", model.model_id,
+                 llm_settings.base_url or "the provider's",
+                 "set" if llm_settings.api_key is not None else "from the environment")
+    return model
+
+
+def _split(name: str, *, with_base_url: bool) -> tuple[str, str]:
+    """``provider:model`` as pydantic-ai splits it; with a base URL, a name without a
+    known provider (``llama3.2:8b``) and ``openai:`` mean chat completions, which
+    OpenAI-compatible servers speak (``openai:`` alone would be OpenAI's Responses API)."""
+    provider_name, _, model_name = name.partition(":")
+    if not model_name:
+        provider_name, model_name = "", name
+    if with_base_url:
+        if provider_name and provider_name != "test":
+            try:
+                infer_provider_class(provider_name)
+            except ValueError:  # not a provider: part of the served model's name
+                provider_name, model_name = "", name
+        if provider_name in ("", "openai"):
+            provider_name = "openai-chat"
+    return provider_name, model_name
+
+
+def _llm_settings(settings: MeshSettings | LlmSettings | None) -> LlmSettings:
+    if settings is None:
+        return MeshSettings().llm
+    return settings if isinstance(settings, LlmSettings) else settings.llm
+
+
+def _provider_factory(arguments: dict[str, str]) -> Callable[[str], Provider[Any]]:
+    def build(provider_name: str) -> Provider[Any]:
+        try:
+            return infer_provider_class(provider_name)(**arguments)
+        except TypeError:  # the provider takes no base_url/api_key (bedrock, vertex, ...)
+            given = " and ".join(f"MESH_LLM__{a.upper()}" for a in arguments)
+            raise ConfigError(
+                f"MESH_LLM__MODEL provider {provider_name!r} takes no {given}: unset "
+                "it and configure the provider through its own variables, or use "
+                "openai:<model> for an OpenAI-compatible endpoint.") from None
+    return build
 
 
 async def _maybe(value: Any) -> Any:

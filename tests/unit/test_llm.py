@@ -448,3 +448,160 @@ async def test_llm_usage_is_served_as_metrics() -> None:
     assert f'mesh_llm_tokens_total{{agent="metered",kind="output"}} {float(tokens_out)}' in text
     assert f'mesh_llm_requests_total{{agent="metered"}} {float(requests)}' in text
     assert 'mesh_llm_runs_total{agent="metered",outcome="ok"} 2.0' in text
+
+
+KEY = "sk-mesh-unit-KEY-0123456789"
+
+
+def test_llm_settings_come_from_the_environment_and_never_show_the_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pass: MESH_LLM__MODEL/BASE_URL/API_KEY/TIMEOUT_S/MAX_TOKENS fill
+    MeshSettings().llm; the key is a SecretStr whose value is the key, but no repr,
+    str, JSON dump or validation error of the settings holds it."""
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("MESH_LLM__MODEL", "openai:llama3.2")
+    monkeypatch.setenv("MESH_LLM__BASE_URL", "http://127.0.0.1:11434/v1")
+    monkeypatch.setenv("MESH_LLM__API_KEY", KEY)
+    monkeypatch.setenv("MESH_LLM__TIMEOUT_S", "30")
+    monkeypatch.setenv("MESH_LLM__MAX_TOKENS", "800")
+    settings = MeshSettings()
+    llm_settings = settings.llm
+    assert (llm_settings.model, llm_settings.base_url) == (
+        "openai:llama3.2", "http://127.0.0.1:11434/v1")
+    assert llm_settings.api_key is not None and llm_settings.api_key.get_secret_value() == KEY
+    assert (llm_settings.timeout_s, llm_settings.max_tokens, llm_settings.max_retries) == (
+        30.0, 800, 0)
+    shown = [repr(settings), str(settings), settings.model_dump_json(), repr(llm_settings),
+             str(settings.model_dump())]
+    assert all(KEY not in text for text in shown)
+    monkeypatch.setenv("MESH_LLM__TIMEOUT_S", "-1")
+    with pytest.raises(ValidationError) as invalid:
+        MeshSettings()
+    assert "timeout_s" in str(invalid.value) and KEY not in str(invalid.value)
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"MESH_LLM__API_KEY": KEY}, "MESH_LLM__MODEL is not"),
+    ({"MESH_LLM__BASE_URL": "http://127.0.0.1:8000/v1"}, "MESH_LLM__MODEL is not"),
+    ({"MESH_LLM__MODEL": "openai:m", "MESH_LLM__BASE_URL": f"http://u:{KEY}@h/v1"},
+     "carries credentials"),
+    ({"MESH_LLM__MODEL": "openai:m", "MESH_LLM__BASE_URL": "127.0.0.1:8000/v1"},
+     "http:// or https://"),
+], ids=["key-without-model", "url-without-model", "url-with-credentials", "url-no-scheme"])
+def test_half_configured_llm_settings_are_refused_without_echoing_them(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], words: str) -> None:
+    """Pass: a key or a base URL without a model (the agents would silently run offline),
+    a base URL carrying credentials or without a scheme: a validation error naming the
+    variables and the fix, never the key."""
+    from pydantic import ValidationError
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as invalid:
+        MeshSettings()
+    assert words in str(invalid.value) and KEY not in str(invalid.value)
+
+
+def test_no_model_configured_means_no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MESH_LLM__MODEL", raising=False)
+    from mesh.config import LlmSettings
+    from mesh.llm import model_from_settings
+
+    assert model_from_settings() is None
+    assert model_from_settings(MeshSettings()) is None
+    assert model_from_settings(LlmSettings()) is None
+
+
+def test_a_base_url_builds_an_openai_compatible_chat_model_with_the_key(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Pass: with a base URL, `openai:NAME`, a bare name (even with a colon, as Ollama's
+    tags have) build pydantic-ai's chat-completions model on that URL with the key in
+    its client, `ollama:NAME` pydantic-ai's Ollama model; timeout, max_tokens and
+    max_retries (0: the mesh retries) are the model's settings; neither the model's
+    repr nor the log holds the key."""
+    import logging
+
+    from pydantic_ai.models.ollama import OllamaModel
+    from pydantic_ai.models.openai import OpenAIChatModel
+
+    from mesh.config import LlmSettings
+    from mesh.llm import model_from_settings
+
+    caplog.set_level(logging.DEBUG)
+    url = "http://127.0.0.1:8000/v1"
+    built = {}
+    for name in ("openai:llama3.2", "llama3.2:8b", "ollama:llama3.2"):
+        built[name] = model_from_settings(LlmSettings(
+            model=name, base_url=url, api_key=KEY, timeout_s=9, max_tokens=300))
+    chat, tagged, ollama = built.values()
+    assert isinstance(chat, OpenAIChatModel) and chat.model_name == "llama3.2"
+    assert isinstance(tagged, OpenAIChatModel) and tagged.model_name == "llama3.2:8b"
+    assert isinstance(ollama, OllamaModel)
+    for model in built.values():
+        assert model is not None and model.base_url == url + "/"
+        assert model.settings == {"timeout": 9, "max_retries": 0, "max_tokens": 300}
+        assert model.provider is not None and model.provider.client.api_key == KEY
+        assert KEY not in repr(model) and KEY not in str(model)
+    assert KEY not in caplog.text
+
+
+def test_a_model_name_without_base_url_is_resolved_by_pydantic_ai(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pass: `openai:gpt-4o-mini` with a key and no URL is pydantic-ai's own OpenAI model
+    on OpenAI's URL with that key; without a key and no OPENAI_API_KEY, an unknown
+    provider or one whose SDK is missing, a ConfigError names the setting and the fix
+    (and never the key)."""
+    from pydantic_ai.models.openai import OpenAIResponsesModel
+
+    from mesh.config import LlmSettings
+    from mesh.llm import model_from_settings
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    model = model_from_settings(LlmSettings(model="openai:gpt-4o-mini", api_key=KEY))
+    assert isinstance(model, OpenAIResponsesModel) and model.model_id == "openai:gpt-4o-mini"
+    assert model.provider is not None and model.provider.client.api_key == KEY
+    assert model.base_url == "https://api.openai.com/v1/"
+    with pytest.raises(ConfigError, match=r"MESH_LLM__MODEL='openai:gpt-4o-mini' .*"
+                                          r"OPENAI_API_KEY.* set MESH_LLM__API_KEY"):
+        model_from_settings(LlmSettings(model="openai:gpt-4o-mini"))
+    with pytest.raises(ConfigError, match=r"'nope:x' cannot be used: Unknown (model|provider)"):
+        model_from_settings(LlmSettings(model="nope:x", api_key=KEY))
+    with pytest.raises(ConfigError) as refused:
+        model_from_settings(LlmSettings(model="bedrock:claude", api_key=KEY))
+    assert KEY not in str(refused.value)
+    assert isinstance(model_from_settings(LlmSettings(model="test")), TestModel)
+
+
+async def test_an_agent_on_the_configured_model_never_shows_the_key(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Pass: an LLM agent on a configured OpenAI-compatible model whose endpoint refuses
+    the connection (nothing listens on the port) dead-letters nothing at first: the
+    input goes to the retry topic with an error naming the agent, the model and
+    'connection failed'; the key is in no record (retry, audit), no log line and no
+    repr of the agent."""
+    import logging
+
+    from mesh.config import LlmSettings
+    from mesh.embedded import free_port
+    from mesh.llm import model_from_settings
+
+    caplog.set_level(logging.DEBUG)
+    model = model_from_settings(LlmSettings(
+        model="openai:scripted", base_url=f"http://127.0.0.1:{free_port()}/v1",
+        api_key=KEY, timeout_s=5))
+    assert model is not None
+    agent = build(model)
+    with override_allow_model_requests(True):
+        async with InMemoryMesh(agent, fast_retries=True) as mesh:
+            await mesh.emit(questions, Question(qid="q9", text="anyone there?"))
+            await mesh.drain()
+            retried = mesh.records(f"{questions.name}.retry.1")
+            everything = all_bytes(mesh, f"{questions.name}.retry.1", questions.dlq_name,
+                                   "mesh.audit")
+    assert retried
+    message = dict(retried[0].headers)[RETRY_ERROR].decode()
+    assert "'answerer'" in message and "openai:scripted" in message
+    assert "connection failed" in message
+    assert KEY.encode() not in everything
+    assert KEY not in caplog.text and KEY not in repr(agent)
