@@ -556,7 +556,9 @@ class AgentRunner:
 
     async def _work(self, lane: _Lane, key: Any) -> None:
         """Handle the inputs queued under ``key``, in order, until none is left."""
-        queue = lane.keys[key]
+        queue = lane.keys.get(key)
+        if queue is None:  # the lane closed before this worker's first step
+            return
         try:
             while queue and not lane.stopping:
                 if self.held:

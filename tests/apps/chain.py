@@ -58,6 +58,7 @@ def build(prefix: str, partitions: int = 4) -> App:
 
 
 PREFIX = os.environ.get("MESH_TEST_PREFIX", "chain")
-app = build(PREFIX)
+# a test that builds the chain with other partition counts passes them to `mesh run` too
+app = build(PREFIX, partitions=int(os.environ.get("MESH_TEST_PARTITIONS", "4")))
 stage1, stage2, stage3, fan1, fan2 = app.agents
 chain = App(PREFIX, agents=[stage1, stage2, stage3])

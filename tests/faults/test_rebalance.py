@@ -28,7 +28,8 @@ async def test_replicas_joining_and_leaving_mid_stream_lose_nothing(
     log = (tmp_path / "agents.log").open("wb")
 
     def replica(name: str) -> AgentProcess:
-        return AgentProcess(broker, f"tests.apps.chain:{name}", prefix=prefix, log=log)
+        return AgentProcess(broker, f"tests.apps.chain:{name}", prefix=prefix, log=log,
+                            env={"MESH_TEST_PARTITIONS": "6"})  # as the topics declare
 
     fixed = [replica("stage1").start(), replica("stage3").start()]
     stage2 = [replica("stage2").start()]
