@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import ROOT
 
 EXPECTED = {  # example -> a line fragment its output must contain
-    "demo.py": "services stopped: researcher exit 0, writer exit 0, editor exit 0",
+    "chain_fanout.py": "services stopped: researcher exit 0, writer exit 0, editor exit 0",
     "chain.py": "briefing.review",
     "fan_out.py": "timed out",
     "delegation.py": "Report:",

@@ -1,4 +1,4 @@
-"""The demo behind `make demo`: four agents as four services on the embedded broker.
+"""The chain + fan-out example: four agents as four services on the embedded broker.
 
 researcher -> writer -> editor is a sequential chain; the fact checker consumes the
 researcher's topic in its own consumer group beside the writer (fan-out by wiring).
