@@ -690,3 +690,23 @@ async def test_run_without_its_topics_fails_naming_them_and_creates_nothing(
     differs = await cli("run", "tests.apps.chain:stage1")
     assert differs.returncode == 1, _explain(differs)
     assert "partitions differ" in differs.stderr and f"{prefix}.in (declared" in differs.stderr
+
+
+async def test_emit_with_a_registry_does_not_log_its_http_calls(
+        cli: Cli, broker: BrokerUnderTest, prefix: str) -> None:
+    """Pass: `mesh emit` through a Confluent-compatible registry (a real HTTP server on
+    loopback) registers the schema and produces the wire format, and its stderr holds
+    none of the HTTP client's per-request INFO lines."""
+    from tests.unit.test_codec import FakeSchemaRegistry
+
+    await cli.ok("topics", "apply", "-t", TOPICS)
+    item = Item(key="k1", seq=1, source_id="s-1")
+    env = {k: v for k, v in cli.env.items() if k.lower() not in ("http_proxy", "all_proxy")}
+    with FakeSchemaRegistry() as registry:
+        done = await dataclasses.replace(cli, env=env).with_env(
+            MESH_SCHEMA_REGISTRY__URL=registry.url, MESH_LOG_LEVEL="INFO")(
+            "emit", f"{prefix}.in", item.model_dump_json(), "-t", TOPICS)
+    assert done.returncode == 0, _explain(done)
+    assert "HTTP Request" not in done.stderr and "httpx" not in done.stderr, done.stderr
+    [record] = await read_all(broker.settings(), [f"{prefix}.in"])
+    assert (record.value or b"")[:1] == b"\x00"  # the Confluent wire format: it registered

@@ -77,6 +77,7 @@ async def test_metrics_count_a_known_workload_and_lag_returns_to_zero(
     finally:
         assert proc.terminate() == 0
         log.close()
+    assert (tmp_path / "agent.log").read_text().count("metrics on http") == 1  # said once
     agent = {"agent": stage1.name}
     assert value(samples, "mesh_handler_invocations_total", outcome="ok", **agent) == 20
     assert value(samples, "mesh_handler_invocations_total", outcome="retry", **agent) == 4
