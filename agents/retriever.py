@@ -1,0 +1,162 @@
+"""The researcher's search: BM25 over the corpus shipped in ``agents/corpus/``.
+
+The corpus is the project's own docs (a snapshot of the README and the design notes)
+plus a few texts written for it or in the public domain (notes on MCP servers, an
+excerpt of Strunk's *Elements of Style*); any ``*.md`` or ``*.txt`` added there is
+indexed. Each paragraph of prose (code blocks and tables left out) is one
+:class:`Passage`, titled by its document and section.
+
+Ranking is Okapi BM25 from ``bm25s`` (the ``agents`` extra). Why it: it is maintained
+(releases through 2025, where ``rank-bm25`` stopped in 2022), it needs only numpy
+(scipy is optional), it indexes this corpus in milliseconds on one core and scores
+a query exactly (no approximate index), so the same query always gives the same
+passages in the same order (ties broken by corpus order). Embeddings from a small
+model would rank synonyms better but load a model of tens of MB per process.
+
+Example:
+    >>> hits = Corpus.default().search("MCP transports stdio", k=2)
+    >>> hits[0].section
+    'Transports: stdio and Streamable HTTP'
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+_STOPWORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before
+being below between both but by can could did do does doing down during each few for
+from further had has have having he her here hers him his how i if in into is it its
+itself just me more most my no nor not now of off on once only or other our ours out
+over own same she should so some such than that the their them then there these they
+this those through to too under until up very was we were what when where which while
+who whom why will with would you your yours create write post blog article technical""".split())  # noqa: SIM905
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-cased words without stop words, plurals folded (``servers`` -> ``server``)."""
+    found = []
+    for word in _TOKEN.findall(text.lower()):
+        if word in _STOPWORDS or len(word) < 2:
+            continue
+        if len(word) > 4 and word.endswith("ies"):
+            word = word[:-3] + "y"
+        elif len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+            word = word[:-1]
+        found.append(word)
+    return found
+
+
+class Passage(BaseModel):
+    """One paragraph of the corpus; ``n`` is its citation number once research
+    numbers the passages it keeps (0 before)."""
+
+    id: str
+    source: str
+    title: str
+    section: str
+    text: str
+    score: float = 0.0
+    n: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    id: str
+    source: str
+    title: str
+    section: str
+    text: str
+
+
+def _chunks(path: Path) -> list[_Chunk]:
+    text = re.sub(r"^```.*?^```[ \t]*$", "", path.read_text(encoding="utf-8"),
+                  flags=re.M | re.S)
+    title, section, found = path.stem.replace("-", " "), "", []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [ln for ln in block.strip().splitlines()
+                 if ln.strip() and not ln.lstrip().startswith(("|", "<", "    "))]
+        heading = [ln for ln in lines if ln.startswith("#")]
+        for ln in heading:
+            name = ln.lstrip("#").strip()
+            if ln.startswith("# "):
+                title = name
+            section = name
+        body = " ".join(ln.strip() for ln in lines if not ln.startswith("#"))
+        for piece in _pieces(body):
+            found.append(_Chunk(f"{path.name}#{len(found) + 1}", f"agents/corpus/{path.name}",
+                                title, section or title, piece))
+    return found
+
+
+def _pieces(body: str, most: int = 140) -> list[str]:
+    """``body`` in passages of at most about ``most`` words, cut between sentences;
+    fewer than 25 words is no passage."""
+    pieces, current = [], []
+    for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", body):
+        if current and len(" ".join([*current, sentence]).split()) > most:
+            pieces.append(" ".join(current))
+            current = []
+        current.append(sentence)
+    pieces.append(" ".join(current))
+    return [p for p in pieces if len(p.split()) >= 25]
+
+
+class Corpus:
+    """The passages of a directory of Markdown/text files and their BM25 index."""
+
+    def __init__(self, directory: Path) -> None:
+        import bm25s  # the agents extra; imported here so `mesh graph` needs none of it
+
+        files = sorted([*directory.glob("*.md"), *directory.glob("*.txt")])
+        self.chunks = [c for f in files for c in _chunks(f)]
+        if not self.chunks:
+            raise FileNotFoundError(f"No passages in {directory}: the corpus needs *.md or "
+                                    "*.txt files with paragraphs of 25 words or more.")
+        self._index = bm25s.BM25()
+        self._index.index([tokens(f"{c.section} {c.text}") for c in self.chunks],
+                          show_progress=False)
+        self._vocab = set(self._index.vocab_dict)
+        self._counts: dict[str, Counter[str]] = {}
+        for c in self.chunks:
+            self._counts.setdefault(c.source, Counter()).update(tokens(f"{c.section} {c.text}"))
+
+    @classmethod
+    @functools.cache
+    def default(cls) -> Corpus:
+        """The shipped corpus, indexed once per process."""
+        return cls(CORPUS)
+
+    def search(self, query: str, *, k: int = 5, exclude: frozenset[str] = frozenset(),
+               about: str = "") -> list[Passage]:
+        """The ``k`` best passages for ``query`` (score > 0), best first; ``exclude``
+        leaves out passages by id (those already found); ``about`` keeps only passages of
+        documents on that subject (each of its words there at least twice), so a query
+        word common elsewhere ("server", "test") does not pull in other documents."""
+        words = [t for t in tokens(query) if t in self._vocab]
+        if not words:
+            return []
+        anchor = tokens(about)
+        on_subject = {source for source, counts in self._counts.items()
+                      if all(counts[t] >= 2 for t in anchor)}
+        scores = self._index.get_scores(words)
+        ranked = sorted(range(len(self.chunks)), key=lambda i: (-float(scores[i]), i))
+        hits = []
+        for i in ranked:
+            chunk = self.chunks[i]
+            if float(scores[i]) <= 0 or len(hits) >= k:
+                break
+            if chunk.id not in exclude and chunk.source in on_subject:
+                hits.append(Passage(id=chunk.id, source=chunk.source, title=chunk.title,
+                                    section=chunk.section, text=chunk.text,
+                                    score=round(float(scores[i]), 4)))
+        return hits

@@ -1,0 +1,57 @@
+"""Topics of the writing mesh (agents/): a coordinator plans a document, specialists
+research, analyse, code, write and review it, on the delegation pattern.
+
+A request is the seed's: ``{"task": "Create a technical blog post about MCP servers",
+"requirements": {"word_count": 2000, "include_code": true, "audience": "developers"}}``;
+``workflow_id`` is made up when the sender leaves it out. Every topic is keyed by
+workflow id except the task topics (keyed ``<workflow>/<step>``).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from pydantic import BaseModel, Field
+
+from mesh.patterns.coordinator import DelegationTopics
+
+
+class Requirements(BaseModel):
+    """What the document must be: its length in words (within 10 %), whether it
+    carries a code sample that runs, who reads it, terms it must cover, and how many
+    review rounds at least (``min_review_rounds=1``: the first draft goes back for a
+    second look even when it passes)."""
+
+    word_count: int = Field(default=1000, ge=100, le=20_000)
+    include_code: bool = False
+    audience: str = "general readers"
+    must_cover: list[str] = Field(default_factory=list)
+    min_review_rounds: int = Field(default=0, ge=0, le=3)
+
+
+class WritingRequest(BaseModel):
+    """Someone wants a document: ``task`` says what, ``requirements`` how."""
+
+    task: str = Field(min_length=3)
+    requirements: Requirements = Field(default_factory=Requirements)
+    workflow_id: str = Field(default_factory=lambda: f"wf-{uuid.uuid4().hex[:10]}")
+
+
+SPECIALISTS = ("researcher", "analyst", "coder", "writer", "reviewer")
+
+writing = DelegationTopics.named("writing", WritingRequest, specialists=SPECIALISTS)
+
+requests = writing.requests
+plans = writing.plans
+workflows = writing.workflows
+results = writing.results
+events = writing.events
+outcomes = writing.outcomes
+research_tasks = writing.tasks["researcher"]
+analysis_tasks = writing.tasks["analyst"]
+code_tasks = writing.tasks["coder"]
+writing_tasks = writing.tasks["writer"]
+review_tasks = writing.tasks["reviewer"]
+# with human approval, the delegation pattern adds these (absent before it: None)
+approvals = getattr(writing, "approvals", None)
+decisions = getattr(writing, "decisions", None)
