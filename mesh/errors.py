@@ -12,7 +12,7 @@ topic. The hierarchy::
     │   │   └── UnknownSchema       framing fine, writer schema unknown
     │   ├── PayloadInvalid          decoded, but fails the payload model
     │   ├── PayloadTooLarge         above runtime.max_message_bytes
-    │   ├── HeaderInvalid           a mesh header present but malformed
+    │   ├── HeaderInvalid           an envelope built with invalid ids (headers never raise)
     │   └── SignatureInvalid        a task not signed with the plan key (forged, altered)
     ├── HandlerError                user code failed (retriable per instance)
     ├── Held                        not now: hold the partition, retry the same input later

@@ -17,7 +17,7 @@ Delivery contract (at-least-once):
   make the consumer drop out of its group.
 * On revoke, lanes of the revoked partitions finish the record in hand and their
   offsets are committed before the partitions move.
-* Bad input (undecodable, wrong schema, oversize, malformed header) and inputs whose
+* Bad input (undecodable, wrong schema, oversize; never a header) and inputs whose
   handler fails for good go to ``<topic>.dlq`` with headers naming the original
   topic, partition, offset, error class and message; the partition moves on.
 * A transport failure (broker gone) stops the agent loudly with an error; the
