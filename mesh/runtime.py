@@ -41,7 +41,6 @@ from mesh.codec import Codec
 from mesh.config import MeshSettings
 from mesh.envelope import (
     Envelope,
-    child_traceparent,
     new_event_id,
     now_ms,
     read_headers,

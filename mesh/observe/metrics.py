@@ -61,8 +61,8 @@ class MeshMetrics:
         self.registry = registry
         labels = ("agent", "topic")
         self.invocations = Counter("mesh_handler_invocations_total",
-                                   "Inputs handled, by outcome as the audit names it (ok, retry: sent to a retry "
-                                   "topic, dead_letter)",
+                                   "Inputs handled, by outcome as the audit names it (ok, retry: "
+                                   "sent to a retry topic, dead_letter)",
                                    (*labels, "outcome"), registry=registry)
         self.failures = Counter("mesh_handler_failures_total",
                                 "Inputs that failed (then retried or dead-lettered), by error",

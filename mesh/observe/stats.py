@@ -5,7 +5,7 @@ Two sources, joined by agent name:
 * the audit topic (:mod:`mesh.observe.audit`): an :class:`AuditWindow` keeps the
   ``consumed`` and ``produced`` events of the last ``window_s`` seconds (by the event's
   ``at_ms``, when handling started) and gives per agent the rate in and out, the
-  outcomes (``ok``, ``retry``, ``dead_letter``), the success rate, average and p50/p99 handling time,
+  outcomes (``ok``, ``retry``, ``dead_letter``), the success rate, mean and p50/p99 handling time,
   the distinct replicas (``details["replica"]`` when the publisher sets it) and the last
   error; it also keeps the last failures for the errors panel;
 * ``/metrics`` of agent processes (:mod:`mesh.observe.metrics`): a :class:`Scrape` per

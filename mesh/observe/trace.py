@@ -428,8 +428,9 @@ def render_trace(trace: Trace, models: Mapping[str, str] | None = None) -> Tree:
 
 def _render_node(parent: Tree, node: TraceNode, start: int, models: Mapping[str, str]) -> None:
     label = Text.assemble((node.topic or "?", "bold cyan"))
-    if node.topic in models:
-        label.append(f" ({models[node.topic]})", "cyan")
+    model = models.get(node.topic) if node.topic is not None else None
+    if model is not None:
+        label.append(f" ({model})", "cyan")
     label.append(f" [evt {_short(node.event_id)}] ")
     if node.producer is None:
         label.append("← ? (its production is not in the audit)", "dim")
