@@ -25,7 +25,7 @@ async def analyse(task: StepTask, ctx: Context) -> dict[str, Any]:
         raise HandlerError(f"Step {task.step_id!r} of {task.workflow_id!r}: the research "
                            f"found no passages ({', '.join(task.context) or 'no research'}). "
                            "Research other terms or add documents to agents/corpus/.")
-    await think()
+    await think(task)
     analysis = await brain_for(ctx).analyse(request_of(task), passages)
     return analysis.model_dump()
 

@@ -20,7 +20,7 @@ from topics.writing import writing
 async def code(task: StepTask, ctx: Context) -> dict[str, Any]:
     """A runnable sample on the subject; what it printed goes into the document."""
     analysis = Analysis.model_validate(latest(task, "outline"))
-    await think()
+    await think(task)
     sample = await brain_for(ctx).code(request_of(task), analysis)
     ran = await run_async(sample.code)
     if ran.exit_code != 0:

@@ -23,7 +23,7 @@ async def research(task: StepTask, ctx: Context) -> dict[str, Any]:
     def search(query: str, k: int) -> list[Any]:
         return corpus.search(query, k=k, about=about, exclude=exclude)
 
-    await think()
+    await think(task)
     found = await brain_for(ctx).research(list(task.input["queries"]),
                                           k=int(task.input.get("k", 8)), search=search,
                                           exclude=exclude)

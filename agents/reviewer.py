@@ -125,7 +125,7 @@ async def review(task: StepTask, ctx: Context) -> dict[str, Any]:
         raise HandlerError(f"Step {task.step_id!r} of {task.workflow_id!r} has no draft to "
                            f"review in its context ({', '.join(task.context)}): make it "
                            "depend on a writer step.")
-    await think()
+    await think(task)
     verdict = await review_draft(request_of(task), draft["markdown"],
                                  round_=int(task.input.get("round", 1)))
     ctx.logger.info("step %s: %s", task.step_id,

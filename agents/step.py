@@ -10,6 +10,7 @@ or draft whatever its step id.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -17,6 +18,8 @@ from agents.brain import Brain, brain
 from mesh.agent import Context
 from mesh.patterns.plan import StepTask
 from topics.writing import WritingRequest
+
+logger = logging.getLogger(__name__)
 
 THINK_ENV = "AGENTS_THINK_S"  # seconds each step takes on top of its work (0)
 
@@ -43,9 +46,11 @@ def brain_for(ctx: Context) -> Brain:
     return _brains[key]
 
 
-async def think() -> None:
+async def think(task: StepTask) -> None:
     """Take ``AGENTS_THINK_S`` seconds: a model's latency offline, for demos and the
-    fault tests that kill a specialist mid-step."""
+    fault tests that kill a specialist mid-step (logged, so they see it started)."""
     delay = float(os.environ.get(THINK_ENV, "0") or 0)
     if delay > 0:
+        logger.info("workflow %s step %s: working (%.1f s)", task.workflow_id, task.step_id,
+                    delay)
         await asyncio.sleep(delay)

@@ -22,7 +22,7 @@ async def write(task: StepTask, ctx: Context) -> dict[str, Any]:
     analysis = Analysis.model_validate(latest(task, "outline"))
     sample = latest(task, "code")
     code = CodeSample.model_validate(sample) if sample else None
-    await think()
+    await think(task)
     draft = await brain_for(ctx).write(request, analysis, code,
                                        list(task.input.get("feedback", [])))
     ctx.logger.info("step %s: %d words", task.step_id, draft.words)

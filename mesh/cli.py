@@ -293,6 +293,81 @@ def emit(topic_name: Annotated[str, typer.Argument(metavar="TOPIC")],
 
 
 @app.command()
+def submit(topic_name: Annotated[str, typer.Argument(metavar="TOPIC")],
+           payload: Annotated[str, typer.Argument(help="The request, as JSON")],
+           follow: Annotated[bool, typer.Option(
+               "--follow", help="Print the workflow's events until its outcome")] = False,
+           timeout: Annotated[float, typer.Option(
+               help="Seconds --follow waits for the outcome")] = 300.0,
+           modules: ModulesOpt = DEFAULT_MODULES) -> None:
+    """Send a request to a running delegation mesh (validated like `mesh emit`); with
+    --follow, print its workflow's events (stderr) and outcome (JSON, stdout): exit 0
+    when it succeeded, 1 when it failed or timed out."""
+    settings = _settings()
+    _require_cluster(settings)
+    declared = _declared(modules)
+    topic = declared.get(topic_name)
+    if topic is None:
+        raise typer.BadParameter(f"Topic {topic_name!r} is not declared in {modules}.")
+    try:
+        request = topic.model.model_validate_json(payload)
+    except ValidationError as exc:
+        err.print(f"[red]invalid {topic.model.__name__}:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    prefix = topic_name.removesuffix(".requests")
+    events, outcomes = declared.get(f"{prefix}.events"), declared.get(f"{prefix}.outcomes")
+    if follow and (events is None or outcomes is None or topic.key is None):
+        raise typer.BadParameter(
+            f"{topic_name!r} is not the requests topic of a delegation mesh: --follow reads "
+            f"{prefix}.events and {prefix}.outcomes, which are not declared in {modules}. "
+            "Submit to <mesh>.requests, or drop --follow (or use mesh emit).")
+    watched = (events, outcomes) if follow and events and outcomes else None
+    outcome = asyncio.run(_submit(settings, topic, request, watched, timeout))
+    if not follow:
+        return
+    if outcome is None:
+        err.print(f"[red]no outcome for the workflow within {timeout:.0f} s[/red]")
+        raise typer.Exit(1)
+    print(outcome.model_dump_json())
+    raise typer.Exit(0 if getattr(outcome, "success", False) else 1)
+
+
+async def _submit(settings: MeshSettings, topic: Topic[Any], request: Any,
+                  follow: tuple[Topic[Any], Topic[Any]] | None, timeout: float) -> Any:
+    """Emit ``request``; when following, the workflow's outcome (None on timeout)."""
+    async def send() -> None:
+        async with Emitter(settings, source="submit") as emitter:
+            env = (await emitter.emit(topic, [request]))[0]
+        print(json.dumps({"topic": topic.name, "workflow_id": str(getattr(request, key)),
+                          "event_id": env.event_id, "correlation_id": env.correlation_id}),
+              flush=True)
+
+    key = topic.key or "workflow_id"
+    if follow is None:
+        await send()
+        return None
+    events, outcomes = follow
+    workflow = str(getattr(request, key)).encode()
+    codec = Codec(settings.schema_registry)
+    async with TopicReader.for_key(settings.kafka, [events.name, outcomes.name],
+                                   workflow) as reader:
+        await reader.seek_to_end()
+        await send()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            for record in await reader.poll(0.5):
+                if record.key != workflow:
+                    continue
+                if record.topic == outcomes.name:
+                    return await codec.decode(outcomes, record.value or b"")
+                event: Any = await codec.decode(events, record.value or b"")
+                step = f" {event.step_id}" if getattr(event, "step_id", None) else ""
+                err.print(f"{getattr(event, 'kind', 'event')}{step}: "
+                          f"{escape(str(getattr(event, 'message', '')))}")
+    return None
+
+
+@app.command()
 def tap(topic_names: Annotated[list[str], typer.Argument(metavar="TOPIC...")],
         from_beginning: Annotated[bool, typer.Option("--from-beginning")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
@@ -562,6 +637,54 @@ def workflows_show(workflow_id: str, modules: ModulesOpt = DEFAULT_MODULES) -> N
                   f"{', '.join(t.name for t in topics)}")
         raise typer.Exit(1)
     print(format_history(history))
+
+
+DecisionTopicOpt = Annotated[str | None, typer.Option(
+    "--topic", help="The decisions topic, when several are declared")]
+ByOpt = Annotated[str | None, typer.Option("--by", help="Who decides (default: $USER)")]
+
+
+def _decide(workflow_id: str, step_id: str, *, approved: bool, by: str | None, reason: str,
+            modules: list[str], topic_name: str | None) -> None:
+    """Send a decision on a step waiting for approval (signed when the plan key is set)."""
+    import getpass
+
+    from mesh.patterns.approval import Decision, decision_topic, send_decision
+
+    settings = _settings()
+    _require_cluster(settings)
+    topic = decision_topic(_declared(modules).values(), topic_name)
+    try:
+        by = by or getpass.getuser()
+    except (KeyError, OSError):  # no user name in this environment (a bare container)
+        by = "unknown"
+    decision = Decision(workflow_id=workflow_id, step_id=step_id, approved=approved, by=by,
+                        reason=reason)
+    env = asyncio.run(send_decision(settings, topic, decision))
+    print(json.dumps({"topic": topic.name, "workflow_id": workflow_id, "step_id": step_id,
+                      "approved": approved, "by": decision.by, "event_id": env.event_id,
+                      "signed": settings.security.plan_key is not None}))
+
+
+@app.command()
+def approve(workflow_id: Annotated[str, typer.Argument(metavar="WORKFLOW")],
+            step_id: Annotated[str, typer.Argument(metavar="STEP")], by: ByOpt = None,
+            reason: Annotated[str, typer.Option(help="Why (optional)")] = "",
+            modules: ModulesOpt = DEFAULT_MODULES, topic: DecisionTopicOpt = None) -> None:
+    """Approve a delegated step waiting for approval: the coordinator dispatches it."""
+    _decide(workflow_id, step_id, approved=True, by=by, reason=reason, modules=modules,
+            topic_name=topic)
+
+
+@app.command()
+def reject(workflow_id: Annotated[str, typer.Argument(metavar="WORKFLOW")],
+           step_id: Annotated[str, typer.Argument(metavar="STEP")],
+           reason: Annotated[str, typer.Option(help="Why (in the failed outcome)")],
+           by: ByOpt = None, modules: ModulesOpt = DEFAULT_MODULES,
+           topic: DecisionTopicOpt = None) -> None:
+    """Reject a delegated step waiting for approval: its workflow fails with the reason."""
+    _decide(workflow_id, step_id, approved=False, by=by, reason=reason, modules=modules,
+            topic_name=topic)
 
 
 @app.command()
