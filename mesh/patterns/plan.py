@@ -44,6 +44,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mesh.errors import ConfigError, MeshError
+from mesh.patterns.budget import Usage
 
 
 class PlanError(MeshError):
@@ -64,7 +65,10 @@ class PlanStep(BaseModel):
     """One step: which specialist does it, with what input, after which steps.
 
     ``checkpoint`` asks the coordinator to call its reviewer when the step's result
-    arrives, so the reviewer can revise the rest of the plan.
+    arrives, so the reviewer can revise the rest of the plan. ``approval`` makes the
+    step wait, once ready, for a person's decision (:mod:`mesh.patterns.approval`) for
+    at most ``approval_timeout_s`` (None: the coordinator's default), then it is
+    rejected.
 
     Example:
         >>> PlanStep(id="analyse", specialist="analyst", depends_on=["research"],
@@ -79,6 +83,8 @@ class PlanStep(BaseModel):
     input: dict[str, Any] = Field(default_factory=dict)
     depends_on: list[str] = Field(default_factory=list)
     checkpoint: bool = False
+    approval: bool = False
+    approval_timeout_s: float | None = Field(default=None, gt=0)
 
     def same_work(self, other: PlanStep) -> bool:
         """Whether ``other`` asks for exactly this work (a revision that keeps a step
@@ -135,7 +141,9 @@ class StepTask(BaseModel):
 
 
 class StepResult(BaseModel):
-    """A specialist's answer for one dispatch: an output, or a failure after retries."""
+    """A specialist's answer for one dispatch: an output, or a failure after retries,
+    with what the step cost when its specialist reported it (``usage``, see
+    :mod:`mesh.patterns.budget`)."""
 
     workflow_id: str
     step_id: str
@@ -144,6 +152,7 @@ class StepResult(BaseModel):
     ok: bool
     output: Any = None
     error: str | None = None
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True, slots=True)

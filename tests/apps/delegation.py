@@ -6,7 +6,10 @@ parallel -> analyse, a checkpoint where the reviewer adds fact-check -> write),
 ``depends_on``, so they run in order), ``unknown`` (a step for an unregistered
 'coder'), ``cycle`` and ``replan`` (a report whose failing step the reviewer replaces).
 ``fail_step`` makes that step's specialist raise (not retriable), ``flaky_step`` raises
-a retriable error on its first attempt, ``sleep_ms`` makes every step slow.
+a retriable error on its first attempt, ``sleep_ms`` makes every step slow, ``tokens``
+makes every step report that many tokens and one model call, ``approval_step`` makes
+that step of a report wait for approval (``approval_timeout_s``), ``budget`` is the
+request's own budget.
 `mesh run tests.apps.delegation:coordinator` with ``MESH_TEST_PREFIX`` runs the
 coordinator on the test's topics.
 """
@@ -23,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh import Codec, Context, Envelope, MeshSettings
+from mesh.patterns.budget import Budget
 from mesh.patterns.coordinator import (
     Coordinator,
     DelegationTopics,
@@ -30,6 +34,7 @@ from mesh.patterns.coordinator import (
     WorkflowOutcome,
 )
 from mesh.patterns.plan import PlanStep, Review, Revision, Rule, RulesPlanner, StepTask
+from mesh.patterns.specialist import record_usage
 from mesh.reader import TopicReader
 from mesh.transport import OutRecord
 
@@ -45,14 +50,20 @@ class Job(BaseModel):
     sleep_ms: int = 0
     fail_step: str | None = None
     flaky_step: str | None = None
+    tokens: int = 0
+    approval_step: str | None = None
+    approval_timeout_s: float | None = None
+    budget: Budget | None = None
 
 
 def report_steps(job: Job) -> list[PlanStep]:
     def step(sid: str, specialist: str, *deps: str, checkpoint: bool = False) -> PlanStep:
         knobs = {"sleep_ms": job.sleep_ms, "fail": sid == job.fail_step,
-                 "flaky": sid == job.flaky_step}
+                 "flaky": sid == job.flaky_step, "tokens": job.tokens}
         return PlanStep(id=sid, specialist=specialist, depends_on=list(deps),
-                        checkpoint=checkpoint, input={"subject": job.subject, **knobs})
+                        checkpoint=checkpoint, input={"subject": job.subject, **knobs},
+                        approval=sid == job.approval_step,
+                        approval_timeout_s=job.approval_timeout_s)
 
     return [step("research-a", "researcher"), step("research-b", "researcher"),
             step("analyse", "analyst", "research-a", "research-b", checkpoint=True),
@@ -97,7 +108,7 @@ async def reviewer(review: Review) -> Revision | None:
                                                f"{review.failure}")
     if review.step.id != "analyse":
         return None
-    knobs = {k: v for k, v in review.step.input.items() if k == "sleep_ms"}
+    knobs = {k: v for k, v in review.step.input.items() if k in ("sleep_ms", "tokens")}
     return Revision([
         PlanStep(id="fact-check", specialist="fact-checker", depends_on=["analyse"],
                  input={"subject": job.subject, **knobs}),
@@ -112,6 +123,8 @@ async def work(task: StepTask, ctx: Context) -> dict[str, Any]:
         raise ValueError(f"{task.specialist} cannot do {task.step_id}")
     if task.input.get("flaky") and ctx.attempt == 1:
         raise TimeoutError(f"{task.specialist} timed out on {task.step_id}")
+    if task.input.get("tokens"):
+        record_usage(tokens=task.input["tokens"], calls=1)
     if task.input.get("sleep_ms"):
         await asyncio.sleep(task.input["sleep_ms"] / 1000)
     return {"by": task.specialist, "step": task.step_id, "context": sorted(task.context)}
@@ -128,7 +141,7 @@ def build(prefix: str) -> DelegationApp:
     """The app with topics named ``<prefix>.*`` and groups ``<prefix>-*``."""
     topics = DelegationTopics.named(prefix, Job, specialists=SPECIALISTS)
     coordinator = Coordinator(f"{prefix}-coordinator", topics=topics, planner=planner,
-                              reviewer=reviewer)
+                              reviewer=reviewer, check_every_s=0.5)
     specialists = [Specialist(name, topics=topics, handler=work, group=f"{prefix}-{name}")
                    for name in SPECIALISTS]
     return DelegationApp(topics, coordinator, specialists)
@@ -165,3 +178,4 @@ async def outcomes_of(settings: MeshSettings, codec: Codec, topics: DelegationTo
 
 app = build(os.environ.get("MESH_TEST_PREFIX", "delegation-test"))
 coordinator = app.coordinator
+approvals, decisions = app.topics.approvals, app.topics.decisions  # for `mesh approve -t`
