@@ -640,7 +640,7 @@ def workflows_show(workflow_id: str, modules: ModulesOpt = DEFAULT_MODULES) -> N
 
 
 DecisionTopicOpt = Annotated[str | None, typer.Option(
-    "--topic", help="The decisions topic, when several are declared")]
+    "--topic", help="The decisions topic (or the mesh's prefix), when several are declared")]
 ByOpt = Annotated[str | None, typer.Option("--by", help="Who decides (default: $USER)")]
 
 

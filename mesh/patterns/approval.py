@@ -122,11 +122,12 @@ def verify_decision(signer: PlanSigner, decision: Decision) -> None:
 
 
 def decision_topic(declared: Iterable[Topic[Any]], name: str | None = None) -> Topic[Decision]:
-    """The decisions topic among ``declared``: the one called ``name``, else the only
-    topic carrying :class:`Decision`."""
+    """The decisions topic among ``declared``: the one called ``name`` (or
+    ``<name>.decisions``: a mesh's prefix will do), else the only topic carrying
+    :class:`Decision`."""
     found = [t for t in declared if t.model is Decision]
     if name is not None:
-        found = [t for t in found if t.name == name]
+        found = [t for t in found if t.name in (name, f"{name}.decisions")]
     if len(found) != 1:
         names = ", ".join(sorted(t.name for t in declared if t.model is Decision)) or "none"
         wanted = f"called {name!r} " if name else ""

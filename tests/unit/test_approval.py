@@ -222,5 +222,6 @@ def test_record_usage_counts_only_inside_a_step_and_decision_topic_is_found() ->
     assert record_usage(tokens=5) is False
     topics = build("unit").topics
     assert decision_topic(topics.all()) is topics.decisions
+    assert decision_topic(topics.all(), "unit") is topics.decisions  # the prefix will do
     with pytest.raises(Exception, match="found 0"):
         decision_topic([topics.requests])
