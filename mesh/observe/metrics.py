@@ -24,6 +24,11 @@ process is listed by its module and read at scrape time:
   ``level`` (1 = the first fallback; the primary's answers are not counted here);
 * ``mesh_fallbacks_exhausted_total{agent}``: inputs every level failed (dead-lettered).
 
+Delegation specialists' step costs (what handlers report with
+:func:`mesh.patterns.specialist.record_usage`) are read the same way:
+``mesh_step_tokens_total{agent}``, ``mesh_step_calls_total{agent}`` (model calls) and
+``mesh_step_cost_total{agent}`` (in the specialists' currency).
+
 Two breakers of one name in a process (tests, two replicas in one process) are reported
 once: the most open state, the most transitions, the sum of rejections.
 
@@ -82,6 +87,7 @@ class MeshMetrics:
         registry.register(_RunnerCollector(self._runners))
         registry.register(_ResilienceCollector(live_breakers, fallback_stats))
         registry.register(_LLMCollector(_llm_stats))
+        registry.register(_StepUsageCollector(_step_usage))
 
     def watch(self, runner: AgentRunner) -> None:
         """Count ``runner``'s outcomes and read its state at every scrape."""
@@ -238,3 +244,32 @@ class _LLMCollector(Collector):
             runs.add_metric([agent, "ok"], ran - failed)
             runs.add_metric([agent, "failed"], failed)
         yield from (tokens, requests, runs)
+
+
+def _step_usage() -> list[Any]:
+    """The delegation specialists' step usage if they are in use (imports nothing)."""
+    module = sys.modules.get("mesh.patterns.specialist")
+    return list(module.step_usage()) if module is not None else []
+
+
+class _StepUsageCollector(Collector):
+    """Reads what the process's specialists' steps reported they cost, at scrape time."""
+
+    def __init__(self, stats: Callable[[], list[Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        families = [CounterMetricFamily(f"mesh_step_{what}", help_text, labels=["agent"])
+                    for what, help_text in (
+                        ("tokens", "Tokens delegated steps reported (record_usage)"),
+                        ("calls", "Model calls delegated steps reported (record_usage)"),
+                        ("cost", "Cost delegated steps reported (record_usage)"))]
+        totals: dict[str, list[float]] = {}
+        for stats in self._stats():
+            total = totals.setdefault(stats.agent, [0, 0, 0.0])
+            for i, value in enumerate((stats.tokens, stats.calls, stats.cost)):
+                total[i] += value
+        for agent, values in sorted(totals.items()):
+            for family, value in zip(families, values, strict=True):
+                family.add_metric([agent], value)
+        yield from families

@@ -225,3 +225,38 @@ def test_record_usage_counts_only_inside_a_step_and_decision_topic_is_found() ->
     assert decision_topic(topics.all(), "unit") is topics.decisions  # the prefix will do
     with pytest.raises(Exception, match="found 0"):
         decision_topic([topics.requests])
+
+
+async def test_a_specialist_puts_recorded_usage_on_its_result_and_in_metrics() -> None:
+    """Pass: a handler recording twice (120 tokens in 2 calls, 0.01) answers with that
+    usage on its StepResult; a failing attempt's recorded usage is on the failed result;
+    /metrics shows the specialist's totals."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mesh.observe.metrics import MeshMetrics
+    from mesh.patterns.coordinator import DelegationTopics, Specialist, StepTask
+
+    async def work(task: StepTask, ctx: Context) -> dict[str, str]:
+        record_usage(tokens=100, calls=1)
+        record_usage(Usage(tokens=20, calls=1, cost=0.01))
+        if task.input.get("fail"):
+            raise ValueError("no")
+        return {"ok": "yes"}
+
+    topics = DelegationTopics.named("metered", Job, specialists=["metered-writer"])
+    agent = Specialist("metered-writer", topics=topics, handler=work)  # a name of its own
+    task = StepTask(task_id="w/s", workflow_id="w", step_id="s", dispatch_id="w/s/v1",
+                    specialist="metered-writer", plan_version=1)
+    ctx = Context(agent, Envelope(task, "e1", "c1", topic=topics.tasks["metered-writer"].name))
+    result = await agent.handle(task, ctx)
+    assert result.usage == Usage(tokens=120, calls=2, cost=0.01)
+    failing = task.model_copy(update={"input": {"fail": True}, "dispatch_id": "w/s/v2"})
+    with pytest.raises(ValueError):
+        await agent.handle(failing, ctx)
+    await agent.on_failure(failing, ctx, ValueError("no"))
+    (failed,) = [e.payload for e in ctx.outputs]
+    assert (failed.ok, failed.usage) == (False, Usage(tokens=120, calls=2, cost=0.01))
+    text = generate_latest(MeshMetrics(CollectorRegistry()).registry).decode()
+    assert 'mesh_step_tokens_total{agent="metered-writer"} 240.0' in text
+    assert 'mesh_step_calls_total{agent="metered-writer"} 4.0' in text
+    assert 'mesh_step_cost_total{agent="metered-writer"} 0.02' in text
