@@ -353,18 +353,24 @@ async def _submit(settings: MeshSettings, topic: Topic[Any], request: Any,
                                    workflow) as reader:
         await reader.seek_to_end()
         await send()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
+        clock = asyncio.get_running_loop().time
+        deadline, outcome, ended = clock() + timeout, None, False
+        # The outcome and the events are two topics: after the outcome, print the events
+        # still on their way up to the workflow's last one (for a few seconds at most).
+        while clock() < deadline and not (ended and outcome is not None):
             for record in await reader.poll(0.5):
                 if record.key != workflow:
                     continue
                 if record.topic == outcomes.name:
-                    return await codec.decode(outcomes, record.value or b"")
+                    outcome = await codec.decode(outcomes, record.value or b"")
+                    deadline = min(deadline, clock() + 5.0)
+                    continue
                 event: Any = await codec.decode(events, record.value or b"")
+                kind = str(getattr(event, "kind", "event"))
                 step = f" {event.step_id}" if getattr(event, "step_id", None) else ""
-                err.print(f"{getattr(event, 'kind', 'event')}{step}: "
-                          f"{escape(str(getattr(event, 'message', '')))}")
-    return None
+                err.print(f"{kind}{step}: {escape(str(getattr(event, 'message', '')))}")
+                ended = ended or kind in ("WorkflowCompleted", "WorkflowFailed")
+    return outcome
 
 
 @app.command()
