@@ -1,6 +1,8 @@
 """The demo mesh: researcher -> writer -> editor, and a fact checker beside the writer.
 
-The writer and the fact checker both consume ``demo.findings``, each in its own
+Agent names (and so consumer groups, metric labels, audit records) start with ``demo-``:
+the reference writing mesh beside it in this package has a researcher and a writer of
+its own. The writer and the fact checker both consume ``demo.findings``, each in its own
 consumer group, so each sees every event: fan-out by wiring alone. The agents are
 rule-based so the demo runs anywhere with no model or network; an LLM-backed agent has
 the same shape (an async handler from payload to payload).
@@ -31,7 +33,7 @@ from topics.demo import (
 )
 
 
-@agent(consumes=requests, produces=findings)
+@agent(consumes=requests, produces=findings, name="demo-researcher")
 async def researcher(request: ResearchRequest, ctx: Context) -> Findings:
     """Gathers facts about the subject."""
     words = request.subject.split()
@@ -42,14 +44,14 @@ async def researcher(request: ResearchRequest, ctx: Context) -> Findings:
                     sources=[f"kb://{w.lower()}" for w in words])
 
 
-@agent(consumes=findings, produces=drafts)
+@agent(consumes=findings, produces=drafts, name="demo-writer")
 async def writer(found: Findings, ctx: Context) -> Draft:
     """Turns findings into a draft."""
     body = " ".join(f"{fact}." for fact in found.facts)
     return Draft(request_id=found.request_id, title=f"On {found.subject}", body=body)
 
 
-@agent(consumes=drafts, produces=articles)
+@agent(consumes=drafts, produces=articles, name="demo-editor")
 async def editor(draft: Draft, ctx: Context) -> Article:
     """Polishes the draft into the final article."""
     body = draft.body[0].upper() + draft.body[1:] if draft.body else draft.body
@@ -57,7 +59,7 @@ async def editor(draft: Draft, ctx: Context) -> Article:
                    word_count=len(body.split()))
 
 
-@agent(consumes=findings, produces=fact_checks)
+@agent(consumes=findings, produces=fact_checks, name="demo-fact-checker")
 async def fact_checker(found: Findings, ctx: Context) -> FactCheck:
     """Checks every finding has a source (fan-out branch, its own consumer group)."""
     flagged = [f for f in found.facts if not found.sources]

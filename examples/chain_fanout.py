@@ -37,9 +37,11 @@ def start_services(bootstrap: str) -> dict[str, subprocess.Popen[bytes]]:
     env = {**os.environ, "MESH_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
            "MESH_KAFKA__PROFILE": "embedded", "MESH_LOG_LEVEL": "WARNING",
            "MESH_METRICS__HOST": "127.0.0.1"}
-    return {a.name: subprocess.Popen([sys.executable, "-m", "mesh.cli", "run",
-                                      f"agents.demo:{a.name}"], env=env, cwd=ROOT)
-            for a in app.agents}
+    # agents.demo's attribute of each agent: its name without the demo- prefix
+    return {a.name: subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", "run",
+         f"agents.demo:{a.name.removeprefix('demo-').replace('-', '_')}"], env=env, cwd=ROOT)
+        for a in app.agents}
 
 
 async def emit(settings: MeshSettings) -> list[Envelope[ResearchRequest]]:

@@ -704,7 +704,8 @@ async def test_emit_with_a_registry_does_not_log_its_http_calls(
     env = {k: v for k, v in cli.env.items() if k.lower() not in ("http_proxy", "all_proxy")}
     with FakeSchemaRegistry() as registry:
         done = await dataclasses.replace(cli, env=env).with_env(
-            MESH_SCHEMA_REGISTRY__URL=registry.url, MESH_LOG_LEVEL="INFO")(
+            MESH_SCHEMA_REGISTRY__URL=registry.url, MESH_LOG_LEVEL="INFO",
+            MESH_AUDIT__ENABLED="false")(  # the session's audit topic stays registry-free
             "emit", f"{prefix}.in", item.model_dump_json(), "-t", TOPICS)
     assert done.returncode == 0, _explain(done)
     assert "HTTP Request" not in done.stderr and "httpx" not in done.stderr, done.stderr

@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import ROOT
 
 EXPECTED = {  # example -> a line fragment its output must contain
-    "chain_fanout.py": "services stopped: researcher exit 0, writer exit 0, editor exit 0",
+    "chain_fanout.py": ("services stopped: demo-researcher exit 0, demo-writer exit 0, "
+                     "demo-editor exit 0"),
     "writing.py": "review: approved after 1 round(s)",
     "chain.py": "briefing.review",
     "fan_out.py": "timed out",

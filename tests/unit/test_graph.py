@@ -334,11 +334,11 @@ def test_demo_app_graph_is_the_documented_chain_and_fan_out() -> None:
     topology = build_topology(agents, topics=extra)
     consumes = {(e.topic, e.agent) for e in topology.edges if e.kind == "consumes"}
 
-    assert {("demo.findings", "writer"), ("demo.findings", "fact_checker")} <= consumes
+    assert {("demo.findings", "demo-writer"), ("demo.findings", "demo-fact-checker")} <= consumes
     assert flags_of(topology) == {
-        ("unproduced", "demo.requests", ("researcher",)),
-        ("unconsumed", "demo.articles", ("editor",)),
-        ("unconsumed", "demo.fact-checks", ("fact_checker",))}
+        ("unproduced", "demo.requests", ("demo-researcher",)),
+        ("unconsumed", "demo.articles", ("demo-editor",)),
+        ("unconsumed", "demo.fact-checks", ("demo-fact-checker",))}
 
 
 def test_load_target_errors_name_the_target() -> None:

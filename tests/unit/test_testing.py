@@ -92,11 +92,11 @@ async def test_demo_request_comes_out_as_article_and_fact_check_with_derived_ids
     assert article.payload.title == "On Kafka Streams"
     assert check.payload.checked == 3 and check.payload.flagged == []
     assert {e.correlation_id for e in (found, draft, article, check)} == {sent.correlation_id}
-    assert found.event_id == derive_event_id("researcher", sent.event_id, 0)
-    assert draft.event_id == derive_event_id("writer", found.event_id, 0)
-    assert article.event_id == derive_event_id("editor", draft.event_id, 0)
-    assert check.event_id == derive_event_id("fact_checker", found.event_id, 0)
-    assert (article.causation_id, article.source) == (draft.event_id, "editor")
+    assert found.event_id == derive_event_id("demo-researcher", sent.event_id, 0)
+    assert draft.event_id == derive_event_id("demo-writer", found.event_id, 0)
+    assert article.event_id == derive_event_id("demo-editor", draft.event_id, 0)
+    assert check.event_id == derive_event_id("demo-fact-checker", found.event_id, 0)
+    assert (article.causation_id, article.source) == (draft.event_id, "demo-editor")
     trace_id = sent.traceparent.split("-")[1]
     assert all(e.traceparent.split("-")[1] == trace_id for e in (found, draft, article, check))
 
@@ -109,8 +109,8 @@ async def test_every_handling_and_output_is_audited_like_production() -> None:
     assert len(records) == 5  # the emit's, then one per input handled (with its outputs)
     audit = [one for record in records for one in expand(record)]  # type: ignore[arg-type]
     consumed = sorted((a.agent, a.outcome) for a in audit if a.kind == "consumed")
-    assert consumed == [("editor", "ok"), ("fact_checker", "ok"), ("researcher", "ok"),
-                        ("writer", "ok")]
+    assert consumed == [("demo-editor", "ok"), ("demo-fact-checker", "ok"),
+                        ("demo-researcher", "ok"), ("demo-writer", "ok")]
     produced = [a for a in audit if a.kind == "produced"]
     assert len(produced) == 5  # the emit and one output per agent
     assert {a.correlation_id for a in audit} == {sent.correlation_id}
