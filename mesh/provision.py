@@ -4,16 +4,24 @@
 declared partitions and configs (and its ``.dlq`` companion); an existing one is
 compared and any difference is reported as drift, never changed silently (partition
 counts cannot shrink, and changing them moves keys between partitions).
+
+On a cluster a created topic reaches each broker's metadata a moment after the
+controller accepted it, and a client asks whichever broker it likes: ``apply_topics``
+returns only once the cluster answers with every created topic, all its partitions and
+a leader for each, so the next step (an agent's start check, a producer, a reader)
+does not race the metadata.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from mesh.config import KafkaSettings
-from mesh.errors import TopicDrift
+from mesh.errors import TopicDrift, TransportError
 from mesh.topic import Topic
 from mesh.transport import MAX_REQUEST_BYTES, Admin, TopicSpec
 
@@ -21,6 +29,12 @@ Action = Literal["created", "unchanged", "drift"]
 
 # Dead letters keep records the mesh refused for their size: let them be that large.
 DLQ_CONFIGS = {"max.message.bytes": str(MAX_REQUEST_BYTES)}
+
+VISIBLE_TIMEOUT_S = 30.0  # leader election for new partitions takes milliseconds
+# The admin client asks a random broker per request: answers from several in a row,
+# each showing every created partition led, stand for "the cluster sees them".
+VISIBLE_CONFIRMATIONS = 3
+VISIBLE_POLL_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,19 +68,59 @@ async def apply_topics(settings: KafkaSettings, topics: Iterable[Topic[Any]]) ->
     """
     specs = specs_of(topics)
     changes = []
+    created: list[TopicSpec] = []
     async with Admin(settings) as admin:
         existing = await admin.describe([s.name for s in specs])
         for spec in specs:
             found = existing.get(spec.name)
             if found is None:
                 await admin.create_topic(spec)
+                created.append(spec)
                 changes.append(TopicChange(spec.name, "created",
                                            f"{spec.partitions} partitions"))
                 continue
             drift = _drift(spec, found)
             changes.append(TopicChange(spec.name, "drift" if drift else "unchanged",
                                        "; ".join(drift)))
+        await wait_visible(admin, created)
     return changes
+
+
+async def wait_visible(admin: Admin, specs: Sequence[TopicSpec], *,
+                       timeout: float = VISIBLE_TIMEOUT_S) -> None:
+    """Wait until the cluster's metadata shows each of ``specs`` with all its partitions
+    and a leader for each, in several answers in a row (each request goes to a random
+    broker); raise :class:`~mesh.errors.TransportError` naming what is still missing
+    after ``timeout`` seconds.
+
+    Example:
+        >>> await wait_visible(admin, [TopicSpec("shop.orders", 6)])  # doctest: +SKIP
+    """
+    deadline = time.monotonic() + timeout
+    confirmed = 0
+    while specs:
+        missing = await _not_led(admin, specs)
+        confirmed = 0 if missing else confirmed + 1
+        out_of_time = time.monotonic() >= deadline
+        if confirmed >= VISIBLE_CONFIRMATIONS or (confirmed and out_of_time):
+            return
+        if out_of_time:
+            raise TransportError(
+                f"Created topic(s) but the cluster's metadata did not show them with a "
+                f"leader for every partition within {timeout:.0f} s: {'; '.join(missing)}. "
+                "Check that every broker is up (its log names the partition), then run "
+                "`mesh topics apply` again: it creates nothing twice.")
+        await asyncio.sleep(VISIBLE_POLL_S)  # poll interval; the deadline bounds the loop
+
+
+async def _not_led(admin: Admin, specs: Sequence[TopicSpec]) -> list[str]:
+    """Each spec whose partitions the broker asked does not all show with a leader."""
+    missing = []
+    for spec in specs:
+        led = await admin.leaders(spec.name)
+        if sorted(led) != list(range(spec.partitions)):
+            missing.append(f"{spec.name} ({len(led)} of {spec.partitions} partitions led)")
+    return missing
 
 
 async def check_topics(settings: KafkaSettings, topics: Iterable[Topic[Any]]) -> None:

@@ -139,8 +139,9 @@ class TopicReader:
         return chosen
 
     async def _ends(self, timeout: float) -> dict[Partition, int]:
-        """Each partition's high watermark, learned from real fetches. The fetches move
-        the positions: every caller seeks afterwards."""
+        """Each partition's high watermark, learned from real fetches, in the order of
+        :attr:`partitions` (the order the fetches answer in depends on the broker). The
+        fetches move the positions: every caller seeks afterwards."""
         ends: dict[Partition, int] = {}
         deadline = time.monotonic() + timeout
         while len(ends) < len(self.partitions) and time.monotonic() < deadline:
@@ -153,10 +154,11 @@ class TopicReader:
         if len(ends) < len(self.partitions):
             raise TransportError(f"No high watermark for {len(self.partitions) - len(ends)} "
                                  f"partition(s) within {timeout:.0f} s.")
-        return ends
+        return {part: ends[part] for part in self.partitions}
 
     async def seek_to_end(self, timeout: float = 30.0) -> dict[Partition, int]:
-        """Start from now: skip everything already in the partitions; returns their ends."""
+        """Start from now: skip everything already in the partitions; returns their ends
+        (in the order of :attr:`partitions`)."""
         ends = await self._ends(timeout)
         for part, end in ends.items():
             self._consumer.seek(part, end)
