@@ -16,9 +16,26 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m examples.writing
 
+# The whole suite on the embedded broker, then the integration and fault tests again on
+# a three-node Apache Kafka cluster (tests/README.md says which tests run where and why).
+# MESH_TEST_KAFKA (or MESH_KAFKA__BOOTSTRAP_SERVERS) set: the whole suite once, there.
+# pytest's exit code 5 (no tests collected) fails the target like any other failure.
+# Apache session: the integration and fault tests that use the session's broker (or are
+# marked apache), minus test_apache_broker.py (its own JVMs: it ran in the first session)
+# and, for CI's 30 minutes, the CLI rendering and tracing tests (they pass there too).
+APACHE_SKIPPED := test_apache_broker test_cli test_trace_cli test_top_cli test_dlq_cli \
+	test_trace_context test_tracing test_metrics test_llm test_llm_openai test_user_project
+APACHE_TESTS := --broker-tests-only tests/integration tests/faults \
+	$(foreach t,$(APACHE_SKIPPED),--ignore=tests/integration/$(t).py)
+
 test: $(STAMP)
 	$(BIN)/mesh schemas check
+ifneq ($(MESH_TEST_KAFKA)$(MESH_KAFKA__BOOTSTRAP_SERVERS),)
 	$(BIN)/python -m pytest
+else
+	$(BIN)/python -m pytest
+	MESH_TEST_KAFKA=apache $(BIN)/python -m pytest $(APACHE_TESTS)
+endif
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

@@ -130,10 +130,25 @@ def mesh_cli() -> list[str]:
     return [sys.executable, "-m", "mesh.cli"]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--broker-tests-only", action="store_true",
+        help="deselect tests that use neither the session's broker (fixture `broker`) nor "
+             "Apache Kafka (marker `apache`): a second session on another broker runs only "
+             "the tests that broker can change (make test, see tests/README.md)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         path = str(item.path)
         if "/integration/" in path:
             item.add_marker(pytest.mark.integration)
         if "/faults/" in path:
             item.add_marker(pytest.mark.faults)
+    if config.getoption("--broker-tests-only"):
+        kept = [i for i in items if "broker" in getattr(i, "fixturenames", ())
+                or i.get_closest_marker("apache") is not None]
+        dropped = [i for i in items if i not in kept]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
