@@ -378,6 +378,9 @@ class ApacheKafka:
             # small segments and a small cleaner buffer: a test cluster, not a data centre
             "log.segment.bytes": 16 * 1024 * 1024,
             "log.cleaner.dedupe.buffer.size": 16 * 1024 * 1024,
+            # the cleaner looks for dirty logs every second, not every 15 s: compaction
+            # (state tables, checkpoints) is seen within a test's bounds
+            "log.cleaner.backoff.ms": 1000,
             "num.partitions": 1,
         }
         return "".join(f"{k}={v}\n" for k, v in settings.items())

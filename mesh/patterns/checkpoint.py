@@ -304,13 +304,26 @@ class Pipeline:
             await self._execute(current, task, ctx)
             return
         # A replay or a duplicate: the checkpoint has the stage. Resend what its run sent
-        # (the next task, or the result), which gets the same event ids as the first time.
+        # (the next task or the result, then its events: a kill -9 may have landed after
+        # the checkpoint's batch and before theirs), in the same order, so every output
+        # gets the same event id as the first time and sinks apply it once.
         if current.status == "completed" and task.stage == count - 1:
             ctx.emit(self.topics.results, self._result(current))
+            self._finished_again(current, task.stage, ctx)
+            ctx.emit(self.topics.events, self._event(wf, ctx, "completed"))
         elif current.status == "running" and task.stage == done - 1:
             self._schedule(wf, done, ctx)
+            self._finished_again(current, task.stage, ctx)
         ctx.logger.info("pipeline %s: %s stage %d is %s by the checkpoint, not run", self.name,
                         wf, task.stage, "done" if task.stage < done else "not due")
+
+    def _finished_again(self, current: Checkpoint, index: int, ctx: Context) -> None:
+        """The ``finished`` event of a recorded stage, as its run emitted it (its
+        elapsed time from the checkpoint)."""
+        run = current.completed[index]
+        ctx.emit(self.topics.events, self._event(
+            current.workflow_id, ctx, "finished", index,
+            elapsed_ms=run.finished_at_ms - run.started_at_ms))
 
     async def _execute(self, current: Checkpoint, task: StageTask, ctx: Context) -> None:
         stage, index = self.stages[task.stage], task.stage

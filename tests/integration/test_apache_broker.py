@@ -21,6 +21,7 @@ import pytest
 from mesh import ApacheKafka
 from mesh.config import KafkaSettings
 from mesh.errors import BrokerUnavailable
+from mesh.provision import wait_visible
 from mesh.transport import Admin, Consumer, OutRecord, Partition, Producer, Record, TopicSpec
 from tests.integration.test_cli import Cli
 
@@ -114,6 +115,7 @@ async def test_three_nodes_replicate_and_keep_acks_all_through_a_leader_kill(
         topic = f"{prefix}.replicated"
         async with Admin(settings) as admin:
             await admin.create_topic(TopicSpec(topic, 1, 3))
+            await wait_visible(admin, [TopicSpec(topic, 1, 3)])  # every broker knows it
             described = await admin.describe([topic])
         assert described[topic].configs is not None
         assert described[topic].configs["min.insync.replicas"] == "2"
