@@ -497,17 +497,12 @@ class AgentRunner:
         window = self.settings.runtime.max_uncommitted
         try:
             while not lane.stopping:
+                # Cleared before looking: new records, a finished input, an ack, the
+                # restore or a stop that comes after this wakes the waits below.
+                lane.wakeup.clear()
                 await self._settle(lane, wait=False)
-                if not lane.backlog:  # woken by new records, a finished input, an ack
-                    lane.wakeup.clear()
-                    await self._settle(lane, wait=False)
-                    if not lane.backlog and not lane.stopping:
-                        await lane.wakeup.wait()
-                    continue
-                if not self._state_ready.is_set():  # woken by the restore or by stopping
-                    lane.wakeup.clear()
-                    if not self._state_ready.is_set() and not lane.stopping:
-                        await lane.wakeup.wait()
+                if not lane.backlog or not self._state_ready.is_set():
+                    await lane.wakeup.wait()
                     continue
                 if self.held:
                     await self._wait(lane, self._held_until)
@@ -521,10 +516,7 @@ class AgentRunner:
                     await self._wait(lane, retry.due_ms(record) / 1000)
                     continue
                 if len(lane.pending) >= window:  # the uncommitted window is full
-                    lane.wakeup.clear()
-                    await self._settle(lane, wait=False)
-                    if len(lane.pending) >= window and not lane.stopping:
-                        await lane.wakeup.wait()
+                    await lane.wakeup.wait()
                     continue
                 self._dispatch(lane, lane.backlog.popleft())
         finally:
