@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from mesh.config import SchemaRegistrySettings
 from mesh.errors import ConfigError, DecodeError, TransportError, UnknownSchema
 from mesh.schemas import HISTORY, SchemaHistory
-from mesh.serde import SINGLE_OBJECT_MAGIC, AvroSerde, framing_of, schema_differences
+from mesh.serde import AvroSerde, framing_of, schema_differences
 from mesh.topic import Topic
 
 logger = logging.getLogger(__name__)
@@ -94,26 +94,27 @@ class Codec:
 
     def encode(self, topic: Topic[Any], payload: BaseModel) -> tuple[bytes, str]:
         """The framed bytes of ``payload`` for ``topic`` and its schema fingerprint."""
-        serde = self.serde(topic.model)
-        schema_id = self._ids.get(topic.name)
-        if self._registry_settings is not None and schema_id is None:
-            raise ConfigError(f"Topic {topic.name}: schema not registered yet; call "
-                              "Codec.prepare() with the topic first.")
-        if schema_id is None:
-            return serde.encode(payload), serde.fingerprint
-        return b"\x00" + schema_id.to_bytes(4, "big") + serde.body(payload), serde.fingerprint
+        serde, prefix = self._framing(topic)
+        return prefix + serde.body(payload), serde.fingerprint
 
     def encode_fields(self, topic: Topic[Any], data: dict[str, Any]) -> tuple[bytes, str]:
         """Like :meth:`encode` for a record already in Avro form (see
         :meth:`AvroSerde.body_of`): the same bytes as encoding the model built from it."""
+        serde, prefix = self._framing(topic)
+        return prefix + serde.body_of(data), serde.fingerprint
+
+    def _framing(self, topic: Topic[Any]) -> tuple[AvroSerde, bytes]:
+        """The serde of ``topic``'s model and the bytes before an Avro body: the Confluent
+        wire header when a registry gave the topic a schema id, else the single-object
+        marker and fingerprint."""
         serde = self.serde(topic.model)
         schema_id = self._ids.get(topic.name)
-        if self._registry_settings is not None and schema_id is None:
+        if schema_id is not None:
+            return serde, b"\x00" + schema_id.to_bytes(4, "big")
+        if self._registry_settings is not None:
             raise ConfigError(f"Topic {topic.name}: schema not registered yet; call "
                               "Codec.prepare() with the topic first.")
-        prefix = (SINGLE_OBJECT_MAGIC + bytes.fromhex(serde.fingerprint) if schema_id is None
-                  else b"\x00" + schema_id.to_bytes(4, "big"))
-        return prefix + serde.body_of(data), serde.fingerprint
+        return serde, serde.framing
 
     async def decode(self, topic: Topic[Any], data: bytes) -> BaseModel:
         """Decode a consumed value, whichever framing it has."""

@@ -388,9 +388,14 @@ class AvroSerde:
             raise PayloadInvalid(f"{self.model.__name__} cannot be written as Avro: {exc}") from exc
         return out.getvalue()
 
+    @property
+    def framing(self) -> bytes:
+        """The single-object marker and fingerprint that precede every body."""
+        return SINGLE_OBJECT_MAGIC + bytes.fromhex(self.fingerprint)
+
     def encode(self, payload: BaseModel) -> bytes:
         """Single-object encoding of ``payload``."""
-        return SINGLE_OBJECT_MAGIC + bytes.fromhex(self.fingerprint) + self.body(payload)
+        return self.framing + self.body(payload)
 
     def body_of(self, data: dict[str, Any]) -> bytes:
         """The Avro body of a record already in Avro form (every field of the schema,
