@@ -31,7 +31,6 @@ from mesh.transport import Record, partition_for
 
 logger = logging.getLogger(__name__)
 
-MEMO_SIZE = 65_536  # keys whose partition is remembered (murmur2 in Python is ~5 us a key)
 
 
 class PlacementCheck:
@@ -46,23 +45,17 @@ class PlacementCheck:
         self.agent = agent
         self.topics = frozenset(topics)
         self.misplaced: dict[str, int] = {}
-        self._memo: dict[tuple[bytes, int], int] = {}
 
     def check(self, records: Sequence[Record], *, partitions: int | None) -> None:
         """Check ``records`` (of one partition) of a topic with ``partitions`` partitions
         (None or 1: nothing to check)."""
         if not records or not partitions or partitions < 2 or records[0].topic not in self.topics:
             return
-        memo = self._memo
         wrong: list[tuple[Record, int]] = []
         for record in records:
             if record.key is None:
                 continue
-            expected = memo.get((record.key, partitions))
-            if expected is None:
-                if len(memo) >= MEMO_SIZE:
-                    memo.clear()
-                expected = memo[record.key, partitions] = partition_for(record.key, partitions)
+            expected = partition_for(record.key, partitions)  # remembered per key
             if expected != record.partition:
                 wrong.append((record, expected))
         if wrong:
