@@ -142,6 +142,7 @@ class AgentProcess:
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait; returns the exit code (0 is a clean stop)."""
         assert self.process is not None
+        self._await_handler()
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGTERM)
         try:
@@ -154,6 +155,22 @@ class AgentProcess:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def _await_handler(self, timeout: float = 30.0) -> None:
+        """Wait (bounded) until the process catches SIGTERM: one SIGTERM'd while Python
+        is still importing dies by the signal (-15), which is not the stop under test.
+        Reads the caught-signal mask from /proc (Linux, where the suite runs)."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{self.process.pid}/status") as status:
+                    caught = next(line for line in status if line.startswith("SigCgt:"))
+            except (OSError, StopIteration):
+                return
+            if int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+                return
+            time.sleep(0.05)
 
 
 class Follower:
