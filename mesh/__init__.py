@@ -7,11 +7,11 @@ Example:
 from __future__ import annotations
 
 from mesh.agent import Agent, App, Context, agent
-from mesh.apache import ApacheKafka
-from mesh.codec import Codec
+from mesh.kafka.apache import ApacheKafka
+from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
-from mesh.embedded import EmbeddedBroker
-from mesh.emitter import Emitter
+from mesh.kafka.embedded import EmbeddedBroker
+from mesh.runtime.emitter import Emitter
 from mesh.envelope import Envelope, derive_event_id
 from mesh.errors import (
     BreakerOpen,
@@ -27,11 +27,11 @@ from mesh.errors import (
     SignatureInvalid,
     TransportError,
 )
-from mesh.host import Mesh
-from mesh.provision import apply_topics
-from mesh.resilience.retry import RetryPolicy
-from mesh.runtime import AgentRunner, Outcome
-from mesh.serde import AvroSerde
+from mesh.runtime.host import Mesh
+from mesh.kafka.provision import apply_topics
+from mesh.runtime.retry import RetryPolicy
+from mesh.runtime.runner import AgentRunner, Outcome
+from mesh.serde.avro import AvroSerde
 from mesh.state import CompactedTable
 from mesh.topic import Topic
 

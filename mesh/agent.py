@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from mesh.envelope import MESH_PREFIX, TRACEPARENT, TRACESTATE, Envelope, ExtraHeaders
 from mesh.errors import ConfigError
-from mesh.resilience.retry import RetryPolicy
+from mesh.runtime.retry import RetryPolicy
 from mesh.topic import Topic, collect_topics
 
 P = TypeVar("P", bound=BaseModel)
@@ -212,7 +212,7 @@ class Agent(Generic[P]):
             ``read_committed``. ``None`` (the default) follows
             ``MESH_RUNTIME__EXACTLY_ONCE`` (off unless set). Needs a broker with
             transactions (Apache Kafka): refused at start on the embedded broker. See
-            :mod:`mesh.transactions`.
+            :mod:`mesh.runtime.transactions`.
         concurrency: how many inputs this replica handles at once, across its partitions
             (default ``MESH_RUNTIME__CONCURRENCY``, 16): an agent waiting seconds on an
             LLM or an API keeps that many calls in flight instead of one per partition.
@@ -390,7 +390,7 @@ def agent(*, consumes: Topic[Any] | Sequence[Topic[Any]],
     the description to its docstring.
 
     Example:
-        >>> from mesh.resilience.retry import RetryPolicy
+        >>> from mesh.runtime.retry import RetryPolicy
         >>> @agent(consumes=questions, produces=answers,
         ...        retry=RetryPolicy(attempts=5, blocking=True))  # doctest: +SKIP
         ... async def careful(question: Question, ctx: Context) -> Answer: ...

@@ -25,28 +25,28 @@ from rich.markup import escape
 from rich.table import Table
 
 from mesh.agent import Agent, App
-from mesh.apache import ApacheKafka
-from mesh.codec import Codec
+from mesh.kafka.apache import ApacheKafka
+from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
-from mesh.embedded import EmbeddedBroker
-from mesh.emitter import Emitter
+from mesh.kafka.embedded import EmbeddedBroker
+from mesh.runtime.emitter import Emitter
 from mesh.envelope import Envelope
 from mesh.errors import MeshError
-from mesh.host import Mesh
-from mesh.observe.audit import audit_topic
-from mesh.observe.metrics import MeshMetrics
-from mesh.provision import apply_topics
-from mesh.reader import TopicReader
-from mesh.resilience.dead_letter import (
+from mesh.runtime.host import Mesh
+from mesh.runtime.audit import audit_topic
+from mesh.runtime.metrics import MeshMetrics
+from mesh.kafka.provision import apply_topics
+from mesh.kafka.reader import TopicReader
+from mesh.runtime.dead_letter import (
     DLQ_HEADERS,
     DeadLetter,
     parse_where,
     read_dead_letters,
     replay,
 )
-from mesh.schemas import check_schemas, export_schemas
+from mesh.serde.history import check_schemas, export_schemas
 from mesh.topic import DLQ_SUFFIX, Topic, discover_topics
-from mesh.transport import Admin, Record
+from mesh.kafka.transport import Admin, Record
 
 app = typer.Typer(help="Kafka agent mesh: agents as stream processors on typed topics.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -553,7 +553,7 @@ def graph(target: Annotated[str | None, typer.Argument(
                              ] = None) -> None:
     """The mesh's topology from its declarations: agents, topics, consumer groups; warns
     about topics nobody consumes and agents consuming topics nobody produces."""
-    from mesh.observe.graph import draw
+    from mesh.views.graph import draw
 
     if out is None and fmt == "png" and sys.stdout.isatty():
         raise typer.BadParameter("PNG is binary: pass --out FILE.")
@@ -578,7 +578,7 @@ def workers(topic: Annotated[str | None, typer.Option(
             stale_after: Annotated[float, typer.Option(help="Flag heartbeats older (s)")] = 10.0,
             modules: ModulesOpt = DEFAULT_MODULES) -> None:
     """The workers table: status, current task, failures, tasks done, throughput."""
-    from mesh.patterns.supervisor import WorkerStatus, load_workers, render_workers
+    from mesh.patterns.supervision.supervisor import WorkerStatus, load_workers, render_workers
 
     settings = _settings()
     _require_cluster(settings)
@@ -608,8 +608,8 @@ def top(metrics: Annotated[list[str] | None, typer.Option(
         backlog: Annotated[int, typer.Option(
             help="Audit records per partition read at most on start")] = 20_000) -> None:
     """Live dashboard: agents, rates, success, p50/p99, lag, breakers, failures (Ctrl-C)."""
-    from mesh.observe.top import TopOptions
-    from mesh.observe.top import run as run_top
+    from mesh.views.top import TopOptions
+    from mesh.views.top import run as run_top
 
     settings = _settings()
     _require_cluster(settings)
@@ -626,7 +626,7 @@ def top(metrics: Annotated[list[str] | None, typer.Option(
 @workflows_app.command("show")
 def workflows_show(workflow_id: str, modules: ModulesOpt = DEFAULT_MODULES) -> None:
     """A workflow's checkpoint history (every version) and its current state."""
-    from mesh.patterns.checkpoint import (
+    from mesh.patterns.pipeline import (
         checkpoint_topics,
         format_history,
         workflow_history,
@@ -655,7 +655,7 @@ def _decide(workflow_id: str, step_id: str, *, approved: bool, by: str | None, r
     """Send a decision on a step waiting for approval (signed when the plan key is set)."""
     import getpass
 
-    from mesh.patterns.approval import Decision, decision_topic, send_decision
+    from mesh.patterns.delegation.approval import Decision, decision_topic, send_decision
 
     settings = _settings()
     _require_cluster(settings)
@@ -704,7 +704,7 @@ def trace(correlation_id: str,
               "with its payload model")] = None) -> None:
     """One workflow from mesh.audit as a tree: each event, the agents that handled it,
     their outcomes and timings (exit 1 when the audit has none of it)."""
-    from mesh.observe.trace import read_trace, render_trace
+    from mesh.views.trace import read_trace, render_trace
 
     settings = _settings()
     _require_cluster(settings)

@@ -76,7 +76,7 @@ from pydantic import BaseModel, Field, ValidationError
 from mesh.agent import Agent, App, Context
 from mesh.envelope import now_ms
 from mesh.errors import ConfigError, HandlerError
-from mesh.serde import json_data
+from mesh.serde.avro import json_data
 from mesh.topic import Topic
 
 logger = logging.getLogger(__name__)

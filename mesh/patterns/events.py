@@ -65,13 +65,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from mesh.agent import Agent, App, Context
-from mesh.codec import Codec
+from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
 from mesh.envelope import Envelope
 from mesh.errors import ConfigError, PayloadInvalid
-from mesh.resilience.retry import origin_of
+from mesh.runtime.retry import origin_of
 from mesh.topic import Topic
-from mesh.transport import OutRecord, Producer
+from mesh.kafka.transport import OutRecord, Producer
 
 logger = logging.getLogger(__name__)
 

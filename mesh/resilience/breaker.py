@@ -59,15 +59,15 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from mesh.codec import Codec
+from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
 from mesh.errors import BreakerOpen, ConfigError, is_retriable
-from mesh.provision import apply_topics
+from mesh.kafka.provision import apply_topics
 from mesh.resilience.probe import CLAIM_TIMEOUT, Probe, ProbeBudget
 from mesh.resilience.probe import is_claim_key as is_claim_key  # its home before probe.py
 from mesh.state import CompactedTable
 from mesh.topic import Topic
-from mesh.transport import OutRecord, Producer
+from mesh.kafka.transport import OutRecord, Producer
 
 logger = logging.getLogger(__name__)
 

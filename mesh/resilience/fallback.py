@@ -93,7 +93,7 @@ class FallbackStats:
 
 def fallback_stats() -> list[FallbackStats]:
     """The stats of every fallback-wrapped agent alive in this process (read by
-    :class:`~mesh.observe.metrics.MeshMetrics` at scrape time)."""
+    :class:`~mesh.runtime.metrics.MeshMetrics` at scrape time)."""
     with _STATS_LOCK:
         return list(_STATS)
 

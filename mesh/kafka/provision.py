@@ -1,0 +1,164 @@
+"""Creating declared topics on the broker, idempotently, and reporting drift.
+
+``mesh topics apply`` calls :func:`apply_topics`: a missing topic is created with its
+declared partitions and configs (and its ``.dlq`` companion); an existing one is
+compared and any difference is reported as drift, never changed silently (partition
+counts cannot shrink, and changing them moves keys between partitions).
+
+On a cluster a created topic reaches each broker's metadata a moment after the
+controller accepted it, and a client asks whichever broker it likes: ``apply_topics``
+returns only once the cluster answers with every created topic, all its partitions and
+a leader for each, so the next step (an agent's start check, a producer, a reader)
+does not race the metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mesh.config import KafkaSettings
+from mesh.errors import TopicDrift, TransportError
+from mesh.topic import Topic
+from mesh.kafka.transport import MAX_REQUEST_BYTES, Admin, TopicSpec
+
+Action = Literal["created", "unchanged", "drift"]
+
+# Dead letters keep records the mesh refused for their size: let them be that large.
+DLQ_CONFIGS = {"max.message.bytes": str(MAX_REQUEST_BYTES)}
+
+VISIBLE_TIMEOUT_S = 30.0  # leader election for new partitions takes milliseconds
+# The admin client asks a random broker per request: answers from several in a row,
+# each showing every created partition led, stand for "the cluster sees them".
+VISIBLE_CONFIRMATIONS = 3
+VISIBLE_POLL_S = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class TopicChange:
+    """What ``apply`` did to one topic; ``detail`` names each drifting setting."""
+
+    name: str
+    action: Action
+    detail: str = ""
+
+
+def specs_of(topics: Iterable[Topic[Any]]) -> list[TopicSpec]:
+    """The broker specs of the declared topics and of their dead-letter topics."""
+    specs: dict[str, TopicSpec] = {}
+    for topic in topics:
+        specs[topic.name] = TopicSpec(topic.name, topic.partitions, topic.replication,
+                                      topic.broker_configs())
+        if topic.dead_letters and topic.dlq_name not in specs:
+            specs[topic.dlq_name] = TopicSpec(topic.dlq_name, topic.partitions,
+                                              topic.replication, DLQ_CONFIGS)
+    return [specs[name] for name in sorted(specs)]
+
+
+async def apply_topics(settings: KafkaSettings, topics: Iterable[Topic[Any]]) -> list[TopicChange]:
+    """Create what is missing; report what differs. Running it twice changes nothing.
+
+    Example:
+        >>> changes = await apply_topics(settings.kafka, [orders])  # doctest: +SKIP
+        >>> [(c.name, c.action) for c in changes]  # doctest: +SKIP
+        [('shop.orders', 'created'), ('shop.orders.dlq', 'created')]
+    """
+    specs = specs_of(topics)
+    changes = []
+    created: list[TopicSpec] = []
+    async with Admin(settings) as admin:
+        existing = await admin.describe([s.name for s in specs])
+        for spec in specs:
+            found = existing.get(spec.name)
+            if found is None:
+                await admin.create_topic(spec)
+                created.append(spec)
+                changes.append(TopicChange(spec.name, "created",
+                                           f"{spec.partitions} partitions"))
+                continue
+            drift = _drift(spec, found)
+            changes.append(TopicChange(spec.name, "drift" if drift else "unchanged",
+                                       "; ".join(drift)))
+        await wait_visible(admin, created)
+    return changes
+
+
+async def wait_visible(admin: Admin, specs: Sequence[TopicSpec], *,
+                       timeout: float = VISIBLE_TIMEOUT_S) -> None:
+    """Wait until the cluster's metadata shows each of ``specs`` with all its partitions
+    and a leader for each, in several answers in a row (each request goes to a random
+    broker); raise :class:`~mesh.errors.TransportError` naming what is still missing
+    after ``timeout`` seconds.
+
+    Example:
+        >>> await wait_visible(admin, [TopicSpec("shop.orders", 6)])  # doctest: +SKIP
+    """
+    deadline = time.monotonic() + timeout
+    confirmed = 0
+    while specs:
+        missing = await _not_led(admin, specs)
+        confirmed = 0 if missing else confirmed + 1
+        out_of_time = time.monotonic() >= deadline
+        if confirmed >= VISIBLE_CONFIRMATIONS or (confirmed and out_of_time):
+            return
+        if out_of_time:
+            raise TransportError(
+                f"Created topic(s) but the cluster's metadata did not show them with a "
+                f"leader for every partition within {timeout:.0f} s: {'; '.join(missing)}. "
+                "Check that every broker is up (its log names the partition), then run "
+                "`mesh topics apply` again: it creates nothing twice.")
+        await asyncio.sleep(VISIBLE_POLL_S)  # poll interval; the deadline bounds the loop
+
+
+async def _not_led(admin: Admin, specs: Sequence[TopicSpec]) -> list[str]:
+    """Each spec whose partitions the broker asked does not all show with a leader."""
+    missing = []
+    for spec in specs:
+        led = await admin.leaders(spec.name)
+        if sorted(led) != list(range(spec.partitions)):
+            missing.append(f"{spec.name} ({len(led)} of {spec.partitions} partitions led)")
+    return missing
+
+
+async def check_topics(settings: KafkaSettings, topics: Iterable[Topic[Any]]) -> None:
+    """Raise :class:`~mesh.errors.TopicDrift` unless every declared topic (and its
+    ``.dlq``) exists with its declared partition count. Creates nothing: an agent that
+    subscribed to or produced to a missing topic would have the broker auto-create it
+    with the broker's default partitions, which splits keys from their co-partitioned
+    state silently.
+
+    Example:
+        >>> await check_topics(settings.kafka, agent.all_topics)  # doctest: +SKIP
+    """
+    specs = specs_of(topics)
+    async with Admin(settings) as admin:
+        existing = await admin.describe([s.name for s in specs])
+    missing = [s.name for s in specs if s.name not in existing]
+    wrong = [f"{s.name} (declared {s.partitions} partitions, broker has "
+             f"{existing[s.name].partitions})" for s in specs
+             if s.name in existing and existing[s.name].partitions != s.partitions]
+    if not missing and not wrong:
+        return
+    problems = []
+    if missing:
+        problems.append(f"missing: {', '.join(missing)}")
+    if wrong:
+        problems.append(f"partitions differ: {', '.join(wrong)}")
+    raise TopicDrift(f"The agent's topics are not as declared ({'; '.join(problems)}). "
+                     "Create them with `mesh topics apply` (or start with `mesh run --apply`); "
+                     "a partition count that differs needs a new topic or a new declaration. "
+                     "Agents never let the broker create a topic implicitly.")
+
+
+def _drift(declared: TopicSpec, found: TopicSpec) -> list[str]:
+    drift = []
+    if declared.partitions != found.partitions:
+        drift.append(f"partitions: declared {declared.partitions}, broker {found.partitions}")
+    for key, value in (declared.configs or {}).items():
+        actual = (found.configs or {}).get(key)
+        if actual != value:
+            drift.append(f"{key}: declared {value}, broker {actual}")
+    return drift

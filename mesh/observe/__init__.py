@@ -1,1 +1,0 @@
-"""Observability: the audit topic (metrics and tracing build on the runtime's outcomes)."""
