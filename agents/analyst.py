@@ -11,8 +11,8 @@ from agents.brain import Findings
 from agents.step import brain_for, request_of, think
 from mesh.agent import Context
 from mesh.errors import HandlerError
-from mesh.patterns.coordinator import Specialist
-from mesh.patterns.plan import StepTask
+from mesh.patterns.delegation.coordinator import Specialist
+from mesh.patterns.delegation.plan import StepTask
 from topics.writing import writing
 
 

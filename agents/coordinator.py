@@ -18,8 +18,8 @@ from typing import Any
 
 from agents.brain import Usage, subject_of
 from agents.reviewer import Verdict
-from mesh.patterns.coordinator import Coordinator
-from mesh.patterns.plan import Plan, PlanStep, Review, Revision, Synthesis
+from mesh.patterns.delegation.coordinator import Coordinator
+from mesh.patterns.delegation.plan import Plan, PlanStep, Review, Revision, Synthesis
 from topics.writing import WritingRequest, writing
 
 MAX_REVISIONS = 2

@@ -10,8 +10,8 @@ from typing import Any
 from agents.retriever import Corpus
 from agents.step import brain_for, think
 from mesh.agent import Context
-from mesh.patterns.coordinator import Specialist
-from mesh.patterns.plan import StepTask
+from mesh.patterns.delegation.coordinator import Specialist
+from mesh.patterns.delegation.plan import StepTask
 from topics.writing import writing
 
 

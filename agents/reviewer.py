@@ -21,8 +21,8 @@ from agents.sample import run_async
 from agents.step import latest, request_of, think
 from mesh.agent import Context
 from mesh.errors import HandlerError
-from mesh.patterns.coordinator import Specialist
-from mesh.patterns.plan import StepTask
+from mesh.patterns.delegation.coordinator import Specialist
+from mesh.patterns.delegation.plan import StepTask
 from topics.writing import WritingRequest, writing
 
 TOLERANCE = 0.10

@@ -16,7 +16,7 @@ from typing import Any
 
 from agents.brain import Brain, brain
 from mesh.agent import Context
-from mesh.patterns.plan import StepTask
+from mesh.patterns.delegation.plan import StepTask
 from topics.writing import WritingRequest
 
 logger = logging.getLogger(__name__)

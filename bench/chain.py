@@ -69,7 +69,7 @@ from mesh import (  # noqa: E402
     apply_topics,
 )
 from mesh.config import KafkaSettings  # noqa: E402
-from mesh.transport import MAX_REQUEST_BYTES, OutRecord, Producer  # noqa: E402
+from mesh.kafka.transport import MAX_REQUEST_BYTES, OutRecord, Producer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 KEYS = 64  # distinct record keys, spread over the partitions

@@ -35,7 +35,7 @@ from mesh import (
     apply_topics,
 )
 from mesh.patterns.chain import Chain, ChainCompleted, ChainFailed, ChainHistory
-from mesh.reader import TopicReader
+from mesh.kafka.reader import TopicReader
 
 console = Console()
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from mesh import Agent, Codec, EmbeddedBroker, Mesh, MeshSettings, apply_topics
 from mesh.patterns.events import EventBus, EventContext
-from mesh.reader import TopicReader
+from mesh.kafka.reader import TopicReader
 from topics.content import (
     ContentApproved,
     ContentCreated,

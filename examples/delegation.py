@@ -22,8 +22,8 @@ from typing import Any
 from rich.console import Console
 
 from mesh import Codec, Context, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics
-from mesh.patterns.coordinator import Coordinator, Specialist, WorkflowEvent, WorkflowOutcome
-from mesh.patterns.plan import (
+from mesh.patterns.delegation.coordinator import Coordinator, Specialist, WorkflowEvent, WorkflowOutcome
+from mesh.patterns.delegation.plan import (
     Plan,
     PlanStep,
     Review,
@@ -33,7 +33,7 @@ from mesh.patterns.plan import (
     StepTask,
     Synthesis,
 )
-from mesh.reader import TopicReader
+from mesh.kafka.reader import TopicReader
 from topics.delegation import ReportRequest, delegation
 
 SUBJECTS = {"report-1": "event streaming for AI agents", "report-2": "compacted topics as state"}

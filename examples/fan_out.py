@@ -21,7 +21,7 @@ from rich.console import Console
 
 from mesh import Codec, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics
 from mesh.patterns.gather import Gather, Merged, branch
-from mesh.reader import TopicReader
+from mesh.kafka.reader import TopicReader
 from topics.research import ResearchQuestion, research
 
 console = Console()

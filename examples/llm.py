@@ -47,8 +47,8 @@ from mesh import (
     apply_topics,
 )
 from mesh.llm import LLMAgent, llm_agent
-from mesh.reader import TopicReader
-from mesh.resilience.dead_letter import DeadLetter
+from mesh.kafka.reader import TopicReader
+from mesh.runtime.dead_letter import DeadLetter
 
 console = Console()
 

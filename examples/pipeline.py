@@ -33,14 +33,14 @@ from mesh import (
     MeshSettings,
     apply_topics,
 )
-from mesh.patterns.checkpoint import (
+from mesh.patterns.pipeline import (
     Pipeline,
     StageRun,
     WorkflowResult,
     format_history,
     workflow_history,
 )
-from mesh.reader import TopicReader
+from mesh.kafka.reader import TopicReader
 from topics.pipeline import Document, document_pipeline, documents
 
 console = Console()

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh import Codec, Context, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics
-from mesh.patterns.supervisor import (
+from mesh.patterns.supervision.supervisor import (
     Supervisor,
     SupervisorEvent,
     SupervisorPolicy,
@@ -33,7 +33,7 @@ from mesh.patterns.supervisor import (
     load_workers,
     render_workers,
 )
-from mesh.reader import TopicReader
+from mesh.kafka.reader import TopicReader
 from topics.workers import Job, JobResult, jobs, pool, results
 
 console = Console()

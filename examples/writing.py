@@ -30,9 +30,9 @@ from rich.table import Table
 
 from agents.app import AGENTS, app
 from mesh import Codec, EmbeddedBroker, Emitter, MeshSettings, apply_topics
-from mesh.observe.audit import CONSUMED, RETRY, AuditEvent, audit_topic
-from mesh.patterns.coordinator import WorkflowEvent, WorkflowOutcome
-from mesh.reader import TopicReader
+from mesh.runtime.audit import CONSUMED, RETRY, AuditEvent, audit_topic
+from mesh.patterns.delegation.coordinator import WorkflowEvent, WorkflowOutcome
+from mesh.kafka.reader import TopicReader
 from topics.writing import WritingRequest, writing
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,8 +26,8 @@ import pytest
 
 from mesh import ApacheKafka, EmbeddedBroker, MeshSettings
 from mesh.errors import BrokerUnavailable
-from mesh.observe.audit import audit_topic
-from mesh.provision import apply_topics
+from mesh.runtime.audit import audit_topic
+from mesh.kafka.provision import apply_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 

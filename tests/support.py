@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Self
 
 from mesh import Codec, Envelope, MeshSettings, Topic
-from mesh.checker import Applied, DeadLetter, History, Injected, Logged
-from mesh.reader import TopicReader
-from mesh.resilience.dead_letter import DLQ_TOPIC
-from mesh.transport import OutRecord, Producer, Record
+from mesh.testing.checker import Applied, DeadLetter, History, Injected, Logged
+from mesh.kafka.reader import TopicReader
+from mesh.runtime.dead_letter import DLQ_TOPIC
+from mesh.kafka.transport import OutRecord, Producer, Record
 from tests.apps.chain import Item
 
 ROOT = Path(__file__).resolve().parent.parent

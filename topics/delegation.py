@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from mesh.patterns.coordinator import DelegationTopics
+from mesh.patterns.delegation.coordinator import DelegationTopics
 
 
 class ReportRequest(BaseModel):

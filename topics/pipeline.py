@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from mesh import Topic
-from mesh.patterns.checkpoint import PipelineTopics
+from mesh.patterns.pipeline import PipelineTopics
 
 
 class Document(BaseModel):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from mesh import Topic
-from mesh.patterns.supervisor import WorkerTopics
+from mesh.patterns.supervision.supervisor import WorkerTopics
 
 
 class Job(BaseModel):

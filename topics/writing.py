@@ -13,7 +13,7 @@ import uuid
 
 from pydantic import BaseModel, Field
 
-from mesh.patterns.coordinator import DelegationTopics
+from mesh.patterns.delegation.coordinator import DelegationTopics
 
 
 class Requirements(BaseModel):

@@ -26,17 +26,17 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh import Codec, Context, Envelope, MeshSettings
-from mesh.patterns.budget import Budget
-from mesh.patterns.coordinator import (
+from mesh.patterns.delegation.budget import Budget
+from mesh.patterns.delegation.coordinator import (
     Coordinator,
     DelegationTopics,
     Specialist,
     WorkflowOutcome,
 )
-from mesh.patterns.plan import PlanStep, Review, Revision, Rule, RulesPlanner, StepTask
-from mesh.patterns.specialist import record_usage
-from mesh.reader import TopicReader
-from mesh.transport import OutRecord
+from mesh.patterns.delegation.plan import PlanStep, Review, Revision, Rule, RulesPlanner, StepTask
+from mesh.patterns.delegation.specialist import record_usage
+from mesh.kafka.reader import TopicReader
+from mesh.kafka.transport import OutRecord
 
 SPECIALISTS = ("researcher", "analyst", "fact-checker", "writer")
 

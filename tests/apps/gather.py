@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from mesh import App, Codec, Envelope, MeshSettings, Topic
 from mesh.patterns.gather import Gather, GatherEvent, GatherTopics, Merged, Part, branch
-from mesh.transport import OutRecord, Record
+from mesh.kafka.transport import OutRecord, Record
 from tests.support import Follower
 
 

@@ -28,7 +28,7 @@ from pydantic_ai.models.test import TestModel
 
 from mesh import Topic
 from mesh.llm import LLMAgent, llm_agent
-from mesh.resilience.retry import RetryPolicy
+from mesh.runtime.retry import RetryPolicy
 
 models.ALLOW_MODEL_REQUESTS = False
 

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh import Context, Topic
-from mesh.patterns.checkpoint import Pipeline, PipelineTopics, Stage, StageRun
+from mesh.patterns.pipeline import Pipeline, PipelineTopics, Stage, StageRun
 
 STAGES = ("extract", "classify", "summarise", "index")
 

@@ -13,7 +13,7 @@ import asyncio
 import os
 
 from mesh import Context, Topic
-from mesh.patterns.supervisor import WorkerService, WorkerTopics
+from mesh.patterns.supervision.supervisor import WorkerService, WorkerTopics
 from topics.workers import Job, JobResult
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from mesh import Codec, Mesh, apply_topics
-from mesh.patterns.coordinator import WorkflowState
+from mesh.patterns.delegation.coordinator import WorkflowState
 from mesh.state import CompactedTable
 from tests.apps.delegation import Job, build, outcomes_of, request_records
 from tests.conftest import BrokerUnderTest

@@ -7,8 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 from mesh import Codec, Mesh, MeshSettings, apply_topics
-from mesh.patterns.coordinator import DelegationTopics, WorkflowEvent, WorkflowState
-from mesh.reader import TopicReader
+from mesh.patterns.delegation.coordinator import DelegationTopics, WorkflowEvent, WorkflowState
+from mesh.kafka.reader import TopicReader
 from mesh.state import CompactedTable
 from tests.apps.delegation import Job, build, outcomes_of, request_records
 from tests.conftest import BrokerUnderTest

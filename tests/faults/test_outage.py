@@ -14,10 +14,10 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from mesh import Codec, apply_topics
-from mesh.checker import check
-from mesh.embedded import free_port
+from mesh.testing.checker import check
+from mesh.kafka.embedded import free_port
 from mesh.resilience.breaker import BreakerTransition, breaker_topics
-from mesh.transport import Record
+from mesh.kafka.transport import Record
 from tests.apps.outage import POLICY, topics_of
 from tests.conftest import BrokerUnderTest
 from tests.integration.test_metrics import scrape, value

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from mesh import Codec, apply_topics
-from mesh.checker import check
-from mesh.resilience.dead_letter import DLQ_ATTEMPTS, DLQ_ERROR_CLASS
-from mesh.resilience.retry import RETRY_DUE
+from mesh.testing.checker import check
+from mesh.runtime.dead_letter import DLQ_ATTEMPTS, DLQ_ERROR_CLASS
+from mesh.runtime.retry import RETRY_DUE
 from tests.apps.retry import build
 from tests.conftest import BrokerUnderTest
 from tests.support import (

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mesh import Codec, apply_topics
-from mesh.checker import check
+from mesh.testing.checker import check
 from tests.apps.chain import build
 from tests.conftest import BrokerUnderTest
 from tests.support import AgentProcess, Progress, encode, history, inject, make_items

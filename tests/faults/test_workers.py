@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mesh import Mesh, apply_topics
-from mesh.patterns.supervisor import Supervisor, SupervisorEvent, SupervisorPolicy, load_workers
+from mesh.patterns.supervision.supervisor import Supervisor, SupervisorEvent, SupervisorPolicy, load_workers
 from tests.apps.workers import build
 from tests.conftest import BrokerUnderTest
 from tests.integration.test_supervisor import (

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from agents.app import AGENTS, app
 from mesh import Codec, Emitter, MeshSettings, apply_topics
-from mesh.patterns.coordinator import WorkflowEvent, WorkflowOutcome
-from mesh.reader import TopicReader
+from mesh.patterns.delegation.coordinator import WorkflowEvent, WorkflowOutcome
+from mesh.kafka.reader import TopicReader
 from tests.conftest import BrokerUnderTest
 from tests.support import AgentProcess, read_all
 from topics.writing import WritingRequest, writing

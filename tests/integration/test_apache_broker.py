@@ -21,8 +21,8 @@ import pytest
 from mesh import ApacheKafka
 from mesh.config import KafkaSettings
 from mesh.errors import BrokerUnavailable
-from mesh.provision import wait_visible
-from mesh.transport import Admin, Consumer, OutRecord, Partition, Producer, Record, TopicSpec
+from mesh.kafka.provision import wait_visible
+from mesh.kafka.transport import Admin, Consumer, OutRecord, Partition, Producer, Record, TopicSpec
 from tests.integration.test_cli import Cli
 
 pytestmark = pytest.mark.apache

@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mesh import Codec, Mesh, MeshSettings, apply_topics
-from mesh.patterns.budget import Budget, BudgetExceeded, Usage
-from mesh.patterns.coordinator import DelegationTopics, WorkflowEvent
-from mesh.reader import TopicReader
+from mesh.patterns.delegation.budget import Budget, BudgetExceeded, Usage
+from mesh.patterns.delegation.coordinator import DelegationTopics, WorkflowEvent
+from mesh.kafka.reader import TopicReader
 from tests.apps.delegation import Job, build, outcomes_of, request_records
 from tests.conftest import BrokerUnderTest
 from tests.integration.test_cli import Cli

@@ -11,8 +11,8 @@ from collections import defaultdict
 import pytest
 
 from mesh import Agent, Codec, Context, Mesh, Topic, apply_topics
-from mesh.checker import check
-from mesh.transport import Consumer, Partition
+from mesh.testing.checker import check
+from mesh.kafka.transport import Consumer, Partition
 from tests.apps.chain import Item
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, wait_for_count

@@ -6,8 +6,8 @@ from __future__ import annotations
 import uuid
 
 from mesh import AvroSerde, Codec, Mesh, apply_topics
-from mesh.checker import Injected, check
-from mesh.resilience.dead_letter import (
+from mesh.testing.checker import Injected, check
+from mesh.runtime.dead_letter import (
     DLQ_AGENT,
     DLQ_ATTEMPTS,
     DLQ_ERROR,
@@ -16,8 +16,8 @@ from mesh.resilience.dead_letter import (
     DLQ_PARTITION,
     DLQ_TOPIC,
 )
-from mesh.resilience.retry import FIRST_FAILURE, LAST_FAILURE
-from mesh.transport import OutRecord
+from mesh.runtime.retry import FIRST_FAILURE, LAST_FAILURE
+from mesh.kafka.transport import OutRecord
 from tests.apps.chain import Other, build
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, read_all, wait_for_count

@@ -22,9 +22,9 @@ from mesh import Codec, Context, Envelope, Mesh, MeshSettings, apply_topics
 from mesh.envelope import record_event_id
 from mesh.errors import ConfigError
 from mesh.patterns.events import EventBus, EventContext, ListenerFailed
-from mesh.resilience.dead_letter import DLQ_AGENT
-from mesh.schemas import render
-from mesh.transport import OutRecord, Producer, Record
+from mesh.runtime.dead_letter import DLQ_AGENT
+from mesh.serde.history import render
+from mesh.kafka.transport import OutRecord, Producer, Record
 from tests.apps.content import build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import event_id, read_all, wait_for_count

@@ -30,10 +30,10 @@ from prometheus_client import CollectorRegistry
 from mesh import Codec, Mesh, apply_topics
 from mesh.envelope import derive_event_id
 from mesh.errors import UnreadableBatch
-from mesh.observe.metrics import MeshMetrics
-from mesh.schemas import export_schemas
+from mesh.runtime.metrics import MeshMetrics
+from mesh.serde.history import export_schemas
 from mesh.topic import Topic
-from mesh.transport import partition_for
+from mesh.kafka.transport import partition_for
 from tests.apps.chain import Item, build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.integration.test_cli import Cli
@@ -122,7 +122,7 @@ async def test_gzip_snappy_lz4_and_zstd_batches_from_librdkafka_are_handled_and_
     async with Mesh(settings, [stage1]) as mesh:
         await mesh.wait_assigned()
         outputs = await wait_for_count(settings, [sink.name], len(items))
-    handled = [await mesh.codec.decode(sink, r.value or b"") for r in outputs]
+    handled = [await mesh.serde.codec.decode(sink, r.value or b"") for r in outputs]
     assert sorted(i.source_id for i in handled) == sorted(i.source_id for i in items)
     assert await read_all(settings, [source.dlq_name]) == []
 
@@ -210,7 +210,7 @@ async def test_librdkafka_default_partitioner_is_counted_and_warned_once_not_mur
     4-partition topic are all handled, every one outside its murmur2 partition is
     counted in mesh_misplaced_records_total, and one warning names the cause and
     `partitioner=murmur2_random`; records produced with that setting add nothing."""
-    caplog.set_level(logging.WARNING, logger="mesh.placement")
+    caplog.set_level(logging.WARNING, logger="mesh.kafka.placement")
     stage1, source, sink, avsc = _setup(prefix, tmp_path)
     settings = broker.settings()
     await apply_topics(settings.kafka, [source, sink])
@@ -233,7 +233,7 @@ async def test_librdkafka_default_partitioner_is_counted_and_warned_once_not_mur
     assert misplaced > 0  # CRC32 and murmur2 agree on about a quarter of the keys
     assert counted == after == misplaced
     assert landed_right == [partition_for(i.key.encode(), source.partitions) for i in murmur2]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "mesh.placement"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mesh.kafka.placement"]
     assert len(warnings) == 1, warnings
     assert source.name in warnings[0] and "partitioner=murmur2_random" in warnings[0]
 
@@ -257,7 +257,7 @@ async def test_a_foreign_event_needs_no_header_and_mesh_event_id_makes_retried_c
         outputs = await wait_for_count(settings, [sink.name], 4, distinct=False)
     ids: dict[str, list[str]] = {}
     for record in outputs:
-        item = await mesh.codec.decode(sink, record.value or b"")
+        item = await mesh.serde.codec.decode(sink, record.value or b"")
         assert isinstance(item, Item) and record.key == item.key.encode()
         ids.setdefault(item.source_id, []).append(event_id(record))
     assert len(set(ids[bare.source_id])) == 2  # no id from the producer: one per copy

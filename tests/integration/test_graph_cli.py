@@ -11,7 +11,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from mesh.observe.graph import find_renderer
+from mesh.views.graph import find_renderer
 from tests.conftest import ROOT
 
 CLI_TIMEOUT_S = 60.0

@@ -20,9 +20,9 @@ from pydantic_ai.models import override_allow_model_requests
 
 from mesh import Codec, Emitter, Mesh, MeshSettings, Topic, apply_topics
 from mesh.llm import LLMAgent, llm_agent, model_from_settings
-from mesh.observe.audit import audit_topic
-from mesh.resilience.dead_letter import DeadLetter
-from mesh.resilience.retry import RETRY_ERROR, RetryPolicy
+from mesh.runtime.audit import audit_topic
+from mesh.runtime.dead_letter import DeadLetter
+from mesh.runtime.retry import RETRY_ERROR, RetryPolicy
 from tests.conftest import BrokerUnderTest
 from tests.support import event_id, read_all, wait_for_count
 

@@ -1,4 +1,4 @@
-"""The checkpointed pipeline (mesh.patterns.checkpoint) on a real broker: a checkpoint
+"""The checkpointed pipeline (mesh.patterns.pipeline) on a real broker: a checkpoint
 after every stage, a failure checkpoint, the history view, and retention tombstones."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from mesh import Codec, Envelope, Mesh, MeshSettings, apply_topics
-from mesh.patterns.checkpoint import (
+from mesh.patterns.pipeline import (
     Checkpoint,
     Pipeline,
     StageEvent,
@@ -23,7 +23,7 @@ from mesh.patterns.checkpoint import (
 )
 from mesh.state import CompactedTable
 from mesh.topic import Topic
-from mesh.transport import OutRecord
+from mesh.kafka.transport import OutRecord
 from tests.apps.pipeline import STAGES, Doc, build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import inject, read_all, wait_for_count

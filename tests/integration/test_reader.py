@@ -9,8 +9,8 @@ import pytest
 
 from mesh.config import KafkaSettings
 from mesh.errors import TransportError
-from mesh.reader import TopicReader
-from mesh.transport import Admin, OutRecord, Partition, Record, TopicSpec, partition_for
+from mesh.kafka.reader import TopicReader
+from mesh.kafka.transport import Admin, OutRecord, Partition, Record, TopicSpec, partition_for
 from tests.conftest import BrokerUnderTest
 from tests.support import inject
 

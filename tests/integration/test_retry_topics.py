@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from mesh import Agent, Codec, Context, Mesh, Topic, apply_topics
-from mesh.checker import check
-from mesh.resilience.retry import FIRST_FAILURE, LAST_FAILURE, RETRY_DUE, RetryPolicy
-from mesh.resilience.dead_letter import DLQ_ATTEMPTS, DLQ_ERROR_CLASS, DLQ_OFFSET, DLQ_TOPIC
-from mesh.transport import OutRecord
+from mesh.testing.checker import check
+from mesh.runtime.retry import FIRST_FAILURE, LAST_FAILURE, RETRY_DUE, RetryPolicy
+from mesh.runtime.dead_letter import DLQ_ATTEMPTS, DLQ_ERROR_CLASS, DLQ_OFFSET, DLQ_TOPIC
+from mesh.kafka.transport import OutRecord
 from tests.apps.chain import Item
 from tests.apps.retry import build
 from tests.conftest import BrokerUnderTest

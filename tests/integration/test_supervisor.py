@@ -16,7 +16,7 @@ from aiokafka.partitioner import murmur2 as kafka_murmur2
 from rich.console import Console
 
 from mesh import Codec, Envelope, Mesh, MeshSettings, Topic, apply_topics
-from mesh.patterns.supervisor import (
+from mesh.patterns.supervision.supervisor import (
     DeadTask,
     Supervisor,
     SupervisorEvent,
@@ -27,8 +27,8 @@ from mesh.patterns.supervisor import (
     partition_of,
     render_workers,
 )
-from mesh.reader import TopicReader
-from mesh.transport import OutRecord, Producer
+from mesh.kafka.reader import TopicReader
+from mesh.kafka.transport import OutRecord, Producer
 from tests.apps.workers import build, service
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import AgentProcess, read_all
@@ -300,7 +300,7 @@ def test_workers_table_shows_each_column_and_flags_stale_heartbeats(
 def test_task_topic_without_a_key_is_refused() -> None:
     """Pass: workers name tasks by the key field; a keyless task topic fails early."""
     from mesh.errors import ConfigError
-    from mesh.patterns.supervisor import WorkerTopics
+    from mesh.patterns.supervision.supervisor import WorkerTopics
 
     with pytest.raises(ConfigError, match="no key field"):
         WorkerTopics.named("x", Topic("x.jobs", Job))

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from mesh import Emitter, Mesh, apply_topics
-from mesh.observe.tracing import HandlerTracer
+from mesh.runtime.tracing import HandlerTracer
 from tests.apps.chain import Item, build
 from tests.conftest import BrokerUnderTest
 from tests.support import wait_for_count

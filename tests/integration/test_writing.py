@@ -19,7 +19,7 @@ from agents.app import AGENTS, app
 from agents.coordinator import MAX_REVISIONS
 from agents.document import citations, code_blocks, count_words, references, sections
 from agents.sample import run
-from mesh.provision import apply_topics
+from mesh.kafka.provision import apply_topics
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import AgentProcess
 

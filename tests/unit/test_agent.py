@@ -8,9 +8,9 @@ from pydantic import BaseModel
 from mesh.agent import Agent, App, Context, agent
 from mesh.envelope import Envelope
 from mesh.errors import ConfigError
-from mesh.resilience.retry import RetryPolicy, retry_record
+from mesh.runtime.retry import RetryPolicy, retry_record
 from mesh.topic import Topic
-from mesh.transport import Record
+from mesh.kafka.transport import Record
 
 
 class Question(BaseModel):
@@ -159,9 +159,9 @@ def test_agent_consuming_nothing_raises_config_error() -> None:
 
 def test_emit_can_name_another_cause_trace_and_correlation_than_the_input() -> None:
     """A timer answering for a request it kept emits with the request's ids."""
-    from mesh.codec import Codec
+    from mesh.serde.codec import Codec
     from mesh.envelope import child_traceparent, new_traceparent
-    from mesh.runtime import Outputs
+    from mesh.runtime.runner import Outputs
 
     ctx = _ctx()
     kept = new_traceparent()

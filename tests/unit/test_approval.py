@@ -13,12 +13,12 @@ from mesh import Codec, Envelope
 from mesh.agent import Context
 from mesh.config import KafkaSettings
 from mesh.errors import SignatureInvalid
-from mesh.patterns.approval import Decision, decision_topic, sign_decision
-from mesh.patterns.budget import Budget, BudgetExceeded, Usage
-from mesh.patterns.coordinator import StepResult, WorkflowEvent, WorkflowOutcome
-from mesh.patterns.signing import PlanSigner
-from mesh.patterns.specialist import record_usage
-from mesh.patterns.transition import due_markers
+from mesh.patterns.delegation.approval import Decision, decision_topic, sign_decision
+from mesh.patterns.delegation.budget import Budget, BudgetExceeded, Usage
+from mesh.patterns.delegation.coordinator import StepResult, WorkflowEvent, WorkflowOutcome
+from mesh.patterns.delegation.signing import PlanSigner
+from mesh.patterns.delegation.specialist import record_usage
+from mesh.patterns.delegation.transition import due_markers
 from mesh.state import CompactedTable
 from tests.apps.delegation import Job, build
 
@@ -233,8 +233,8 @@ async def test_a_specialist_puts_recorded_usage_on_its_result_and_in_metrics() -
     /metrics shows the specialist's totals."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from mesh.observe.metrics import MeshMetrics
-    from mesh.patterns.coordinator import DelegationTopics, Specialist, StepTask
+    from mesh.runtime.metrics import MeshMetrics
+    from mesh.patterns.delegation.coordinator import DelegationTopics, Specialist, StepTask
 
     async def work(task: StepTask, ctx: Context) -> dict[str, str]:
         record_usage(tokens=100, calls=1)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from mesh.codec import Codec
+from mesh.serde.codec import Codec
 from mesh.config import AuditSettings
 from mesh.envelope import Envelope
-from mesh.observe.audit import AuditEvent, Auditor, audit_topic, expand
-from mesh.transport import OutRecord, Record
+from mesh.runtime.audit import AuditEvent, Auditor, audit_topic, expand
+from mesh.kafka.transport import OutRecord, Record
 from tests.apps.chain import Item
 
 
@@ -48,7 +48,7 @@ async def test_the_fast_consumed_record_is_byte_for_byte_the_models_encoding() -
     must be exactly what encoding the AuditEvent model gives, for a decoded input with
     outputs, a failure and an input that did not decode."""
     from mesh.errors import DecodeError
-    from mesh.observe.audit import AuditOutput, audit_record
+    from mesh.runtime.audit import AuditOutput, audit_record
 
     codec = Codec()
     auditor = Auditor(codec, AuditSettings(payloads=True), source="stage1")

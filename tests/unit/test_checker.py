@@ -1,10 +1,10 @@
-"""Unit tests for mesh.checker, the pure delivery checker."""
+"""Unit tests for mesh.testing.checker, the pure delivery checker."""
 
 from __future__ import annotations
 
 import pytest
 
-from mesh.checker import (
+from mesh.testing.checker import (
     Applied,
     DeadLetter,
     History,

@@ -1,4 +1,4 @@
-"""Unit tests for mesh.codec: framing choice, and a Confluent registry over real HTTP.
+"""Unit tests for mesh.serde.codec: framing choice, and a Confluent registry over real HTTP.
 
 ``FakeSchemaRegistry`` is a stdlib HTTP server on 127.0.0.1 that answers the three calls
 python-schema-registry-client makes (lookup, register, fetch by id), as Confluent does.
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from mesh.codec import Codec
+from mesh.serde.codec import Codec
 from mesh.config import SchemaRegistrySettings
 from mesh.errors import UnknownSchema
 from mesh.topic import Topic

@@ -1,4 +1,4 @@
-"""Unit tests for mesh.observe.graph and mesh.observe.drawing: the topology model, its
+"""Unit tests for mesh.views.graph and mesh.views.drawing: the topology model, its
 flags, the views and the Mermaid / DOT text. No broker, no renderer (the SVG path is in
 tests/integration/test_graph_cli.py)."""
 
@@ -14,10 +14,10 @@ from pydantic import BaseModel
 
 from mesh.agent import Agent, App, Context
 from mesh.errors import ConfigError
-from mesh.observe import drawing, graph
-from mesh.observe.graph import Topology, build_topology, collect, to_dot, to_mermaid
+from mesh.views import drawing, graph
+from mesh.views.graph import Topology, build_topology, collect, to_dot, to_mermaid
 from mesh.patterns.chain import Chain
-from mesh.resilience.retry import RetryPolicy
+from mesh.runtime.retry import RetryPolicy
 from mesh.topic import Topic
 
 
@@ -134,7 +134,7 @@ def test_dead_letters_audit_state_and_retry_tiers_are_never_flagged() -> None:
 
 
 def test_agent_consuming_the_audit_topic_is_fed_by_every_agent() -> None:
-    from mesh.observe.audit import audit_topic
+    from mesh.runtime.audit import audit_topic
 
     auditor = Agent("auditor", consumes=Topic(audit_topic.name, audit_topic.model,
                                               key=audit_topic.key, partitions=3,

@@ -8,7 +8,7 @@ import pytest
 
 from mesh import MeshSettings
 from mesh.errors import BrokerLost, TransportError
-from mesh.liveness import BrokerWatch, Lasting
+from mesh.runtime.liveness import BrokerWatch, Lasting
 
 
 class Clock:

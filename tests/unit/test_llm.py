@@ -35,7 +35,7 @@ from mesh.envelope import Envelope
 from mesh.errors import BreakerOpen
 from mesh.llm import LLMAgent, LLMError, classify, llm_agent, llm_stats
 from mesh.resilience.breaker import BreakerPolicy, BreakerRegistry, CircuitBreaker, breaker_topics
-from mesh.resilience.retry import RETRY_ERROR
+from mesh.runtime.retry import RETRY_ERROR
 from mesh.testing import InMemoryMesh
 
 
@@ -433,7 +433,7 @@ async def test_llm_usage_is_served_as_metrics() -> None:
     its requests and its runs by outcome, summed over the agent's LLM stats."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from mesh.observe.metrics import MeshMetrics
+    from mesh.runtime.metrics import MeshMetrics
 
     agent = llm_agent("metered", consumes=questions, produces=answers,
                       model=FunctionModel(answering()), instructions="Answer briefly.")
@@ -583,7 +583,7 @@ async def test_an_agent_on_the_configured_model_never_shows_the_key(
     import logging
 
     from mesh.config import LlmSettings
-    from mesh.embedded import free_port
+    from mesh.kafka.embedded import free_port
     from mesh.llm import model_from_settings
 
     caplog.set_level(logging.DEBUG)

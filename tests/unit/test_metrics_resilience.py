@@ -9,7 +9,7 @@ import uuid
 from prometheus_client import CollectorRegistry
 
 from mesh.errors import BreakerOpen
-from mesh.observe.metrics import MeshMetrics
+from mesh.runtime.metrics import MeshMetrics
 from mesh.resilience.breaker import BreakerPolicy, CircuitBreaker
 from mesh.resilience.fallback import FallbackStats
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
-from mesh.observe.metrics import MeshMetrics
+from mesh.runtime.metrics import MeshMetrics
 
 OPS = Path(__file__).resolve().parents[2] / "ops"
 METRIC = re.compile(r"\bmesh_[a-z_]+\b")

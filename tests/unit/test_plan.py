@@ -10,8 +10,8 @@ import pytest
 from mesh import Codec, Envelope, HandlerError
 from mesh.agent import Context
 from mesh.config import KafkaSettings
-from mesh.patterns.coordinator import StepResult, WorkflowEvent, WorkflowOutcome
-from mesh.patterns.plan import (
+from mesh.patterns.delegation.coordinator import StepResult, WorkflowEvent, WorkflowOutcome
+from mesh.patterns.delegation.plan import (
     Plan,
     PlanError,
     PlanStep,

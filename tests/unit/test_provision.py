@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mesh import provision
+from mesh.kafka import provision
 from mesh.errors import TransportError
-from mesh.transport import TopicSpec
+from mesh.kafka.transport import TopicSpec
 
 
 class LaggingAdmin:

@@ -20,12 +20,12 @@ import pytest
 from fastavro.read import SchemaResolutionError
 from pydantic import BaseModel
 
-from mesh.codec import Codec
+from mesh.serde.codec import Codec
 from mesh.errors import DecodeError, InputError, UnknownSchema
-from mesh.observe.audit import audit_topic
+from mesh.runtime.audit import audit_topic
 from mesh.patterns.gather import GatherState
-from mesh.schemas import SchemaHistory, check_schemas, export_schemas, remember
-from mesh.serde import AvroSerde
+from mesh.serde.history import SchemaHistory, check_schemas, export_schemas, remember
+from mesh.serde.avro import AvroSerde
 from mesh.topic import Topic, discover_topics
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Unit tests for mesh.serde: the Avro mapping, single-object framing and decode errors."""
+"""Unit tests for mesh.serde.avro: the Avro mapping, single-object framing and decode errors."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from mesh.errors import ConfigError, DecodeError, PayloadInvalid, UnknownSchema
-from mesh.serde import (
+from mesh.serde.avro import (
     AvroSerde,
     avro_name,
     framing_of,
@@ -419,7 +419,7 @@ import sys
 
 from pydantic import BaseModel
 
-from mesh.serde import AvroSerde
+from mesh.serde.avro import AvroSerde
 
 
 class Line(BaseModel):

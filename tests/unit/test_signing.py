@@ -17,9 +17,9 @@ from mesh import Codec, Envelope
 from mesh.agent import Context
 from mesh.config import KafkaSettings, MeshSettings, SecuritySettings
 from mesh.errors import ConfigError, SignatureInvalid
-from mesh.patterns.coordinator import Specialist
-from mesh.patterns.plan import Plan, PlanStep, StepTask
-from mesh.patterns.signing import (
+from mesh.patterns.delegation.coordinator import Specialist
+from mesh.patterns.delegation.plan import Plan, PlanStep, StepTask
+from mesh.patterns.delegation.signing import (
     PLAN_TAG,
     TASK_TAG,
     PlanKey,
@@ -165,7 +165,7 @@ def test_the_key_comes_from_the_runners_settings_unless_given_and_unsigned_warns
         caplog: pytest.LogCaptureFixture) -> None:
     settings = MeshSettings().model_copy(
         update={"security": SecuritySettings(plan_key=SecretStr(KEY))})
-    caplog.set_level(logging.WARNING, logger="mesh.patterns.signing")
+    caplog.set_level(logging.WARNING, logger="mesh.patterns.delegation.signing")
     from_settings = PlanKey("writer", "specialist", key=None).signer(settings)
     assert from_settings is not None
     from_settings.verify_task(signer.sign_task(task()), specialist="writer")
@@ -241,7 +241,7 @@ async def test_coordinator_and_specialist_check_their_key_when_started(
         caplog: pytest.LogCaptureFixture) -> None:
     """Pass: starting them (what the runner does before any input) warns about running
     unsigned at once, and an empty key fails the start instead of the first input."""
-    caplog.set_level(logging.WARNING, logger="mesh.patterns.signing")
+    caplog.set_level(logging.WARNING, logger="mesh.patterns.delegation.signing")
     app = build("start")
 
     async def work(task: StepTask, ctx: Context) -> dict[str, Any]:

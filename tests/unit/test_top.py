@@ -11,18 +11,18 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from rich.console import Console
 
-from mesh.embedded import free_port
+from mesh.kafka.embedded import free_port
 from mesh.errors import BreakerOpen
-from mesh.observe.audit import AuditEvent
-from mesh.observe.metrics import MeshMetrics
-from mesh.observe.stats import (
+from mesh.runtime.audit import AuditEvent
+from mesh.runtime.metrics import MeshMetrics
+from mesh.views.stats import (
     AuditWindow,
     Scrape,
     breakers_of,
     gauges_by_agent,
     percentile,
 )
-from mesh.observe.top import Dashboard, TopOptions, metrics_url, render, scrape
+from mesh.views.top import Dashboard, TopOptions, metrics_url, render, scrape
 from mesh.resilience.breaker import BreakerPolicy, CircuitBreaker
 
 MIN = 60_000
@@ -145,7 +145,7 @@ def test_the_last_error_and_recent_failures_go_by_time_not_by_arrival() -> None:
     assert [f.error for f in window.failures()] == ["E: newest", "E: middle"]
 
 
-# As mesh.observe.metrics serves them (breakers: a state set, no agent label).
+# As mesh.runtime.metrics serves them (breakers: a state set, no agent label).
 REPLICA_1 = """\
 # TYPE mesh_consumer_lag_events gauge
 mesh_consumer_lag_events{agent="writer",topic="shop.orders",partition="0"} 5.0

@@ -7,8 +7,8 @@ from typing import Any
 
 from rich.console import Console
 
-from mesh.observe.audit import AuditEvent
-from mesh.observe.trace import Trace, build_trace, render_trace
+from mesh.runtime.audit import AuditEvent
+from mesh.views.trace import Trace, build_trace, render_trace
 
 CID = "wf-1"
 
