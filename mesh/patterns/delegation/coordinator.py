@@ -111,7 +111,8 @@ class Coordinator(Agent[Any]):
         topics: the mesh's topics; its ``tasks`` name the known specialists.
         planner: ``async (request) -> Plan``, e.g. a :class:`RulesPlanner`.
         reviewer: ``async (Review) -> Revision | None``, called at checkpoint steps and
-            when a step fails; None keeps the plan (a failure then fails the workflow).
+            when a step fails; None keeps the plan (a failure then fails the workflow);
+            raising :class:`~mesh.patterns.delegation.plan.ReviewRejected` fails it.
         synthesizer: ``async (Synthesis) -> Any``; default :func:`collect`.
         plan_key: the key to sign tasks and plans with; default: the runner's
             ``MESH_SECURITY__PLAN_KEY``. Neither: unsigned (insecure, warned once).

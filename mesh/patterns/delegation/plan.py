@@ -176,6 +176,17 @@ class Revision:
                              "new version for the audit trail): pass reason=."])
 
 
+class ReviewRejected(MeshError):
+    """Raised by a reviewer to end the workflow as failed (e.g. a draft still not
+    approved when the re-plans are used up): the message is the failed outcome's
+    ``error``, and the done steps' results are kept in it. Never retriable.
+
+    Example:
+        >>> str(ReviewRejected("draft not approved after 2 re-plans: too short"))
+        'draft not approved after 2 re-plans: too short'
+    """
+
+
 def order_steps(steps: Sequence[PlanStep], *, after: Sequence[str] = ()) -> list[PlanStep]:
     """``steps`` with their order made explicit (see the module docstring): when no step
     declares ``depends_on``, each step depends on ``after`` (steps done before these,

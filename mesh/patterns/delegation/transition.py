@@ -21,6 +21,7 @@ from mesh.patterns.delegation.plan import (
     PlanError,
     PlanStep,
     Review,
+    ReviewRejected,
     StepResult,
     StepTask,
     Synthesis,
@@ -276,14 +277,20 @@ class Transition:
 
     async def review(self, step: PlanStep, failure: str | None
                      ) -> Literal["kept", "revised", "failed"]:
-        """Ask the reviewer and apply its revision; "failed" if the revision was
-        invalid (the workflow then failed)."""
+        """Ask the reviewer and apply its revision; "failed" if the reviewer raised
+        :class:`ReviewRejected` or the revision was invalid (the workflow then failed)."""
         reviewer = self.coordinator.reviewer
         if reviewer is None:
             return "kept"
-        revision = await reviewer(Review(
-            self.state.workflow_id, self.request(), self.state.plan, step,
-            self.state.results(), failure))
+        try:
+            revision = await reviewer(Review(
+                self.state.workflow_id, self.request(), self.state.plan, step,
+                self.state.results(), failure))
+        except ReviewRejected as exc:
+            self.event("CheckpointReviewed", f"Review after step {step.id!r}: workflow "
+                       f"rejected: {exc}", step_id=step.id, plan_version=self.state.plan.version)
+            self.fail(step.id, str(exc))
+            return "failed"
         verdict = f"revised: {revision.reason}" if revision else "plan kept"
         self.event("CheckpointReviewed", f"Review after step {step.id!r}: {verdict}.",
                    step_id=step.id, plan_version=self.state.plan.version)
