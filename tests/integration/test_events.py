@@ -17,7 +17,7 @@ import pytest
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from pydantic import BaseModel
 
-from examples.content import EXPECTED, MAX_REVISIONS, REQUESTS
+from examples.events import EXPECTED, MAX_REVISIONS, REQUESTS
 from mesh import Codec, Context, Envelope, Mesh, MeshSettings, apply_topics
 from mesh.envelope import record_event_id
 from mesh.errors import ConfigError
@@ -25,7 +25,7 @@ from mesh.patterns.events import EventBus, EventContext, ListenerFailed
 from mesh.runtime.dead_letter import DLQ_AGENT
 from mesh.serde.history import render
 from mesh.kafka.transport import OutRecord, Producer, Record
-from tests.apps.content import build
+from tests.apps.events import build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import event_id, read_all, wait_for_count
 
@@ -290,7 +290,7 @@ async def test_mesh_tap_follows_the_content_events(
               ("content_created", "content_published", "content_rejected_final")]
     result = await asyncio.to_thread(
         subprocess.run, [*mesh_cli, "tap", *topics, "--from-beginning", "--no-follow",
-                         "--json", "-t", "tests.apps.content"],
+                         "--json", "-t", "tests.apps.events"],
         env=broker.env(MESH_TEST_PREFIX=prefix), cwd=ROOT, capture_output=True, text=True,
         timeout=120)
     assert result.returncode == 0, result.stderr

@@ -16,11 +16,11 @@ EXPECTED = {  # example -> a line fragment its output must contain
                      "demo-editor exit 0"),
     "writing.py": "review: approved after 1 round(s)",
     "chain.py": "briefing.review",
-    "fan_out.py": "timed out",
+    "gather.py": "timed out",
     "delegation.py": "Report:",
-    "supervisor.py": "results: 30/30 jobs done",
+    "supervision.py": "results: 30/30 jobs done",
     "pipeline.py": "extract",
-    "content.py": "published",
+    "events.py": "published",
     "llm.py": "3 tickets triaged, 1 dead-lettered",
 }
 

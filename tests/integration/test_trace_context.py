@@ -35,9 +35,9 @@ from mesh.kafka.transport import OutRecord, Record
 from tests.apps import delegation, gather, pipeline, retry, workers
 from tests.apps.chain import Item
 from tests.conftest import BrokerUnderTest
-from tests.integration.test_supervisor import holding, until
+from tests.integration.test_supervision import holding, until
 from tests.support import AgentProcess, Follower, encode, inject, read_all, wait_for_count
-from topics.workers import Job
+from topics.supervision import Job
 
 
 @dataclass(frozen=True)
@@ -490,7 +490,7 @@ async def test_worker_found_dead_with_a_task_in_hand_is_reported_in_that_task_tr
     await apply_topics(settings.kafka, [*topics.all(), results])
     supervisor = Supervisor(topics, SupervisorPolicy(dead_after_s=2, check_every_s=0.2))
     log = (tmp_path / "worker.log").open("wb")
-    proc = AgentProcess(broker, "tests.apps.workers:app", prefix=prefix, log=log,
+    proc = AgentProcess(broker, "tests.apps.supervision:app", prefix=prefix, log=log,
                         env={"MESH_WORKER_ID": "w", "MESH_TEST_HEARTBEAT_S": "0.3"}).start()
     try:
         async with Mesh(settings, [supervisor.agent]) as mesh:

@@ -1,4 +1,4 @@
-"""A supervised worker pool for tests: ``mesh run tests.apps.workers:app`` is one worker
+"""A supervised worker pool for tests: ``mesh run tests.apps.supervision:app`` is one worker
 replica on the topics named ``<MESH_TEST_PREFIX>.*``.
 
 Environment: ``MESH_WORKER_ID`` names the replica; ``MESH_TEST_WORKER_FAILS=1`` makes
@@ -14,7 +14,7 @@ import os
 
 from mesh import Context, Topic
 from mesh.patterns.supervision.supervisor import WorkerService, WorkerTopics
-from topics.workers import Job, JobResult
+from topics.supervision import Job, JobResult
 
 
 def build(prefix: str) -> tuple[WorkerTopics, Topic[JobResult]]:
@@ -49,4 +49,4 @@ replica = service(PREFIX, fails=os.environ.get("MESH_TEST_WORKER_FAILS") == "1",
                   heartbeat_s=float(os.environ.get("MESH_TEST_HEARTBEAT_S", "0.5")),
                   max_failures=None if _LIMIT == "none" else int(_LIMIT))
 app = replica.app
-status = replica.topics.status  # module level: `mesh workers -t tests.apps.workers` finds it
+status = replica.topics.status  # module level: `mesh workers -t tests.apps.supervision` finds it

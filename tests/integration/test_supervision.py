@@ -29,10 +29,10 @@ from mesh.patterns.supervision.supervisor import (
 )
 from mesh.kafka.reader import TopicReader
 from mesh.kafka.transport import OutRecord, Producer
-from tests.apps.workers import build, service
+from tests.apps.supervision import build, service
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import AgentProcess, read_all
-from topics.workers import Job, JobResult
+from topics.supervision import Job, JobResult
 
 
 async def until(condition: Callable[[], Any], what: str, timeout: float = 90.0) -> None:
@@ -139,7 +139,7 @@ async def test_failing_worker_stops_itself_at_max_failures_and_its_tasks_finish_
         max_failures=3, dead_after_s=30, check_every_s=0.2, requeue_delay_s=0.5,
         requeue_delay_max_s=4, max_task_workers=3, max_task_attempts=12))
     log = (tmp_path / "workers.log").open("wb")
-    procs = {wid: AgentProcess(broker, "tests.apps.workers:app", prefix=prefix, log=log,
+    procs = {wid: AgentProcess(broker, "tests.apps.supervision:app", prefix=prefix, log=log,
                                env={"MESH_WORKER_ID": wid,
                                     "MESH_TEST_WORKER_FAILS": "1" if wid == "w3" else "0"})
              for wid in ("w1", "w2", "w3")}
@@ -201,7 +201,7 @@ async def test_failing_worker_stops_itself_at_max_failures_and_its_tasks_finish_
     text = console.export_text()
     assert "w3" in text and "quarantined" in text and "s ago" in text
     shown = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "workers", "-t", "tests.apps.workers"],
+        [sys.executable, "-m", "mesh.cli", "workers", "-t", "tests.apps.supervision"],
         env=broker.env(MESH_TEST_PREFIX=prefix, COLUMNS="160"), cwd=ROOT,
         capture_output=True, timeout=120, check=False)
     assert shown.returncode == 0, shown.stderr.decode()
@@ -220,7 +220,7 @@ async def test_quarantined_worker_exits_0_on_sigterm(
     await apply_topics(settings.kafka, [*topics.all(), results])
     supervisor = Supervisor(topics, SupervisorPolicy(max_failures=1, check_every_s=0.2))
     log = (tmp_path / "worker.log").open("wb")
-    proc = AgentProcess(broker, "tests.apps.workers:app", prefix=prefix, log=log,
+    proc = AgentProcess(broker, "tests.apps.supervision:app", prefix=prefix, log=log,
                         env={"MESH_WORKER_ID": "q1", "MESH_TEST_WORKER_FAILS": "1",
                              "MESH_TEST_MAX_FAILURES": "none"}).start()
     try:

@@ -10,7 +10,7 @@ after a delay, to partitions the healthy workers hold. The example
 sends 30 jobs, waits for all 30 results, then prints the workers table (what
 ``mesh workers`` shows), the supervisor's events and who did what.
 
-    .venv/bin/python -m examples.supervisor
+    .venv/bin/python -m examples.supervision
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from mesh.patterns.supervision.supervisor import (
     render_workers,
 )
 from mesh.kafka.reader import TopicReader
-from topics.workers import Job, JobResult, jobs, pool, results
+from topics.supervision import Job, JobResult, jobs, pool, results
 
 console = Console()
 JOBS = [Job(job_id=f"job-{n:02d}", prompt=f"summarise report {n}", effort_ms=40)

@@ -1,7 +1,7 @@
 """The content example's bus and listeners on this test's topics (``<prefix>.events.*``).
 
 ``MESH_TEST_PREFIX`` names the topics and agents at import, so a subprocess (``mesh tap
-... -t tests.apps.content``, ``mesh run tests.apps.content:writer``) uses the test's own;
+... -t tests.apps.events``, ``mesh run tests.apps.events:writer``) uses the test's own;
 in-process tests call :func:`build` with their prefix.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from examples.content import MAX_REVISIONS, build_agents
+from examples.events import MAX_REVISIONS, build_agents
 from mesh import Agent
 from mesh.patterns.events import EventBus
-from topics.content import build_bus
+from topics.events import build_bus
 
 
 def build(prefix: str, *, max_revisions: int = MAX_REVISIONS
@@ -26,7 +26,7 @@ def build(prefix: str, *, max_revisions: int = MAX_REVISIONS
 PREFIX = os.environ.get("MESH_TEST_PREFIX", "content")
 bus, (writer, reviewer, editor, publisher) = build(PREFIX)
 app = bus.app
-# Module-level topics, so `-t tests.apps.content` declares (and decodes) them.
+# Module-level topics, so `-t tests.apps.events` declares (and decodes) them.
 content_requested = bus.topic("content_requested")
 content_created = bus.topic("content_created")
 content_reviewed = bus.topic("content_reviewed")

@@ -9,7 +9,7 @@ points per draft (the first ones, then the ones the reviewer says are missing); 
 reviewer approves a draft that covers every point. So a request with 1-2 points is
 published first time, 3-4 after one revision, 5-6 after two, 7+ is rejected for good.
 
-Run it: ``.venv/bin/python -m examples.content`` (embedded broker, agents in this
+Run it: ``.venv/bin/python -m examples.events`` (embedded broker, agents in this
 process, requests published as an existing system would, results printed).
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 from mesh import Agent, Codec, EmbeddedBroker, Mesh, MeshSettings, apply_topics
 from mesh.patterns.events import EventBus, EventContext
 from mesh.kafka.reader import TopicReader
-from topics.content import (
+from topics.events import (
     ContentApproved,
     ContentCreated,
     ContentPublished,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from mesh import Mesh, apply_topics
 from mesh.patterns.supervision.supervisor import Supervisor, SupervisorEvent, SupervisorPolicy, load_workers
-from tests.apps.workers import build
+from tests.apps.supervision import build
 from tests.conftest import BrokerUnderTest
-from tests.integration.test_supervisor import (
+from tests.integration.test_supervision import (
     decoded,
     holding,
     jobs_of,
@@ -33,7 +33,7 @@ async def test_kill_9_of_a_worker_is_reported_dead_and_nothing_is_lost(
     await apply_topics(settings.kafka, [*topics.all(), results])
     supervisor = Supervisor(topics, SupervisorPolicy(dead_after_s=5, check_every_s=0.2))
     log = (tmp_path / "workers.log").open("wb")
-    procs = {wid: AgentProcess(broker, "tests.apps.workers:app", prefix=prefix, log=log,
+    procs = {wid: AgentProcess(broker, "tests.apps.supervision:app", prefix=prefix, log=log,
                                env={"MESH_WORKER_ID": wid}) for wid in ("w1", "w2", "w3")}
     pids = {wid: p.start().pid for wid, p in procs.items()}
     try:

@@ -8,7 +8,7 @@ documents researcher is slow on archive questions. The gather (rule all, deadlin
 overridden to 2 s by one question) emits one merged result per question to
 ``research.merged``: successes, failures with agent and error, and who timed out.
 
-Run: ``.venv/bin/python -m examples.fan_out`` (starts its own embedded broker).
+Run: ``.venv/bin/python -m examples.gather`` (starts its own embedded broker).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rich.console import Console
 from mesh import Codec, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics
 from mesh.patterns.gather import Gather, Merged, branch
 from mesh.kafka.reader import TopicReader
-from topics.research import ResearchQuestion, research
+from topics.gather import ResearchQuestion, research
 
 console = Console()
 PAGES = {"kafka": ["Consumer groups split partitions among members (kafka.apache.org)"],

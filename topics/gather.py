@@ -1,4 +1,4 @@
-"""Topics of the research fan-out (examples/fan_out.py): a question goes to three
+"""Topics of the research fan-out (examples/gather.py): a question goes to three
 researchers (web, database, documents); a gather merges their parts per question."""
 
 from __future__ import annotations
