@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from mesh import Codec, Envelope, MeshSettings, Topic
-from mesh.testing.checker import Applied, DeadLetter, History, Injected, Logged
+from mesh.testing.checker import Applied, DeadLettered, History, Injected, Logged
 from mesh.kafka.reader import TopicReader
 from mesh.runtime.dead_letter import DLQ_TOPIC
 from mesh.kafka.transport import OutRecord, Producer, Record
@@ -105,7 +105,7 @@ async def history(settings: MeshSettings, codec: Codec, injected: Sequence[Item]
     for topic in dlq:
         for record in await read_all(settings, [topic.dlq_name]):
             assert dict(record.headers)[DLQ_TOPIC].decode() == topic.name
-            dead.append(DeadLetter(event_id(record)))
+            dead.append(DeadLettered(event_id(record)))
     return History(
         injected=[Injected(i.source_id, i.key, i.seq, bad=i.source_id in bad)
                   for i in injected] + list(extra),

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 
-__all__ = ["Applied", "DeadLetter", "History", "Injected", "Logged", "OrderViolation",
+__all__ = ["Applied", "DeadLettered", "History", "Injected", "Logged", "OrderViolation",
            "Report", "check"]
 
 _SHOWN = 5  # offending ids named per kind in Report.summary()
@@ -96,18 +96,18 @@ class Logged:
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
+class DeadLettered:
     """One dead-letter record, naming the injected input it holds.
 
     Example:
-        >>> DeadLetter("in-7").source_id
+        >>> DeadLettered("in-7").source_id
         'in-7'
     """
 
     source_id: str
 
     def __post_init__(self) -> None:
-        _need_id("DeadLetter", "source_id", self.source_id)
+        _need_id("DeadLettered", "source_id", self.source_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +125,11 @@ class History:
     injected: Sequence[Injected]
     applied: Sequence[Applied]
     logged: Sequence[Logged] = ()
-    dead_letters: Sequence[DeadLetter] = ()
+    dead_letters: Sequence[DeadLettered] = ()
 
     def __post_init__(self) -> None:
         for name, kind in (("injected", Injected), ("applied", Applied),
-                           ("logged", Logged), ("dead_letters", DeadLetter)):
+                           ("logged", Logged), ("dead_letters", DeadLettered)):
             items = tuple(getattr(self, name))
             for item in items:
                 if not isinstance(item, kind):

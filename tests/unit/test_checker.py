@@ -6,7 +6,7 @@ import pytest
 
 from mesh.testing.checker import (
     Applied,
-    DeadLetter,
+    DeadLettered,
     History,
     Injected,
     Logged,
@@ -33,7 +33,7 @@ def test_clean_run_is_ok() -> None:
         injected=[_inj(0), _inj(1), _inj(2), _inj(3, bad=True)],
         applied=[_app(0), _app(1), _app(2)],
         logged=[_log(0, 0), _log(1, 1), _log(2, 2)],
-        dead_letters=[DeadLetter("in-3")],
+        dead_letters=[DeadLettered("in-3")],
     )
     report = check(history)
     assert report == Report()
@@ -116,7 +116,7 @@ def test_gap_explained_by_dead_letter_is_fine() -> None:
     history = History(
         injected=[_inj(0), _inj(1, bad=True), _inj(2, bad=True), _inj(3)],
         applied=[_app(0), _app(3)],
-        dead_letters=[DeadLetter("in-1"), DeadLetter("in-2")],
+        dead_letters=[DeadLettered("in-1"), DeadLettered("in-2")],
     )
     report = check(history)
     assert report.order_violations == ()
@@ -127,7 +127,7 @@ def test_gap_not_explained_is_a_violation() -> None:
     history = History(
         injected=[_inj(0), _inj(1, bad=True), _inj(2), _inj(3)],
         applied=[_app(0), _app(3)],
-        dead_letters=[DeadLetter("in-1")],
+        dead_letters=[DeadLettered("in-1")],
     )
     report = check(history)
     assert report.order_violations == (OrderViolation("k", previous_seq=0, seq=3),)
@@ -150,7 +150,7 @@ def test_bad_input_missing_from_dead_letters_is_reported() -> None:
 def test_good_input_in_dead_letters_is_unexpected() -> None:
     history = History(
         injected=[_inj(0), _inj(1)], applied=[_app(0)],
-        dead_letters=[DeadLetter("in-1"), DeadLetter("in-1")],
+        dead_letters=[DeadLettered("in-1"), DeadLettered("in-1")],
     )
     report = check(history)
     assert report.unexpected_dead_letters == ("in-1",)
@@ -159,7 +159,7 @@ def test_good_input_in_dead_letters_is_unexpected() -> None:
 
 
 def test_dead_letter_for_uninjected_input_is_unexpected() -> None:
-    history = History(injected=[_inj(0)], applied=[_app(0)], dead_letters=[DeadLetter("ghost")])
+    history = History(injected=[_inj(0)], applied=[_app(0)], dead_letters=[DeadLettered("ghost")])
     assert check(history).unexpected_dead_letters == ("ghost",)
 
 
@@ -175,7 +175,7 @@ def test_output_with_unknown_source_is_reported() -> None:
 def test_bad_input_that_reached_the_sink_is_reported() -> None:
     history = History(
         injected=[_inj(0), _inj(1, bad=True)], applied=[_app(0), _app(1)],
-        dead_letters=[DeadLetter("in-1")],
+        dead_letters=[DeadLettered("in-1")],
     )
     report = check(history)
     assert report.applied_bad == ("in-1",)
@@ -221,7 +221,7 @@ def test_duplicate_key_seq_pair_is_rejected() -> None:
         (lambda: Injected("", "k", 0), r"Injected\.event_id must be a non-empty string, got ''"),
         (lambda: Applied("", "in", "k", 0), r"Applied\.event_id must be a non-empty"),
         (lambda: Applied("out", "", "k", 0), r"Applied\.source_id must be a non-empty"),
-        (lambda: DeadLetter(""), r"DeadLetter\.source_id must be a non-empty"),
+        (lambda: DeadLettered(""), r"DeadLettered\.source_id must be a non-empty"),
         (lambda: Logged("t", -1, 0, "o", "i"), r"Logged\.partition must be an int >= 0, got -1"),
         (lambda: Logged("t", 0, -5, "o", "i"), r"Logged\.offset must be an int >= 0, got -5"),
         (lambda: Logged("t", 0, 0, "", "i"), r"Logged\.event_id must be a non-empty"),
@@ -254,7 +254,7 @@ def test_summary_names_the_offending_ids() -> None:
     history = History(
         injected=[_inj(n) for n in range(8)] + [_inj(9, key="b", seq=0, bad=True)],
         applied=[_app(7), _app(6), _app(6), Applied("out-x", "ghost", "z", 0)],
-        dead_letters=[DeadLetter("in-0")],
+        dead_letters=[DeadLettered("in-0")],
     )
     text = check(history).summary()
     assert text.splitlines()[0] == "delivery check: FAILED"
