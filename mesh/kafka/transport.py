@@ -14,9 +14,8 @@ import functools
 import logging
 import random
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Self
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from typing import Any, Self
 
 from aiokafka import (
     AIOKafkaConsumer,
@@ -42,57 +41,20 @@ from aiokafka.partitioner import murmur2
 
 from mesh.config import KafkaSettings
 from mesh.errors import CommitFailed, TransportError, UnreadableBatch
+from mesh.kafka.base import (
+    Acks,  # noqa: F401  (until every importer takes it from mesh.kafka.base)
+    BaseProducer,
+    OutRecord,
+    Partition,
+    RebalanceCallback,
+    Record,
+    TopicSpec,
+)
 
 logger = logging.getLogger(__name__)
 
 # The producer may need to dead-letter a record larger than the mesh's own limit.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
-
-
-class Partition(NamedTuple):
-    """A topic partition."""
-
-    topic: str
-    partition: int
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A consumed Kafka record."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
-    timestamp_ms: int
-
-    @property
-    def position(self) -> Partition:
-        """The partition this record came from."""
-        return Partition(self.topic, self.partition)
-
-
-@dataclass(frozen=True, slots=True)
-class OutRecord:
-    """A record to produce."""
-
-    topic: str
-    value: bytes | None
-    key: bytes | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
-    partition: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TopicSpec:
-    """What the admin client creates or finds: name, partitions, configs."""
-
-    name: str
-    partitions: int
-    replication: int | None = None  # None: the cluster's size, at most 3
-    configs: Mapping[str, str] | None = None
 
 
 def _tp(p: Partition) -> TopicPartition:
@@ -140,7 +102,7 @@ class _Client:
         await self.stop()
 
 
-class Producer(_Client):
+class Producer(_Client, BaseProducer):
     """Produces records and waits for the broker's acknowledgement.
 
     Example:
@@ -194,15 +156,6 @@ class Producer(_Client):
         except KafkaError as exc:
             raise _transport_error(exc, f"Producing to {record.topic}") from exc
         return ack
-
-    async def send_many(self, records: Iterable[OutRecord]) -> Acks:
-        """Queue ``records`` (they are batched with others) and return their acks,
-        without waiting for them: callers keep many records in flight."""
-        return Acks([await self.send(r) for r in records])
-
-    async def send_all(self, records: Iterable[OutRecord]) -> list[tuple[int, int]]:
-        """Produce ``records`` and wait until all are acknowledged; (partition, offset) each."""
-        return await (await self.send_many(records)).wait()
 
 
 class Fenced(TransportError):
@@ -290,46 +243,6 @@ class TransactionalProducer(Producer):
         return TransportError(f"{name} failed: {exc}")
 
 
-class Acks:
-    """The broker's acknowledgements of records sent together."""
-
-    __slots__ = ("_futures",)
-
-    def __init__(self, futures: list[Awaitable[Any]]) -> None:
-        self._futures = futures
-
-    def done(self) -> bool:
-        """Whether every record was acknowledged (or failed)."""
-        return all(f.done() for f in self._futures)  # type: ignore[attr-defined]
-
-    def when_done(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (in the event loop) once every record is acknowledged or
-        failed; at once when there is nothing to wait for."""
-        waiting = [f for f in self._futures if not f.done()]  # type: ignore[attr-defined]
-        if not waiting:
-            callback()
-            return
-        left = len(waiting)
-
-        def one_done(_: object) -> None:
-            nonlocal left
-            left -= 1
-            if left == 0:
-                callback()
-
-        for future in waiting:
-            future.add_done_callback(one_done)  # type: ignore[attr-defined]
-
-    async def wait(self) -> list[tuple[int, int]]:
-        """(partition, offset) of each record; raises ``TransportError`` if any failed."""
-        try:
-            metas = [await ack for ack in self._futures]
-        except KafkaError as exc:
-            raise _transport_error(exc, "Waiting for produce acknowledgements") from exc
-        return [(m.partition, m.offset) for m in metas]
-
-
-RebalanceCallback = Callable[[list[Partition]], Awaitable[None]]
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -1,7 +1,9 @@
 """Testing tools: :class:`InMemoryMesh` (the kit: users' agents through the real
 runtime code, no broker) and :mod:`.checker` (the delivery oracle the fault tests
-use)."""
+use). :class:`InMemoryProducer` is the in-memory side of the producer seam
+(:mod:`mesh.kafka.memory`)."""
 
-from mesh.testing.kit import DrainLimitReached, InMemoryMesh, InMemoryProducer, InMemoryTopics
+from mesh.kafka.memory import InMemoryProducer
+from mesh.testing.kit import DrainLimitReached, InMemoryMesh, InMemoryTopics
 
 __all__ = ["DrainLimitReached", "InMemoryMesh", "InMemoryProducer", "InMemoryTopics"]

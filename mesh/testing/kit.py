@@ -1,15 +1,15 @@
 """A test kit for users' agents: the mesh in memory, with no Kafka and no broker.
 
 :class:`InMemoryMesh` hosts agents over in-memory topics, so a unit test of an agent
-runs in milliseconds. It is a fake of the *transport* only: every input goes through
-the real :meth:`mesh.runtime.runner.AgentRunner.process` with the real :class:`~mesh.serde.codec.Codec`
-(Avro bytes on the in-memory topics, as on Kafka), so decoding, handler calls, derived
-event ids, headers, trace context, outputs, state writes, retry records, dead letters
+runs in milliseconds. It is a fake of the *transport* only (the in-memory side of
+:class:`mesh.kafka.base.BaseProducer`): every input goes through the real runner with
+the real :class:`~mesh.serde.codec.Codec` (Avro bytes on the in-memory topics, as on
+Kafka), so decoding, handler calls, derived event ids, headers, trace context, outputs, state writes, retry records, dead letters
 with their headers, audit events and ``on_failure`` behave as in production.
 
 What it keeps from Kafka, and what it simplifies:
 
-* **Topics** are per-partition logs of :class:`~mesh.kafka.transport.Record`. A keyed record
+* **Topics** are per-partition logs of :class:`~mesh.kafka.base.Record`. A keyed record
   goes to the partition Kafka's default partitioner gives its key (murmur2), a keyless
   one round-robin, a record with an explicit partition (a retry) to that partition.
 * **Consumer groups**: every agent is its own group with one replica that owns every
@@ -44,8 +44,6 @@ Example:
     ...         [article] = mesh.payloads(articles)
     ...         assert mesh.events(articles)[0].correlation_id == sent.correlation_id
 """
-# Over 500 lines: one concept (the mesh in memory) users import from one module: its
-# topics, its producer, and the harness that drives the real runner over them.
 
 from __future__ import annotations
 
@@ -53,26 +51,28 @@ import asyncio
 import itertools
 import logging
 from collections import Counter, deque
-from collections.abc import Awaitable, Iterable, Sequence
-from typing import Any, NamedTuple, Self, TypeVar, overload
+from collections.abc import Iterable, Sequence
+from typing import Any, Self, TypeVar, overload
 
 from pydantic import BaseModel
 
 from mesh.agent import Agent, App
-from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
-from mesh.runtime.emitter import Emitter
 from mesh.envelope import Envelope, now_ms, read_headers
 from mesh.errors import ConfigError, Held, MeshError
-from mesh.runtime.audit import audit_topic
+from mesh.kafka.base import BaseProducer, OutRecord, Partition, Record
+from mesh.kafka.memory import InMemoryProducer
+from mesh.kafka.transport import partition_for
 from mesh.runtime import retry
+from mesh.runtime.audit import audit_topic
 from mesh.runtime.dead_letter import DeadLetter
+from mesh.runtime.emitter import Emitter
 from mesh.runtime.runner import AgentRunner
+from mesh.serde.codec import Codec
 from mesh.state import CompactedTable
 from mesh.topic import DLQ_SUFFIX, Topic, collect_topics
-from mesh.kafka.transport import Acks, OutRecord, Partition, Producer, Record, partition_for
 
-__all__ = ["DrainLimitReached", "InMemoryMesh", "InMemoryProducer", "InMemoryTopics"]
+__all__ = ["DrainLimitReached", "InMemoryMesh", "InMemoryTopics"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +82,6 @@ M = TypeVar("M", bound=BaseModel)
 class DrainLimitReached(MeshError):
     """``drain`` handed over ``max_steps`` records and more are still pending: most
     likely agents that feed each other in a loop."""
-
-
-class _Ack(NamedTuple):
-    """What the broker's acknowledgement tells: where the record was stored."""
-
-    partition: int
-    offset: int
 
 
 class InMemoryTopics:
@@ -159,46 +152,11 @@ class InMemoryTopics:
         return self._order[(record.topic, record.partition, record.offset)]
 
 
-class InMemoryProducer(Producer):
-    """A producer whose broker is an :class:`InMemoryTopics`: every record is stored at
-    once and its acknowledgement is already resolved.
-
-    It is a :class:`~mesh.kafka.transport.Producer` without an aiokafka client, so the real
-    runtime takes it as is.
-
-    Example:
-        >>> producer = InMemoryProducer(InMemoryTopics())  # doctest: +SKIP
-        >>> await producer.send_all([OutRecord("t", b"v")])  # doctest: +SKIP
-        [(0, 0)]
-    """
-
-    def __init__(self, topics: InMemoryTopics) -> None:  # no super(): no aiokafka client
-        self._started = False
-        self.topics = topics
-
-    async def start(self) -> None:
-        self._started = True
-
-    async def stop(self) -> None:
-        self._started = False
-
-    async def send(self, record: OutRecord) -> Awaitable[Any]:
-        """Store ``record``; the returned future is already resolved."""
-        stored = self.topics.append(record)
-        ack: asyncio.Future[_Ack] = asyncio.get_running_loop().create_future()
-        ack.set_result(_Ack(stored.partition, stored.offset))
-        return ack
-
-    async def send_many(self, records: Iterable[OutRecord]) -> Acks:
-        """Store ``records`` in order; their acks are resolved."""
-        return Acks([await self.send(r) for r in records])
-
-
 class _InMemoryRunner(AgentRunner):
     """The real runner of one agent, as the one replica of its group: it owns every
     partition of what it consumes."""
 
-    def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: Producer,
+    def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: BaseProducer,
                  codec: Codec, topics: InMemoryTopics) -> None:
         super().__init__(agent, settings, producer=producer, codec=codec)
         subscribed = [t.name for t in agent.consumes + agent.retry_topics]
