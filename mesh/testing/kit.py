@@ -5,7 +5,8 @@ runs in milliseconds. It is a fake of the *transport* only (the in-memory side o
 :class:`mesh.kafka.base.BaseProducer`): every input goes through the real runner with
 the real :class:`~mesh.serde.codec.Codec` (Avro bytes on the in-memory topics, as on
 Kafka), so decoding, handler calls, derived event ids, headers, trace context,
-outputs, state writes, retry records, dead letters with their headers, audit events and ``on_failure`` behave as in production.
+outputs, state writes, retry records, dead letters with their headers, audit events
+and ``on_failure`` behave as in production.
 
 What it keeps from Kafka, and what it simplifies:
 
