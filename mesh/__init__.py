@@ -29,7 +29,7 @@ from mesh.errors import (
 )
 from mesh.runtime.host import Mesh
 from mesh.kafka.provision import apply_topics
-from mesh.runtime.retry import RetryPolicy
+from mesh.policy import RetryPolicy
 from mesh.runtime.runner import AgentRunner, Outcome
 from mesh.serde.avro import AvroSerde
 from mesh.state import CompactedTable

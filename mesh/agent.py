@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from mesh.envelope import MESH_PREFIX, TRACEPARENT, TRACESTATE, Envelope, ExtraHeaders
 from mesh.errors import ConfigError
-from mesh.runtime.retry import RetryPolicy
+from mesh.policy import RetryPolicy
 from mesh.topic import Topic, collect_topics
 
 P = TypeVar("P", bound=BaseModel)
@@ -390,7 +390,7 @@ def agent(*, consumes: Topic[Any] | Sequence[Topic[Any]],
     the description to its docstring.
 
     Example:
-        >>> from mesh.runtime.retry import RetryPolicy
+        >>> from mesh import RetryPolicy
         >>> @agent(consumes=questions, produces=answers,
         ...        retry=RetryPolicy(attempts=5, blocking=True))  # doctest: +SKIP
         ... async def careful(question: Question, ctx: Context) -> Answer: ...

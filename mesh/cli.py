@@ -25,28 +25,24 @@ from rich.markup import escape
 from rich.table import Table
 
 from mesh.agent import Agent, App
-from mesh.kafka.apache import ApacheKafka
-from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
-from mesh.kafka.embedded import EmbeddedBroker
-from mesh.runtime.emitter import Emitter
 from mesh.envelope import Envelope
 from mesh.errors import MeshError
-from mesh.runtime.host import Mesh
-from mesh.runtime.audit import audit_topic
-from mesh.runtime.metrics import MeshMetrics
+from mesh.kafka.apache import ApacheKafka
+from mesh.kafka.base import Record
+from mesh.kafka.embedded import EmbeddedBroker
 from mesh.kafka.provision import apply_topics
 from mesh.kafka.reader import TopicReader
-from mesh.runtime.dead_letter import (
-    DLQ_HEADERS,
-    DeadLetter,
-    parse_where,
-    read_dead_letters,
-    replay,
-)
+from mesh.kafka.transport import Admin
+from mesh.runtime.audit import audit_topic
+from mesh.runtime.dead_letter import DLQ_HEADERS, DeadLetter
+from mesh.runtime.emitter import Emitter
+from mesh.runtime.host import Mesh
+from mesh.runtime.metrics import MeshMetrics
+from mesh.serde.codec import Codec
 from mesh.serde.history import check_schemas, export_schemas
 from mesh.topic import DLQ_SUFFIX, Topic, discover_topics
-from mesh.kafka.transport import Admin, Record
+from mesh.views.dlq import parse_where, read_dead_letters, replay
 
 app = typer.Typer(help="Kafka agent mesh: agents as stream processors on typed topics.",
                   no_args_is_help=True, pretty_exceptions_enable=False)

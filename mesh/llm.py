@@ -71,7 +71,7 @@ from mesh.agent import Agent, Context
 from mesh.config import LlmSettings, MeshSettings
 from mesh.errors import ConfigError, HandlerError, MeshError
 from mesh.resilience.breaker import BreakerPolicy, BreakerRegistry, CircuitBreaker
-from mesh.runtime.retry import RetryPolicy
+from mesh.policy import RetryPolicy
 from mesh.topic import Topic
 
 try:

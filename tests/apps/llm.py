@@ -28,7 +28,7 @@ from pydantic_ai.models.test import TestModel
 
 from mesh import Topic
 from mesh.llm import LLMAgent, llm_agent
-from mesh.runtime.retry import RetryPolicy
+from mesh.policy import RetryPolicy
 
 models.ALLOW_MODEL_REQUESTS = False
 

@@ -19,7 +19,7 @@ import urllib.request
 
 from mesh import Agent, Context, Topic
 from mesh.resilience.breaker import BreakerPolicy, BreakerRegistry, breaker_topics
-from mesh.runtime.retry import RetryPolicy
+from mesh.policy import RetryPolicy
 from tests.apps.chain import Item
 
 PREFIX = os.environ.get("MESH_TEST_PREFIX", "outage")

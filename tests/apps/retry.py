@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from mesh import Agent, Context, Topic
-from mesh.runtime.retry import RetryPolicy
+from mesh.policy import RetryPolicy
 from tests.apps.chain import Item
 
 

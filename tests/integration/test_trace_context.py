@@ -25,13 +25,18 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh import Codec, Context, Emitter, Envelope, Mesh, MeshSettings, Topic, apply_topics
+from mesh.kafka.base import OutRecord, Record
 from mesh.patterns.chain import Chain, ChainFailed
-from mesh.patterns.pipeline import StageEvent
 from mesh.patterns.events import EventBus, EventContext
 from mesh.patterns.gather import Gather, Part, branch
-from mesh.patterns.supervision.supervisor import Supervisor, SupervisorEvent, SupervisorPolicy, WorkerStatus
-from mesh.runtime.retry import retry_topic
-from mesh.kafka.transport import OutRecord, Record
+from mesh.patterns.pipeline import StageEvent
+from mesh.patterns.supervision.supervisor import (
+    Supervisor,
+    SupervisorEvent,
+    SupervisorPolicy,
+    WorkerStatus,
+)
+from mesh.policy import retry_topic
 from tests.apps import delegation, gather, pipeline, retry, workers
 from tests.apps.chain import Item
 from tests.conftest import BrokerUnderTest

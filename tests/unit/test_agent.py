@@ -8,9 +8,10 @@ from pydantic import BaseModel
 from mesh.agent import Agent, App, Context, agent
 from mesh.envelope import Envelope
 from mesh.errors import ConfigError
-from mesh.runtime.retry import RetryPolicy, retry_record
+from mesh.kafka.base import Record
+from mesh.policy import RetryPolicy
+from mesh.runtime.retry import retry_record
 from mesh.topic import Topic
-from mesh.kafka.transport import Record
 
 
 class Question(BaseModel):
@@ -159,9 +160,9 @@ def test_agent_consuming_nothing_raises_config_error() -> None:
 
 def test_emit_can_name_another_cause_trace_and_correlation_than_the_input() -> None:
     """A timer answering for a request it kept emits with the request's ids."""
-    from mesh.serde.codec import Codec
     from mesh.envelope import child_traceparent, new_traceparent
     from mesh.runtime.runner import Outputs
+    from mesh.serde.codec import Codec
 
     ctx = _ctx()
     kept = new_traceparent()

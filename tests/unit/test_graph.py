@@ -17,7 +17,7 @@ from mesh.errors import ConfigError
 from mesh.views import drawing, graph
 from mesh.views.graph import Topology, build_topology, collect, to_dot, to_mermaid
 from mesh.patterns.chain import Chain
-from mesh.runtime.retry import RetryPolicy
+from mesh.policy import RetryPolicy
 from mesh.topic import Topic
 
 
