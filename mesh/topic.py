@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
@@ -137,6 +138,22 @@ class Topic(Generic[M]):
         return f"Topic({self.name!r}, {self.model.__name__}, key={self.key!r})"
 
 
+class TopicBundle(ABC):
+    """The topics of one pattern instance, declared together so their names, keys and
+    partition counts agree (``GatherTopics.named("research", Question)``).
+
+    :func:`discover_topics` declares every member of a bundle bound at module level, so
+    a ``topics/`` module binds the bundle once instead of each of its topics. A bundle
+    of your own subclasses this and lists its topics in :meth:`all`.
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
+    def all(self) -> list[Topic[Any]]:
+        """Every topic of the bundle, for ``apply_topics`` and discovery."""
+
+
 def collect_topics(objects: Iterable[Any]) -> dict[str, Topic[Any]]:
     """Index topic declarations by name; the same name declared twice differently fails."""
     found: dict[str, Topic[Any]] = {}
@@ -154,7 +171,8 @@ def collect_topics(objects: Iterable[Any]) -> dict[str, Topic[Any]]:
 
 
 def discover_topics(*module_names: str) -> dict[str, Topic[Any]]:
-    """Every ``Topic`` declared at module level in the named modules and their submodules.
+    """Every ``Topic`` declared at module level in the named modules and their submodules,
+    with every member of each :class:`TopicBundle` declared there.
 
     Example:
         >>> sorted(discover_topics("topics"))  # doctest: +SKIP
@@ -173,8 +191,14 @@ def discover_topics(*module_names: str) -> dict[str, Topic[Any]]:
                 "module(s) declaring your topics with -t/--topics (e.g. -t myapp.topics)."
             ) from exc
         for module in _walk(top):
-            objects.extend(vars(module).values())
+            objects.extend(_members(vars(module).values()))
     return collect_topics(objects)
+
+
+def _members(values: Iterable[Any]) -> Iterable[Any]:
+    """``values`` with each topic bundle replaced by its topics."""
+    for value in values:
+        yield from value.all() if isinstance(value, TopicBundle) else (value,)
 
 
 def _walk(module: ModuleType) -> Iterable[ModuleType]:

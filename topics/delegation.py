@@ -24,16 +24,3 @@ class ReportRequest(BaseModel):
 SPECIALISTS = ("researcher", "analyst", "fact-checker", "writer")
 
 delegation = DelegationTopics.named("delegation", ReportRequest, specialists=SPECIALISTS)
-
-requests = delegation.requests
-plans = delegation.plans
-workflows = delegation.workflows
-results = delegation.results
-events = delegation.events
-outcomes = delegation.outcomes
-approvals = delegation.approvals  # steps waiting for a person (mesh approve / mesh reject)
-decisions = delegation.decisions
-research_tasks = delegation.tasks["researcher"]
-analysis_tasks = delegation.tasks["analyst"]
-fact_check_tasks = delegation.tasks["fact-checker"]
-writing_tasks = delegation.tasks["writer"]

@@ -102,12 +102,3 @@ def build_bus(namespace: str = "events", *, agent_prefix: str = "") -> EventBus:
 
 
 bus = build_bus()
-# Module-level topics: `mesh topics apply` and `mesh schemas export` find them here.
-content_requested = bus.topic("content_requested")
-content_created = bus.topic("content_created")
-content_reviewed = bus.topic("content_reviewed")
-content_approved = bus.topic("content_approved")
-content_rejected = bus.topic("content_rejected")
-content_rejected_final = bus.topic("content_rejected_final")
-content_published = bus.topic("content_published")
-listener_failed = bus.topic("listener_failed")

@@ -17,8 +17,3 @@ class ResearchQuestion(BaseModel):
 
 
 research = GatherTopics.named("research", ResearchQuestion, key="question_id")
-questions = research.requests
-parts = research.parts
-results = research.merged
-gather_events = research.events
-gather_state = research.state

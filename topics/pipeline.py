@@ -1,8 +1,8 @@
 """Topics of the document pipeline (examples/pipeline.py): documents arrive on
 ``documents.incoming`` keyed by ``doc_id`` (the workflow id); the pipeline's own topics
 (tasks, the compacted checkpoints, stage events, results) come from
-:meth:`PipelineTopics.named`, bound to module names so ``mesh topics apply`` and
-``mesh schemas export`` find them."""
+:meth:`PipelineTopics.named`; ``mesh topics apply`` and ``mesh schemas export`` find
+them in the bundle."""
 
 from __future__ import annotations
 
@@ -23,7 +23,3 @@ class Document(BaseModel):
 
 documents = Topic("documents.incoming", Document, key="doc_id", partitions=3)
 document_pipeline = PipelineTopics.named("documents", documents)
-document_tasks = document_pipeline.tasks
-document_checkpoints = document_pipeline.checkpoints
-document_events = document_pipeline.events
-document_results = document_pipeline.results

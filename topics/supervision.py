@@ -29,10 +29,3 @@ jobs = Topic("workers.jobs", Job, key="job_id", partitions=3)
 results = Topic("workers.results", JobResult, key="job_id", partitions=3)
 
 pool = WorkerTopics.named("workers", jobs)
-status = pool.status
-outcomes = pool.outcomes
-control = pool.control
-events = pool.events
-supervision = pool.views
-retries = pool.retries
-dead = pool.dead

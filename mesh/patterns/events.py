@@ -70,7 +70,7 @@ from mesh.config import MeshSettings
 from mesh.envelope import Envelope
 from mesh.errors import ConfigError, PayloadInvalid
 from mesh.runtime.retry import origin_of
-from mesh.topic import Topic
+from mesh.topic import Topic, TopicBundle
 from mesh.kafka.transport import OutRecord, Producer
 
 logger = logging.getLogger(__name__)
@@ -92,8 +92,13 @@ class ListenerFailed(BaseModel):
     error: str
 
 
-class EventBus:
+class EventBus(TopicBundle):
     """The event types of a domain, their topics, and the listeners built on them.
+
+    A topic bundle (discovery declares every type topic of a bus bound at module level),
+    but not an ``XTopics.named`` one: its members are the user's event types, so they
+    are looked up by type name (:meth:`topic`) rather than fixed attributes, and the bus
+    is not frozen: ``on()`` adds listeners to it and to its ``app``.
 
     Args:
         namespace: topic name prefix; type ``t`` lives on topic ``<namespace>.t``.
@@ -146,6 +151,10 @@ class EventBus:
             raise ConfigError(f"Unknown event type {event_type!r} on bus {self.namespace!r}: "
                               f"known are {known}. Declare it in the bus's types or fix the name.")
         return found
+
+    def all(self) -> list[Topic[Any]]:
+        """Every type topic (``listener_failed`` included), for ``apply_topics``."""
+        return list(self.topics.values())
 
     def type_of(self, topic_name: str | None) -> str | None:
         """The event type carried by the topic called ``topic_name``, or by the topic a

@@ -50,7 +50,7 @@ from pydantic_core import to_jsonable_python
 
 from mesh.agent import Agent, Context
 from mesh.errors import ConfigError, is_retriable
-from mesh.topic import Topic
+from mesh.topic import Topic, TopicBundle
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def concat(results: list[Any]) -> list[Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class GatherTopics:
+class GatherTopics(TopicBundle):
     """The topics of one fan-out / fan-in; :meth:`named` builds a consistent set.
 
     Example:

@@ -61,7 +61,7 @@ from mesh.envelope import now_ms
 from mesh.errors import ConfigError, HandlerError, PayloadInvalid
 from mesh.kafka.reader import TopicReader
 from mesh.serde.avro import json_data
-from mesh.topic import Topic
+from mesh.topic import Topic, TopicBundle
 
 logger = logging.getLogger(__name__)
 
@@ -160,10 +160,9 @@ class WorkflowResult(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
-class PipelineTopics:
-    """The topics of one pipeline. Declare them in ``topics/`` with :meth:`named` and
-    bind each to a module-level name so ``mesh topics apply`` finds them (see
-    ``topics/pipeline.py``)."""
+class PipelineTopics(TopicBundle):
+    """The topics of one pipeline, built with :meth:`named`; bound at module level in
+    ``topics/`` (see ``topics/pipeline.py``), ``mesh topics apply`` finds them all."""
 
     name: str
     source: Topic[Any]
@@ -180,7 +179,7 @@ class PipelineTopics:
 
     @classmethod
     def named(cls, name: str, source: Topic[Any], *, partitions: int | None = None,
-                retention_ms: int | None = None) -> PipelineTopics:
+              retention_ms: int | None = None) -> PipelineTopics:
         """The topics of pipeline ``name`` fed by ``source`` (partitions default to the
         source's, so a workflow's request and tasks share a partition number)."""
         parts = partitions or source.partitions

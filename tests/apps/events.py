@@ -26,12 +26,3 @@ def build(prefix: str, *, max_revisions: int = MAX_REVISIONS
 PREFIX = os.environ.get("MESH_TEST_PREFIX", "content")
 bus, (writer, reviewer, editor, publisher) = build(PREFIX)
 app = bus.app
-# Module-level topics, so `-t tests.apps.events` declares (and decodes) them.
-content_requested = bus.topic("content_requested")
-content_created = bus.topic("content_created")
-content_reviewed = bus.topic("content_reviewed")
-content_approved = bus.topic("content_approved")
-content_rejected = bus.topic("content_rejected")
-content_rejected_final = bus.topic("content_rejected_final")
-content_published = bus.topic("content_published")
-listener_failed = bus.topic("listener_failed")

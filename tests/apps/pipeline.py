@@ -55,4 +55,4 @@ def build(prefix: str, *, retention_s: float | None = None,
 PREFIX = os.environ.get("MESH_TEST_PREFIX", "pipeline")
 pipeline = build(PREFIX)
 agent = pipeline.agent
-checkpoints = pipeline.topics.checkpoints  # module level: `mesh workflows show` finds it
+topics = pipeline.topics  # module level: `mesh workflows show` finds its checkpoints

@@ -49,4 +49,4 @@ replica = service(PREFIX, fails=os.environ.get("MESH_TEST_WORKER_FAILS") == "1",
                   heartbeat_s=float(os.environ.get("MESH_TEST_HEARTBEAT_S", "0.5")),
                   max_failures=None if _LIMIT == "none" else int(_LIMIT))
 app = replica.app
-status = replica.topics.status  # module level: `mesh workers -t tests.apps.supervision` finds it
+pool = replica.topics  # module level: `mesh workers -t tests.apps.supervision` finds its status

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import BaseModel
 
 from mesh.errors import ConfigError
 from mesh.topic import Topic, collect_topics, discover_topics
+from tests.conftest import ROOT
 
 
 class Order(BaseModel):
@@ -104,3 +107,33 @@ def test_discover_topics_finds_the_demo_topics() -> None:
     assert {"demo.articles", "demo.drafts", "demo.fact-checks", "demo.findings",
             "demo.requests"} <= set(found)
     assert found["demo.requests"].key == "request_id"
+
+
+def test_discover_topics_declares_every_member_of_the_bundles_bound_in_topics() -> None:
+    """Pass: topics/ binds each pattern's bundle once (no member re-bound), and discovery
+    still declares every topic the committed schemas/ describe."""
+    exported = {p.name.removesuffix(".avsc") for p in (ROOT / "schemas").glob("*.avsc")}
+
+    found = discover_topics("topics")
+
+    assert set(found) == exported - {"mesh.audit"}
+
+
+def test_discover_topics_expands_a_bundle_of_ones_own(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "shop_topics.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from pydantic import BaseModel\n"
+        "from mesh.topic import Topic, TopicBundle\n"
+        "class Order(BaseModel):\n"
+        "    order_id: str\n"
+        "@dataclass(frozen=True)\n"
+        "class ShopTopics(TopicBundle):\n"
+        "    orders: Topic\n"
+        "    refunds: Topic\n"
+        "    def all(self):\n"
+        "        return [self.orders, self.refunds]\n"
+        "shop = ShopTopics(Topic('shop.orders', Order), Topic('shop.refunds', Order))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    assert sorted(discover_topics("shop_topics")) == ["shop.orders", "shop.refunds"]

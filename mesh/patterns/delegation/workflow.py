@@ -26,7 +26,7 @@ from mesh.errors import ConfigError
 from mesh.patterns.delegation.approval import ApprovalRequest, ApprovalState, Decision
 from mesh.patterns.delegation.budget import Budget, BudgetExceeded, Usage
 from mesh.patterns.delegation.plan import Plan, StepResult, StepTask
-from mesh.topic import Topic
+from mesh.topic import Topic, TopicBundle
 
 EventKind = Literal["WorkflowStarted", "PlanPublished", "PlanInvalid", "StepDispatched",
                     "StepCompleted", "StepFailed", "CheckpointReviewed", "WorkflowCompleted",
@@ -131,7 +131,7 @@ def outcome_of(state: WorkflowState) -> WorkflowOutcome:
 
 
 @dataclass(frozen=True, slots=True)
-class DelegationTopics:
+class DelegationTopics(TopicBundle):
     """The topics of one delegation mesh. ``tasks`` maps each specialist to its topic;
     ``approvals`` and ``decisions`` (optional: without them no step may ask for approval
     and wall time is checked only when an input arrives) carry human approval.

@@ -58,7 +58,7 @@ from mesh import envelope
 from mesh.agent import Agent, App, Context
 from mesh.errors import ConfigError
 from mesh.runtime.runner import AgentRunner
-from mesh.topic import Topic
+from mesh.topic import Topic, TopicBundle
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class DeadTask(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerTopics:
+class WorkerTopics(TopicBundle):
     """The topics of one supervised pool; build them with :meth:`named`."""
 
     tasks: Topic[Any]
