@@ -40,11 +40,12 @@ from typing import Any
 
 import fastavro
 from fastavro.read import SchemaResolutionError
-from fastavro.schema import SchemaParseException, fingerprint, to_parsing_canonical_form
+from fastavro.schema import SchemaParseException, to_parsing_canonical_form
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 from mesh.errors import ConfigError, DecodeError, PayloadInvalid, UnknownSchema
+from mesh.serde.compare import schema_fingerprint
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
@@ -448,73 +449,6 @@ class AvroSerde:
             return self.model.model_validate(self.from_avro(record))
         except (ValidationError, ValueError) as exc:
             raise PayloadInvalid(f"Payload fails {self.model.__name__}: {exc}") from exc
-
-
-def schema_fingerprint(parsed: Any) -> str:
-    """The CRC-64-AVRO fingerprint (16 hex digits) of a parsed schema's canonical form:
-    what single-object encoding writes after ``C3 01``.
-
-    Example:
-        >>> schema_fingerprint(fastavro.parse_schema("int"))
-        '8f5c393f1ad57572'
-    """
-    return str(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
-
-
-def schema_differences(writer: Any, reader: Any) -> list[str]:
-    """Field by field, where two parsed record schemas differ, for error messages: fields
-    the reader added without a default and fields whose types differ. Not a compatibility
-    check (a promotion such as int -> long is listed too); used once resolution failed.
-
-    Example:
-        >>> old = fastavro.parse_schema({"type": "record", "name": "O", "fields": [
-        ...     {"name": "a", "type": "long"}]})
-        >>> new = fastavro.parse_schema({"type": "record", "name": "O", "fields": [
-        ...     {"name": "a", "type": "string"}, {"name": "b", "type": "long"}]})
-        >>> schema_differences(old, new)
-        ['a: long -> string', 'b: added without a default']
-    """
-    found: list[str] = []
-    _differences(writer, reader, [], found, set())
-    return found
-
-
-def _differences(writer: Any, reader: Any, path: list[str], found: list[str],
-                 seen: set[str]) -> None:
-    if not (_is_record(writer) and _is_record(reader)):
-        if _type_name(writer) != _type_name(reader):
-            found.append(f"{'.'.join(path) or 'the record'}: {_type_name(writer)} -> "
-                         f"{_type_name(reader)}")
-        return
-    if reader["name"] in seen:  # a record used twice: its fields are listed once
-        return
-    seen.add(reader["name"])
-    written = {f["name"]: f for f in writer["fields"]}
-    for entry in reader["fields"]:
-        where = [*path, entry["name"]]
-        if entry["name"] in written:
-            _differences(written[entry["name"]]["type"], entry["type"], where, found, seen)
-        elif "default" not in entry:
-            found.append(f"{'.'.join(where)}: added without a default")
-
-
-def _is_record(schema: Any) -> bool:
-    return isinstance(schema, dict) and schema.get("type") == "record"
-
-
-def _type_name(schema: Any) -> str:
-    if isinstance(schema, list):
-        return "|".join(_type_name(s) for s in schema)
-    if not isinstance(schema, dict):
-        return str(schema)
-    kind = schema.get("type")
-    if kind in ("record", "enum", "fixed"):
-        return str(schema["name"])
-    if kind == "array":
-        return f"array<{_type_name(schema['items'])}>"
-    if kind == "map":
-        return f"map<{_type_name(schema['values'])}>"
-    return _type_name(kind)
 
 
 def json_data(value: Any) -> Any:

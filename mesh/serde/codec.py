@@ -26,8 +26,9 @@ from pydantic import BaseModel
 
 from mesh.config import SchemaRegistrySettings
 from mesh.errors import ConfigError, DecodeError, TransportError, UnknownSchema
+from mesh.serde.avro import AvroSerde, framing_of
+from mesh.serde.compare import schema_differences
 from mesh.serde.history import HISTORY, SchemaHistory
-from mesh.serde.avro import AvroSerde, framing_of, schema_differences
 from mesh.topic import Topic
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from typing import Any
 import fastavro
 from fastavro.schema import SchemaParseException
 
-from mesh.serde.avro import AvroSerde, schema_fingerprint
+from mesh.serde.avro import AvroSerde
+from mesh.serde.compare import schema_fingerprint
 from mesh.topic import Topic
 
 logger = logging.getLogger(__name__)

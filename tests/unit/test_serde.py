@@ -18,13 +18,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from mesh.errors import ConfigError, DecodeError, PayloadInvalid, UnknownSchema
-from mesh.serde.avro import (
-    AvroSerde,
-    avro_name,
-    framing_of,
-    schema_differences,
-    schema_fingerprint,
-)
+from mesh.serde.avro import AvroSerde, avro_name, framing_of
+from mesh.serde.compare import schema_differences, schema_fingerprint
 
 UTC = dt.timezone.utc
 
