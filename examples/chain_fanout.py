@@ -23,8 +23,9 @@ from rich.table import Table
 
 from agents.demo import app
 from mesh import Codec, EmbeddedBroker, Emitter, Envelope, MeshSettings, apply_topics
-from mesh.views.trace import read_trace, render_trace
 from mesh.kafka.reader import TopicReader
+from mesh.views.trace import read_trace
+from mesh.views.trace_tree import render_trace
 from topics.demo import ResearchRequest, articles, fact_checks, requests
 
 ROOT = Path(__file__).resolve().parent.parent

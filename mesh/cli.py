@@ -700,7 +700,8 @@ def trace(correlation_id: str,
               "with its payload model")] = None) -> None:
     """One workflow from mesh.audit as a tree: each event, the agents that handled it,
     their outcomes and timings (exit 1 when the audit has none of it)."""
-    from mesh.views.trace import read_trace, render_trace
+    from mesh.views.trace import read_trace
+    from mesh.views.trace_tree import render_trace
 
     settings = _settings()
     _require_cluster(settings)

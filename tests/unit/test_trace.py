@@ -8,7 +8,8 @@ from typing import Any
 from rich.console import Console
 
 from mesh.runtime.audit import AuditEvent
-from mesh.views.trace import Trace, build_trace, render_trace
+from mesh.views.trace import Trace, build_trace
+from mesh.views.trace_tree import render_trace
 
 CID = "wf-1"
 
