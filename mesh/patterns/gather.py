@@ -4,7 +4,7 @@ Fan-out is wiring: :func:`branch` agents consume one request topic, each in its 
 group, and answer with a :class:`Part` (result, or failure naming agent and error) keyed
 by correlation id. Fan-in is a :class:`Gather`: it consumes the requests (which branches,
 what deadline) and the parts, and emits one :class:`Merged` event per request when its
-:class:`Rule` is decided (all, any, k of n, first valid) or the deadline passes (silent
+:class:`GatherRule` is decided (all, any, k of n, first valid) or the deadline passes (silent
 branches listed as timed out). Failures are listed, a merger builds ``merged_output``,
 late parts are counted, never merged; taps follow the events topic.
 
@@ -135,17 +135,18 @@ class GatherState(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
-class Rule:
-    """When a gather is decided, and whether it succeeded: ``Rule("all")`` (every branch
-    answered; success if none failed), ``Rule("any")`` (the first success; fails once all
-    failed), ``Rule.k_of_n(k)`` (``k`` successes; fails once out of reach) and
-    ``Rule.first_valid(validator)`` (the first success it accepts; rejected ones are
-    listed as failures). A gather also takes the plain names ``"all"`` and ``"any"``.
+class GatherRule:
+    """When a gather is decided, and whether it succeeded: ``GatherRule("all")`` (every
+    branch answered; success if none failed), ``GatherRule("any")`` (the first success;
+    fails once all failed), ``GatherRule.k_of_n(k)`` (``k`` successes; fails once out of
+    reach) and ``GatherRule.first_valid(validator)`` (the first success it accepts;
+    rejected ones are listed as failures). A gather also takes the plain names ``"all"``
+    and ``"any"``. (Not the delegation planner's ``Rule``, which picks a plan.)
 
     Example:
-        >>> Rule.k_of_n(2).decided(expected=3, ok=2, answered=2)
+        >>> GatherRule.k_of_n(2).decided(expected=3, ok=2, answered=2)
         True
-        >>> Rule("all").label(), Rule.k_of_n(2).label(3)
+        >>> GatherRule("all").label(), GatherRule.k_of_n(2).label(3)
         ('all', '2 of 3')
     """
 
@@ -155,20 +156,20 @@ class Rule:
 
     def __post_init__(self) -> None:
         if self.kind not in ("all", "any", "k_of_n", "first_valid"):
-            raise ConfigError(f"Rule {self.kind!r} is not known: use all, any, k_of_n or "
-                              "first_valid.")
+            raise ConfigError(f"GatherRule {self.kind!r} is not known: use all, any, "
+                              "k_of_n or first_valid.")
         if self.k < 1:
-            raise ConfigError(f"Rule k_of_n needs k >= 1, got {self.k}.")
+            raise ConfigError(f"GatherRule k_of_n needs k >= 1, got {self.k}.")
         if (self.kind == "first_valid") != (self.validator is not None):
             raise ConfigError("A validator goes with rule first_valid, and only with it: "
-                              "use Rule.first_valid(validator).")
+                              "use GatherRule.first_valid(validator).")
 
     @classmethod
-    def k_of_n(cls, k: int) -> Rule:
+    def k_of_n(cls, k: int) -> GatherRule:
         return cls("k_of_n", k=k)
 
     @classmethod
-    def first_valid(cls, validator: Validator) -> Rule:
+    def first_valid(cls, validator: Validator) -> GatherRule:
         return cls("first_valid", validator=validator)
 
     def label(self, expected: int | None = None) -> str:
@@ -277,7 +278,7 @@ class Gather(Agent[Any]):
         name: the agent name; its markers and merged events carry it.
         topics: requests, parts, merged, events and state topics.
         branches: the expected branch names (or agents), or ``(request) -> names``.
-        rule: a :class:`Rule`, or ``"all"`` (default) / ``"any"``.
+        rule: a :class:`GatherRule`, or ``"all"`` (default) / ``"any"``.
         deadline_s: the default deadline, from the request's production time.
         deadline_of: ``(request) -> seconds | None``, a per-request override.
         merger: ``(results) -> merged_output``, sync or async (default :func:`concat`);
@@ -289,7 +290,7 @@ class Gather(Agent[Any]):
 
     def __init__(self, name: str, *, topics: GatherTopics,
                  branches: Sequence[str | Agent[Any]] | Callable[[Any], Sequence[str]],
-                 rule: Rule | str = "all", deadline_s: float = 60.0,
+                 rule: GatherRule | str = "all", deadline_s: float = 60.0,
                  deadline_of: Callable[[Any], float | None] | None = None,
                  merger: Merger = concat, retention_s: float = 3600.0,
                  check_every_s: float = 1.0, group: str | None = None,
@@ -299,7 +300,8 @@ class Gather(Agent[Any]):
             if topic.model is not model or topic.key != "correlation_id":
                 raise ConfigError(f"Gather topic {topic.name!r} must carry {model.__name__} "
                                   "keyed by 'correlation_id'; fix its declaration.")
-        self.rule = rule if isinstance(rule, Rule) else Rule(rule)  # type: ignore[arg-type]
+        self.rule = (rule if isinstance(rule, GatherRule)
+                     else GatherRule(rule))  # type: ignore[arg-type]
         if deadline_s <= 0 or retention_s <= 0:
             raise ConfigError(f"Gather {name!r}: deadline_s ({deadline_s}) and retention_s "
                               f"({retention_s}) must be positive.")

@@ -22,10 +22,10 @@ from mesh.envelope import derive_event_id
 from mesh.errors import ConfigError, HandlerError
 from mesh.patterns.gather import (
     Gather,
+    GatherRule,
     GatherState,
     GatherTopics,
     Part,
-    Rule,
     branch,
     concat,
 )
@@ -50,8 +50,8 @@ def broken(results: list[Any]) -> Any:
 
 
 GATHERS: dict[str, dict[str, Any]] = {
-    "all": {}, "any": {"rule": "any"}, "two": {"rule": Rule.k_of_n(2)},
-    "valid": {"rule": Rule.first_valid(confident)}, "quick": {"deadline_s": 1.5},
+    "all": {}, "any": {"rule": "any"}, "two": {"rule": GatherRule.k_of_n(2)},
+    "valid": {"rule": GatherRule.first_valid(confident)}, "quick": {"deadline_s": 1.5},
     "custom": {"merger": total}, "broken": {"merger": broken}, "short": {"retention_s": 1.0},
 }
 
@@ -374,11 +374,11 @@ def test_rule_and_builder_errors_name_the_value_and_the_fix(prefix: str) -> None
     """Pass: impossible rules and wiring fail at declaration with a clear message."""
     topics = topics_for(prefix)
     with pytest.raises(ConfigError, match="first_valid"):
-        Rule("first_valid")
+        GatherRule("first_valid")
     with pytest.raises(ConfigError, match="k >= 1"):
-        Rule.k_of_n(0)
+        GatherRule.k_of_n(0)
     with pytest.raises(ConfigError, match="k at most"):
-        Gather("g", topics=topics, branches=["a"], rule=Rule.k_of_n(2))
+        Gather("g", topics=topics, branches=["a"], rule=GatherRule.k_of_n(2))
     wrong = GatherTopics(topics.requests, topics.parts, topics.merged, topics.events,
                          Topic(f"{prefix}.s", GatherState, key=None, compacted=True))
     with pytest.raises(ConfigError, match="keyed by 'correlation_id'"):
