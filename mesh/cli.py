@@ -28,12 +28,12 @@ from mesh.agent import Agent, App
 from mesh.config import MeshSettings
 from mesh.envelope import Envelope
 from mesh.errors import MeshError
+from mesh.kafka.admin import Admin
 from mesh.kafka.apache import ApacheKafka
 from mesh.kafka.base import Record
 from mesh.kafka.embedded import EmbeddedBroker
 from mesh.kafka.provision import apply_topics
 from mesh.kafka.reader import TopicReader
-from mesh.kafka.transport import Admin
 from mesh.runtime.audit import audit_topic
 from mesh.runtime.dead_letter import DLQ_HEADERS, DeadLetter
 from mesh.runtime.emitter import Emitter

@@ -218,7 +218,7 @@ class ApacheKafka:
     def leader_of(self, topic: str, partition: int) -> int | None:
         """The node id leading ``topic``'s ``partition`` (None while it has no leader)."""
         from mesh.config import KafkaSettings
-        from mesh.kafka.transport import Admin
+        from mesh.kafka.admin import Admin
 
         async def ask() -> int | None:
             async with Admin(KafkaSettings(bootstrap_servers=self.bootstrap,
@@ -393,7 +393,7 @@ async def _wait_ready(nodes: list[_Node], cluster_id: str | None) -> None:
     """Until each node answers a metadata request as ``cluster_id`` (a broker opens its
     client listener once it is registered and unfenced)."""
     from mesh.config import KafkaSettings
-    from mesh.kafka.transport import Admin
+    from mesh.kafka.admin import Admin
 
     deadline = time.monotonic() + START_TIMEOUT_S
     waiting = {n.node_id: n for n in nodes}

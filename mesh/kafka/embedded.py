@@ -165,7 +165,7 @@ def _port_open(bootstrap: str) -> bool:
 async def _wait_ready(bootstrap: str, process: subprocess.Popen[bytes],
                       stderr: IO[bytes]) -> None:
     from mesh.config import KafkaSettings
-    from mesh.kafka.transport import Admin
+    from mesh.kafka.admin import Admin
 
     deadline = time.monotonic() + START_TIMEOUT_S
     last: Exception | None = None

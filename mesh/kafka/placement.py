@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
-from mesh.kafka.transport import Record, partition_for
+from mesh.kafka.base import Record
+from mesh.kafka.transport import partition_for
 
 logger = logging.getLogger(__name__)
 

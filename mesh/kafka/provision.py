@@ -22,8 +22,10 @@ from typing import Any, Literal
 
 from mesh.config import KafkaSettings
 from mesh.errors import TopicDrift, TransportError
+from mesh.kafka.admin import Admin
+from mesh.kafka.base import TopicSpec
+from mesh.kafka.transport import MAX_REQUEST_BYTES
 from mesh.topic import Topic
-from mesh.kafka.transport import MAX_REQUEST_BYTES, Admin, TopicSpec
 
 Action = Literal["created", "unchanged", "drift"]
 

@@ -27,7 +27,8 @@ from typing import Literal, Self
 
 from mesh.config import KafkaSettings
 from mesh.errors import TransportError
-from mesh.kafka.transport import Consumer, Partition, Record, partition_for
+from mesh.kafka.base import Partition, Record
+from mesh.kafka.transport import Consumer, partition_for
 
 POLL_MS = 200  # longest single fetch wait: how often deadlines and stops are checked
 BATCH = 10_000  # records taken per fetch when reading to the end

@@ -1,4 +1,5 @@
-"""The only module that imports aiokafka: producer, consumer and admin clients.
+"""aiokafka's producer and consumer behind the mesh's types (:mod:`mesh.kafka.admin` is
+the admin client; only mesh/kafka/ imports aiokafka).
 
 Everything above it sees :class:`Record` and :class:`Partition`, and mesh errors instead
 of aiokafka's. Delivery settings are fixed here: producers wait for ``acks=all`` and are
@@ -23,8 +24,6 @@ from aiokafka import (
     ConsumerRebalanceListener,
     TopicPartition,
 )
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (
     CommitFailedError,
@@ -34,7 +33,6 @@ from aiokafka.errors import (
     KafkaError,
     ProducerFenced,
     RebalanceInProgressError,
-    TopicAlreadyExistsError,
     UnsupportedCodecError,
 )
 from aiokafka.partitioner import murmur2
@@ -48,7 +46,6 @@ from mesh.kafka.base import (
     Partition,
     RebalanceCallback,
     Record,
-    TopicSpec,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,11 +58,12 @@ def _tp(p: Partition) -> TopicPartition:
     return TopicPartition(p.topic, p.partition)
 
 
-def _transport_error(exc: KafkaError, what: str) -> TransportError:
+def transport_error(exc: KafkaError, what: str) -> TransportError:
+    """aiokafka's ``exc`` as the mesh's TransportError, saying what failed."""
     return TransportError(f"{what} failed: {type(exc).__name__}: {exc}")
 
 
-class _Client:
+class Client:
     """Start/stop (each safe to call twice) and the async context manager, shared by the
     producer, consumer and admin wrappers."""
 
@@ -80,7 +78,7 @@ class _Client:
             try:
                 await self._client.start()
             except KafkaError as exc:
-                raise _transport_error(exc, f"Starting the {self._role}") from exc
+                raise transport_error(exc, f"Starting the {self._role}") from exc
             self._started = True
 
     async def stop(self) -> None:
@@ -102,7 +100,7 @@ class _Client:
         await self.stop()
 
 
-class Producer(_Client, BaseProducer):
+class Producer(Client, BaseProducer):
     """Produces records and waits for the broker's acknowledgement.
 
     Example:
@@ -154,7 +152,7 @@ class Producer(_Client, BaseProducer):
                 record.topic, record.value, key=record.key, headers=list(record.headers),
                 partition=record.partition)
         except KafkaError as exc:
-            raise _transport_error(exc, f"Producing to {record.topic}") from exc
+            raise transport_error(exc, f"Producing to {record.topic}") from exc
         return ack
 
 
@@ -186,7 +184,7 @@ class TransactionalProducer(Producer):
 
     def __init__(self, settings: KafkaSettings, transactional_id: str, *,
                  timeout_ms: int = 60_000) -> None:
-        _Client.__init__(self)
+        Client.__init__(self)
         self.transactional_id = transactional_id
         self._client = AIOKafkaProducer(
             **settings.client_kwargs(), acks=-1, transactional_id=transactional_id,
@@ -239,7 +237,7 @@ class TransactionalProducer(Producer):
                           "partition's new owner), or the transaction outlived "
                           "MESH_RUNTIME__TRANSACTION_TIMEOUT_MS.")
         if isinstance(exc, KafkaError):
-            return _transport_error(exc, name)
+            return transport_error(exc, name)
         return TransportError(f"{name} failed: {exc}")
 
 
@@ -256,7 +254,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._assigned([Partition(tp.topic, tp.partition) for tp in assigned])
 
 
-class Consumer(_Client):
+class Consumer(Client):
     """A consumer: in a group with manual commits, or group-less for reading topics.
     ``stop()`` leaves the group.
 
@@ -319,7 +317,7 @@ class Consumer(_Client):
         except (UnsupportedCodecError, CorruptRecordException) as exc:
             raise _unreadable(exc, self._group) from exc
         except KafkaError as exc:
-            raise _transport_error(exc, "Fetching") from exc
+            raise transport_error(exc, "Fetching") from exc
         return {
             Partition(tp.topic, tp.partition): [
                 Record(m.topic, m.partition, m.offset, m.key, m.value,
@@ -350,7 +348,7 @@ class Consumer(_Client):
         except (CommitFailedError, IllegalStateError, RebalanceInProgressError) as exc:
             raise CommitFailed(f"Commit refused: {type(exc).__name__}: {exc}") from exc
         except KafkaError as exc:
-            raise _transport_error(exc, "Committing offsets") from exc
+            raise transport_error(exc, "Committing offsets") from exc
 
     async def committed(self, partition: Partition) -> int | None:
         return await self._client.committed(_tp(partition))  # type: ignore[no-any-return]
@@ -450,85 +448,3 @@ def _partitioner(key: bytes | None, all_partitions: list[int], available: list[i
     if key is None:
         return random.choice(available or all_partitions)
     return all_partitions[partition_for(key, len(all_partitions))]
-
-
-class Admin(_Client):
-    """Creates and describes topics."""
-
-    _role = "admin client"
-
-    def __init__(self, settings: KafkaSettings) -> None:
-        super().__init__()
-        self._client = AIOKafkaAdminClient(**settings.client_kwargs())
-
-    async def _close(self) -> None:
-        await self._client.close()
-
-    async def list_topics(self) -> list[str]:
-        return sorted(await self._client.list_topics())
-
-    async def cluster_id(self) -> str | None:
-        """The id of the cluster the bootstrap servers belong to (None if the broker
-        does not say). Raises ``TransportError`` when no broker answers."""
-        try:
-            described = await self._client.describe_cluster()
-        except KafkaError as exc:
-            raise _transport_error(exc, "Describing the cluster") from exc
-        found = described.get("cluster_id")
-        return None if found is None else str(found)
-
-    async def leaders(self, topic: str) -> dict[int, int]:
-        """The leader node id of each of ``topic``'s partitions that has one."""
-        described = await self._client.describe_topics([topic])
-        return {p["partition"]: p["leader"] for t in described if not t["error_code"]
-                for p in t["partitions"] if p["leader"] >= 0}
-
-    async def under_replicated(self, topics: Sequence[str]) -> list[Partition]:
-        """The partitions of ``topics`` with fewer in-sync replicas than replicas, or no
-        leader (a rolling restart waits for none before stopping the next broker)."""
-        described = await self._client.describe_topics(list(topics))
-        return [Partition(t["topic"], p["partition"]) for t in described
-                for p in t["partitions"]
-                if t["error_code"] or p["leader"] < 0 or len(p["isr"]) < len(p["replicas"])]
-
-    async def create_topic(self, spec: TopicSpec) -> bool:
-        """Create ``spec``; False if it already existed."""
-        replication = spec.replication
-        if replication is None:  # aiokafka's CreateTopics (v3) cannot ask for the default
-            brokers = (await self._client.describe_cluster()).get("brokers") or ()
-            replication = max(1, min(3, len(brokers)))
-        topic = NewTopic(spec.name, spec.partitions, replication,
-                         topic_configs=dict(spec.configs or {}))
-        try:
-            response = await self._client.create_topics([topic])
-        except TopicAlreadyExistsError:
-            return False
-        for name, code, *_ in getattr(response, "topic_errors", ()):
-            if code == TopicAlreadyExistsError.errno:
-                return False
-            if code:
-                raise TransportError(f"Creating topic {name} failed with error code {code}.")
-        return True
-
-    async def describe(self, names: Sequence[str]) -> dict[str, TopicSpec]:
-        """Partitions and configs of the named topics that exist."""
-        found: dict[str, TopicSpec] = {}
-        # Describing a missing topic auto-creates it on some brokers: ask only for existing.
-        existing = set(await self._client.list_topics())
-        names = [n for n in names if n in existing]
-        if not names:
-            return found
-        described = await self._client.describe_topics(list(names))
-        counts = {t["topic"]: len(t["partitions"]) for t in described if not t["error_code"]}
-        if not counts:
-            return found
-        resources = [ConfigResource(ConfigResourceType.TOPIC, n) for n in counts]
-        responses = await self._client.describe_configs(resources)
-        configs: dict[str, dict[str, str]] = {n: {} for n in counts}
-        for response in responses:
-            for _code, _msg, _type, name, entries in response.resources:
-                configs.setdefault(name, {}).update(
-                    {e[0]: e[1] for e in entries if e[1] is not None})
-        for name, count in counts.items():
-            found[name] = TopicSpec(name, count, configs=configs.get(name, {}))
-        return found

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from mesh.config import MeshSettings
 from mesh.errors import BrokerLost, TransportError
-from mesh.kafka.transport import Admin
+from mesh.kafka.admin import Admin
 
 if TYPE_CHECKING:
     from mesh.runtime.runner import AgentRunner

@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 
 from mesh import ApacheKafka, Codec, apply_topics
-from mesh.testing.checker import check
 from mesh.config import KafkaSettings
 from mesh.errors import BrokerUnavailable
-from mesh.kafka.transport import Admin, partition_for
+from mesh.kafka.admin import Admin
+from mesh.kafka.transport import partition_for
+from mesh.testing.checker import check
 from tests.apps.chain import Item, build
 from tests.conftest import BrokerUnderTest, _with_mesh_topics
 from tests.support import AgentProcess, Progress, encode, history, inject

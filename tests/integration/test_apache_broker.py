@@ -21,8 +21,10 @@ import pytest
 from mesh import ApacheKafka
 from mesh.config import KafkaSettings
 from mesh.errors import BrokerUnavailable
+from mesh.kafka.admin import Admin
+from mesh.kafka.base import OutRecord, Partition, Record, TopicSpec
 from mesh.kafka.provision import wait_visible
-from mesh.kafka.transport import Admin, Consumer, OutRecord, Partition, Producer, Record, TopicSpec
+from mesh.kafka.transport import Consumer, Producer
 from tests.integration.test_cli import Cli
 
 pytestmark = pytest.mark.apache

@@ -31,9 +31,11 @@ from pydantic import ValidationError
 
 from mesh import Codec, Topic
 from mesh.config import KafkaSettings
+from mesh.kafka.admin import Admin
+from mesh.kafka.base import OutRecord, Record, TopicSpec
 from mesh.kafka.provision import apply_topics
+from mesh.kafka.transport import Producer
 from mesh.runtime.dead_letter import DLQ_AGENT, DLQ_ERROR_CLASS, DLQ_TOPIC
-from mesh.kafka.transport import Admin, OutRecord, Producer, Record, TopicSpec
 from tests.apps.chain import Item
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import AgentProcess, event_id, make_items, read_all, wait_for_count

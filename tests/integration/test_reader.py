@@ -9,8 +9,10 @@ import pytest
 
 from mesh.config import KafkaSettings
 from mesh.errors import TransportError
+from mesh.kafka.admin import Admin
+from mesh.kafka.base import OutRecord, Partition, Record, TopicSpec
 from mesh.kafka.reader import TopicReader
-from mesh.kafka.transport import Admin, OutRecord, Partition, Record, TopicSpec, partition_for
+from mesh.kafka.transport import partition_for
 from tests.conftest import BrokerUnderTest
 from tests.support import inject
 

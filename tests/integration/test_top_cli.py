@@ -21,12 +21,13 @@ from pathlib import Path
 
 from mesh import Codec, apply_topics
 from mesh.config import AuditSettings
+from mesh.kafka.admin import Admin
+from mesh.kafka.base import OutRecord, TopicSpec
 from mesh.kafka.embedded import free_port
+from mesh.kafka.reader import TopicReader
 from mesh.runtime.audit import AuditEvent, Auditor, audit_topic
 from mesh.views.stats import AuditWindow
 from mesh.views.top import AuditFeed, Dashboard, scrape
-from mesh.kafka.reader import TopicReader
-from mesh.kafka.transport import Admin, OutRecord, TopicSpec
 from tests.apps.chain import build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.integration.test_cli import Cli
