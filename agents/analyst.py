@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from agents.brain import Findings
-from agents.step import brain_for, request_of, think
+from agents.step import brain_for, report, request_of, think
 from mesh.agent import Context
 from mesh.errors import HandlerError
 from mesh.patterns.delegation.coordinator import Specialist
@@ -27,6 +27,7 @@ async def analyse(task: StepTask, ctx: Context) -> dict[str, Any]:
                            "Research other terms or add documents to agents/corpus/.")
     await think(task)
     analysis = await brain_for(ctx).analyse(request_of(task), passages)
+    report(analysis.usage)
     return analysis.model_dump()
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from agents.brain import Analysis
 from agents.sample import run_async
-from agents.step import brain_for, latest, request_of, think
+from agents.step import brain_for, latest, report, request_of, think
 from mesh.agent import Context
 from mesh.errors import HandlerError
 from mesh.patterns.delegation.coordinator import Specialist
@@ -22,6 +22,7 @@ async def code(task: StepTask, ctx: Context) -> dict[str, Any]:
     analysis = Analysis.model_validate(latest(task, "outline"))
     await think(task)
     sample = await brain_for(ctx).code(request_of(task), analysis)
+    report(sample.usage)
     ran = await run_async(sample.code)
     if ran.exit_code != 0:
         raise HandlerError(f"Code sample {sample.filename!r} of {task.workflow_id!r} exits "

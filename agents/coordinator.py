@@ -6,8 +6,16 @@ review a checkpoint. At the checkpoint :func:`review` reads the reviewer's verdi
 a rejected draft is re-planned from its feedback (:func:`replan`: more research and
 a new analysis when material is missing, a new sample when the code failed, then a
 rewrite with the feedback and another review), at most :data:`MAX_REVISIONS` times;
-after that the document goes out marked not approved, with the open feedback.
-:func:`synthesize` makes the final output: the last draft, the verdict, the usage.
+a draft still rejected after that fails the workflow, the reviewer's last feedback as
+its error (the drafts stay in the outcome's step results). :func:`synthesize` makes
+the final output: the approved draft, the verdict, the usage.
+
+With ``requirements.approval`` (or ``WRITING_APPROVAL=true``) the approved draft waits
+for a person before it is published: a ``publish`` step (the writer hands over the
+final copy) asks for approval (`mesh approve WORKFLOW publish`, `mesh reject WORKFLOW
+publish --reason TEXT`; rejected by default after its timeout). Every workflow keeps
+to a budget: :class:`WritingSettings` (``WRITING_BUDGET__TOKENS``, ``__CALLS``,
+``__COST``, ``__WALL_TIME_S``), each limit replaced by the request's own ``budget``.
 
     mesh run agents.coordinator:agent
 """
@@ -16,14 +24,40 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from agents.brain import Usage, subject_of
 from agents.reviewer import Verdict
-from mesh.patterns.delegation.coordinator import Coordinator
-from mesh.patterns.delegation.plan import Plan, PlanStep, Review, Revision, Synthesis
+from mesh.patterns.delegation.approval import DEFAULT_TIMEOUT_S
+from mesh.patterns.delegation.coordinator import Budget, Coordinator
+from mesh.patterns.delegation.plan import (
+    Plan,
+    PlanStep,
+    Review,
+    ReviewRejected,
+    Revision,
+    Synthesis,
+)
 from topics.writing import WritingRequest, writing
 
 MAX_REVISIONS = 2
 WORDS_PER_PASSAGE = 80  # about: the corpus is cut into passages of 25-140 words
+
+
+class WritingSettings(BaseSettings):
+    """The coordinator's settings (``WRITING_*``): every workflow's budget (a request's
+    ``budget`` replaces its limits one by one), whether every document waits for a
+    person's approval before it is published, and how long by default."""
+
+    model_config = SettingsConfigDict(env_prefix="WRITING_", env_nested_delimiter="__")
+
+    budget: Budget = Field(default_factory=Budget)
+    approval: bool = False
+    approval_timeout_s: float = Field(default=DEFAULT_TIMEOUT_S, gt=0)
+
+
+settings = WritingSettings()
 
 
 def _base(request: WritingRequest) -> dict[str, Any]:
@@ -52,10 +86,22 @@ async def plan(request: WritingRequest) -> Plan:
     steps += [PlanStep(id="write", specialist="writer", input={**base, "feedback": []},
                        depends_on=drafted_from),
               PlanStep(id="review", specialist="reviewer", input={**base, "round": 1},
-                       depends_on=["write"], checkpoint=True)]
+                       depends_on=["write"], checkpoint=True),
+              *_publish(request, "write", "review")]
     return Plan(steps=steps, reason=f"research {subject!r} ({len(research)} searches in "
                                     f"parallel), analyse, {'code, ' if req.include_code else ''}"
                                     "write, review")
+
+
+def _publish(request: WritingRequest, write: str, review: str) -> list[PlanStep]:
+    """The step that publishes the reviewed draft after a person's approval, when the
+    request or the settings ask for one."""
+    req = request.requirements
+    if not (req.approval or settings.approval):
+        return []
+    return [PlanStep(id="publish", specialist="writer",
+                     input={**_base(request), "publish": True}, depends_on=[write, review],
+                     approval=True, approval_timeout_s=req.approval_timeout_s)]
 
 
 def _last(plan: Plan, specialist: str) -> str | None:
@@ -91,25 +137,31 @@ def replan(review: Review, verdict: Verdict) -> list[PlanStep]:
                        input={**base, "feedback": verdict.feedback},
                        depends_on=[analyse, *([code] if code else [])]),
               PlanStep(id=f"review-{n}", specialist="reviewer", input={**base, "round": n},
-                       depends_on=[f"write-{n}"], checkpoint=True)]
+                       depends_on=[f"write-{n}"], checkpoint=True),
+              *_publish(request, f"write-{n}", f"review-{n}")]
     return steps
 
 
 async def review(review: Review) -> Revision | None:
-    """At a review checkpoint: keep the plan if the draft is approved or the rounds
-    are used up; else re-plan from the feedback."""
+    """At a review checkpoint: keep the plan if the draft is approved; fail the
+    workflow with the reviewer's feedback if the re-plans are used up; else re-plan
+    from the feedback."""
     if review.failure is not None or review.step.specialist != "reviewer":
         return None
     verdict = Verdict.model_validate(review.results[review.step.id])
-    if verdict.approved or verdict.round > MAX_REVISIONS:
+    if verdict.approved:
         return None
+    if verdict.round > MAX_REVISIONS:
+        raise ReviewRejected(f"Review {verdict.round} did not approve the draft after "
+                             f"{MAX_REVISIONS} re-plans: " + " ".join(verdict.feedback))
     return Revision(replan(review, verdict),
                     reason=f"review {verdict.round} sent the draft back: "
                            + " ".join(verdict.feedback[:2]))
 
 
 async def synthesize(synthesis: Synthesis) -> dict[str, Any]:
-    """The final output: the last draft, the last verdict and what the work cost."""
+    """The final output: the approved draft (as published), the verdict and what the
+    work cost."""
     write, check = _last(synthesis.plan, "writer"), _last(synthesis.plan, "reviewer")
     draft = synthesis.results[write] if write else {}
     verdict = Verdict.model_validate(synthesis.results[check]) if check else None
@@ -120,7 +172,6 @@ async def synthesize(synthesis: Synthesis) -> dict[str, Any]:
             "approved": bool(verdict and verdict.approved),
             "review_rounds": verdict.round if verdict else 0,
             "checks": [c.model_dump() for c in verdict.checks] if verdict else [],
-            "open_feedback": [] if verdict is None or verdict.approved else verdict.feedback,
             "usage": {"brains": sorted({u.brain for u in usages}),
                       "calls": sum(u.calls for u in usages),
                       "tokens": sum(u.tokens for u in usages),
@@ -129,4 +180,5 @@ async def synthesize(synthesis: Synthesis) -> dict[str, Any]:
 
 agent = Coordinator("coordinator", topics=writing, planner=plan, reviewer=review,
                     synthesizer=synthesize, group="writing-coordinator",
-                    description="plans a document, reviews drafts, synthesises")
+                    description="plans a document, reviews drafts, synthesises",
+                    budget=settings.budget, approval_timeout_s=settings.approval_timeout_s)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from agents.retriever import Corpus
-from agents.step import brain_for, think
+from agents.step import brain_for, report, think
 from mesh.agent import Context
 from mesh.patterns.delegation.coordinator import Specialist
 from mesh.patterns.delegation.plan import StepTask
@@ -27,6 +27,7 @@ async def research(task: StepTask, ctx: Context) -> dict[str, Any]:
     found = await brain_for(ctx).research(list(task.input["queries"]),
                                           k=int(task.input.get("k", 8)), search=search,
                                           exclude=exclude)
+    report(found.usage)
     ctx.logger.info("step %s: %d passages for %s", task.step_id, len(found.passages),
                     found.queries)
     return found.model_dump()

@@ -14,8 +14,9 @@ import logging
 import os
 from typing import Any
 
-from agents.brain import Brain, brain
+from agents.brain import Brain, Usage, brain
 from mesh.agent import Context
+from mesh.patterns.delegation.coordinator import record_usage
 from mesh.patterns.delegation.plan import StepTask
 from topics.writing import WritingRequest
 
@@ -44,6 +45,13 @@ def brain_for(ctx: Context) -> Brain:
     if key not in _brains:
         _brains[key] = brain(settings)
     return _brains[key]
+
+
+def report(usage: Usage) -> None:
+    """Tell the coordinator what a step's model calls cost (tokens, calls), for the
+    workflow's budget, its events and the specialist's metrics (nothing offline)."""
+    if usage.calls or usage.tokens:
+        record_usage(tokens=usage.tokens, calls=usage.calls)
 
 
 async def think(task: StepTask) -> None:

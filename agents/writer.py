@@ -1,5 +1,6 @@
 """The writer: composes the Markdown document from the analysis and the code sample,
-taking the reviewer's feedback into account on a rewrite.
+taking the reviewer's feedback into account on a rewrite; and, when a person approved
+it (the plan's ``publish`` step), hands over the reviewed draft as the final copy.
 
     mesh run agents.writer:agent
 """
@@ -9,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from agents.brain import Analysis, CodeSample
-from agents.step import brain_for, latest, request_of, think
+from agents.step import brain_for, latest, report, request_of, think
 from mesh.agent import Context
+from mesh.errors import HandlerError
 from mesh.patterns.delegation.coordinator import Specialist
 from mesh.patterns.delegation.plan import StepTask
 from topics.writing import writing
@@ -18,6 +20,8 @@ from topics.writing import writing
 
 async def write(task: StepTask, ctx: Context) -> dict[str, Any]:
     """Sections for the audience, the word count, citations, the code block."""
+    if task.input.get("publish"):
+        return publish(task, ctx)
     request = request_of(task)
     analysis = Analysis.model_validate(latest(task, "outline"))
     sample = latest(task, "code")
@@ -25,9 +29,21 @@ async def write(task: StepTask, ctx: Context) -> dict[str, Any]:
     await think(task)
     draft = await brain_for(ctx).write(request, analysis, code,
                                        list(task.input.get("feedback", [])))
+    report(draft.usage)
     ctx.logger.info("step %s: %d words", task.step_id, draft.words)
     return draft.model_dump()
 
 
+def publish(task: StepTask, ctx: Context) -> dict[str, Any]:
+    """The approved draft as published (its usage counted once, with its write step)."""
+    draft = latest(task, "markdown")
+    if draft is None:
+        raise HandlerError(f"Step {task.step_id!r} of {task.workflow_id!r} has no draft to "
+                           f"publish in its context ({', '.join(task.context)}): make it "
+                           "depend on a writer step.")
+    ctx.logger.info("step %s: published %r", task.step_id, draft.get("title"))
+    return {k: v for k, v in draft.items() if k != "usage"} | {"published": True}
+
+
 agent = Specialist("writer", topics=writing, handler=write, group="writing-writer",
-                   description="composes the Markdown document")
+                   description="composes the Markdown document, publishes it once approved")

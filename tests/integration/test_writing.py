@@ -1,6 +1,8 @@
 """The writing mesh (agents/) as six `mesh run` services, driven by `mesh submit`: the
 seed's request gives a document that meets its requirements; a forced rejection is
-exactly one re-plan; a term the corpus lacks is re-planned at most MAX_REVISIONS times."""
+exactly one re-plan; a term the corpus lacks is re-planned at most MAX_REVISIONS times,
+then fails the workflow; a budget stops a workflow; a publish step waits for `mesh
+approve` (through a coordinator restart) or fails on `mesh reject`."""
 
 from __future__ import annotations
 
@@ -98,18 +100,136 @@ def test_a_forced_rejection_makes_exactly_one_replan(
     assert events.count("PlanPublished") == 2 and "review 1 sent the draft back" in events
 
 
-def test_an_uncoverable_term_is_replanned_at_most_max_revisions_times(
+def test_a_draft_never_approved_fails_the_workflow_with_the_last_feedback(
         broker: BrokerUnderTest, services: dict[str, AgentProcess]) -> None:
     """Pass: a term no corpus passage has fails every review; the coordinator re-plans
-    MAX_REVISIONS times (more research, a new analysis, a rewrite each time), then
-    delivers the last draft marked not approved with the open feedback."""
+    MAX_REVISIONS times (more research, a new analysis, a rewrite each time), then the
+    workflow fails: `mesh submit --follow` exits 1 with an outcome whose error is the
+    last review's feedback, every draft and review kept in its step results."""
     request = {"workflow_id": "wf-uncoverable", "task": "Write an overview on MCP servers",
                "requirements": {"word_count": 600, "must_cover": ["quantum annealing"]}}
     code, outcome, events = submit(broker, request)
-    assert code == 0, events[-3000:]  # the workflow completed; the document is flagged
-    assert outcome["plan"]["version"] == 1 + MAX_REVISIONS
-    final = outcome["final_output"]
-    assert final["approved"] is False and final["review_rounds"] == 1 + MAX_REVISIONS
-    assert any("quantum annealing" in f for f in final["open_feedback"])
-    assert f"review-{1 + MAX_REVISIONS}" in outcome["step_results"]
-    assert f"review-{2 + MAX_REVISIONS}" not in outcome["step_results"]
+    assert code == 1, events[-3000:]
+    assert outcome["success"] is False and outcome["final_output"] is None
+    last = f"review-{1 + MAX_REVISIONS}"
+    assert outcome["failed_step"] == last and outcome["plan"]["version"] == 1 + MAX_REVISIONS
+    assert f"Review {1 + MAX_REVISIONS} did not approve the draft" in outcome["error"]
+    assert "'quantum annealing'" in outcome["error"]
+    assert outcome["step_results"][last]["approved"] is False
+    assert outcome["error"].endswith(" ".join(outcome["step_results"][last]["feedback"]))
+    assert f"write-{1 + MAX_REVISIONS}" in outcome["step_results"]
+    assert "WorkflowFailed" in events and "WorkflowCompleted" not in events
+
+
+def test_a_budget_below_what_the_workflow_needs_stops_it_with_partial_results(
+        broker: BrokerUnderTest, services: dict[str, AgentProcess]) -> None:
+    """Pass: a request whose budget allows 0.5 s of wall time, for four review rounds,
+    is stopped: a BudgetExceeded event, `mesh submit` exits 1, the outcome names the
+    wall-time limit and keeps the steps done so far (fewer than the plan's)."""
+    request = {"workflow_id": "wf-budget", "task": "Write an overview on MCP servers",
+               "requirements": {"word_count": 600, "min_review_rounds": 3},
+               "budget": {"wall_time_s": 0.5}}
+    code, outcome, events = submit(broker, request)
+    assert code == 1, events[-3000:]
+    assert outcome["success"] is False
+    exceeded = outcome["budget_exceeded"]
+    assert exceeded["limit"] == "wall_time_s" and exceeded["allowed"] == 0.5
+    assert exceeded["used"] > 0.5
+    assert outcome["error"].startswith("Budget exceeded: wall time budget exceeded")
+    assert "BudgetExceeded" in events and "WorkflowCompleted" not in events
+    assert "review-4" not in outcome["step_results"]
+    assert "research" in outcome["step_results"]
+
+
+def follow(broker: BrokerUnderTest, request: dict[str, Any], timeout: float = 150.0
+           ) -> subprocess.Popen[str]:
+    """`mesh submit writing.requests JSON --follow` in the background, once it printed
+    that the approval was requested (its stderr read up to there)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", "submit", "writing.requests", json.dumps(request),
+         "--follow", "--timeout", str(timeout)],
+        cwd=ROOT, env=broker.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # ends when submit exits (at the latest on its timeout)
+        seen.append(line)
+        if line.startswith("ApprovalRequested publish"):
+            return proc
+    proc.wait(timeout=30)
+    raise AssertionError("no ApprovalRequested event: " + "".join(seen)[-3000:])
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any], str]:
+    out, rest = proc.communicate(timeout=180)
+    lines = out.strip().splitlines()
+    return proc.returncode, json.loads(lines[-1]) if len(lines) > 1 else {}, rest
+
+
+def decide(broker: BrokerUnderTest, *args: str) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "mesh.cli", *args, "--topic", "writing"],
+                          cwd=ROOT, env=broker.env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_approval_waits_through_a_coordinator_restart_and_mesh_approve_publishes(
+        broker: BrokerUnderTest, services: dict[str, AgentProcess],
+        tmp_path: Path) -> None:
+    """Pass: with requirements.approval the reviewed draft waits at the publish step; the
+    coordinator killed -9 and restarted still waits; `mesh approve WORKFLOW publish --topic writing` makes
+    the writer publish it and `mesh submit` exits 0 with the approved document."""
+    request = {"workflow_id": "wf-approve", "task": "Write an overview on MCP servers",
+               "requirements": {"word_count": 600, "approval": True}}
+    proc = follow(broker, request)
+    services["coordinator"].kill9()
+    services["coordinator"] = AgentProcess(
+        broker, "agents.coordinator:agent", prefix="writing",
+        log=(tmp_path / "coordinator-restarted.log").open("wb")).start()
+    assert proc.poll() is None  # still following: no outcome yet
+    sent = decide(broker, "approve", "wf-approve", "publish", "--by", "ana")
+    assert sent["approved"] is True and sent["by"] == "ana"
+    code, outcome, events = finish(proc)
+    assert code == 0, events[-3000:]
+    assert list(outcome["step_results"]) == ["research", "analyse", "write", "review",
+                                             "publish"]
+    published = outcome["step_results"]["publish"]
+    assert published["published"] is True
+    assert published["markdown"] == outcome["step_results"]["write"]["markdown"]
+    assert outcome["final_output"]["markdown"] == published["markdown"]
+    assert outcome["final_output"]["approved"] is True
+    assert "StepApproved publish" in events and "approved by ana" in events
+
+
+def test_mesh_reject_fails_the_workflow_waiting_for_approval(
+        broker: BrokerUnderTest, services: dict[str, AgentProcess]) -> None:
+    """Pass: `mesh reject WORKFLOW publish --reason TEXT` fails the waiting workflow:
+    `mesh submit` exits 1, the outcome names the step, who rejected it and why, and
+    keeps the reviewed draft; the publish step never ran."""
+    request = {"workflow_id": "wf-reject", "task": "Write an overview on MCP servers",
+               "requirements": {"word_count": 600, "approval": True}}
+    proc = follow(broker, request)
+    decide(broker, "reject", "wf-reject", "publish", "--reason", "not for this audience",
+           "--by", "bo")
+    code, outcome, events = finish(proc)
+    assert code == 1, events[-3000:]
+    assert outcome["success"] is False and outcome["failed_step"] == "publish"
+    assert "rejected by bo: not for this audience" in outcome["error"]
+    assert outcome["step_results"]["review"]["approved"] is True
+    assert "publish" not in outcome["step_results"]
+    assert "StepRejected publish" in events
+
+
+def test_an_approval_left_past_its_deadline_is_rejected(
+        broker: BrokerUnderTest, services: dict[str, AgentProcess]) -> None:
+    """Pass: nobody decides within requirements.approval_timeout_s (2 s): the
+    coordinator's timer rejects the publish step by default and `mesh submit` exits 1
+    with an outcome saying so."""
+    request = {"workflow_id": "wf-deadline", "task": "Write an overview on MCP servers",
+               "requirements": {"word_count": 600, "approval": True,
+                                "approval_timeout_s": 2}}
+    code, outcome, events = finish(follow(broker, request))
+    assert code == 1, events[-3000:]
+    assert outcome["failed_step"] == "publish"
+    assert "rejected by deadline: no decision within 2 s" in outcome["error"]
+    assert "publish" not in outcome["step_results"]
