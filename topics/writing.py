@@ -49,17 +49,3 @@ class WritingRequest(BaseModel):
 SPECIALISTS = ("researcher", "analyst", "coder", "writer", "reviewer")
 
 writing = DelegationTopics.named("writing", WritingRequest, specialists=SPECIALISTS)
-
-requests = writing.requests
-plans = writing.plans
-workflows = writing.workflows
-results = writing.results
-events = writing.events
-outcomes = writing.outcomes
-research_tasks = writing.tasks["researcher"]
-analysis_tasks = writing.tasks["analyst"]
-code_tasks = writing.tasks["coder"]
-writing_tasks = writing.tasks["writer"]
-review_tasks = writing.tasks["reviewer"]
-approvals = writing.approvals
-decisions = writing.decisions
