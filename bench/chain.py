@@ -1,10 +1,12 @@
 """Benchmark: a three-stage pass-through chain through the mesh vs. raw aiokafka.
 
     .venv/bin/python bench/chain.py [--events N] [--size BYTES] [--runs mesh,raw]
-                                    [--partitions P] [--profile]
+                                    [--partitions P] [--rate EVENTS_PER_S] [--profile]
+                                    [--broker embedded|apache] [--nodes N]
 
-Both runs share one embedded broker (Tansu, loopback only) and this process, and use
-fresh topics of the same partition count::
+All runs share one broker (the embedded Tansu broker, or Apache Kafka started from its
+jars; loopback only, stopped by pid) and this process, and use fresh topics of the same
+partition count::
 
     in -> [stage A] -> ab -> [stage B] -> bc -> [stage C] -> out
 
@@ -15,19 +17,25 @@ fresh topics of the same partition count::
   ``AIOKafkaConsumer`` in its own group (manual commits) and an ``AIOKafkaProducer``;
   consume a batch -> ``json.loads`` -> produce ``json.dumps`` -> wait for all acks ->
   commit. Same client settings as the mesh (group timings and fetch wait of the
-  embedded profile, acks=all, linger, batch size, fetch sizes).
+  broker's settings profile, acks=all, idempotence, linger, batch size, fetch sizes).
 
 The sink of each run is a group-less consumer on ``out``; an event's latency is its
 arrival time at the sink (wall clock, ns) minus the ``sent_at_ns`` stamped when it was
 created for injection; throughput is N / (last arrival - first stamp). All agents are
-assigned before injection starts, so group joins are not measured. Results are printed
-and written to ``bench/results/chain-<timestamp>.json``.
+assigned before injection starts, so group joins are not measured.
+
+With ``--rate`` (paced, e.g. 200 events/s: queues stay empty) each run also measures
+the latency of each hop: the Kafka timestamp of a stage's output record minus that of
+its input record (both stamped by the producing client when it is sent), read back
+from the four topics once the sink has everything, the same way for every run.
+Results are printed and written to ``bench/results/chain-<timestamp>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import dataclasses
 import io
@@ -59,6 +67,7 @@ from pydantic import BaseModel  # noqa: E402
 
 from mesh import (  # noqa: E402
     Agent,
+    ApacheKafka,
     Codec,
     Context,
     EmbeddedBroker,
@@ -69,10 +78,12 @@ from mesh import (  # noqa: E402
     apply_topics,
 )
 from mesh.config import KafkaSettings  # noqa: E402
-from mesh.kafka.transport import MAX_REQUEST_BYTES, OutRecord, Producer  # noqa: E402
+from mesh.kafka.base import OutRecord  # noqa: E402
+from mesh.kafka.transport import MAX_REQUEST_BYTES, Producer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 KEYS = 64  # distinct record keys, spread over the partitions
+HOPS = (("in", "ab"), ("ab", "bc"), ("bc", "out"))  # each stage's input and output topic
 ASSIGN_TIMEOUT_S = 60.0
 POLL_MS = 200  # the mesh's own poll timeout (runtime.AgentRunner._poll)
 MAX_RECORDS = 500  # the mesh's default runtime.max_records_per_poll
@@ -106,6 +117,7 @@ class RunResult:
     throughput: float
     latency_ms: dict[str, float]
     extra: dict[str, Any]
+    hop_ms: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 class BenchError(RuntimeError):
@@ -126,7 +138,7 @@ def consumer_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
 def producer_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
     """The producer settings the mesh's transport.Producer uses, for raw clients."""
     return dict(**kafka.client_kwargs(), acks=-1 if kafka.acks == "all" else int(kafka.acks),
-                enable_idempotence=False, linger_ms=kafka.linger_ms,
+                enable_idempotence=kafka.idempotent_producer, linger_ms=kafka.linger_ms,
                 max_batch_size=kafka.max_batch_size, max_request_size=MAX_REQUEST_BYTES)
 
 
@@ -145,18 +157,25 @@ async def schedule(n: int, size: int, rate: float) -> AsyncIterator[range]:
 
 
 class CpuMeter:
-    """CPU seconds used by this process and by the broker process between start and stop."""
+    """CPU seconds used by this process and by the broker processes between start and
+    stop (``broker_pid``: one pid, several, or None)."""
 
-    def __init__(self, broker_pid: int | None) -> None:
-        self._pid = broker_pid
-        self._t0 = (0.0, None)
+    def __init__(self, broker_pid: int | Iterable[int] | None) -> None:
+        self._pids = ([] if broker_pid is None else [broker_pid] if isinstance(broker_pid, int)
+                      else list(broker_pid))
+        self._t0: tuple[float, float | None] = (0.0, None)
         self.client_s: float | None = None
         self.broker_s: float | None = None
 
     def _broker(self) -> float | None:
+        if not self._pids:
+            return None
         try:
-            fields = Path(f"/proc/{self._pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total = 0
+            for pid in self._pids:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            return total / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             return None
 
@@ -258,6 +277,51 @@ class Sink:
         return list(seen.values()), duplicates
 
 
+async def timestamps(kafka: KafkaSettings, topic: str, partitions: int, n: int,
+                     decode: Callable[[bytes], tuple[int, int]], *,
+                     timeout: float) -> dict[int, int]:
+    """The Kafka timestamp (ms) of the first record of each id on ``topic``: all ``n``
+    ids must be there (the topic was written before), within ``timeout`` seconds."""
+    kwargs = consumer_kwargs(kafka)
+    for key in ("session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms"):
+        kwargs.pop(key)
+    consumer = AIOKafkaConsumer(group_id=None, **kwargs)
+    parts = [TopicPartition(topic, p) for p in range(partitions)]
+    found: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    await consumer.start()
+    try:
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        while len(found) < n:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{topic}: {len(found)} of {n} ids after {timeout:.0f} s.")
+            batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=10_000)
+            for msgs in batches.values():
+                for m in msgs:
+                    found.setdefault(decode(m.value)[0], m.timestamp)
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def hop_latencies(kafka: KafkaSettings, topics: dict[str, str], partitions: int,
+                        n: int, decode: Callable[[bytes], tuple[int, int]]
+                        ) -> dict[str, dict[str, float]]:
+    """Per hop (stage a, b, c, and all three pooled): the percentiles of an event's
+    output timestamp minus its input timestamp, in ms (Kafka timestamps are whole ms)."""
+    stamps = {name: await timestamps(kafka, topic, partitions, n, decode, timeout=60)
+              for name, topic in topics.items()}
+    out: dict[str, dict[str, float]] = {}
+    pooled: list[float] = []
+    for stage, (src, dst) in zip("abc", HOPS, strict=True):
+        hops = [float(stamps[dst][i] - stamps[src][i]) for i in stamps[src]]
+        out[stage] = percentiles(hops)
+        pooled.extend(hops)
+    out["hop"] = percentiles(pooled)
+    return out
+
+
 def summarise(name: str, n: int, arrivals: list[Arrival], duplicates: int, inject_s: float,
               cpu: CpuMeter, extra: dict[str, Any]) -> RunResult:
     first = min(a.sent_at_ns for a in arrivals)
@@ -353,7 +417,11 @@ async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
     extra = {"handled": {r.agent.name: r.handled for r in mesh.runners},
              "dead_lettered": sum(r.dead_lettered for r in mesh.runners),
              "sink_records": len(sink.raw)}
-    return summarise("mesh", args.events, arrivals, duplicates, inject_s, cpu, extra)
+    result = summarise("mesh", args.events, arrivals, duplicates, inject_s, cpu, extra)
+    if args.rate > 0:
+        result.hop_ms = await hop_latencies(settings.kafka, {k: t.name for k, t in topics.items()},
+                                            args.partitions, args.events, decode)
+    return result
 
 
 # --------------------------------------------------------------------------- raw run
@@ -469,7 +537,11 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
         if task.exception() is not None:
             raise BenchError(f"{task.get_name()} failed: {task.exception()!r}")
     extra = {"handled": {s.group: s.handled for s in stages}, "sink_records": len(sink.raw)}
-    return summarise("raw", args.events, arrivals, duplicates, inject_s, cpu, extra)
+    result = summarise("raw", args.events, arrivals, duplicates, inject_s, cpu, extra)
+    if args.rate > 0:
+        result.hop_ms = await hop_latencies(kafka, {k: t.name for k, t in topics.items()},
+                                            args.partitions, args.events, decode)
+    return result
 
 
 # --------------------------------------------------------------------------- report
@@ -491,16 +563,36 @@ def print_table(results: dict[str, RunResult]) -> None:
               f"{'-' if broker is None else f'{broker:.0f}':>13}")
 
 
+def print_hops(results: dict[str, RunResult]) -> None:
+    """Per-hop latency (paced runs): p50/p99 of each stage and of all hops pooled."""
+    measured = [r for r in results.values() if r.hop_ms]
+    if not measured:
+        return
+    print("\nper-hop latency, output timestamp - input timestamp (ms; p50 / p99):")
+    print(f"{'run':<14}" + "".join(f"{'stage ' + h if h != 'hop' else 'all hops':>16}"
+                                   for h in ("a", "b", "c", "hop")))
+    for r in measured:
+        print(f"{r.name:<14}" + "".join(f"{r.hop_ms[h]['p50']:>8.1f} /{r.hop_ms[h]['p99']:>6.1f}"
+                                        for h in ("a", "b", "c", "hop")))
+
+
 def ratios(results: dict[str, RunResult]) -> dict[str, float]:
-    if "mesh" not in results or "raw" not in results:
+    """mesh over raw, same run: throughput and latency ratios, and with per-hop figures
+    the milliseconds a hop adds over raw's (``hop_p50_added_ms``...)."""
+    if "raw" not in results:
         return {}
-    mesh, raw = results["mesh"], results["raw"]
-    out = {"throughput_mesh_over_raw": mesh.throughput / raw.throughput,
-           "p50_mesh_over_raw": mesh.latency_ms["p50"] / raw.latency_ms["p50"],
-           "p99_mesh_over_raw": mesh.latency_ms["p99"] / raw.latency_ms["p99"]}
-    if "mesh-noaudit" in results:
-        out["throughput_mesh_noaudit_over_raw"] = (results["mesh-noaudit"].throughput
-                                                   / raw.throughput)
+    raw = results["raw"]
+    out: dict[str, float] = {}
+    for name in ("mesh", "mesh-noaudit"):
+        if name not in results:
+            continue
+        run, tag = results[name], name.replace("-", "_")
+        out[f"throughput_{tag}_over_raw"] = run.throughput / raw.throughput
+        out[f"p50_{tag}_over_raw"] = run.latency_ms["p50"] / raw.latency_ms["p50"]
+        out[f"p99_{tag}_over_raw"] = run.latency_ms["p99"] / raw.latency_ms["p99"]
+        if run.hop_ms and raw.hop_ms:
+            for q in ("p50", "p99"):
+                out[f"hop_{q}_added_ms_{tag}"] = run.hop_ms["hop"][q] - raw.hop_ms["hop"][q]
     return out
 
 
@@ -520,16 +612,15 @@ async def main(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     profiler = cProfile.Profile() if args.profile else None
     results: dict[str, RunResult] = {}
-    async with EmbeddedBroker() as broker:
-        settings = MeshSettings().with_bootstrap(broker.bootstrap, embedded=True)
-        print(f"embedded broker pid {broker.pid} on {broker.bootstrap}; "
+    async with start_broker(args) as (settings, pids):
+        print(f"{args.broker} broker (pids {pids}) on {settings.kafka.bootstrap_servers}; "
               f"{args.events} events of {args.size} B padding, {args.partitions} partitions, "
               f"{'rate ' + format(args.rate, 'g') + '/s' if args.rate else 'burst'}; "
               f"group timings {settings.kafka.group_timings()}", flush=True)
         for name in runs:
             load = os.getloadavg()[0]
             print(f"running {name} (load average {load:.2f}) ...", flush=True)
-            cpu = CpuMeter(broker.pid)
+            cpu = CpuMeter(pids)
             if name == "mesh":
                 results[name] = await run_mesh(settings, args, profiler, cpu)
             elif name == "mesh-noaudit":  # the cost of publishing to mesh.audit
@@ -546,18 +637,24 @@ async def main(args: argparse.Namespace) -> int:
                   f"{r.extra['client_cpu_us_per_event'] or 0:.0f} us, broker "
                   f"{r.extra['broker_cpu_us_per_event'] or 0:.0f} us", flush=True)
     print_table(results)
+    print_hops(results)
     rat = ratios(results)
-    if rat:
-        print(f"\nmesh/raw: throughput {rat['throughput_mesh_over_raw']:.2f}x, "
-              f"p50 latency {rat['p50_mesh_over_raw']:.2f}x, "
-              f"p99 latency {rat['p99_mesh_over_raw']:.2f}x")
-        if "throughput_mesh_noaudit_over_raw" in rat:
-            print(f"mesh without audit/raw: throughput "
-                  f"{rat['throughput_mesh_noaudit_over_raw']:.2f}x")
+    for name in ("mesh", "mesh-noaudit"):
+        tag = name.replace("-", "_")
+        if f"throughput_{tag}_over_raw" in rat:
+            print(f"\n{name}/raw: throughput {rat[f'throughput_{tag}_over_raw']:.2f}x, "
+                  f"end-to-end p50 {rat[f'p50_{tag}_over_raw']:.2f}x, "
+                  f"p99 {rat[f'p99_{tag}_over_raw']:.2f}x", end="")
+            if f"hop_p50_added_ms_{tag}" in rat:
+                print(f"; per hop {rat[f'hop_p50_added_ms_{tag}']:+.1f} ms at p50, "
+                      f"{rat[f'hop_p99_added_ms_{tag}']:+.1f} ms at p99 over raw", end="")
+            print()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"chain-{stamp}.json"
     document = {
         "timestamp": stamp,
+        "broker": {"kind": args.broker, "nodes": args.nodes,
+                   "profile": "embedded" if settings.kafka.embedded_profile else "kafka"},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "params": vars(args),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -578,6 +675,22 @@ async def main(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.asynccontextmanager
+async def start_broker(args: argparse.Namespace
+                       ) -> AsyncIterator[tuple[MeshSettings, list[int]]]:
+    """The broker of ``--broker`` (started here, stopped by pid on the way out) and the
+    settings to reach it: the embedded profile for Tansu, the kafka profile (fetches
+    that wake on data, Kafka's group timings, the idempotent producer) for Apache Kafka.
+    Yields the settings and the broker's pids (for its CPU)."""
+    if args.broker == "embedded":
+        async with EmbeddedBroker() as embedded:
+            yield (MeshSettings().with_bootstrap(embedded.bootstrap, embedded=True),
+                   [] if embedded.pid is None else [embedded.pid])
+    else:
+        async with ApacheKafka(nodes=args.nodes) as kafka:
+            yield MeshSettings().with_bootstrap(kafka.bootstrap), list(kafka.node_pids.values())
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=20_000, help="events to inject (N)")
@@ -591,11 +704,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="which runs, in order (mesh-noaudit: audit publishing off)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds allowed for the sink to receive all N")
+    parser.add_argument("--broker", choices=("embedded", "apache"), default="embedded",
+                        help="embedded: Tansu; apache: Apache Kafka (KRaft) from its jars")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="Apache Kafka nodes (3: replication factor 3, min ISR 2)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the mesh run (injection to last arrival)")
     args = parser.parse_args(argv)
-    if args.events < 1 or args.size < 0 or args.partitions < 1 or args.inject_batch < 1:
-        parser.error("--events, --partitions and --inject-batch must be >= 1, --size >= 0")
+    if (args.events < 1 or args.size < 0 or args.partitions < 1 or args.inject_batch < 1
+            or args.nodes < 1):
+        parser.error("--events, --partitions, --inject-batch and --nodes must be >= 1, "
+                     "--size >= 0")
     if args.rate < 0:
         parser.error("--rate must be >= 0")
     if args.rate > 0 and args.events / args.rate > args.timeout * 0.8:

@@ -48,10 +48,11 @@ if str(ROOT) not in sys.path:
 from pydantic import BaseModel  # noqa: E402
 
 from mesh import Agent, ApacheKafka, Codec, EmbeddedBroker, Envelope, MeshSettings, Topic  # noqa: E402
-from mesh.runtime.audit import audit_topic  # noqa: E402
+from mesh.kafka.base import OutRecord  # noqa: E402
 from mesh.kafka.provision import apply_topics  # noqa: E402
 from mesh.kafka.reader import TopicReader  # noqa: E402
-from mesh.kafka.transport import OutRecord, Producer, partition_for  # noqa: E402
+from mesh.kafka.transport import Producer, partition_for  # noqa: E402
+from mesh.runtime.audit import audit_topic  # noqa: E402
 
 PARTITIONS = 4
 PER_PARTITION = 2  # keys per partition: every partition is busy, so every move shows

@@ -76,7 +76,8 @@ from mesh import (  # noqa: E402
     apply_topics,
 )
 from mesh.config import KafkaSettings  # noqa: E402
-from mesh.kafka.transport import OutRecord, Producer  # noqa: E402
+from mesh.kafka.base import OutRecord  # noqa: E402
+from mesh.kafka.transport import Producer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_RUNS = ("mesh:key:64,mesh:key:16,mesh:partition,raw:key:64,raw:key:16,"

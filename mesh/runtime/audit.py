@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from mesh.kafka.base import OutRecord
 from mesh.topic import Topic
-from mesh.kafka.transport import OutRecord
 
 if TYPE_CHECKING:
-    from mesh.serde.codec import Codec
     from mesh.config import AuditSettings
     from mesh.envelope import Envelope
     from mesh.kafka.transport import Record
+    from mesh.serde.codec import Codec
 
 CONSUMED = "consumed"
 PRODUCED = "produced"
@@ -158,13 +158,20 @@ class Auditor:
         if not self.enabled:
             return []
         at = int(time.time() * 1000)
-        return [self.record(AuditEvent(
-            kind=PRODUCED, at_ms=at, agent=self.source, topic=out.topic,
-            event_id=env.event_id, correlation_id=env.correlation_id,
-            causation_id=env.causation_id, traceparent=env.traceparent,
-            attempt=env.attempt, size=len(out.value or b""), payload=self._payload(env),
-            details={"replica": self.replica}))
-            for env, out in outputs]
+        # Built straight in Avro form, as consumed() is: one per emitted event.
+        records = []
+        for env, out in outputs:
+            value, fingerprint = self.codec.encode_fields(audit_topic, {
+                "kind": PRODUCED, "at_ms": at, "agent": self.source, "topic": out.topic,
+                "partition": None, "offset": None, "event_id": env.event_id,
+                "correlation_id": env.correlation_id, "causation_id": env.causation_id,
+                "traceparent": env.traceparent, "outcome": None, "duration_ms": None,
+                "attempt": env.attempt, "error_class": None, "error": None,
+                "size": len(out.value or b""), "payload": self._payload(env),
+                "details": {"replica": self.replica}, "outputs": []})
+            records.append(OutRecord(audit_topic.name, value, env.correlation_id.encode(),
+                                     self._headers(fingerprint)))
+        return records
 
     def _payload(self, env: Envelope[Any]) -> str | None:
         if self.settings.payloads and isinstance(env.payload, BaseModel):
