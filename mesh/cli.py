@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -38,7 +37,6 @@ from mesh.runtime.audit import audit_topic
 from mesh.runtime.dead_letter import DLQ_HEADERS, DeadLetter
 from mesh.runtime.emitter import Emitter
 from mesh.runtime.host import Mesh
-from mesh.runtime.metrics import MeshMetrics
 from mesh.serde.codec import Codec
 from mesh.serde.history import check_schemas, export_schemas
 from mesh.topic import DLQ_SUFFIX, Topic, discover_topics
@@ -116,10 +114,7 @@ async def _serve(agents: list[Agent[Any]], settings: MeshSettings, apply: bool) 
             apply = True
         mesh = Mesh(settings, agents, create_topics=apply)
         if settings.metrics.enabled:
-            metrics = MeshMetrics(CollectorRegistry())
-            for runner in mesh.runners:
-                metrics.watch(runner)
-            metrics.serve(settings.metrics.port, host=settings.metrics.host)  # logs where
+            mesh.metrics.serve(settings.metrics.port, host=settings.metrics.host)  # logs where
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, mesh.stop_event.set)

@@ -37,7 +37,13 @@ Ollama, LM Studio; ``MESH_LLM__API_KEY`` as a secret), or returns ``None`` when 
 configured, so an agent can fall back to work without a model.
 
 **Usage**: each run's requests and tokens (also of failed runs: they were spent) are
-added to the agent's :class:`LLMStats`; :func:`llm_stats` lists them for ``/metrics``.
+added to the agent's :class:`LLMStats`, which :class:`LLMMetrics` serves on ``/metrics``
+(the metrics given as ``metrics=``, else the host's from the agent's start).
+
+The module is over 500 lines on purpose: it is the one place that imports pydantic-ai
+(an optional extra, refused with the install command when missing), so the agent, the
+mapping of pydantic-ai's errors onto retriable and not, and the model built from the
+settings stay together rather than each module repeating the guarded import.
 
 Example:
     >>> from pydantic import BaseModel
@@ -59,18 +65,18 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
-import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from prometheus_client.core import CounterMetricFamily
 from pydantic import BaseModel, ValidationError
 
 from mesh.agent import Agent, Context
 from mesh.config import LlmSettings, MeshSettings
 from mesh.errors import ConfigError, HandlerError, MeshError
 from mesh.resilience.breaker import BreakerPolicy, BreakerRegistry, CircuitBreaker
+from mesh.runtime.metrics import Members, MeshMetrics, host_metrics
 from mesh.policy import RetryPolicy
 from mesh.topic import Topic
 
@@ -85,16 +91,13 @@ except ImportError as missing:  # an optional extra
     raise ImportError("mesh.llm needs pydantic-ai: pip install 'kafka-agent-mesh[llm]', plus "
                       "the provider's extra (e.g. 'pydantic-ai-slim[openai]').") from missing
 
-__all__ = ["LLMAgent", "LLMError", "LLMStats", "classify", "default_prompt", "llm",
-           "llm_agent", "llm_stats", "model_from_settings"]
+__all__ = ["LLMAgent", "LLMError", "LLMMetrics", "LLMStats", "classify", "default_prompt",
+           "llm", "llm_agent", "model_from_settings"]
 
 logger = logging.getLogger(__name__)
 
 Prompt = Callable[[Any, Context], "str | Awaitable[str]"]
 Reply = Callable[[Any, Any, Context], Any]
-
-_STATS: weakref.WeakSet[LLMStats] = weakref.WeakSet()
-_STATS_LOCK = threading.Lock()  # /metrics reads the set from the HTTP server's thread
 
 
 class LLMError(HandlerError):
@@ -128,9 +131,8 @@ class LLMStats:
     input handled again (a retry, a redelivery after a crash) counts again.
 
     Example:
-        >>> stats = LLMStats("summariser", "test")
-        >>> stats.requests, stats in llm_stats()
-        (0, True)
+        >>> LLMStats("summariser", "test").requests
+        0
     """
 
     def __init__(self, agent: str, model: str) -> None:
@@ -140,8 +142,6 @@ class LLMStats:
         self.requests = 0
         self.input_tokens = 0
         self.output_tokens = 0
-        with _STATS_LOCK:
-            _STATS.add(self)
 
     def add(self, usage: RunUsage, *, failed: bool) -> None:
         """Count one run and what it used."""
@@ -152,10 +152,33 @@ class LLMStats:
         self.output_tokens += usage.output_tokens
 
 
-def llm_stats() -> list[LLMStats]:
-    """The stats of every LLM agent alive in this process (read at scrape time)."""
-    with _STATS_LOCK:
-        return list(_STATS)
+class LLMMetrics(Members[LLMStats]):
+    """The LLM agents reported by one metrics registry (a part, see
+    :meth:`mesh.runtime.metrics.MeshMetrics.part`), read when Prometheus scrapes:
+    ``mesh_llm_tokens_total{agent,kind}`` (input, output), ``mesh_llm_requests_total
+    {agent}`` and ``mesh_llm_runs_total{agent,outcome}`` (ok, failed), summed over the
+    agents of one name."""
+
+    def collect(self) -> Iterator[Any]:
+        tokens = CounterMetricFamily("mesh_llm_tokens", "Tokens of LLM agents' model runs "
+                                     "(failed runs included), by kind", labels=["agent", "kind"])
+        requests = CounterMetricFamily("mesh_llm_requests", "Model requests of LLM agents "
+                                       "that got a response", labels=["agent"])
+        runs = CounterMetricFamily("mesh_llm_runs", "Model runs of LLM agents, by outcome "
+                                   "(ok, failed)", labels=["agent", "outcome"])
+        totals: dict[str, list[int]] = {}
+        for stats in self.snapshot():
+            total = totals.setdefault(stats.agent, [0, 0, 0, 0, 0])
+            for i, count in enumerate((stats.input_tokens, stats.output_tokens,
+                                       stats.requests, stats.runs, stats.failures)):
+                total[i] += count
+        for agent, (tokens_in, tokens_out, requested, ran, failed) in sorted(totals.items()):
+            tokens.add_metric([agent, "input"], tokens_in)
+            tokens.add_metric([agent, "output"], tokens_out)
+            requests.add_metric([agent], requested)
+            runs.add_metric([agent, "ok"], ran - failed)
+            runs.add_metric([agent, "failed"], failed)
+        yield from (tokens, requests, runs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +298,8 @@ class LLMAgent(Agent[Any]):
             with ``breaker_policy`` on first use), guarding every model run.
         usage_limits: pydantic-ai ``UsageLimits`` of one run (exceeded: dead letter).
         timeout: seconds one run may take (exceeded: retriable).
+        metrics: where :attr:`stats` are served (default: the host's, from
+            :meth:`on_start`).
         **model_agent: more pydantic-ai ``Agent`` arguments (``model_settings``,
             ``retries``, ``tools``, ...); tools get the mesh ``Context`` as ``ctx.deps``.
     """
@@ -288,7 +313,7 @@ class LLMAgent(Agent[Any]):
                  breakers: BreakerRegistry | None = None,
                  breaker_policy: BreakerPolicy | None = None,
                  usage_limits: UsageLimits | None = None, timeout: float | None = None,
-                 **model_agent: Any) -> None:
+                 metrics: MeshMetrics | None = None, **model_agent: Any) -> None:
         super().__init__(name, consumes=consumes, produces=produces, group=group,
                          description=description, retry=retry)
         self.model = model
@@ -305,12 +330,19 @@ class LLMAgent(Agent[Any]):
             model, output_type=self.output, instructions=instructions, name=name,
             defer_model_check=True, **model_agent))
         self.stats = LLMStats(name, self.model_label)
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.part(LLMMetrics).add(self.stats)
         self._resolved: Model | None = model if isinstance(model, Model) else None
         self._settings: Any = None
 
     async def on_start(self, settings: Any) -> None:
-        """Resolve the model (its SDK and key must be there) and start the breaker."""
+        """Resolve the model (its SDK and key must be there), start the breaker and
+        report :attr:`stats` (to the host's metrics unless given others)."""
         self._settings = settings
+        metrics = self._metrics or host_metrics()
+        if metrics is not None:
+            metrics.part(LLMMetrics).add(self.stats)
         self._model()
         if isinstance(self.breaker, CircuitBreaker):
             await self.breaker.start()

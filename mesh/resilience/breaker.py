@@ -29,8 +29,14 @@ reach the downstream before everyone refuses.
 
 Each transition is also sent to the breaker events topic (``opened``, ``half_open``,
 ``closed``) for taps and dashboards; :attr:`CircuitBreaker.transitions` counts the ones
-an instance applied, and :func:`live_breakers` lists a process's breakers for
-``/metrics`` (read at scrape time, no wiring needed).
+an instance applied. A breaker is read at scrape time by the :class:`BreakerMetrics` of
+the metrics given to it (``metrics=``), else of the host it is created, started or
+first called under (:func:`mesh.runtime.metrics.host_metrics`: no wiring in ``mesh run``).
+
+The module is over 500 lines because the records, the topics, the policy and the state
+machine that writes and applies them share one set of rules (versions, the rank of
+states, the partition of a breaker's records); the shared probe budget, which has rules
+of its own, is :mod:`mesh.resilience.probe`.
 
 Example:
     >>> topics = breaker_topics("shop")
@@ -48,26 +54,27 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 import time
-import weakref
 import zlib
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel
 
-from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
 from mesh.errors import BreakerOpen, ConfigError, is_retriable
+from mesh.kafka.base import OutRecord
 from mesh.kafka.provision import apply_topics
+from mesh.kafka.transport import Producer
 from mesh.resilience.probe import CLAIM_TIMEOUT, Probe, ProbeBudget
 from mesh.resilience.probe import is_claim_key as is_claim_key  # its home before probe.py
+from mesh.runtime.metrics import Members, MeshMetrics, host_metrics
+from mesh.serde.codec import Codec
 from mesh.state import CompactedTable
 from mesh.topic import Topic
-from mesh.kafka.transport import OutRecord, Producer
 
 logger = logging.getLogger(__name__)
 
@@ -80,30 +87,6 @@ TRANSITIONS: dict[State, Transition] = {
     "open": "opened", "half_open": "half_open", "closed": "closed"}
 """The transition (event) name of entering each state."""
 _HALF_OPEN_HOLD = 1.0  # seconds a call refused while half-open is held (at most)
-
-_LIVE: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-_LIVE_LOCK = threading.Lock()  # /metrics reads the set from the HTTP server's thread
-
-
-def live_breakers() -> list[CircuitBreaker]:
-    """The breakers of this process in use (created or started, and not stopped since),
-    for metrics read at scrape time.
-
-    Example:
-        >>> breaker = CircuitBreaker("docs-example")
-        >>> breaker in live_breakers()
-        True
-    """
-    with _LIVE_LOCK:
-        return list(_LIVE)
-
-
-def _track(breaker: CircuitBreaker, live: bool) -> None:
-    with _LIVE_LOCK:
-        if live:
-            _LIVE.add(breaker)
-        else:
-            _LIVE.discard(breaker)
 
 
 class BreakerRecord(BaseModel):
@@ -210,7 +193,9 @@ class CircuitBreaker:
 
     ``transitions`` counts the transitions this instance applied (``opened``,
     ``half_open``, ``closed``: its own and other replicas', not the state restored at
-    start); ``rejected`` counts the calls it refused.
+    start); ``rejected`` counts the calls it refused. Both are served by ``metrics``
+    (default: the host's, see the module docstring) from creation or start until
+    :meth:`stop`.
 
     Example:
         >>> breaker = CircuitBreaker("llm", settings=settings, topics=topics)  # doctest: +SKIP
@@ -221,7 +206,8 @@ class CircuitBreaker:
     def __init__(self, name: str, policy: BreakerPolicy | None = None, *,
                  settings: MeshSettings | None = None, topics: BreakerTopics | None = None,
                  replica: str | None = None, hold_on_trip: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 metrics: MeshMetrics | None = None) -> None:
         if settings is not None and topics is None:
             raise ConfigError(f"Breaker {name!r} has settings but no topics: pass "
                               "topics=breaker_topics(prefix) so its state can be shared.")
@@ -246,7 +232,9 @@ class CircuitBreaker:
         self._codec = Codec()
         self._table: CompactedTable[BreakerRecord] | None = None
         self._follower: asyncio.Task[None] | None = None
-        _track(self, True)
+        self._metrics = metrics
+        self._metered: MeshMetrics | None = None  # the metrics reporting this breaker
+        self._meter()
 
     @property
     def state(self) -> State:
@@ -262,7 +250,7 @@ class CircuitBreaker:
 
     async def start(self) -> None:
         """Create the topics if missing, restore the state, follow it, open the producer."""
-        _track(self, True)
+        self._meter()
         if self._settings is None or self._producer is not None:
             return
         assert self._topics is not None
@@ -285,8 +273,9 @@ class CircuitBreaker:
         logger.info("breaker %s started: %s v%d", self.name, self.state, self.record.version)
 
     async def stop(self) -> None:
-        """Stop following and close the producer."""
-        _track(self, False)
+        """Stop following and close the producer; no longer reported by the metrics."""
+        if self._metered is not None:
+            self._metered.part(BreakerMetrics).discard(self)
         self._budget.unshare()
         follower, self._follower = self._follower, None
         if follower is not None:
@@ -296,6 +285,13 @@ class CircuitBreaker:
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
+
+    def _meter(self) -> None:
+        """Be reported by the metrics given, else by the host's (when there is one)."""
+        metrics = self._metrics or host_metrics()
+        if metrics is not None:
+            metrics.part(BreakerMetrics).add(self)
+            self._metered = metrics
 
     def _on_change(self, key: str, value: BreakerRecord | None) -> None:
         if key == self.name:
@@ -349,6 +345,8 @@ class CircuitBreaker:
 
     async def _admit(self, correlation_id: str | None) -> Probe | None:
         """None for a plain call (closed), the granted probe when half-open, else refused."""
+        if self._metered is None:  # created outside a host, called under one
+            self._meter()
         async with self._lock:
             now, record, policy = self._clock(), self.record, self.policy
             if record.state == "open":
@@ -478,6 +476,7 @@ class BreakerRegistry:
 
     Declare one at module level in the agent's module; a handler asks it for a started
     breaker (the agent's settings come from ``ctx.runner``). ``stop()`` closes them all.
+    Its breakers report to ``metrics``, else to the host's they are created under.
 
     Example:
         >>> breakers = BreakerRegistry(breaker_topics("shop"))
@@ -487,8 +486,9 @@ class BreakerRegistry:
         ...         return await call_search(item)
     """
 
-    def __init__(self, topics: BreakerTopics) -> None:
+    def __init__(self, topics: BreakerTopics, *, metrics: MeshMetrics | None = None) -> None:
         self.topics = topics
+        self.metrics = metrics
         self.breakers: dict[str, CircuitBreaker] = {}
         self._lock = asyncio.Lock()
 
@@ -500,7 +500,8 @@ class BreakerRegistry:
             return breaker
         async with self._lock:
             if name not in self.breakers:
-                created = CircuitBreaker(name, policy, settings=settings, topics=self.topics)
+                created = CircuitBreaker(name, policy, settings=settings, topics=self.topics,
+                                         metrics=self.metrics)
                 await created.start()
                 self.breakers[name] = created
             return self.breakers[name]
@@ -510,3 +511,53 @@ class BreakerRegistry:
         for breaker in list(self.breakers.values()):
             await breaker.stop()
         self.breakers.clear()
+
+
+class BreakerMetrics(Members[CircuitBreaker]):
+    """The breakers reported by one metrics registry (a part, see
+    :meth:`mesh.runtime.metrics.MeshMetrics.part`), read when Prometheus scrapes:
+
+    * ``mesh_breaker_state{breaker,state}``: a state set (Prometheus' idiom for an enum):
+      1 on the breaker's current state (``closed``, ``half_open``, ``open``), 0 on the
+      others. A breaker that cycles open -> half-open -> open is never closed, so alert
+      on ``max_over_time(mesh_breaker_state{state="closed"}[10m]) == 0``
+      (ops/alerts.yml). Every replica reports the shared state: aggregate with
+      ``max by (breaker)``;
+    * ``mesh_breaker_transitions_total{breaker,to}``: transitions this process applied,
+      its own and other replicas' (every replica counts every transition: ``max by``,
+      not ``sum``, across replicas), not the state restored at start;
+    * ``mesh_breaker_rejections_total{breaker}``: calls this process's breaker refused.
+
+    Two breakers of one name (tests, two replicas in one process) are reported once: the
+    most open state, the most transitions, the sum of rejections.
+
+    Example:
+        >>> from prometheus_client import CollectorRegistry, generate_latest
+        >>> metrics = MeshMetrics(CollectorRegistry())
+        >>> breaker = CircuitBreaker("docs-example", metrics=metrics)
+        >>> 'mesh_breaker_state{breaker="docs-example",state="closed"} 1.0' in (
+        ...     generate_latest(metrics.registry).decode())
+        True
+    """
+
+    def collect(self) -> Iterator[Any]:
+        state = GaugeMetricFamily("mesh_breaker_state", "1 on the state each breaker is in "
+                                  "(closed, half_open, open), 0 on the others",
+                                  labels=["breaker", "state"])
+        transitions = CounterMetricFamily("mesh_breaker_transitions", "Breaker transitions "
+                                          "applied (this replica's and others'), by state "
+                                          "entered", labels=["breaker", "to"])
+        rejections = CounterMetricFamily("mesh_breaker_rejections", "Calls refused by a "
+                                         "breaker (open, or half-open probes taken)",
+                                         labels=["breaker"])
+        by_name: dict[str, list[CircuitBreaker]] = {}
+        for breaker in self.snapshot():
+            by_name.setdefault(breaker.name, []).append(breaker)
+        for name, group in sorted(by_name.items()):
+            current = max((b.state for b in group), key=STATES.index)  # the most open
+            for each in STATES:
+                state.add_metric([name, each], 1 if each == current else 0)
+                transitions.add_metric([name, each], max(
+                    b.transitions.get(TRANSITIONS[each], 0) for b in group))
+            rejections.add_metric([name], sum(b.rejected for b in group))
+        yield from (state, transitions, rejections)

@@ -8,11 +8,14 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from mesh.agent import Agent
 from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
 from mesh.errors import TransportError
 from mesh.runtime.liveness import BrokerWatch
+from mesh.runtime.metrics import MeshMetrics
 from mesh.runtime.audit import audit_topic
 from mesh.kafka.provision import apply_topics, check_topics
 from mesh.runtime.runner import AgentRunner, bounded
@@ -36,6 +39,12 @@ class Mesh:
     ``mesh topics apply``), unless ``create_topics=True`` creates what is missing. The
     mesh's own derived topics (retry tiers, the audit topic) are always created.
 
+    The host owns the process's :attr:`metrics` (``metrics=``, else a fresh registry;
+    ``mesh run`` serves them): with ``MESH_METRICS__ENABLED`` (the default) they count
+    every runner's outcomes, and while it runs they are the
+    :func:`~mesh.runtime.metrics.host_metrics` of its agents' tasks, so breakers,
+    fallback agents and LLM agents created or started there report to them.
+
     Example:
         >>> async with Mesh(settings, [answerer]) as mesh:  # doctest: +SKIP
         ...     await mesh.wait_assigned()
@@ -43,7 +52,7 @@ class Mesh:
     """
 
     def __init__(self, settings: MeshSettings, agents: Sequence[Agent[Any]], *,
-                 create_topics: bool = False) -> None:
+                 create_topics: bool = False, metrics: MeshMetrics | None = None) -> None:
         self.settings = settings
         self.create_topics = create_topics
         self.agents = list(agents)
@@ -54,10 +63,18 @@ class Mesh:
             for a in self.agents]
         self.stop_event = asyncio.Event()
         self.watch = BrokerWatch(settings, self.runners)
+        self.metrics = metrics if metrics is not None else MeshMetrics(CollectorRegistry())
+        if settings.metrics.enabled:
+            for runner in self.runners:
+                self.metrics.watch(runner)
         self._task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Run every agent until :meth:`stop`; any agent's transport failure stops all."""
+        with self.metrics.hosting():
+            await self._run()
+
+    async def _run(self) -> None:
         await require_transactions(self.settings, self.agents)  # exactly-once agents only
         topics = {t.name: t for a in self.agents for t in a.all_topics}
         await self.codec.prepare([*topics.values(), audit_topic])

@@ -7,30 +7,18 @@ correlation id). Counters of handled inputs come from the runtime's outcomes; re
 dead letters, holds, in-flight work and consumer lag are read from the runners at
 scrape time. The registry is passed in, so tests get a fresh one.
 
-Breakers and fallbacks need no wiring: every :class:`~mesh.resilience.breaker.
-CircuitBreaker` and every :func:`~mesh.resilience.fallback.with_fallbacks` agent of the
-process is listed by its module and read at scrape time:
-
-* ``mesh_breaker_state{breaker,state}``: a state set (Prometheus' idiom for an enum):
-  1 on the breaker's current state (``closed``, ``half_open``, ``open``), 0 on the
-  others. A breaker that cycles open -> half-open -> open is never closed, so alert on
-  ``max_over_time(mesh_breaker_state{state="closed"}[10m]) == 0`` (ops/alerts.yml).
-  Every replica reports the shared state: aggregate with ``max by (breaker)``;
-* ``mesh_breaker_transitions_total{breaker,to}``: transitions this process applied,
-  its own and other replicas' (every replica counts every transition: ``max by``, not
-  ``sum``, across replicas), not the state restored at start;
-* ``mesh_breaker_rejections_total{breaker}``: calls this process's breaker refused;
-* ``mesh_fallbacks_total{agent,level,handler}``: inputs answered by fallback level
-  ``level`` (1 = the first fallback; the primary's answers are not counted here);
-* ``mesh_fallbacks_exhausted_total{agent}``: inputs every level failed (dead-lettered).
-
-Delegation specialists' step costs (what handlers report with
-:func:`mesh.patterns.delegation.specialist.record_usage`) are read the same way:
-``mesh_step_tokens_total{agent}``, ``mesh_step_calls_total{agent}`` (model calls) and
-``mesh_step_cost_total{agent}`` (in the specialists' currency).
-
-Two breakers of one name in a process (tests, two replicas in one process) are reported
-once: the most open state, the most transitions, the sum of rejections.
+Components above the runtime keep their own metrics in the same registry, as *parts*
+(:meth:`MeshMetrics.part`: one collector of each kind per registry, which the
+component's module defines and the runtime never imports): breakers
+(:class:`mesh.resilience.breaker.BreakerMetrics`: ``mesh_breaker_*``), fallback agents
+(:class:`mesh.resilience.fallback.FallbackMetrics`: ``mesh_fallbacks_*``), LLM agents
+(:class:`mesh.llm.LLMMetrics`: ``mesh_llm_*``) and delegation specialists
+(:class:`mesh.patterns.delegation.specialist.StepMetrics`: ``mesh_step_*``). A
+component reports to the metrics given to it (``metrics=``), else to those of the host
+that runs it: :class:`mesh.runtime.host.Mesh` owns a ``MeshMetrics`` and makes it
+:func:`host_metrics` for the tasks of its agents, so ``mesh run`` serves every
+breaker, fallback and LLM agent of the process with no wiring, and two hosts in one
+process each serve their own. Nothing is process-wide.
 
 Example:
     >>> registry = CollectorRegistry()
@@ -41,26 +29,31 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from mesh.resilience.breaker import STATES, TRANSITIONS, CircuitBreaker, live_breakers
-from mesh.resilience.fallback import FallbackStats, fallback_stats
 from mesh.runtime.runner import AgentRunner, Outcome
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+C = TypeVar("C", bound=Collector)
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class MeshMetrics:
-    """The metrics of every runner it watches."""
+    """The metrics of every runner it watches, and the parts that components keep in
+    its registry (see the module docstring)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -84,10 +77,9 @@ class MeshMetrics:
                                 "Events produced by handlers (outputs and state writes)",
                                 ("agent",), registry=registry)
         self._runners: list[AgentRunner] = []
+        self._parts: dict[Callable[[], Collector], Collector] = {}
+        self._lock = threading.Lock()
         registry.register(_RunnerCollector(self._runners))
-        registry.register(_ResilienceCollector(live_breakers, fallback_stats))
-        registry.register(_LLMCollector(_llm_stats))
-        registry.register(_StepUsageCollector(_step_usage))
 
     def watch(self, runner: AgentRunner) -> None:
         """Count ``runner``'s outcomes and read its state at every scrape."""
@@ -104,6 +96,42 @@ class MeshMetrics:
         self.produced.labels(outcome.agent).inc(outcome.outputs)
         self.bytes_out.labels(outcome.agent).inc(outcome.bytes_out)
 
+    def part(self, kind: Callable[[], C]) -> C:
+        """The one collector of ``kind`` in this registry, created and registered on
+        first use: how a component keeps its metrics here without the runtime knowing it.
+
+        Example:
+            >>> metrics = MeshMetrics(CollectorRegistry())
+            >>> metrics.part(Members) is metrics.part(Members)
+            True
+        """
+        with self._lock:
+            found = self._parts.get(kind)
+            if found is None:
+                found = self._parts[kind] = kind()
+                self.registry.register(found)
+        return found  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def hosting(self) -> Iterator[MeshMetrics]:
+        """Make these the :func:`host_metrics` of the calling task and of the tasks it
+        starts, until the block ends (what :class:`~mesh.runtime.host.Mesh` does while
+        it runs its agents).
+
+        Example:
+            >>> metrics = MeshMetrics(CollectorRegistry())
+            >>> with metrics.hosting():
+            ...     host_metrics() is metrics
+            True
+            >>> host_metrics() is None
+            True
+        """
+        token = _HOST.set(self)
+        try:
+            yield self
+        finally:
+            _HOST.reset(token)
+
     def serve(self, port: int, *, host: str = "0.0.0.0") -> int:
         """Serve ``/metrics`` on ``host:port`` (0: a free port) in a daemon thread;
         returns the port."""
@@ -111,6 +139,51 @@ class MeshMetrics:
         bound = int(server.server_port)
         logger.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
+
+
+_HOST: ContextVar[MeshMetrics | None] = ContextVar("mesh_host_metrics", default=None)
+
+
+def host_metrics() -> MeshMetrics | None:
+    """The metrics of the host running the calling task (see :meth:`MeshMetrics.
+    hosting`), or None outside a host: where a component created or started under a
+    host reports when it was given no metrics of its own."""
+    return _HOST.get()
+
+
+class Members(Collector, Generic[T]):
+    """The components a part reads at scrape time: a set safe to change while
+    ``/metrics`` reads it from the HTTP server's thread, which keeps no component alive
+    (one dropped by its owner drops out). A part subclasses it and adds ``collect``.
+
+    Example:
+        >>> class Box: pass
+        >>> members, box = Members[Box](), Box()
+        >>> members.add(box)
+        >>> members.snapshot() == [box], list(members.collect())
+        (True, [])
+    """
+
+    def __init__(self) -> None:
+        self._members: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, member: T) -> None:
+        with self._lock:
+            self._members.add(member)
+
+    def discard(self, member: T) -> None:
+        with self._lock:
+            self._members.discard(member)
+
+    def snapshot(self) -> list[T]:
+        """The members now, in no order."""
+        with self._lock:
+            return list(self._members)
+
+    def collect(self) -> Iterator[Any]:
+        """No families: a part yields its own."""
+        return iter(())
 
 
 class _RunnerCollector(Collector):
@@ -160,116 +233,3 @@ class _RunnerCollector(Collector):
                 unreadable.add_metric([name, topic], count)
         yield from (retries, dead, holds, invalid_headers, rebalances, in_flight, held, lag)
         yield from (misplaced, unreadable)
-
-
-class _ResilienceCollector(Collector):
-    """Reads the process's breakers and fallback agents when Prometheus scrapes."""
-
-    def __init__(self, breakers: Callable[[], list[CircuitBreaker]],
-                 fallbacks: Callable[[], list[FallbackStats]]) -> None:
-        self._breakers, self._fallbacks = breakers, fallbacks
-
-    def collect(self) -> Iterator[Any]:
-        state = GaugeMetricFamily("mesh_breaker_state", "1 on the state each breaker is in "
-                                  "(closed, half_open, open), 0 on the others",
-                                  labels=["breaker", "state"])
-        transitions = CounterMetricFamily("mesh_breaker_transitions", "Breaker transitions "
-                                          "applied (this replica's and others'), by state "
-                                          "entered", labels=["breaker", "to"])
-        rejections = CounterMetricFamily("mesh_breaker_rejections", "Calls refused by a "
-                                         "breaker (open, or half-open probes taken)",
-                                         labels=["breaker"])
-        by_name: dict[str, list[CircuitBreaker]] = {}
-        for breaker in self._breakers():
-            by_name.setdefault(breaker.name, []).append(breaker)
-        for name, group in sorted(by_name.items()):
-            current = max((b.state for b in group), key=STATES.index)  # the most open
-            for each in STATES:
-                state.add_metric([name, each], 1 if each == current else 0)
-                transitions.add_metric([name, each], max(
-                    b.transitions.get(TRANSITIONS[each], 0) for b in group))
-            rejections.add_metric([name], sum(b.rejected for b in group))
-        yield from (state, transitions, rejections)
-        yield from self._collect_fallbacks()
-
-    def _collect_fallbacks(self) -> Iterator[Any]:
-        used = CounterMetricFamily("mesh_fallbacks", "Inputs answered by a fallback level "
-                                   "(1 = the first fallback)",
-                                   labels=["agent", "level", "handler"])
-        exhausted = CounterMetricFamily("mesh_fallbacks_exhausted", "Inputs every fallback "
-                                        "level failed (then dead-lettered)", labels=["agent"])
-        answered: dict[tuple[str, int, str], int] = {}
-        failed: dict[str, int] = {}
-        for stats in self._fallbacks():
-            for level in range(1, len(stats.handlers)):
-                key = (stats.agent, level, stats.handlers[level])
-                answered[key] = answered.get(key, 0) + stats.answered[level]
-            failed[stats.agent] = failed.get(stats.agent, 0) + stats.exhausted
-        for (agent, level, handler), count in sorted(answered.items()):
-            used.add_metric([agent, str(level), handler], count)
-        for agent, count in sorted(failed.items()):
-            exhausted.add_metric([agent], count)
-        yield from (used, exhausted)
-
-
-def _llm_stats() -> list[Any]:
-    """The LLM agents' stats if mesh.llm is in use; never imports pydantic-ai."""
-    module = sys.modules.get("mesh.llm")
-    return list(module.llm_stats()) if module is not None else []
-
-
-class _LLMCollector(Collector):
-    """Reads the process's LLM agents' usage when Prometheus scrapes."""
-
-    def __init__(self, stats: Callable[[], list[Any]]) -> None:
-        self._stats = stats
-
-    def collect(self) -> Iterator[Any]:
-        tokens = CounterMetricFamily("mesh_llm_tokens", "Tokens of LLM agents' model runs "
-                                     "(failed runs included), by kind", labels=["agent", "kind"])
-        requests = CounterMetricFamily("mesh_llm_requests", "Model requests of LLM agents "
-                                       "that got a response", labels=["agent"])
-        runs = CounterMetricFamily("mesh_llm_runs", "Model runs of LLM agents, by outcome "
-                                   "(ok, failed)", labels=["agent", "outcome"])
-        totals: dict[str, list[int]] = {}
-        for stats in self._stats():
-            total = totals.setdefault(stats.agent, [0, 0, 0, 0, 0])
-            for i, count in enumerate((stats.input_tokens, stats.output_tokens,
-                                       stats.requests, stats.runs, stats.failures)):
-                total[i] += count
-        for agent, (tokens_in, tokens_out, requested, ran, failed) in sorted(totals.items()):
-            tokens.add_metric([agent, "input"], tokens_in)
-            tokens.add_metric([agent, "output"], tokens_out)
-            requests.add_metric([agent], requested)
-            runs.add_metric([agent, "ok"], ran - failed)
-            runs.add_metric([agent, "failed"], failed)
-        yield from (tokens, requests, runs)
-
-
-def _step_usage() -> list[Any]:
-    """The delegation specialists' step usage if they are in use (imports nothing)."""
-    module = sys.modules.get("mesh.patterns.delegation.specialist")
-    return list(module.step_usage()) if module is not None else []
-
-
-class _StepUsageCollector(Collector):
-    """Reads what the process's specialists' steps reported they cost, at scrape time."""
-
-    def __init__(self, stats: Callable[[], list[Any]]) -> None:
-        self._stats = stats
-
-    def collect(self) -> Iterator[Any]:
-        families = [CounterMetricFamily(f"mesh_step_{what}", help_text, labels=["agent"])
-                    for what, help_text in (
-                        ("tokens", "Tokens delegated steps reported (record_usage)"),
-                        ("calls", "Model calls delegated steps reported (record_usage)"),
-                        ("cost", "Cost delegated steps reported (record_usage)"))]
-        totals: dict[str, list[float]] = {}
-        for stats in self._stats():
-            total = totals.setdefault(stats.agent, [0, 0, 0.0])
-            for i, value in enumerate((stats.tokens, stats.calls, stats.cost)):
-                total[i] += value
-        for agent, values in sorted(totals.items()):
-            for family, value in zip(families, values, strict=True):
-                family.add_metric([agent], value)
-        yield from families

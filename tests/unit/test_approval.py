@@ -230,9 +230,10 @@ def test_record_usage_counts_only_inside_a_step_and_decision_topic_is_found() ->
 async def test_a_specialist_puts_recorded_usage_on_its_result_and_in_metrics() -> None:
     """Pass: a handler recording twice (120 tokens in 2 calls, 0.01) answers with that
     usage on its StepResult; a failing attempt's recorded usage is on the failed result;
-    /metrics shows the specialist's totals."""
+    the /metrics of the host that started the specialist show its totals."""
     from prometheus_client import CollectorRegistry, generate_latest
 
+    from mesh import MeshSettings
     from mesh.runtime.metrics import MeshMetrics
     from mesh.patterns.delegation.coordinator import DelegationTopics, Specialist, StepTask
 
@@ -245,6 +246,9 @@ async def test_a_specialist_puts_recorded_usage_on_its_result_and_in_metrics() -
 
     topics = DelegationTopics.named("metered", Job, specialists=["metered-writer"])
     agent = Specialist("metered-writer", topics=topics, handler=work)  # a name of its own
+    metrics = MeshMetrics(CollectorRegistry())
+    with metrics.hosting():
+        await agent.on_start(MeshSettings())
     task = StepTask(task_id="w/s", workflow_id="w", step_id="s", dispatch_id="w/s/v1",
                     specialist="metered-writer", plan_version=1)
     ctx = Context(agent, Envelope(task, "e1", "c1", topic=topics.tasks["metered-writer"].name))
@@ -256,7 +260,7 @@ async def test_a_specialist_puts_recorded_usage_on_its_result_and_in_metrics() -
     await agent.on_failure(failing, ctx, ValueError("no"))
     (failed,) = [e.payload for e in ctx.outputs]
     assert (failed.ok, failed.usage) == (False, Usage(tokens=120, calls=2, cost=0.01))
-    text = generate_latest(MeshMetrics(CollectorRegistry()).registry).decode()
+    text = generate_latest(metrics.registry).decode()
     assert 'mesh_step_tokens_total{agent="metered-writer"} 240.0' in text
     assert 'mesh_step_calls_total{agent="metered-writer"} 4.0' in text
     assert 'mesh_step_cost_total{agent="metered-writer"} 0.02' in text

@@ -33,7 +33,7 @@ from pydantic_ai.usage import RequestUsage, UsageLimits
 from mesh import ConfigError, Context, MeshSettings, Topic, derive_event_id
 from mesh.envelope import Envelope
 from mesh.errors import BreakerOpen
-from mesh.llm import LLMAgent, LLMError, classify, llm_agent, llm_stats
+from mesh.llm import LLMAgent, LLMError, LLMMetrics, classify, llm_agent
 from mesh.resilience.breaker import BreakerPolicy, BreakerRegistry, CircuitBreaker, breaker_topics
 from mesh.runtime.retry import RETRY_ERROR
 from mesh.testing import InMemoryMesh
@@ -156,7 +156,6 @@ async def test_typed_output_reaches_the_produced_topic_with_derived_ids() -> Non
     assert prompts == ['Question (JSON):\n{"qid":"q1","text":"why kafka?"}']
     assert seen == ["Answer briefly."]
     assert stats_of(agent) == (1, 0, 1, 100, 20)
-    assert agent.stats in llm_stats()
 
 
 async def test_reply_builds_the_produced_payload_from_an_output_of_another_model() -> None:
@@ -429,19 +428,24 @@ def test_module_docstring_examples_run() -> None:
 
 
 async def test_llm_usage_is_served_as_metrics() -> None:
-    """Pass: /metrics (the MeshMetrics registry) carries the agent's tokens by kind,
-    its requests and its runs by outcome, summed over the agent's LLM stats."""
+    """Pass: /metrics (the MeshMetrics registry given to the agent) carries the agent's
+    tokens by kind, its requests and its runs by outcome, summed over the agent's LLM
+    stats; another registry (no host, nothing given) carries none of them."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from mesh.runtime.metrics import MeshMetrics
 
+    metrics = MeshMetrics(CollectorRegistry())
     agent = llm_agent("metered", consumes=questions, produces=answers,
-                      model=FunctionModel(answering()), instructions="Answer briefly.")
+                      model=FunctionModel(answering()), instructions="Answer briefly.",
+                      metrics=metrics)
     async with InMemoryMesh(agent) as mesh:
         await mesh.emit(questions, Question(qid="q1", text="a"))
         await mesh.emit(questions, Question(qid="q2", text="b"))
         await mesh.drain()
-    text = generate_latest(MeshMetrics(CollectorRegistry()).registry).decode()
+    text = generate_latest(metrics.registry).decode()
+    other = MeshMetrics(CollectorRegistry())
+    assert other.part(LLMMetrics).snapshot() == []
     runs, failures, requests, tokens_in, tokens_out = stats_of(agent)
     assert (runs, failures) == (2, 0)
     assert f'mesh_llm_tokens_total{{agent="metered",kind="input"}} {float(tokens_in)}' in text

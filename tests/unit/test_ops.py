@@ -9,6 +9,10 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
+from mesh.llm import LLMMetrics
+from mesh.patterns.delegation.specialist import StepMetrics
+from mesh.resilience.breaker import BreakerMetrics
+from mesh.resilience.fallback import FallbackMetrics
 from mesh.runtime.metrics import MeshMetrics
 
 OPS = Path(__file__).resolve().parents[2] / "ops"
@@ -17,7 +21,9 @@ METRIC = re.compile(r"\bmesh_[a-z_]+\b")
 
 def known_metrics() -> set[str]:
     registry = CollectorRegistry()
-    MeshMetrics(registry)
+    metrics = MeshMetrics(registry)
+    for part in (BreakerMetrics, FallbackMetrics, LLMMetrics, StepMetrics):
+        metrics.part(part)
     names = set()
     for family in registry.collect():
         names.add(family.name)

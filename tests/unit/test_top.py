@@ -223,9 +223,9 @@ async def test_a_tripped_breaker_reads_open_from_the_real_exposition() -> None:
     """Pass: the text MeshMetrics serves for a local breaker that tripped and refused a
     call parses to state open, 1 transition, 1 rejection."""
     registry = CollectorRegistry()
-    MeshMetrics(registry)
     name = f"b{uuid.uuid4().hex[:8]}"
-    breaker = CircuitBreaker(name, BreakerPolicy(failure_threshold=1, reset_timeout=60))
+    breaker = CircuitBreaker(name, BreakerPolicy(failure_threshold=1, reset_timeout=60),
+                             metrics=MeshMetrics(registry))
 
     async def down() -> None:
         raise ConnectionError("503")

@@ -6,8 +6,8 @@ A :class:`Specialist` consumes its task topic, runs ``handler(task, ctx)`` and p
 model's answer, e.g. pydantic-ai's ``result.usage()``); the total travels on the result
 (``usage``, also on a failed result: the tokens were spent), reaches the workflow's
 budget (:mod:`mesh.patterns.delegation.budget`) and is counted per specialist for ``/metrics``
-(``mesh_step_tokens_total``, ``mesh_step_calls_total``, ``mesh_step_cost_total``,
-read from :func:`step_usage`).
+(``mesh_step_tokens_total``, ``mesh_step_calls_total``, ``mesh_step_cost_total``:
+:class:`StepMetrics`, in the host's metrics from the specialist's start).
 
 Example:
     >>> @specialist("writer", topics=topics)  # doctest: +SKIP
@@ -19,12 +19,11 @@ Example:
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily
 from pydantic import SecretStr
 
 from mesh.agent import Agent, Context
@@ -33,6 +32,7 @@ from mesh.patterns.delegation.budget import Usage
 from mesh.patterns.delegation.plan import StepResult, StepTask
 from mesh.patterns.delegation.signing import PlanKey
 from mesh.patterns.delegation.workflow import DelegationTopics
+from mesh.runtime.metrics import Members, host_metrics
 from mesh.serde.avro import json_data
 
 StepHandler = Callable[[StepTask, Context], Awaitable[Any]]
@@ -40,8 +40,6 @@ StepHandler = Callable[[StepTask, Context], Awaitable[Any]]
 # The usage of the step being run; a list, so tasks the handler starts (which copy the
 # context) add to the same total.
 _meter: ContextVar[list[Usage] | None] = ContextVar("mesh_step_usage", default=None)
-_STATS: weakref.WeakSet[StepUsageStats] = weakref.WeakSet()
-_lock = threading.Lock()
 
 
 def record_usage(usage: Usage | None = None, *, tokens: int = 0, calls: int = 0,
@@ -70,8 +68,6 @@ class StepUsageStats:
         self.tokens = 0
         self.calls = 0
         self.cost = 0.0
-        with _lock:
-            _STATS.add(self)
 
     def add(self, usage: Usage) -> None:
         self.steps += 1
@@ -80,10 +76,26 @@ class StepUsageStats:
         self.cost += usage.cost
 
 
-def step_usage() -> list[StepUsageStats]:
-    """The step usage of every specialist of this process."""
-    with _lock:
-        return list(_STATS)
+class StepMetrics(Members[StepUsageStats]):
+    """The specialists reported by one metrics registry (a part, see
+    :meth:`mesh.runtime.metrics.MeshMetrics.part`): what their steps reported they cost,
+    summed by specialist, read when Prometheus scrapes."""
+
+    def collect(self) -> Iterator[Any]:
+        families = [CounterMetricFamily(f"mesh_step_{what}", help_text, labels=["agent"])
+                    for what, help_text in (
+                        ("tokens", "Tokens delegated steps reported (record_usage)"),
+                        ("calls", "Model calls delegated steps reported (record_usage)"),
+                        ("cost", "Cost delegated steps reported (record_usage)"))]
+        totals: dict[str, list[float]] = {}
+        for stats in self.snapshot():
+            total = totals.setdefault(stats.agent, [0, 0, 0.0])
+            for i, value in enumerate((stats.tokens, stats.calls, stats.cost)):
+                total[i] += value
+        for agent, values in sorted(totals.items()):
+            for family, value in zip(families, values, strict=True):
+                family.add_metric([agent], value)
+        yield from families
 
 
 class Specialist(Agent[StepTask]):
@@ -111,6 +123,9 @@ class Specialist(Agent[StepTask]):
 
     async def on_start(self, settings: Any) -> None:
         self.plan_key.signer(settings)  # warns now if unsigned, fails on an empty key
+        metrics = host_metrics()
+        if metrics is not None:
+            metrics.part(StepMetrics).add(self.usage_stats)
 
     async def handle(self, task: StepTask, ctx: Context) -> StepResult:
         signer = self.plan_key.for_context(ctx)
