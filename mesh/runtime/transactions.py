@@ -40,26 +40,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mesh.agent import Agent
-from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
 from mesh.envelope import now_ms
-from mesh.errors import ConfigError, Held, TransportError
+from mesh.errors import ConfigError, TransportError
+from mesh.kafka.base import Acks, OutRecord, Partition, Record
+from mesh.kafka.transport import Fenced, Producer, TransactionalProducer
 from mesh.runtime import retry
-from mesh.runtime.runner import AgentRunner, _Lane, bounded
-from mesh.kafka.transport import (
-    Acks,
-    Fenced,
-    OutRecord,
-    Partition,
-    Producer,
-    Record,
-    TransactionalProducer,
-)
+from mesh.runtime.lanes import Handle, Lane, Lanes, Spawn
+from mesh.runtime.runner import AgentRunner, bounded
+from mesh.serde.codec import Codec
 
 logger = logging.getLogger(__name__)
 
@@ -123,34 +117,28 @@ class _Owned:
     open: bool = False  # a transaction is open
 
 
-class TransactionalRunner(AgentRunner):
-    """Runs an agent exactly-once: per consumed partition, batches of inputs are handled
-    in one Kafka transaction with their offsets (see the module docstring).
+class TransactionalLanes(Lanes):
+    """Lanes that handle their records in Kafka transactions, one per batch, each with
+    its partition's own transactional producer; offsets are committed in the
+    transactions, never by the consumer (see the module docstring).
 
     Example:
-        >>> runner = TransactionalRunner(billing, settings, producer=producer,
-        ...                              codec=codec)  # doctest: +SKIP
-        >>> await runner.run(stop_event)  # doctest: +SKIP
+        >>> await lanes.own(partitions)  # doctest: +SKIP
+        >>> lanes.open(partition)  # doctest: +SKIP
     """
 
-    def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: Producer,
-                 codec: Codec) -> None:
-        # Inputs and state tables are read committed: never an aborted transaction's.
-        kafka = settings.kafka.model_copy(update={"isolation_level": "read_committed"})
-        super().__init__(agent, settings.model_copy(update={"kafka": kafka}),
-                         producer=producer, codec=codec)
-        self._owned: dict[Partition, _Owned] = {}
+    def __init__(self, agent: Agent[Any], settings: MeshSettings, *, handle: Handle,
+                 spawn: Spawn, ready: asyncio.Event, held_until: Callable[[], float]) -> None:
+        super().__init__(agent, settings, handle=handle, spawn=spawn, ready=ready,
+                         held_until=held_until)
+        self.owned: dict[Partition, _Owned] = {}
         self.transactions = 0  # committed
         self.aborted = 0
 
-    async def run(self, stop: asyncio.Event) -> None:
-        try:
-            await super().run(stop)
-        finally:
-            await self._release(list(self._owned))
-
-    async def _assign(self, partitions: list[Partition]) -> None:
-        new = [p for p in partitions if p not in self._owned]
+    async def own(self, partitions: Sequence[Partition]) -> None:
+        """Register the transactional ids of the new ``partitions`` (fencing their
+        previous owner) and read where each starts."""
+        new = [p for p in partitions if p not in self.owned]
         producers = {p: TransactionalProducer(
             self.settings.kafka, transactional_id(self.agent.group, p),
             timeout_ms=self.settings.runtime.transaction_timeout_ms) for p in new}
@@ -160,37 +148,34 @@ class TransactionalRunner(AgentRunner):
             await asyncio.gather(*(producer.start() for producer in producers.values()))
         except BaseException:
             for producer in producers.values():
-                await bounded(producer.stop(), self._close_timeout(), "a producer")
+                await bounded(producer.stop(), self.close_timeout, "a producer")
             raise
-        assert self._consumer is not None
+        assert self.consumer is not None
         for partition, producer in producers.items():
             # ... so the committed offset read now is final; aiokafka may have fetched
             # from an older one before this callback ran: those records are skipped.
-            start = await self._consumer.committed(partition)
-            self._owned[partition] = _Owned(producer, start)
-        await super()._assign(partitions)
+            start = await self.consumer.committed(partition)
+            self.owned[partition] = _Owned(producer, start)
 
-    async def _revoke(self, partitions: list[Partition]) -> None:
-        await super()._revoke(partitions)  # lanes commit their transactions first
-        await self._release([p for p in partitions if p in self._owned])
-
-    async def _release(self, partitions: list[Partition]) -> None:
+    async def release(self, partitions: Sequence[Partition]) -> None:
+        """Stop the producers of ``partitions`` (their lanes are closed)."""
         for partition in partitions:
-            owned = self._owned.pop(partition)
-            await bounded(owned.producer.stop(), self._close_timeout(),
+            owned = self.owned.pop(partition)
+            await bounded(owned.producer.stop(), self.close_timeout,
                           f"agent {self.agent.name}: stopping the producer of {partition}")
 
-    async def _commit(self, lanes: Sequence[_Lane]) -> None:
+    async def commit(self, lanes: Sequence[Lane] | None = None) -> None:
         """Offsets are committed in the transactions, never by the consumer."""
 
-    async def _send(self, record: Record, records: list[OutRecord]) -> Acks:
-        owned = self._owned.get(record.position)
+    async def send(self, record: Record, records: list[OutRecord]) -> Acks:
+        """Send what handling ``record`` produced in its partition's open transaction."""
+        owned = self.owned.get(record.position)
         if owned is None or not owned.open:
             raise Fenced(f"agent {self.agent.name}: {record.topic}[{record.partition}] "
                          "has no open transaction (the partition was revoked).")
         return await owned.producer.send_many(records)
 
-    async def _drain(self, lane: _Lane) -> None:
+    async def drain(self, lane: Lane) -> None:
         """Handle the lane's records in transactions, one per batch, until stopped."""
         try:
             while not lane.stopping:
@@ -200,39 +185,39 @@ class TransactionalRunner(AgentRunner):
             logger.error("agent %s stops: %s", self.agent.name, exc)
             raise
         finally:
-            owned = self._owned.get(lane.partition)
+            owned = self.owned.get(lane.partition)
             if owned is not None and owned.open:  # cancelled or failed mid-transaction
                 await self._abort(lane.partition, owned)
 
-    async def _ready(self, lane: _Lane) -> bool:
+    async def _ready(self, lane: Lane) -> bool:
         """Wait (once) for what keeps the lane from starting a transaction now; True
         when it can start one."""
-        if not lane.backlog or lane.partition not in self._owned:
+        if not lane.backlog or lane.partition not in self.owned:
             lane.wakeup.clear()
-            if (not lane.backlog or lane.partition not in self._owned) and not lane.stopping:
-                await lane.wakeup.wait()  # set by the poll loop, _assign and stopping
+            if (not lane.backlog or lane.partition not in self.owned) and not lane.stopping:
+                await lane.wakeup.wait()  # set by the poll loop, assign and stopping
             return False
-        if not self._state_ready.is_set():
+        if not self.ready.is_set():
             lane.wakeup.clear()
-            if not self._state_ready.is_set() and not lane.stopping:
+            if not self.ready.is_set() and not lane.stopping:
                 await lane.wakeup.wait()
             return False
         if self.held:
-            await self._wait(lane, self._held_until)
+            await lane.wait_until(self.held_until())
             return False
         head = lane.backlog[0]
         if retry.is_for(head, self.agent.group) and retry.due_ms(head) > now_ms():
-            await self._wait(lane, retry.due_ms(head) / 1000)
+            await lane.wait_until(retry.due_ms(head) / 1000)
             return False
         return True
 
-    async def _transaction(self, lane: _Lane) -> None:
+    async def _transaction(self, lane: Lane) -> None:
         """One transaction: handle the lane's records as they come until
         ``transaction_max_ms`` have passed (as Kafka Streams' commit interval: fewer,
         larger transactions), ``transaction_max_records`` are taken, or a record must
         wait; then commit them with the offset after the last one."""
         runtime = self.settings.runtime
-        owned = self._owned[lane.partition]
+        owned = self.owned[lane.partition]
         deadline = time.monotonic() + runtime.transaction_max_ms / 1000
         taken: list[Acks] = []
         after: int | None = None  # the offset to commit
@@ -255,17 +240,12 @@ class TransactionalRunner(AgentRunner):
                 owned.open = True
             lane.backlog.popleft()
             if mine:
-                try:
-                    async with self._slots:
-                        await self._throttle()  # the agent's rate limit, as at-least-once
-                        taken.append(await self.process(record))
-                except Held as held:  # not now: commit what is done, hold, retry it later
+                async with self.slots:  # the agent's concurrency and rate, as at-least-once
+                    acks = await self.handle(record)
+                if acks is None:  # held: commit what is done, try it again after the hold
                     lane.backlog.appendleft(record)
-                    self.hold(held.until)
-                    self.holds += 1
-                    logger.info("agent %s holding until %.1f: %s", self.agent.name,
-                                held.until, held)
                     break
+                taken.append(acks)
             else:  # another group's retry: nothing to do but move past it
                 taken.append(Acks([]))
             after = record.offset + 1
@@ -273,7 +253,7 @@ class TransactionalRunner(AgentRunner):
             await self._finish(lane, owned, taken, after)
 
     @staticmethod
-    async def _linger(lane: _Lane, deadline: float) -> bool:
+    async def _linger(lane: Lane, deadline: float) -> bool:
         """Wait for more records until ``deadline`` (monotonic); False when the time is
         up or the lane stops."""
         remaining = deadline - time.monotonic()
@@ -285,7 +265,7 @@ class TransactionalRunner(AgentRunner):
                 await asyncio.wait_for(lane.wakeup.wait(), remaining)
         return True
 
-    async def _finish(self, lane: _Lane, owned: _Owned, taken: list[Acks],
+    async def _finish(self, lane: Lane, owned: _Owned, taken: list[Acks],
                       after: int | None) -> None:
         """Commit the open transaction with the offset ``after`` (abort it if nothing
         was taken); an error aborts it and stops the agent."""
@@ -315,9 +295,47 @@ class TransactionalRunner(AgentRunner):
         owned.open = False
         self.aborted += 1
         with contextlib.suppress(TransportError, TimeoutError):
-            async with asyncio.timeout(self._close_timeout()):
+            async with asyncio.timeout(self.close_timeout):
                 await owned.producer.abort()
                 return
         logger.warning("agent %s: the transaction of %s could not be aborted; the broker "
                        "aborts it after MESH_RUNTIME__TRANSACTION_TIMEOUT_MS, or the next "
                        "owner's producer does at once", self.agent.name, partition)
+
+
+class TransactionalRunner(AgentRunner):
+    """Runs an agent exactly-once: per consumed partition, batches of inputs are handled
+    in one Kafka transaction with their offsets (see the module docstring). It is the
+    at-least-once runner with :class:`TransactionalLanes`, whose transactions carry
+    what the processor sends, and which fence a partition's previous owner on assign.
+
+    Example:
+        >>> runner = TransactionalRunner(billing, settings, producer=producer,
+        ...                              codec=codec)  # doctest: +SKIP
+        >>> await runner.run(stop_event)  # doctest: +SKIP
+    """
+
+    lanes_kind = TransactionalLanes
+    lanes: TransactionalLanes
+
+    def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: Producer,
+                 codec: Codec) -> None:
+        # Inputs and state tables are read committed: never an aborted transaction's.
+        kafka = settings.kafka.model_copy(update={"isolation_level": "read_committed"})
+        super().__init__(agent, settings.model_copy(update={"kafka": kafka}),
+                         producer=producer, codec=codec)
+        self.processor.send = self.lanes.send
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await super().run(stop)
+        finally:
+            await self.lanes.release(list(self.lanes.owned))
+
+    async def assign(self, partitions: list[Partition]) -> None:
+        await self.lanes.own(partitions)
+        await super().assign(partitions)
+
+    async def revoke(self, partitions: list[Partition]) -> None:
+        await super().revoke(partitions)  # lanes commit their transactions first
+        await self.lanes.release([p for p in partitions if p in self.lanes.owned])

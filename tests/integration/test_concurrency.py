@@ -11,8 +11,9 @@ from collections import defaultdict
 import pytest
 
 from mesh import Agent, Codec, Context, Mesh, Topic, apply_topics
+from mesh.kafka.base import Partition
+from mesh.kafka.transport import Consumer
 from mesh.testing.checker import check
-from mesh.kafka.transport import Consumer, Partition
 from tests.apps.chain import Item
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, wait_for_count
@@ -85,7 +86,7 @@ async def test_inputs_overlap_as_the_ordering_allows_and_each_key_stays_in_order
         for partition, end in ends.items():  # positions hold the last offset per partition
             ends[partition] = max(o + 1 for p, o in positions if p == partition.partition)
         deadline = time.monotonic() + 30
-        while {p: runner._lanes[p].committed for p in ends} != ends:  # noqa: SLF001
+        while {p: runner.lanes[p].committed for p in ends} != ends:
             assert time.monotonic() < deadline, "commits did not reach the ends"
             await asyncio.sleep(0.05)  # the commit interval is 200 ms; bounded above
     low, high = peak

@@ -40,7 +40,7 @@ async def test_handler_spans_chain_parent_to_child_across_hops(
     await apply_topics(settings.kafka, app.topics.values())
     mesh = Mesh(settings, [stage1, stage2])
     for runner in mesh.runners:
-        runner.tracer = HandlerTracer(settings.tracing, provider=provider)
+        runner.processor.tracer = HandlerTracer(settings.tracing, provider=provider)
     async with mesh:
         await mesh.wait_assigned()
         async with Emitter(settings) as emitter:

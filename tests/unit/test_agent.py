@@ -161,7 +161,7 @@ def test_agent_consuming_nothing_raises_config_error() -> None:
 def test_emit_can_name_another_cause_trace_and_correlation_than_the_input() -> None:
     """A timer answering for a request it kept emits with the request's ids."""
     from mesh.envelope import child_traceparent, new_traceparent
-    from mesh.runtime.runner import Outputs
+    from mesh.runtime.process import Outputs
     from mesh.serde.codec import Codec
 
     ctx = _ctx()
