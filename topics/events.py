@@ -1,7 +1,8 @@
-"""Event types of the content example: requested -> created -> reviewed -> approved or
-rejected (back to the writer, a bounded number of times) -> published, or rejected for
-good. One topic per type (``events.<type>``, see :mod:`mesh.patterns.events`), all
-keyed by ``request_id`` so one request's events share a partition number.
+"""Event types of the event-driven example (examples/events.py): requested -> created ->
+reviewed -> approved or rejected (back to the writer, a bounded number of times) ->
+published, or rejected for good. One topic per type (``events.<type>``, see
+:mod:`mesh.patterns.events`), all keyed by ``request_id`` so one request's events share
+a partition number.
 """
 
 from __future__ import annotations

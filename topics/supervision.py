@@ -1,5 +1,6 @@
-"""Topics of the supervised worker pool example: jobs in, results out, and the pool's
-status, outcomes, control, events, supervision, retries and dead-task topics."""
+"""Topics of the supervision example (examples/supervision.py): jobs in, results out,
+and the pool's status, outcomes, control, events, supervision, retries and dead-task
+topics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The content example's bus and listeners on this test's topics (``<prefix>.events.*``).
+"""The event-driven example's bus and listeners on this test's topics (``<prefix>.events.*``).
 
 ``MESH_TEST_PREFIX`` names the topics and agents at import, so a subprocess (``mesh tap
 ... -t tests.apps.events``, ``mesh run tests.apps.events:writer``) uses the test's own;
