@@ -71,14 +71,14 @@ from mesh import (  # noqa: E402
     Codec,
     Context,
     EmbeddedBroker,
-    Envelope,
+    Emitter,
     Mesh,
     MeshSettings,
     Topic,
     apply_topics,
 )
 from mesh.config import KafkaSettings  # noqa: E402
-from mesh.kafka.base import OutRecord  # noqa: E402
+from mesh.kafka.base import Acks  # noqa: E402
 from mesh.kafka.transport import MAX_REQUEST_BYTES, Producer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -368,6 +368,7 @@ async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
 
     sink = Sink(settings.kafka, topics["out"].name, args.partitions, decode)
     injector = Producer(settings.kafka)
+    emitter = Emitter(settings, source="bench", producer=injector, codec=codec)
     mesh_task = asyncio.create_task(mesh.run(), name="mesh")
     try:
         await injector.start()
@@ -379,17 +380,17 @@ async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
 
         async def inject() -> float:
             start = time.perf_counter()
+            paced: list[Acks] = []  # paced: acks awaited at the end, the schedule kept
             async for chunk in schedule(args.events, args.inject_batch, args.rate):
-                records = []
-                for i in chunk:
-                    ping = make_ping(i, pad)
-                    # exactly what `mesh emit` does (mesh/cli.py)
-                    env = Envelope.new(ping, source="bench", key=topic_in.key_of(ping))
-                    value, fingerprint = codec.encode(topic_in, ping)
-                    env = env.with_payload(ping, schema=fingerprint)
-                    records.append(OutRecord(topic_in.name, value, env.key,
-                                             tuple(env.headers())))
-                await injector.send_all(records)
+                # each record built as `mesh emit` builds it (Emitter.record)
+                acks = await injector.send_many(
+                    [emitter.record(topic_in, make_ping(i, pad))[0] for i in chunk])
+                if args.rate > 0:
+                    paced.append(acks)
+                else:
+                    await acks.wait()
+            for acks in paced:
+                await acks.wait()
             return time.perf_counter() - start
 
         if profiler is not None:
@@ -507,13 +508,18 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
 
         async def inject() -> float:
             start = time.perf_counter()
+            paced: list[Any] = []  # paced: acks awaited at the end, the schedule kept
             async for chunk in schedule(args.events, args.inject_batch, args.rate):
                 acks = []
                 for i in chunk:
                     ping = make_ping(i, pad)
                     acks.append(await injector.send(source, ping.model_dump_json().encode(),
                                                     key=ping.key.encode()))
-                await asyncio.gather(*acks)
+                if args.rate > 0:
+                    paced.extend(acks)
+                else:
+                    await asyncio.gather(*acks)
+            await asyncio.gather(*paced)
             return time.perf_counter() - start
 
         cpu.start()
@@ -617,6 +623,10 @@ async def main(args: argparse.Namespace) -> int:
               f"{args.events} events of {args.size} B padding, {args.partitions} partitions, "
               f"{'rate ' + format(args.rate, 'g') + '/s' if args.rate else 'burst'}; "
               f"group timings {settings.kafka.group_timings()}", flush=True)
+        if args.warmup:  # a JVM broker compiles its hot paths during the first minute
+            print(f"warm-up: a raw run of {args.warmup} events, not reported ...", flush=True)
+            await run_raw(settings, argparse.Namespace(**{**vars(args), "events": args.warmup}),
+                          CpuMeter(None))
         for name in runs:
             load = os.getloadavg()[0]
             print(f"running {name} (load average {load:.2f}) ...", flush=True)
@@ -708,6 +718,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="embedded: Tansu; apache: Apache Kafka (KRaft) from its jars")
     parser.add_argument("--nodes", type=int, default=1,
                         help="Apache Kafka nodes (3: replication factor 3, min ISR 2)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="events of an unreported raw run first (warms a JVM broker)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the mesh run (injection to last arrival)")
     args = parser.parse_args(argv)
