@@ -75,9 +75,9 @@ from pydantic import BaseModel, ValidationError
 from mesh.agent import Agent, Context
 from mesh.config import LlmSettings, MeshSettings
 from mesh.errors import ConfigError, HandlerError, MeshError
+from mesh.policy import RetryPolicy
 from mesh.resilience.breaker import BreakerPolicy, BreakerRegistry, CircuitBreaker
 from mesh.runtime.metrics import Members, MeshMetrics, host_metrics
-from mesh.policy import RetryPolicy
 from mesh.topic import Topic
 
 try:

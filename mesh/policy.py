@@ -9,6 +9,7 @@ Example:
     >>> policy = RetryPolicy(attempts=4, base_ms=200, factor=3.0)
     >>> [policy.delay_ms(n) for n in (1, 2, 3)]
     [200, 600, 1800]
+    >>> from pydantic import BaseModel
     >>> [t.name for t in policy.topics_for(Topic("shop.orders", BaseModel))]
     ['shop.orders.retry.1', 'shop.orders.retry.2', 'shop.orders.retry.3']
 """
@@ -19,8 +20,6 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-from pydantic import BaseModel
 
 from mesh.errors import ConfigError, InputError, is_retriable
 from mesh.topic import Topic

@@ -11,16 +11,16 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from mesh.agent import Agent
-from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
 from mesh.errors import TransportError
+from mesh.kafka.provision import apply_topics, check_topics
+from mesh.kafka.transport import Producer
+from mesh.runtime.audit import audit_topic
 from mesh.runtime.liveness import BrokerWatch
 from mesh.runtime.metrics import MeshMetrics
-from mesh.runtime.audit import audit_topic
-from mesh.kafka.provision import apply_topics, check_topics
 from mesh.runtime.runner import AgentRunner, bounded
 from mesh.runtime.transactions import require_transactions, runner_for
-from mesh.kafka.transport import Producer
+from mesh.serde.codec import Codec
 
 
 def _first(group: BaseExceptionGroup[Any]) -> BaseException:

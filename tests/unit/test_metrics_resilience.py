@@ -9,8 +9,8 @@ import uuid
 
 from prometheus_client import CollectorRegistry
 
-from mesh.errors import BreakerOpen
 from mesh import Agent, Topic
+from mesh.errors import BreakerOpen
 from mesh.resilience.breaker import BreakerMetrics, BreakerPolicy, CircuitBreaker
 from mesh.resilience.fallback import FallbackMetrics, FallbackStats, with_fallbacks
 from mesh.runtime.metrics import MeshMetrics
