@@ -34,8 +34,8 @@ from mesh import (
     MeshSettings,
     apply_topics,
 )
-from mesh.patterns.chain import Chain, ChainCompleted, ChainFailed, ChainHistory
 from mesh.kafka.reader import TopicReader
+from mesh.patterns.chain import Chain, ChainCompleted, ChainFailed, ChainHistory
 
 console = Console()
 

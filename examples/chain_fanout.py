@@ -78,7 +78,8 @@ def show(sent: list[Envelope[ResearchRequest]], found: dict) -> None:
             f"{rid}\n{env.payload.subject}",
             f"[bold]{article.title}[/bold]\n{article.body[:70]}…\n({article.word_count} words)"
             if article else "[red]missing[/red]",
-            f"{check.checked} facts, {len(check.flagged)} flagged" if check else "[red]missing[/red]",
+            f"{check.checked} facts, {len(check.flagged)} flagged"
+            if check else "[red]missing[/red]",
             headers.get("mesh-correlation", b"").decode()[:13] + "…")
     console.print(table)
 

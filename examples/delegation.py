@@ -22,7 +22,13 @@ from typing import Any
 from rich.console import Console
 
 from mesh import Codec, Context, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics
-from mesh.patterns.delegation.coordinator import Coordinator, Specialist, WorkflowEvent, WorkflowOutcome
+from mesh.kafka.reader import TopicReader
+from mesh.patterns.delegation.coordinator import (
+    Coordinator,
+    Specialist,
+    WorkflowEvent,
+    WorkflowOutcome,
+)
 from mesh.patterns.delegation.plan import (
     Plan,
     PlanStep,
@@ -33,7 +39,6 @@ from mesh.patterns.delegation.plan import (
     StepTask,
     Synthesis,
 )
-from mesh.kafka.reader import TopicReader
 from topics.delegation import ReportRequest, delegation
 
 SUBJECTS = {"report-1": "event streaming for AI agents", "report-2": "compacted topics as state"}

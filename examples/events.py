@@ -19,10 +19,9 @@ import asyncio
 import time
 from typing import Any
 
-
 from mesh import Agent, Codec, EmbeddedBroker, Mesh, MeshSettings, apply_topics
-from mesh.patterns.events import EventBus, EventContext
 from mesh.kafka.reader import TopicReader
+from mesh.patterns.events import EventBus, EventContext
 from topics.events import (
     ContentApproved,
     ContentCreated,

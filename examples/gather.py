@@ -20,8 +20,8 @@ from typing import Any
 from rich.console import Console
 
 from mesh import Codec, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics
-from mesh.patterns.gather import Gather, Merged, branch
 from mesh.kafka.reader import TopicReader
+from mesh.patterns.gather import Gather, Merged, branch
 from topics.gather import ResearchQuestion, research
 
 console = Console()

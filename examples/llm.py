@@ -46,8 +46,8 @@ from mesh import (
     Topic,
     apply_topics,
 )
-from mesh.llm import LLMAgent, llm_agent
 from mesh.kafka.reader import TopicReader
+from mesh.llm import LLMAgent, llm_agent
 from mesh.runtime.dead_letter import DeadLetter
 
 console = Console()

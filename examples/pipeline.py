@@ -33,6 +33,7 @@ from mesh import (
     MeshSettings,
     apply_topics,
 )
+from mesh.kafka.reader import TopicReader
 from mesh.patterns.pipeline import (
     Pipeline,
     StageRun,
@@ -40,7 +41,6 @@ from mesh.patterns.pipeline import (
     format_history,
     workflow_history,
 )
-from mesh.kafka.reader import TopicReader
 from topics.pipeline import Document, document_pipeline, documents
 
 console = Console()

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh import Codec, Context, EmbeddedBroker, Emitter, Mesh, MeshSettings, apply_topics
+from mesh.kafka.reader import TopicReader
 from mesh.patterns.supervision.supervisor import (
     Supervisor,
     SupervisorEvent,
@@ -33,7 +34,6 @@ from mesh.patterns.supervision.supervisor import (
     load_workers,
     render_workers,
 )
-from mesh.kafka.reader import TopicReader
 from topics.supervision import Job, JobResult, jobs, pool, results
 
 console = Console()

@@ -45,10 +45,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from mesh.config import MeshSettings
-from mesh.runtime.emitter import Emitter
 from mesh.envelope import Envelope
 from mesh.errors import ConfigError, SignatureInvalid
 from mesh.patterns.delegation.signing import KEY_SETTING, PlanSigner
+from mesh.runtime.emitter import Emitter
 from mesh.topic import Topic
 
 DECISION_TAG = "mesh.decision/v1"

@@ -13,15 +13,17 @@ ready. At a checkpoint, or when a step fails, a reviewer may revise the rest of 
 plan (a new version, published). When all steps are done a synthesizer builds the final
 result: a :class:`WorkflowOutcome` with ``success``, ``final_output``, ``step_results``
 (step id -> output) and the plan executed (``plan``, also ``plan_executed``), the
-seed's field names. The records and topics are in :mod:`mesh.patterns.delegation.workflow`, the
-specialists in :mod:`mesh.patterns.delegation.specialist`.
+seed's field names. The records and topics are in
+:mod:`mesh.patterns.delegation.workflow`, the specialists in
+:mod:`mesh.patterns.delegation.specialist`.
 
 A step with ``approval=True`` waits for a person's decision before it is dispatched
-(:mod:`mesh.patterns.delegation.approval`); a :class:`~mesh.patterns.delegation.budget.Budget` (tokens, model
-calls, cost, wall time; ``Coordinator(budget=)``, overridden by a request's ``budget``
-field) stops a workflow that would go over it (:mod:`mesh.patterns.delegation.budget`). Deadlines
-and wall time are watched by a timer that appends markers to the decisions topic, so
-every change of a workflow's state is made by one input.
+(:mod:`mesh.patterns.delegation.approval`); a
+:class:`~mesh.patterns.delegation.budget.Budget` (tokens, model calls, cost, wall time;
+``Coordinator(budget=)``, overridden by a request's ``budget`` field) stops a workflow
+that would go over it (:mod:`mesh.patterns.delegation.budget`). Deadlines and wall time
+are watched by a timer that appends markers to the decisions topic, so every change of a
+workflow's state is made by one input.
 
 With a plan key (``MESH_SECURITY__PLAN_KEY``) every task and plan version is signed,
 specialists run only tasks that check (:mod:`mesh.patterns.delegation.signing`), and only signed
@@ -37,9 +39,11 @@ ignored). Another record with an event id already applied (a duplicate delivery)
 ignored. One workflow's inputs are handled one at a time, whichever topic they come from.
 
 Example (``examples/delegation.py`` runs a whole mesh):
-    >>> topics = DelegationTopics.named("reports", ReportRequest, specialists=["writer"])
+    >>> topics = DelegationTopics.named("reports", ReportRequest,
+    ...                                 specialists=["writer"])  # doctest: +SKIP
     >>> coordinator = Coordinator("reports", topics=topics, planner=my_planner,
-    ...                           budget=Budget(tokens=50_000, wall_time_s=600))
+    ...                           budget=Budget(tokens=50_000,
+    ...                                         wall_time_s=600))  # doctest: +SKIP
 """
 # Over 300 lines: the transitions share one state object; plan.py has the pure rules,
 # workflow.py the records, approval.py and budget.py their models, signing.py signatures.
@@ -57,6 +61,7 @@ from pydantic import SecretStr
 
 from mesh.agent import Agent, Context
 from mesh.errors import ConfigError, HandlerError
+from mesh.kafka.transport import partition_for
 from mesh.patterns.delegation.approval import DEFAULT_TIMEOUT_S, Decision, verify_decision
 from mesh.patterns.delegation.budget import Budget, Usage, budget_of_request
 from mesh.patterns.delegation.plan import (
@@ -94,7 +99,6 @@ from mesh.patterns.delegation.workflow import (
 )
 from mesh.serde.avro import json_data
 from mesh.topic import Topic
-from mesh.kafka.transport import partition_for
 
 __all__ = ["Budget", "ControlEventKind", "Coordinator", "DelegationTopics", "EventKind",
            "Specialist", "StepHandler", "StepResult", "StepState", "StepTask", "Usage",

@@ -222,7 +222,7 @@ def validate_plan(plan: Plan, specialists: Collection[str]) -> None:
         >>> validate_plan(Plan(steps=[PlanStep(id="write-code", specialist="coder")]),
         ...               ["researcher", "writer"])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        mesh.patterns.delegation.plan.PlanError: Unknown specialist 'coder' in step 'write-code': ...
+        mesh.patterns.delegation.plan.PlanError: Unknown specialist 'coder' in step ...
     """
     where = f" of workflow {plan.workflow_id!r}" if plan.workflow_id else ""
     if not plan.steps:

@@ -59,9 +59,9 @@ from rich.table import Table
 
 from mesh import envelope
 from mesh.agent import Agent, Context
-from mesh.serde.codec import Codec
 from mesh.config import KafkaSettings
 from mesh.errors import ConfigError
+from mesh.kafka.transport import partition_for
 from mesh.patterns.supervision.worker import (
     WORKER_ID_ENV,
     DeadTask,
@@ -78,9 +78,9 @@ from mesh.patterns.supervision.worker import (
     WorkerView,
     worker,
 )
+from mesh.serde.codec import Codec
 from mesh.state import CompactedTable
 from mesh.topic import Topic
-from mesh.kafka.transport import partition_for
 
 __all__ = [
     "STATUS_STYLE",
