@@ -6,7 +6,8 @@ specialists (researcher, analyst, coder, writer, reviewer) as six `mesh run`
 processes, submits the seed's request, shows each step live from the workflow's events
 and the audit topic (which step, which agent and process, how long, attempts,
 re-plans), writes the document to ``out/<workflow>.md``, prints a summary and stops
-every service with SIGTERM (each exits 0). Offline unless ``MESH_LLM__MODEL`` is set
+every service with SIGTERM (each exits 0). On a terminal the steps are a live table;
+piped (tests, CI) each change is one line. Offline unless ``MESH_LLM__MODEL`` is set
 (then the agents ask that model; see agents/brain.py).
 
     .venv/bin/python -m examples.writing
@@ -21,12 +22,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from agents.app import AGENTS, app
 from mesh import Codec, EmbeddedBroker, Emitter, MeshSettings, apply_topics
@@ -66,6 +71,8 @@ class Progress:
     steps: dict[str, Step] = field(default_factory=dict)
     replans: int = 0
     outcome: WorkflowOutcome | None = None
+    live: bool = False  # a live table shows the steps; say() keeps the last lines for it
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=6))
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -106,7 +113,18 @@ class Progress:
                      f"{audit.error}[/yellow]")
 
     def say(self, text: str) -> None:
-        console.print(f"[dim]{self.elapsed():6.2f} s[/dim]  {text}")
+        line = f"[dim]{self.elapsed():6.2f} s[/dim]  {text}"
+        if self.live:
+            self.lines.append(line)
+        else:
+            console.print(line)
+
+    def render(self) -> RenderableType:
+        """The live view: every step so far (running ones with their time) and the
+        latest events."""
+        return Group(steps_table(self, f"workflow {self.workflow_id}: "
+                                       f"{self.elapsed():.1f} s, {self.replans} re-plans"),
+                     *(Text.from_markup(line) for line in self.lines))
 
 
 def start_services(bootstrap: str) -> dict[str, subprocess.Popen[bytes]]:
@@ -152,13 +170,16 @@ async def apply(codec: Codec, progress: Progress, record: Any) -> None:
         progress.on_event(payload)
 
 
-def summary(progress: Progress) -> Table:
-    table = Table(title=f"workflow {progress.workflow_id}")
+def steps_table(progress: Progress, title: str) -> Table:
+    """One row per step: agent, status, time taken (so far, while running), attempts,
+    the pids that handled it."""
+    table = Table(title=title)
     for column in ("step", "agent", "status", "took", "attempts", "pid"):
         table.add_column(column, justify="right" if column in ("took", "attempts") else "left")
+    now = progress.elapsed()
     for step in progress.steps.values():
-        took = f"{step.done_s - step.dispatched_s:.2f} s" if step.done_s is not None else "-"
-        table.add_row(step.id, step.agent, step.status, took, str(step.attempts),
+        took = (step.done_s if step.done_s is not None else now) - step.dispatched_s
+        table.add_row(step.id, step.agent, step.status, f"{took:.2f} s", str(step.attempts),
                       ",".join(sorted(step.replicas)) or "-")
     return table
 
@@ -176,12 +197,17 @@ def totals(progress: Progress) -> str:
 
 
 def write_document(progress: Progress, out_dir: Path) -> Path | None:
+    """The document (or, for a failed workflow, its last draft) in ``out_dir``."""
     out = progress.outcome
-    if out is None or not isinstance(out.final_output, dict):
+    drafts = [r for r in (out.step_results.values() if out else [])
+              if isinstance(r, dict) and "markdown" in r]
+    document = out.final_output if out and isinstance(out.final_output, dict) else (
+        drafts[-1] if drafts else None)
+    if document is None:
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{progress.workflow_id}.md"
-    path.write_text(out.final_output.get("markdown", ""), encoding="utf-8")
+    path.write_text(document.get("markdown", ""), encoding="utf-8")
     return path
 
 
@@ -200,12 +226,15 @@ async def run(bootstrap: str) -> int:
     services = start_services(bootstrap)
     console.print("services: " + ", ".join(f"{n} (pid {p.pid})" for n, p in services.items()))
     request = WritingRequest.model_validate(SEED)
-    progress = Progress(request.workflow_id)
+    progress = Progress(request.workflow_id, live=console.is_terminal)
+    live = Live(get_renderable=progress.render, console=console, refresh_per_second=8,
+                transient=True)
     try:
-        await follow(settings, progress, request)
+        with live if progress.live else nullcontext():
+            await follow(settings, progress, request)
     finally:
         codes = stop(services)
-    console.print(summary(progress))
+    console.print(steps_table(progress, f"workflow {progress.workflow_id}"))
     path = write_document(progress, ROOT / "out")
     out = progress.outcome
     final = out.final_output if out and isinstance(out.final_output, dict) else {}
@@ -213,11 +242,10 @@ async def run(bootstrap: str) -> int:
         console.print(f"[red]no outcome within {TIMEOUT_S:.0f} s[/red]")
     elif not out.success:
         console.print(f"[red]workflow failed at {out.failed_step}: {out.error}[/red]")
+        console.print(f"last draft written to {path}" if path else "no draft written")
     else:
-        verdict = "approved" if final.get("approved") else "NOT approved: " + "; ".join(
-            final.get("open_feedback", []))
         console.print(f"[bold]{final.get('title')}[/bold]: {final.get('words')} words, "
-                      f"review: {verdict} after {final.get('review_rounds')} round(s)")
+                      f"review: approved after {final.get('review_rounds')} round(s)")
         console.print(f"document written to {path}")
     console.print("summary: " + totals(progress))
     console.print("services stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()))
