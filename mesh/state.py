@@ -30,12 +30,12 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from mesh.serde.codec import Codec
 from mesh.config import KafkaSettings
 from mesh.errors import ConfigError, InputError
+from mesh.kafka.base import OutRecord, Record
 from mesh.kafka.reader import TopicReader
+from mesh.serde.codec import Codec
 from mesh.topic import Topic
-from mesh.kafka.transport import OutRecord, Record
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Self
 
 from mesh import Codec, Envelope, MeshSettings, Topic
-from mesh.testing.checker import Applied, DeadLettered, History, Injected, Logged
+from mesh.kafka.base import OutRecord, Record
 from mesh.kafka.reader import TopicReader
+from mesh.kafka.transport import Producer
 from mesh.runtime.dead_letter import DLQ_TOPIC
-from mesh.kafka.transport import OutRecord, Producer, Record
+from mesh.testing.checker import Applied, DeadLettered, History, Injected, Logged
 from tests.apps.chain import Item
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -65,13 +65,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from mesh.agent import Agent, App, Context
-from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
 from mesh.envelope import Envelope
 from mesh.errors import ConfigError, PayloadInvalid
+from mesh.kafka.base import OutRecord
+from mesh.kafka.transport import Producer
 from mesh.runtime.retry import origin_of
+from mesh.serde.codec import Codec
 from mesh.topic import Topic, TopicBundle
-from mesh.kafka.transport import OutRecord, Producer
 
 logger = logging.getLogger(__name__)
 

@@ -55,12 +55,12 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, Field
 
 from mesh.agent import Agent, App, Context
-from mesh.serde.codec import Codec
 from mesh.config import KafkaSettings
 from mesh.envelope import now_ms
 from mesh.errors import ConfigError, HandlerError, PayloadInvalid
 from mesh.kafka.reader import TopicReader
 from mesh.serde.avro import json_data
+from mesh.serde.codec import Codec
 from mesh.topic import Topic, TopicBundle
 
 logger = logging.getLogger(__name__)

@@ -62,6 +62,8 @@ from typing import Any, Literal
 from mesh.agent import Agent, App
 from mesh.errors import ConfigError
 from mesh.runtime.audit import audit_topic
+from mesh.runtime.retry import is_retry_topic, origin_of
+from mesh.topic import DLQ_SUFFIX, Topic, collect_topics, discover_topics
 from mesh.views.drawing import (
     EXTRA_HINT,
     FORMATS,
@@ -73,8 +75,6 @@ from mesh.views.drawing import (
     to_dot,
     to_mermaid,
 )
-from mesh.runtime.retry import is_retry_topic, origin_of
-from mesh.topic import DLQ_SUFFIX, Topic, collect_topics, discover_topics
 
 __all__ = [  # the drawing names live in mesh.views.drawing; importable here as before
     "DEFAULT_TARGET", "EXTRA_HINT", "FORMATS", "RENDERERS", "RENDER_TIMEOUT_S", "AgentNode",

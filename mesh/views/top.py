@@ -39,10 +39,12 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from mesh.serde.codec import Codec
 from mesh.config import MeshSettings
 from mesh.errors import MeshError, TransportError
+from mesh.kafka.base import Record
+from mesh.kafka.reader import TopicReader
 from mesh.runtime.audit import AuditEvent, audit_topic
+from mesh.serde.codec import Codec
 from mesh.views.stats import (
     AgentGauges,
     AgentStats,
@@ -54,8 +56,6 @@ from mesh.views.stats import (
     gauges_by_agent,
     matches,
 )
-from mesh.kafka.reader import TopicReader
-from mesh.kafka.transport import Record
 
 logger = logging.getLogger(__name__)
 

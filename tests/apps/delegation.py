@@ -26,6 +26,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh import Codec, Context, Envelope, MeshSettings
+from mesh.kafka.base import OutRecord
+from mesh.kafka.reader import TopicReader
 from mesh.patterns.delegation.budget import Budget
 from mesh.patterns.delegation.coordinator import (
     Coordinator,
@@ -35,8 +37,6 @@ from mesh.patterns.delegation.coordinator import (
 )
 from mesh.patterns.delegation.plan import PlanStep, Review, Revision, Rule, RulesPlanner, StepTask
 from mesh.patterns.delegation.specialist import record_usage
-from mesh.kafka.reader import TopicReader
-from mesh.kafka.transport import OutRecord
 
 SPECIALISTS = ("researcher", "analyst", "fact-checker", "writer")
 

@@ -19,8 +19,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from mesh import App, Codec, Envelope, MeshSettings, Topic
+from mesh.kafka.base import OutRecord, Record
 from mesh.patterns.gather import Gather, GatherEvent, GatherTopics, Merged, Part, branch
-from mesh.kafka.transport import OutRecord, Record
 from tests.support import Follower
 
 

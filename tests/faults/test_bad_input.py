@@ -22,13 +22,20 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from mesh import Codec, apply_topics
-from mesh.testing.checker import Injected, check
 from mesh.envelope import ATTEMPT, EVENT_ID, MESH_HEADERS, PRODUCED_AT, TRACEPARENT
+from mesh.kafka.base import OutRecord
 from mesh.resilience.fallback import FallbackAttempt
-from mesh.runtime.dead_letter import DLQ_AGENT, DLQ_ERROR, DLQ_ERROR_CLASS, DLQ_OFFSET, DLQ_PARTITION, DLQ_TOPIC
+from mesh.runtime.dead_letter import (
+    DLQ_AGENT,
+    DLQ_ERROR,
+    DLQ_ERROR_CLASS,
+    DLQ_OFFSET,
+    DLQ_PARTITION,
+    DLQ_TOPIC,
+)
 from mesh.serde.avro import AvroSerde
+from mesh.testing.checker import Injected, check
 from mesh.topic import Topic
-from mesh.kafka.transport import OutRecord
 from tests.apps.chain import Item, Other, build
 from tests.conftest import BrokerUnderTest
 from tests.support import (

@@ -21,11 +21,12 @@ from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
 from mesh import Agent, Codec, Context, EmbeddedBroker, Mesh, MeshSettings, Topic, apply_topics
-from mesh.testing.checker import check
 from mesh.errors import ConfigError, TransportError
+from mesh.kafka.base import Partition
 from mesh.kafka.reader import TopicReader
+from mesh.kafka.transport import Consumer
 from mesh.runtime.transactions import exactly_once, transactional_id
-from mesh.kafka.transport import Consumer, Partition
+from mesh.testing.checker import check
 from tests.apps.chain import Item, build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import AgentProcess, Progress, encode, history, inject, make_items

@@ -14,10 +14,10 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from mesh import Codec, apply_topics
-from mesh.testing.checker import check
+from mesh.kafka.base import Record
 from mesh.kafka.embedded import free_port
 from mesh.resilience.breaker import BreakerTransition, breaker_topics
-from mesh.kafka.transport import Record
+from mesh.testing.checker import check
 from tests.apps.outage import POLICY, topics_of
 from tests.conftest import BrokerUnderTest
 from tests.integration.test_metrics import scrape, value

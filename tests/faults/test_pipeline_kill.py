@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from mesh import Codec, Envelope, MeshSettings, apply_topics
+from mesh.kafka.base import OutRecord, Record
 from mesh.patterns.pipeline import Pipeline, StageEvent, WorkflowResult
 from mesh.topic import Topic
-from mesh.kafka.transport import OutRecord, Record
 from tests.apps.pipeline import STAGES, Doc, build
 from tests.conftest import BrokerUnderTest
 from tests.support import AgentProcess, Follower, inject, read_all, wait_for_count

@@ -9,9 +9,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh import Codec, Context, Envelope, Mesh, apply_topics
+from mesh.kafka.base import OutRecord, Record
 from mesh.patterns.chain import Chain, ChainCompleted, ChainHistory
 from mesh.topic import Topic
-from mesh.kafka.transport import OutRecord, Record
 from tests.conftest import BrokerUnderTest
 from tests.support import inject, read_all, wait_for_count
 

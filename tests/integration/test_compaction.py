@@ -19,9 +19,10 @@ import pytest
 from pydantic import BaseModel
 
 from mesh import Codec, Topic, apply_topics
+from mesh.kafka.base import Record
+from mesh.kafka.transport import Producer
 from mesh.patterns.pipeline import Checkpoint, PipelineTopics
 from mesh.state import CompactedTable
-from mesh.kafka.transport import Producer, Record
 from tests.conftest import BrokerUnderTest
 from tests.support import read_all
 

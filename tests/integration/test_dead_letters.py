@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 
 from mesh import AvroSerde, Codec, Mesh, apply_topics
-from mesh.testing.checker import Injected, check
+from mesh.kafka.base import OutRecord
 from mesh.runtime.dead_letter import (
     DLQ_AGENT,
     DLQ_ATTEMPTS,
@@ -17,7 +17,7 @@ from mesh.runtime.dead_letter import (
     DLQ_TOPIC,
 )
 from mesh.runtime.retry import FIRST_FAILURE, LAST_FAILURE
-from mesh.kafka.transport import OutRecord
+from mesh.testing.checker import Injected, check
 from tests.apps.chain import Other, build
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, read_all, wait_for_count

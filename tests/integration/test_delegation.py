@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from mesh import Codec, Envelope, Mesh, MeshSettings, apply_topics
+from mesh.kafka.base import OutRecord
 from mesh.patterns.delegation.coordinator import WorkflowOutcome
 from mesh.patterns.delegation.plan import StepResult
 from mesh.state import CompactedTable
-from mesh.kafka.transport import OutRecord
 from tests.apps.delegation import DelegationApp, Job, build, outcomes_of, request_records
 from tests.conftest import BrokerUnderTest
 from tests.support import inject, read_all

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from mesh import Codec, Mesh, Topic, apply_topics
+from mesh.kafka.base import OutRecord
 from mesh.runtime.audit import audit_topic
-from mesh.kafka.transport import OutRecord
 from tests.apps.chain import build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import encode, inject, make_items, read_all, wait_for_count

@@ -21,10 +21,11 @@ from examples.events import EXPECTED, MAX_REVISIONS, REQUESTS
 from mesh import Codec, Context, Envelope, Mesh, MeshSettings, apply_topics
 from mesh.envelope import record_event_id
 from mesh.errors import ConfigError
+from mesh.kafka.base import OutRecord, Record
+from mesh.kafka.transport import Producer
 from mesh.patterns.events import EventBus, EventContext, ListenerFailed
 from mesh.runtime.dead_letter import DLQ_AGENT
 from mesh.serde.history import render
-from mesh.kafka.transport import OutRecord, Producer, Record
 from tests.apps.events import build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import event_id, read_all, wait_for_count

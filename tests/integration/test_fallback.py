@@ -8,8 +8,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh import Codec, Envelope, Mesh, Topic, apply_topics
+from mesh.kafka.base import OutRecord
 from mesh.runtime.dead_letter import DLQ_ERROR, DLQ_ERROR_CLASS
-from mesh.kafka.transport import OutRecord
 from tests.apps import fallback as app
 from tests.apps.fallback import Ask
 from tests.conftest import BrokerUnderTest

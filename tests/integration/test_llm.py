@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from mesh import Codec, Envelope, apply_topics, derive_event_id
-from mesh.kafka.embedded import free_port
 from mesh.envelope import CAUSATION_ID, EVENT_ID
-from mesh.kafka.transport import OutRecord
+from mesh.kafka.base import OutRecord
+from mesh.kafka.embedded import free_port
 from tests.apps.llm import Article, Summary, build
 from tests.conftest import BrokerUnderTest
 from tests.faults.test_outage import lag_drained

@@ -12,8 +12,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import Codec, Envelope, Topic, apply_topics
+from mesh.kafka.base import OutRecord
 from mesh.kafka.embedded import free_port
-from mesh.kafka.transport import OutRecord
 from tests.apps import fallback as app
 from tests.apps.chain import build
 from tests.apps.fallback import Ask

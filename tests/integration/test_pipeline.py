@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from mesh import Codec, Envelope, Mesh, MeshSettings, apply_topics
+from mesh.kafka.base import OutRecord
 from mesh.patterns.pipeline import (
     Checkpoint,
     Pipeline,
@@ -23,7 +24,6 @@ from mesh.patterns.pipeline import (
 )
 from mesh.state import CompactedTable
 from mesh.topic import Topic
-from mesh.kafka.transport import OutRecord
 from tests.apps.pipeline import STAGES, Doc, build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import inject, read_all, wait_for_count

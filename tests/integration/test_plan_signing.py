@@ -13,10 +13,10 @@ from pydantic import SecretStr
 
 from mesh import Codec, Envelope, Mesh, MeshSettings, apply_topics
 from mesh.config import SecuritySettings
+from mesh.kafka.base import OutRecord, Record
 from mesh.patterns.delegation.plan import Plan, StepResult, StepTask
 from mesh.patterns.delegation.signing import PlanSigner
 from mesh.runtime.dead_letter import DLQ_AGENT, DLQ_ERROR, DLQ_ERROR_CLASS
-from mesh.kafka.transport import OutRecord, Record
 from tests.apps.delegation import Job, build, outcomes_of, request_records
 from tests.conftest import BrokerUnderTest
 from tests.support import AgentProcess, event_id, inject, read_all, wait_for_count

@@ -16,6 +16,9 @@ from aiokafka.partitioner import murmur2 as kafka_murmur2
 from rich.console import Console
 
 from mesh import Codec, Envelope, Mesh, MeshSettings, Topic, apply_topics
+from mesh.kafka.base import OutRecord
+from mesh.kafka.reader import TopicReader
+from mesh.kafka.transport import Producer
 from mesh.patterns.supervision.supervisor import (
     DeadTask,
     Supervisor,
@@ -27,8 +30,6 @@ from mesh.patterns.supervision.supervisor import (
     partition_of,
     render_workers,
 )
-from mesh.kafka.reader import TopicReader
-from mesh.kafka.transport import OutRecord, Producer
 from tests.apps.supervision import build, service
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import AgentProcess, read_all

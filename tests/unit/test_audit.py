@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from mesh.serde.codec import Codec
 from mesh.config import AuditSettings
 from mesh.envelope import Envelope
+from mesh.kafka.base import OutRecord, Record
 from mesh.runtime.audit import AuditEvent, Auditor, audit_topic, expand
-from mesh.kafka.transport import OutRecord, Record
+from mesh.serde.codec import Codec
 from tests.apps.chain import Item
 
 

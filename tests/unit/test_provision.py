@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.kafka import provision
 from mesh.errors import TransportError
-from mesh.kafka.transport import TopicSpec
+from mesh.kafka import provision
+from mesh.kafka.base import TopicSpec
 
 
 class LaggingAdmin:

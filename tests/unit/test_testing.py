@@ -19,13 +19,14 @@ from mesh import (
     derive_event_id,
 )
 from mesh.errors import ConfigError
-from mesh.runtime.audit import audit_topic, expand
+from mesh.kafka.base import OutRecord
+from mesh.kafka.transport import partition_for
 from mesh.patterns.chain import Chain
 from mesh.patterns.gather import Gather, GatherTopics, branch
-from mesh.runtime import retry
 from mesh.resilience.breaker import BreakerPolicy, CircuitBreaker
+from mesh.runtime import retry
+from mesh.runtime.audit import audit_topic, expand
 from mesh.testing import DrainLimitReached, InMemoryMesh, InMemoryTopics
-from mesh.kafka.transport import OutRecord, partition_for
 from topics.demo import (
     ResearchRequest,
     articles,
