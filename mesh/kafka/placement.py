@@ -15,7 +15,7 @@ Retry topics are not checked: a retry record keeps its input's partition on purp
 Keyless records are not checked (any partition is right for them).
 
 Example:
-    >>> from mesh.kafka.transport import Record
+    >>> from mesh.kafka.base import Record
     >>> check = PlacementCheck("writer", ["demo.requests"])
     >>> check.check([Record("demo.requests", 0, 7, b"r1", b"", (), 0)], partitions=3)
     >>> check.misplaced

@@ -39,15 +39,7 @@ from aiokafka.partitioner import murmur2
 
 from mesh.config import KafkaSettings
 from mesh.errors import CommitFailed, TransportError, UnreadableBatch
-from mesh.kafka.base import (  # Acks and TopicSpec: until every importer takes them from base
-    Acks,  # noqa: F401
-    BaseProducer,
-    OutRecord,
-    Partition,
-    RebalanceCallback,
-    Record,
-    TopicSpec,  # noqa: F401
-)
+from mesh.kafka.base import BaseProducer, OutRecord, Partition, RebalanceCallback, Record
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from mesh.topic import Topic
 if TYPE_CHECKING:
     from mesh.config import AuditSettings
     from mesh.envelope import Envelope
-    from mesh.kafka.transport import Record
+    from mesh.kafka.base import Record
     from mesh.serde.codec import Codec
 
 CONSUMED = "consumed"
