@@ -74,6 +74,7 @@ from mesh import (  # noqa: E402
     Emitter,
     Mesh,
     MeshSettings,
+    RetryPolicy,
     Topic,
     apply_topics,
 )
@@ -83,6 +84,7 @@ from mesh.kafka.transport import MAX_REQUEST_BYTES, Producer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 KEYS = 64  # distinct record keys, spread over the partitions
+MESH_RUNS = ("mesh", "mesh-noaudit", "mesh-blocking")
 HOPS = (("in", "ab"), ("ab", "bc"), ("bc", "out"))  # each stage's input and output topic
 ASSIGN_TIMEOUT_S = 60.0
 POLL_MS = 200  # the mesh's own poll timeout (runtime.AgentRunner._poll)
@@ -348,13 +350,14 @@ async def passthrough(payload: Ping, ctx: Context) -> Ping:
 
 
 async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
-                   profiler: cProfile.Profile | None, cpu: CpuMeter) -> RunResult:
+                   profiler: cProfile.Profile | None, cpu: CpuMeter,
+                   retry: RetryPolicy | None = None) -> RunResult:
     prefix = f"bench-{uuid.uuid4().hex[:8]}-mesh"
     topics = mesh_topics(prefix, args.partitions)
     await apply_topics(settings.kafka, topics.values())
     stages = [("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out")]
     agents = [Agent(f"{prefix}-{name}", consumes=topics[src], produces=topics[dst],
-                    handler=passthrough) for name, src, dst in stages]
+                    handler=passthrough, retry=retry) for name, src, dst in stages]
     mesh = Mesh(settings, agents)
 
     codec = Codec(settings.schema_registry)
@@ -555,14 +558,14 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
 
 def print_table(results: dict[str, RunResult]) -> None:
     print()
-    print(f"{'run':<12} {'events':>7} {'dups':>5} {'inject s':>9} {'elapsed s':>10} "
+    print(f"{'run':<14} {'events':>7} {'dups':>5} {'inject s':>9} {'elapsed s':>10} "
           f"{'events/s':>10} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'max ms':>9} "
           f"{'cpu us/ev':>10} {'broker us/ev':>13}")
     for r in results.values():
         lat = r.latency_ms
         client = r.extra.get("client_cpu_us_per_event")
         broker = r.extra.get("broker_cpu_us_per_event")
-        print(f"{r.name:<12} {r.events:>7} {r.duplicates:>5} {r.inject_s:>9.2f} "
+        print(f"{r.name:<14} {r.events:>7} {r.duplicates:>5} {r.inject_s:>9.2f} "
               f"{r.elapsed_s:>10.2f} {r.throughput:>10.0f} {lat['p50']:>9.1f} "
               f"{lat['p90']:>9.1f} {lat['p99']:>9.1f} {lat['max']:>9.1f} "
               f"{'-' if client is None else f'{client:.0f}':>10} "
@@ -589,7 +592,7 @@ def ratios(results: dict[str, RunResult]) -> dict[str, float]:
         return {}
     raw = results["raw"]
     out: dict[str, float] = {}
-    for name in ("mesh", "mesh-noaudit"):
+    for name in MESH_RUNS:
         if name not in results:
             continue
         run, tag = results[name], name.replace("-", "_")
@@ -613,8 +616,8 @@ def print_profile(profiler: cProfile.Profile, path: Path) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if not runs or any(r not in ("mesh", "mesh-noaudit", "raw") for r in runs):
-        raise SystemExit(f"--runs takes mesh, mesh-noaudit and/or raw, got {args.runs!r}")
+    if not runs or any(r not in (*MESH_RUNS, "raw") for r in runs):
+        raise SystemExit(f"--runs takes {', '.join(MESH_RUNS)} and/or raw, got {args.runs!r}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     profiler = cProfile.Profile() if args.profile else None
     results: dict[str, RunResult] = {}
@@ -633,6 +636,9 @@ async def main(args: argparse.Namespace) -> int:
             cpu = CpuMeter(pids)
             if name == "mesh":
                 results[name] = await run_mesh(settings, args, profiler, cpu)
+            elif name == "mesh-blocking":  # no retry tiers: one topic per consumer, as raw
+                results[name] = await run_mesh(settings, args, None, cpu,
+                                               RetryPolicy(blocking=True))
             elif name == "mesh-noaudit":  # the cost of publishing to mesh.audit
                 quiet = settings.model_copy(update={
                     "audit": settings.audit.model_copy(update={"enabled": False})})
@@ -649,7 +655,7 @@ async def main(args: argparse.Namespace) -> int:
     print_table(results)
     print_hops(results)
     rat = ratios(results)
-    for name in ("mesh", "mesh-noaudit"):
+    for name in MESH_RUNS:
         tag = name.replace("-", "_")
         if f"throughput_{tag}_over_raw" in rat:
             print(f"\n{name}/raw: throughput {rat[f'throughput_{tag}_over_raw']:.2f}x, "
@@ -711,7 +717,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=0.0,
                         help="inject at this many events/s (0: as fast as acks allow)")
     parser.add_argument("--runs", default="mesh,mesh-noaudit,raw",
-                        help="which runs, in order (mesh-noaudit: audit publishing off)")
+                        help="which runs, in order (mesh-noaudit: audit publishing off; "
+                        "mesh-blocking: blocking retries, so no retry-tier topics)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds allowed for the sink to receive all N")
     parser.add_argument("--broker", choices=("embedded", "apache"), default="embedded",
