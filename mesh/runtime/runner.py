@@ -40,9 +40,9 @@ from mesh.agent import Agent, Context
 from mesh.config import MeshSettings
 from mesh.envelope import Envelope, new_event_id
 from mesh.errors import BrokerLost, Held, UnreadableBatch
-from mesh.kafka.base import Acks, OutRecord, Partition, Record
+from mesh.kafka.base import Acks, BaseProducer, OutRecord, Partition, Record
 from mesh.kafka.placement import PlacementCheck
-from mesh.kafka.transport import Consumer, Producer
+from mesh.kafka.transport import Consumer
 from mesh.runtime.lanes import Lanes
 from mesh.runtime.process import Observer, Outcome, RecordProcessor
 from mesh.serde.codec import Codec
@@ -64,7 +64,7 @@ class AgentRunner:
 
     lanes_kind: type[Lanes] = Lanes  # the exactly-once runner's lanes use transactions
 
-    def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: Producer,
+    def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: BaseProducer,
                  codec: Codec) -> None:
         self.agent = agent
         self.settings = settings
@@ -83,17 +83,17 @@ class AgentRunner:
         self._state_ready = asyncio.Event()
         if not self.tables:
             self._state_ready.set()
+        self._held_until = 0.0
+        self.holds = 0
+        self.quarantined = False
+        self._released = asyncio.Event()
+        self._fatal: BaseException | None = None
         self.lanes = self.lanes_kind(agent, settings, handle=self._take, spawn=self._spawn,
                                      ready=self._state_ready,
                                      held_until=lambda: self._held_until)
         self.processor = RecordProcessor(agent, settings, codec=codec, send=self._send,
                                          context=self._context)
-        self.observers: list[Observer] = self.processor.observers
-        self.quarantined = False
-        self._fatal: BaseException | None = None
-        self._held_until = 0.0
-        self.holds = 0
-        self._released = asyncio.Event()
+        self.observers: list[Observer] = self.processor.observers  # metrics, heartbeats
         # Foreign producers: keys in another partition than murmur2's (retry topics keep
         # their input's partition on purpose, so only the inputs are checked), and
         # batches that cannot be read at all (per topic; the agent stops on the first).
@@ -200,6 +200,7 @@ class AgentRunner:
                     f"agent {self.agent.name} has handled it up to {handled}: the broker "
                     "lost records (a restarted memory-only broker, a recreated topic). "
                     "Stopping instead of skipping or re-reading silently.")
+
     async def _every(self, interval: float, timer: Any, stop: asyncio.Event) -> None:
         name = getattr(timer, "__name__", "timer")
         while not stop.is_set():
@@ -262,7 +263,6 @@ class AgentRunner:
             if time.monotonic() >= next_commit:
                 await self.lanes.commit()
                 next_commit = time.monotonic() + runtime.commit_interval_ms / 1000
-
 
     def hold(self, until: float) -> None:
         """Pause every partition until ``until`` (epoch seconds), polling on; the lanes

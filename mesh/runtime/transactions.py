@@ -48,8 +48,8 @@ from mesh.agent import Agent
 from mesh.config import MeshSettings
 from mesh.envelope import now_ms
 from mesh.errors import ConfigError, TransportError
-from mesh.kafka.base import Acks, OutRecord, Partition, Record
-from mesh.kafka.transport import Fenced, Producer, TransactionalProducer
+from mesh.kafka.base import Acks, BaseProducer, OutRecord, Partition, Record
+from mesh.kafka.transport import Fenced, TransactionalProducer
 from mesh.runtime import retry
 from mesh.runtime.lanes import Handle, Lane, Lanes, Spawn
 from mesh.runtime.runner import AgentRunner, bounded
@@ -71,7 +71,7 @@ def transactional_id(group: str, partition: Partition) -> str:
     return f"{group}-{partition.topic}-{partition.partition}"
 
 
-def runner_for(agent: Agent[Any], settings: MeshSettings, *, producer: Producer,
+def runner_for(agent: Agent[Any], settings: MeshSettings, *, producer: BaseProducer,
                codec: Codec) -> AgentRunner:
     """The runner ``agent`` needs: transactional when it runs exactly-once."""
     kind = TransactionalRunner if exactly_once(agent, settings) else AgentRunner
@@ -318,7 +318,7 @@ class TransactionalRunner(AgentRunner):
     lanes_kind = TransactionalLanes
     lanes: TransactionalLanes
 
-    def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: Producer,
+    def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: BaseProducer,
                  codec: Codec) -> None:
         # Inputs and state tables are read committed: never an aborted transaction's.
         kafka = settings.kafka.model_copy(update={"isolation_level": "read_committed"})
