@@ -35,9 +35,9 @@ from rich.text import Text
 
 from agents.app import AGENTS, app
 from mesh import Codec, EmbeddedBroker, Emitter, MeshSettings, apply_topics
-from mesh.runtime.audit import CONSUMED, RETRY, AuditEvent, audit_topic
-from mesh.patterns.delegation.coordinator import WorkflowEvent, WorkflowOutcome
 from mesh.kafka.reader import TopicReader
+from mesh.patterns.delegation.coordinator import WorkflowEvent, WorkflowOutcome
+from mesh.runtime.audit import CONSUMED, RETRY, AuditEvent, audit_topic
 from topics.writing import WritingRequest, writing
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -177,8 +177,9 @@ def test_approval_waits_through_a_coordinator_restart_and_mesh_approve_publishes
         broker: BrokerUnderTest, services: dict[str, AgentProcess],
         tmp_path: Path) -> None:
     """Pass: with requirements.approval the reviewed draft waits at the publish step; the
-    coordinator killed -9 and restarted still waits; `mesh approve WORKFLOW publish --topic writing` makes
-    the writer publish it and `mesh submit` exits 0 with the approved document."""
+    coordinator killed -9 and restarted still waits; `mesh approve WORKFLOW publish
+    --topic writing` makes the writer publish it and `mesh submit` exits 0 with the
+    approved document."""
     request = {"workflow_id": "wf-approve", "task": "Write an overview on MCP servers",
                "requirements": {"word_count": 600, "approval": True}}
     proc = follow(broker, request)

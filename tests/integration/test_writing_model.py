@@ -3,26 +3,35 @@
 that this test starts (the one of test_llm_openai.py, with answers scripted for the
 researcher's search tool, the analyst's notes, the coder's sample and the writer's
 Markdown), so the brain's prompts, tools, structured outputs, usage and errors go
-through the real client code."""
+through the real client code; then the mesh's services on that model, stopped by a
+token budget."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic_ai.models import override_allow_model_requests
 
+from agents.app import AGENTS, app
 from agents.brain import Brain, brain
 from agents.model_brain import ModelBrain
 from agents.retriever import Corpus, Passage
 from mesh.config import MeshSettings
+from mesh.kafka.provision import apply_topics
 from mesh.llm import LLMError
+from mesh.runtime.audit import audit_topic
+from tests.conftest import BrokerUnderTest
 from tests.integration.test_llm_openai import KEY, ChatServer, _completion
+from tests.integration.test_writing import submit
+from tests.support import AgentProcess, read_all
 from topics.writing import WritingRequest
 
 REQUEST = WritingRequest.model_validate({
@@ -50,7 +59,8 @@ class WritingServer(ChatServer):
     """Scripted by what the brain asks (its instructions and tools): research calls
     ``search_corpus`` once, then keeps the ids the tool returned; analysis answers notes
     citing passage 1 and 2 (``[bad]`` in the task: a citation of passage 99, which the
-    brain refuses); code answers a one-line program; writing answers :data:`MARKDOWN`
+    brain refuses); code answers a one-line program (``[bad]``: an invalid one, no code,
+    a number for a filename); writing answers :data:`MARKDOWN`
     (``[busy]`` in the task: 429, the body echoing the Authorization header). A request
     without ``Bearer <KEY>`` gets a 401."""
 
@@ -77,6 +87,8 @@ class WritingServer(ChatServer):
                 "figures": [{"value": "2024", "context": "released in 2024", "cite": cite}],
                 "outline": [{"title": "What they are", "cites": [1]},
                             {"title": "How they talk", "cites": [2]}]})
+        if "self-contained Python" in said and "[bad]" in said:
+            return 200, _completion("final_result", {"filename": 5})
         if "self-contained Python" in said:
             return 200, _completion("final_result", {
                 "filename": "hello.py", "code": "print('hello from MCP')",
@@ -156,7 +168,8 @@ async def test_a_429_is_a_retriable_error_without_the_key_and_bad_notes_fall_bac
     """Pass: a 429 (whose body echoes the Authorization header) raises a retriable
     LLMError naming the rate limit, not the key (the mesh retries the step); notes citing
     a passage that does not exist are refused and the offline brain does the analysis,
-    marked ``fallback`` with the model's call counted."""
+    marked ``fallback`` with the model's call counted; a code sample that stays invalid
+    through pydantic-ai's two output retries is the offline brain's, marked too."""
     caplog.set_level(logging.DEBUG)
     chosen = model_brain()
     found = await chosen.research(["MCP servers"], k=3, search=search)
@@ -170,5 +183,47 @@ async def test_a_429_is_a_retriable_error_without_the_key_and_bad_notes_fall_bac
     assert fallen.usage.fallback and fallen.usage.calls == 1
     assert fallen.usage.brain == chosen.label
     assert fallen.key_points and fallen.outline  # the offline brain's work
+    sample = await chosen.code(bad, fallen)  # its subject says [bad]
+    assert sample.usage.fallback and sample.usage.calls == 3  # asked twice more
+    assert sample.code.strip() and sample.code != "print('hello from MCP')"
     assert_no_key(caplog, str(raised.value), repr(raised.value),
                   "".join(traceback.format_exception(raised.value)))
+
+
+async def test_the_mesh_on_a_model_stops_at_its_token_budget_and_never_shows_the_key(
+        broker: BrokerUnderTest, server: WritingServer, tmp_path: Path) -> None:
+    """Pass: the coordinator and the researcher as `mesh run` services with
+    MESH_LLM__MODEL/BASE_URL/API_KEY set; a request with a 100-token budget: the research
+    step (a tool call, 2 model calls, 120 tokens, reported by the researcher) goes over
+    it, so the workflow stops with BudgetExceeded before the analysis, `mesh submit`
+    exits 1 and the outcome names the token limit, with the research kept; the key is in
+    no record of the mesh's topics or the audit, and in no service's log."""
+    await apply_topics(broker.settings().kafka, [*app.topics.values(), audit_topic])
+    env = {"MESH_LLM__MODEL": "openai:scripted", "MESH_LLM__BASE_URL": server.base_url,
+           "MESH_LLM__API_KEY": KEY, "MESH_LOG_LEVEL": "INFO"}
+    logs = {name: tmp_path / f"{name}.log" for name in ("coordinator", "researcher")}
+    services = [AgentProcess(broker, f"{AGENTS[name].__name__}:agent", prefix="writing",
+                             log=path.open("wb"), env=env).start()
+                for name, path in logs.items()]
+    try:
+        code, outcome, events = await asyncio.to_thread(submit, broker, {
+            "workflow_id": "wf-model-budget", "task": "Write an overview on MCP servers",
+            "requirements": {"word_count": 600}, "budget": {"tokens": 100}}, 120.0)
+    finally:
+        codes = [proc.terminate() for proc in services]
+    assert code == 1, events[-3000:]
+    assert outcome["budget_exceeded"] == {"limit": "tokens", "used": 120.0,
+                                          "allowed": 100.0, "steps_remained": False}
+    assert outcome["usage"] == {"tokens": 120, "calls": 2, "cost": 0.0}
+    assert list(outcome["step_results"]) == ["research"]
+    assert outcome["step_results"]["research"]["usage"]["brain"] == "model openai:scripted"
+    assert "BudgetExceeded" in events and "StepDispatched analyse" not in events
+    assert codes == [0, 0]
+    records = await read_all(broker.settings(), [*app.topics, audit_topic.name])
+    assert any(r.key == b"wf-model-budget" for r in records)
+    for record in records:
+        raw = (record.key or b"") + (record.value or b"") + b"".join(
+            v for _, v in record.headers)
+        assert KEY.encode() not in raw, f"the key is in a record of {record.topic}"
+    for path in logs.values():
+        assert KEY not in path.read_text(errors="replace"), path.name
