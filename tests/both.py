@@ -131,6 +131,8 @@ class KitMesh:
     @asynccontextmanager
     async def running(cls, agents: Sequence[Agent[Any]],
                       topics: Iterable[Topic[Any]] = ()) -> AsyncIterator[KitMesh]:
+        """The kit over ``agents``, started. ``topics`` are for the broker's sake: the
+        kit declares its agents' topics itself and reads any other one it is given."""
         mesh = cls(agents)
         async with mesh.kit:
             yield mesh

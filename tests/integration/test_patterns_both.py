@@ -17,7 +17,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from examples.events import EXPECTED, MAX_REVISIONS, REQUESTS
-from mesh import Context
+from mesh import Context, Envelope
+from mesh.envelope import derive_event_id
 from mesh.errors import HandlerError
 from mesh.patterns.chain import Chain
 from mesh.patterns.delegation.coordinator import WorkflowOutcome
@@ -55,6 +56,11 @@ class Review(BaseModel):
     verdict: str
 
 
+def trace_id(event: Envelope[Any]) -> str:
+    """The W3C trace id of ``event``'s traceparent (00-<trace id>-<span id>-<flags>)."""
+    return event.traceparent.split("-")[1]
+
+
 def research_chain(prefix: str) -> Chain:
     """research -> analyse -> review: "poison" fails analyse for good (a HandlerError
     that says not to retry), "flaky" times out in review on its first attempt only."""
@@ -81,8 +87,9 @@ def research_chain(prefix: str) -> Chain:
 
 async def test_chain_completes_each_request_in_key_order_and_reports_the_failed_step(
         mesh_under_test: MeshFactory, prefix: str) -> None:
-    """Pass: 8 of 9 requests complete, each with the outputs of steps 0-2 and its
-    correlation id, per key in request order; the request retried after a timeout
+    """Pass: 8 of 9 requests complete, each with the outputs of steps 0-2, its
+    correlation id, key and trace, an event id derived from its cause, per key in
+    request order; the request retried after a timeout
     completes too; the poisoned one is one ChainFailed naming step 1 (analyse), the
     error and step 0's output as partial results, and one dead letter of the hop into
     analyse, after one attempt."""
@@ -91,8 +98,8 @@ async def test_chain_completes_each_request_in_key_order_and_reports_the_failed_
                         else f"subject {k}/{s}") for s in range(3) for k in range(3)]
     requests.append(Request(request_id="flaky", seq=0, subject="slow"))
     async with mesh_under_test(chain.agents, topics=chain.topics) as mesh:
-        sent = {(r.request_id, r.seq): (await mesh.emit(chain.source, r)).correlation_id
-                for r in requests}
+        emitted = {(r.request_id, r.seq): await mesh.emit(chain.source, r) for r in requests}
+        sent = {k: e.correlation_id for k, e in emitted.items()}
         done = await mesh.until(chain.completed, len(requests) - 1, "completed chains")
         [failed] = await mesh.until(chain.failed, 1, "the poisoned chain's failure")
         [dead] = await mesh.dead_letters(chain.hops[0], 1)
@@ -100,6 +107,10 @@ async def test_chain_completes_each_request_in_key_order_and_reports_the_failed_
     for event in done:
         item = event.payload
         assert event.correlation_id == item.correlation_id
+        assert (event.key, event.source) == (item.key.encode(), f"{prefix}.review")
+        assert event.event_id == derive_event_id(f"{prefix}.review", event.causation_id, 0)
+        request = next(e for e in emitted.values() if e.correlation_id == item.correlation_id)
+        assert trace_id(event) == trace_id(request)
         assert [o.index for o in item.outputs] == [0, 1, 2]
         research = chain.output(item.outputs, 0)
         assert chain.output(item.outputs, 2) == Review(
@@ -124,7 +135,9 @@ async def test_gather_merges_every_branch_and_lists_failures_by_agent(
     """Pass: rule all, three branches: "good" merges three successes; "bad" lists db's
     HandlerError (no dead letter: it says not to retry); "outage" lists net's
     ConnectionError after its retries ran out, and the request is dead-lettered once,
-    by net, after 3 attempts; each merged event carries its request's correlation id."""
+    by net, after 3 attempts; each merged event carries its request's correlation id and
+    is keyed by it; the events topic shows each request started, its 3 parts received
+    and completed."""
     topics = topics_for(prefix)
 
     def web(ask: Ask) -> dict[str, Any]:
@@ -150,8 +163,13 @@ async def test_gather_merges_every_branch_and_lists_failures_by_agent(
         merged = {e.payload.correlation_id: e for e in
                   await mesh.until(topics.merged, 3, "a merged event per request")}
         dead = await mesh.dead_letters(topics.requests, 1)
-    assert {cid: e.correlation_id for cid, e in merged.items()} == {
-        q: q for q in ("good", "bad", "outage")}
+        taps = await mesh.until(topics.events, lambda es: sum(
+            e.payload.kind == "completed" for e in es) == 3, "a completed event per request")
+    kinds = Counter((e.payload.correlation_id, e.payload.kind) for e in taps)
+    assert kinds == {(q, k): n for q in ("good", "bad", "outage")
+                     for k, n in (("started", 1), ("part_received", 3), ("completed", 1))}
+    assert {cid: (e.correlation_id, e.key) for cid, e in merged.items()} == {
+        q: (q, q.encode()) for q in ("good", "bad", "outage")}
     good, bad, outage = (merged[q].payload for q in ("good", "bad", "outage"))
     assert good.success and good.outcome == "completed" and not good.failures
     assert dict(zip(good.successes, good.individual_results, strict=True)) == {
@@ -169,7 +187,8 @@ async def test_gather_merges_every_branch_and_lists_failures_by_agent(
 async def test_pipeline_checkpoints_every_stage_and_fails_a_workflow_at_its_stage(
         mesh_under_test: MeshFactory, prefix: str) -> None:
     """Pass: four documents complete with the results of all four stages (each stage
-    saw the earlier ones), their stage events in stage order; the one failing in
+    saw the earlier ones), their stage events in stage order and checkpoint versions
+    1-4 in order, the last one completed; the one failing in
     classify ends failed naming stage 1, with a failed event, a `failed` latest
     checkpoint keeping extract's result, and its task dead-lettered."""
     pipe = pipeline.build(prefix)
@@ -203,6 +222,10 @@ async def test_pipeline_checkpoints_every_stage_and_fails_a_workflow_at_its_stag
     assert [(e.payload.workflow_id, e.payload.stage_name, e.payload.error)
             for e in stage_events if e.payload.status == "failed"] == [
         ("bad", "classify", "stage classify cannot handle document bad")]
+    versions = [(c.payload.version, c.payload.status, c.payload.next_stage)
+                for c in checkpoints if c.payload and c.payload.workflow_id == "doc-0"]
+    assert versions == [(1, "running", 1), (2, "running", 2), (3, "running", 3),
+                        (4, "completed", None)]
     latest = [e.payload for e in checkpoints if e.payload and e.payload.workflow_id == "bad"][-1]
     assert (latest.status, latest.failed_stage_name, latest.completed_stages) == (
         "failed", "classify", ["extract"])
@@ -256,7 +279,8 @@ async def test_event_listeners_publish_or_reject_each_request_and_report_a_faile
 async def test_delegation_completes_a_revised_plan_and_fails_a_step_or_a_bad_plan(
         mesh_under_test: MeshFactory, prefix: str) -> None:
     """Pass: a report completes with every step's result and plan v2 (the reviewer added
-    fact-check at the checkpoint), write seeing analyse and fact-check; a workflow whose
+    fact-check at the checkpoint: both versions on the plans topic, one event per
+    step dispatched and completed), write seeing analyse and fact-check; a workflow whose
     analyse always fails ends failed naming the step and the error, with both research
     results as partial results, and the analyst's task dead-lettered; a plan naming an
     unknown specialist is a failed outcome with the plan error and dispatches nothing."""
@@ -273,6 +297,9 @@ async def test_delegation_completes_a_revised_plan_and_fails_a_step_or_a_bad_pla
                 app.topics.outcomes, len(jobs), "an outcome per workflow")}
         [dead] = await mesh.dead_letters(app.topics.tasks["analyst"], 1)
         tasks = await mesh.until(list(app.topics.tasks.values()), 8, "the tasks dispatched")
+        plans = await mesh.until(app.topics.plans, 3, "the plan versions (2 of report)")
+        steps = await mesh.until(app.topics.events, lambda es: any(
+            e.payload.kind == "WorkflowCompleted" for e in es), "the report completed")
     report, doomed, odd = (outcomes[j.workflow_id] for j in jobs)
     assert report.success, report.error
     assert report.plan is not None and report.plan.version == 2
@@ -287,6 +314,12 @@ async def test_delegation_completes_a_revised_plan_and_fails_a_step_or_a_bad_pla
     dispatched = Counter(t.payload.workflow_id for t in tasks)
     assert dispatched == {"report": 5, "doomed": 3}
     assert (dead.agent, dead.error_class, dead.attempts) == ("analyst", "ValueError", 3)
+    assert sorted((p.payload.workflow_id, p.payload.version, p.payload.author)
+                  for p in plans) == [("doomed", 1, "planner"), ("report", 1, "planner"),
+                                      ("report", 2, "reviewer")]
+    assert Counter(e.payload.kind for e in steps if e.payload.workflow_id == "report") == {
+        "WorkflowStarted": 1, "PlanPublished": 2, "StepDispatched": 5, "StepCompleted": 5,
+        "CheckpointReviewed": 1, "WorkflowCompleted": 1}
 
 
 async def test_supervisor_requeues_a_failed_task_then_gives_it_up_as_dead(
@@ -295,7 +328,8 @@ async def test_supervisor_requeues_a_failed_task_then_gives_it_up_as_dead(
     their result from w1; the poison job fails, is requeued (task_requeued) by the
     supervisor's timer, fails again and lands on the dead-task topic with both errors,
     w1 as the worker that failed it and the reason, in the job's workflow; nobody is
-    quarantined (a failure is followed by successes)."""
+    quarantined (a failure is followed by successes); w1's row, the only replica,
+    holds every task partition."""
     topics, results = supervision.build(prefix)
     worker = supervision.service(prefix, worker_id="w1", heartbeat_s=0.5)
     supervisor = Supervisor(topics, SupervisorPolicy(
@@ -313,6 +347,9 @@ async def test_supervisor_requeues_a_failed_task_then_gives_it_up_as_dead(
         done = await mesh.until(results, len(jobs) - 1, "a result per good job")
         decisions = await mesh.until(topics.events, lambda es: any(
             e.payload.kind == "task_dead_lettered" for e in es), "the dead-letter decision")
+        rows = await mesh.until(topics.status, lambda es: any(
+            (e.payload.tasks_done, e.payload.tasks_failed) == (len(jobs) - 1, 2)
+            for e in es), "w1's row after its last task")
     assert {e.payload.job_id: (e.payload.worker_id, e.payload.answer) for e in done} == {
         j.job_id: ("w1", j.prompt.upper()) for j in jobs if j.prompt != "poison"}
     task = dead.payload
@@ -326,3 +363,5 @@ async def test_supervisor_requeues_a_failed_task_then_gives_it_up_as_dead(
     assert not {"worker_failed", "worker_quarantined"} & set(kinds)
     lettered = next(e for e in decisions if e.payload.kind == "task_dead_lettered")
     assert lettered.correlation_id == sent["job-poison"]
+    row = next(e.payload for e in rows if e.payload.tasks_failed == 2)
+    assert (row.worker_id, row.status, row.partitions) == ("w1", "idle", [0, 1, 2])
