@@ -8,20 +8,24 @@ start the embedded broker and create the declared topics themselves.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from mesh.agent import Agent, App
 from mesh.config import MeshSettings
@@ -346,22 +350,61 @@ async def _submit(settings: MeshSettings, topic: Topic[Any], request: Any,
         await send()
         clock = asyncio.get_running_loop().time
         deadline, outcome, ended = clock() + timeout, None, False
+        view = _FollowView(live=err.is_terminal)
         # The outcome and the events are two topics: after the outcome, print the events
         # still on their way up to the workflow's last one (for a few seconds at most).
-        while clock() < deadline and not (ended and outcome is not None):
-            for record in await reader.poll(0.5):
-                if record.key != workflow:
-                    continue
-                if record.topic == outcomes.name:
-                    outcome = await codec.decode(outcomes, record.value or b"")
-                    deadline = min(deadline, clock() + 5.0)
-                    continue
-                event: Any = await codec.decode(events, record.value or b"")
-                kind = str(getattr(event, "kind", "event"))
-                step = f" {event.step_id}" if getattr(event, "step_id", None) else ""
-                err.print(f"{kind}{step}: {escape(str(getattr(event, 'message', '')))}")
-                ended = ended or kind in ("WorkflowCompleted", "WorkflowFailed")
+        with view.live or contextlib.nullcontext():
+            while clock() < deadline and not (ended and outcome is not None):
+                for record in await reader.poll(0.5):
+                    if record.key != workflow:
+                        continue
+                    if record.topic == outcomes.name:
+                        outcome = await codec.decode(outcomes, record.value or b"")
+                        deadline = min(deadline, clock() + 5.0)
+                        continue
+                    event: Any = await codec.decode(events, record.value or b"")
+                    view.show(event)
+                    ended = ended or getattr(event, "kind", "") in ("WorkflowCompleted",
+                                                                     "WorkflowFailed")
     return outcome
+
+
+_STEP_STATUS = {"StepDispatched": "running", "StepCompleted": "done", "StepFailed": "failed",
+                "ApprovalRequested": "waiting for approval", "StepApproved": "approved",
+                "StepRejected": "rejected"}
+
+
+class _FollowView:
+    """What `mesh submit --follow` shows of a workflow's events: on a terminal a live
+    table of its steps (specialist, status, seconds since dispatch) above the latest
+    events; otherwise one line per event, which scripts and tests read."""
+
+    def __init__(self, *, live: bool) -> None:
+        self.steps: dict[str, tuple[str, str, float, float | None]] = {}
+        self.lines: collections.deque[str] = collections.deque(maxlen=6)
+        self.live = Live(get_renderable=self.render, console=err,
+                         refresh_per_second=4) if live else None
+
+    def show(self, event: Any) -> None:
+        kind, step_id = str(getattr(event, "kind", "event")), getattr(event, "step_id", None)
+        step = f" {step_id}" if step_id else ""
+        line = f"{kind}{step}: {escape(str(getattr(event, 'message', '')))}"
+        if self.live is None:
+            err.print(line)
+            return
+        self.lines.append(line)
+        status = _STEP_STATUS.get(kind)
+        if step_id and status:
+            agent, _, since, _ = self.steps.get(step_id, ("", "", time.monotonic(), None))
+            done = time.monotonic() if status in ("done", "failed", "rejected") else None
+            self.steps[step_id] = (getattr(event, "specialist", None) or agent, status, since,
+                                   done)
+
+    def render(self) -> Group:
+        table, now = Table("step", "specialist", "status", "s"), time.monotonic()
+        for step_id, (agent, status, since, done) in self.steps.items():
+            table.add_row(step_id, agent or "-", status, f"{(done or now) - since:.1f}")
+        return Group(table, *(Text.from_markup(line) for line in self.lines))
 
 
 @app.command()

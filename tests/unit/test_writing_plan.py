@@ -1,6 +1,6 @@
 """The writing coordinator's rules without a broker: the publish step that waits for
 approval, the failure when the re-plans are used up, the budget from the settings; and
-the demo's live view of the steps."""
+the live views of the steps (the demo's, `mesh submit --follow`'s)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from rich.console import Console
 from agents.coordinator import MAX_REVISIONS, WritingSettings, plan, review
 from agents.reviewer import Verdict
 from examples.writing import Progress
+from mesh.cli import _FollowView
 from mesh.patterns.delegation.coordinator import Budget, WorkflowEvent
 from mesh.patterns.delegation.plan import Review, ReviewRejected
 from topics.writing import WritingRequest
@@ -84,3 +85,19 @@ def test_the_live_view_shows_running_and_done_steps() -> None:
     shown = console.export_text()
     assert "research " in shown and "done" in shown and "running" in shown
     assert "analyse" in shown and "-> researcher" in shown
+
+
+def test_mesh_submit_follows_in_a_live_table_on_a_terminal() -> None:
+    """Pass: on a terminal `mesh submit --follow` keeps each step's specialist and status
+    (a step waiting for approval says so) and the latest events for its live table."""
+    view = _FollowView(live=True)
+    for kind, step, who in (("StepDispatched", "write", "writer"),
+                            ("StepCompleted", "write", None),
+                            ("ApprovalRequested", "publish", "writer")):
+        view.show(WorkflowEvent(workflow_id="wf-unit", kind=kind, message=f"{kind}!",
+                                step_id=step, specialist=who))
+    console = Console(record=True, width=120)
+    console.print(view.render())
+    shown = console.export_text()
+    assert "write " in shown and "done" in shown and "waiting for approval" in shown
+    assert shown.count("writer") == 2 and "ApprovalRequested publish: ApprovalRequested!" in shown
