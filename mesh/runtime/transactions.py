@@ -10,11 +10,19 @@ with :class:`TransactionalRunner` instead of the at-least-once runner:
   a partition registers its id before handling anything: the previous owner's producer
   is fenced and its open transaction aborted (or, if it was committing, completed); the
   replica then reads the committed offset again and skips what was fetched below it.
-* A partition's lane handles the records of a poll in one transaction (at most
-  ``MESH_RUNTIME__TRANSACTION_MAX_RECORDS`` records and
-  ``MESH_RUNTIME__TRANSACTION_MAX_MS`` of work): every output, state write, audit
+* A partition's lane handles a batch of records in one transaction (taken for at most
+  ``MESH_RUNTIME__TRANSACTION_MAX_MS`` and at most
+  ``MESH_RUNTIME__TRANSACTION_MAX_RECORDS`` records): every output, state write, audit
   record, retry record and dead letter of those inputs, and the next offset to read,
-  are committed together. A crash (kill -9) mid-transaction leaves nothing of it
+  are committed together, once every record of the batch is handled. The batch's
+  records run concurrently as the agent's ordering allows (``key``: one record of a key
+  at a time, in offset order; ``partition``: one at a time; ``none``: all at once), at
+  most ``Agent(concurrency=)`` of a batch unfinished at once, so an LLM agent's
+  throughput is its concurrency / call latency, not partitions / call latency. A
+  hold keeps the records not handled yet for after it: the transaction commits the
+  ones before the first of them, or aborts if one after it was handled. A batch of
+  one hot key lasts up to concurrency x call latency: keep that below
+  ``MESH_RUNTIME__TRANSACTION_TIMEOUT_MS``. A crash (kill -9) mid-transaction leaves nothing of it
   visible to ``read_committed`` readers, and its inputs are handled again by the next
   owner: the output log holds each output once.
 * The agent reads its inputs ``read_committed`` (and restores its state tables so), so
@@ -38,10 +46,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mesh.agent import Agent
@@ -117,6 +127,35 @@ class _Owned:
     open: bool = False  # a transaction is open
 
 
+@dataclass(slots=True)
+class _Batch:
+    """The records of one transaction, handled concurrently as the agent's ordering
+    allows: one worker per order key takes that key's records in offset order."""
+
+    taken: list[Record] = field(default_factory=list)  # in offset order
+    handled: dict[int, Acks] = field(default_factory=dict)  # offset -> its outputs' acks
+    keys: dict[Any, deque[Record]] = field(default_factory=dict)  # waiting, per order key
+    workers: set[asyncio.Task[None]] = field(default_factory=set)
+    failure: BaseException | None = None  # a worker's error: the transaction aborts
+    stopped: bool = False  # a worker left records unhandled (a hold, a stop)
+
+    @property
+    def unfinished(self) -> int:
+        """Records taken and not handled yet."""
+        return len(self.taken) - len(self.handled)
+
+    def left(self) -> list[Record]:
+        """The taken records not handled, in offset order."""
+        return [r for r in self.taken if r.offset not in self.handled]
+
+    def worker_done(self, lane: Lane, worker: asyncio.Task[None]) -> None:
+        """Forget a finished worker, keep its error (the first one) and wake the lane."""
+        self.workers.discard(worker)
+        if not worker.cancelled() and worker.exception() is not None:
+            self.failure = self.failure or worker.exception()
+        lane.wakeup.set()
+
+
 class TransactionalLanes(Lanes):
     """Lanes that handle their records in Kafka transactions, one per batch, each with
     its partition's own transactional producer; offsets are committed in the
@@ -134,6 +173,11 @@ class TransactionalLanes(Lanes):
         self.owned: dict[Partition, _Owned] = {}
         self.transactions = 0  # committed
         self.aborted = 0
+        # Records of a transaction unfinished at once: the agent's concurrency (its
+        # slots bound the replica as a whole); one by partition order, so that a
+        # transaction lasts one record's handling past transaction_max_ms, as before.
+        self.window = (1 if agent.ordering == "partition"
+                       else agent.concurrency or settings.runtime.concurrency)
 
     async def own(self, partitions: Sequence[Partition]) -> None:
         """Register the transactional ids of the new ``partitions`` (fencing their
@@ -212,58 +256,128 @@ class TransactionalLanes(Lanes):
         return True
 
     async def _transaction(self, lane: Lane) -> None:
-        """One transaction: handle the lane's records as they come until
-        ``transaction_max_ms`` have passed (as Kafka Streams' commit interval: fewer,
-        larger transactions), ``transaction_max_records`` are taken, or a record must
-        wait; then commit them with the offset after the last one."""
+        """One transaction: take the lane's records as they come, each handed to the
+        worker of its order key (:meth:`_work_key`, so that they run concurrently as the
+        agent's ordering allows), at most :attr:`window` of them unfinished at once,
+        until ``transaction_max_ms`` have passed (as Kafka Streams' commit interval:
+        fewer, larger transactions), ``transaction_max_records`` are taken, or a record
+        must wait; then, once every taken record is handled, commit them with the offset
+        after the last one (:meth:`_settle`). A worker's error aborts the batch."""
         runtime = self.settings.runtime
         owned = self.owned[lane.partition]
         deadline = time.monotonic() + runtime.transaction_max_ms / 1000
-        taken: list[Acks] = []
-        after: int | None = None  # the offset to commit
-        while len(taken) < runtime.transaction_max_records:
-            if not lane.backlog:
-                if not await self._linger(lane, deadline if owned.open else 0.0):
+        batch = _Batch()
+        try:
+            while len(batch.taken) < runtime.transaction_max_records:
+                # Cleared before looking: a record, a handled input, a failure or a stop
+                # that comes after this wakes the linger.
+                lane.wakeup.clear()
+                if batch.failure is not None or batch.stopped:
                     break
-                continue
-            record = lane.backlog[0]
-            if owned.start is not None and record.offset < owned.start:
-                lane.backlog.popleft()  # committed by the partition's previous owner
-                continue
-            if lane.stopping or self.held or (taken and time.monotonic() > deadline):
-                break
-            mine = retry.is_for(record, self.agent.group)
-            if mine and retry.due_ms(record) > now_ms():
-                break
-            if not owned.open:
-                await owned.producer.begin()
-                owned.open = True
-            lane.backlog.popleft()
-            if mine:
-                async with self.slots:  # the agent's concurrency and rate, as at-least-once
-                    acks = await self.handle(record)
-                if acks is None:  # held: commit what is done, try it again after the hold
-                    lane.backlog.appendleft(record)
+                if not lane.backlog or batch.unfinished >= self.window:
+                    if not await self._linger(lane, deadline if owned.open else 0.0):
+                        break
+                    continue
+                record = lane.backlog[0]
+                if owned.start is not None and record.offset < owned.start:
+                    lane.backlog.popleft()  # committed by the partition's previous owner
+                    continue
+                if lane.stopping or self.held or (batch.taken and time.monotonic() > deadline):
                     break
-                taken.append(acks)
-            else:  # another group's retry: nothing to do but move past it
-                taken.append(Acks([]))
-            after = record.offset + 1
+                mine = retry.is_for(record, self.agent.group)
+                if mine and retry.due_ms(record) > now_ms():
+                    break
+                if not owned.open:
+                    await owned.producer.begin()
+                    owned.open = True
+                self._enqueue(lane, batch, lane.backlog.popleft(), mine=mine)
+            await self._complete(batch)
+        finally:
+            for worker in batch.workers:  # only left on a failure or a cancel
+                worker.cancel()
+            if batch.workers:
+                await asyncio.wait(set(batch.workers))
         if owned.open:
-            await self._finish(lane, owned, taken, after)
+            await self._settle(lane, owned, batch)
 
     @staticmethod
     async def _linger(lane: Lane, deadline: float) -> bool:
-        """Wait for more records until ``deadline`` (monotonic); False when the time is
-        up or the lane stops."""
+        """Wait for the lane's wakeup (more records, a handled input) until ``deadline``
+        (monotonic); False when the time is up or the lane stops."""
         remaining = deadline - time.monotonic()
         if remaining <= 0 or lane.stopping:
             return False
-        lane.wakeup.clear()
-        if not lane.backlog and not lane.stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lane.wakeup.wait(), remaining)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lane.wakeup.wait(), remaining)
         return True
+
+    def _enqueue(self, lane: Lane, batch: _Batch, record: Record, *, mine: bool) -> None:
+        """Add ``record`` to the batch: queued for the worker of its order key (started
+        if the key has none), or done at once when it is another group's retry (nothing
+        to do but move past it)."""
+        batch.taken.append(record)
+        if not mine:
+            batch.handled[record.offset] = Acks([])
+            return
+        key = self._order_key(record)
+        queue = batch.keys.get(key)
+        if queue is not None:  # its key's worker takes it after the ones before it
+            queue.append(record)
+            return
+        queue = batch.keys[key] = deque([record])
+        worker = asyncio.create_task(self._work_key(lane, batch, key, queue),
+                                     name=f"{self.agent.name}:{lane.partition}:worker")
+        batch.workers.add(worker)
+        worker.add_done_callback(functools.partial(batch.worker_done, lane))
+
+    async def _work_key(self, lane: Lane, batch: _Batch, key: Any,
+                        queue: deque[Record]) -> None:
+        """Handle the batch's records of one order key in offset order, each under a
+        handler slot (the agent's concurrency and rate, as at-least-once). Stops, leaving
+        the rest unhandled (``batch.stopped``), when the agent holds or the lane stops."""
+        try:
+            while queue:
+                if self.held or lane.stopping or batch.stopped:
+                    batch.stopped = True
+                    return
+                record = queue[0]
+                async with self.slots:
+                    acks = None if lane.stopping else await self.handle(record)
+                if acks is None:  # held or stopping: handed over again later
+                    batch.stopped = True
+                    return
+                queue.popleft()
+                batch.handled[record.offset] = acks
+                lane.wakeup.set()
+        finally:
+            if batch.keys.get(key) is queue:
+                del batch.keys[key]
+
+    @staticmethod
+    async def _complete(batch: _Batch) -> None:
+        """Wait until every worker of the batch is done; raise the first one's error."""
+        while batch.workers and batch.failure is None:
+            await asyncio.wait(set(batch.workers), return_when=asyncio.FIRST_COMPLETED)
+        if batch.failure is not None:
+            raise batch.failure
+
+    async def _settle(self, lane: Lane, owned: _Owned, batch: _Batch) -> None:
+        """Commit the batch with the offset after its last record. When a hold or a stop
+        left records unhandled, they go back to the front of the backlog with every
+        record after the first of them; the transaction commits the records before it,
+        or is aborted (all of the batch back in the backlog) when a record after it was
+        handled: its outputs are in the transaction and cannot be taken out."""
+        taken = batch.taken
+        left = batch.left()
+        if left:
+            first = left[0].offset
+            kept = [r for r in taken if r.offset < first]
+            if any(offset > first for offset in batch.handled):
+                kept = []
+            lane.backlog.extendleft(reversed(taken[len(kept):]))
+            taken = kept
+        after = taken[-1].offset + 1 if taken else None
+        await self._finish(lane, owned, [batch.handled[r.offset] for r in taken], after)
 
     async def _finish(self, lane: Lane, owned: _Owned, taken: list[Acks],
                       after: int | None) -> None:
