@@ -189,8 +189,8 @@ class BrokerMesh:
         """Nothing to do: the host runs every timer on its period."""
 
     async def _decode(self, topic: Topic[Any], record: Record) -> Envelope[Any]:
-        payload = (None if record.value is None
-                   else await self._codec.decode(topic, record.value))
+        payload: Any = (None if record.value is None  # a tombstone
+                        else await self._codec.decode(topic, record.value))
         return read_headers(record.headers, topic=record.topic, partition=record.partition,
                             offset=record.offset, key=record.key).with_payload(payload)
 

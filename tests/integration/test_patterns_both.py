@@ -12,7 +12,7 @@ runs on the kit (the broker's host runs it on its period).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -27,9 +27,13 @@ from mesh.patterns.gather import Gather, branch
 from mesh.patterns.supervision.supervisor import Supervisor, SupervisorPolicy
 from tests.apps import delegation, events, pipeline, supervision
 from tests.apps.gather import Ask, topics_for
-from tests.both import MeshFactory, mesh_under_test  # noqa: F401  (the fixture)
 from topics.events import ContentPublished, ContentRejectedFinal
 from topics.supervision import Job
+
+if TYPE_CHECKING:
+    from tests.both import MeshFactory
+
+pytest_plugins = ["tests.both"]  # the fixture mesh_under_test
 
 
 class Request(BaseModel):
@@ -92,7 +96,7 @@ async def test_chain_completes_each_request_in_key_order_and_reports_the_failed_
     request order; the request retried after a timeout
     completes too; the poisoned one is one ChainFailed naming step 1 (analyse), the
     error and step 0's output as partial results, and one dead letter of the hop into
-    analyse, after one attempt."""
+    analyse (the hop event that caused the failure), after one attempt."""
     chain = research_chain(prefix)
     requests = [Request(request_id=f"k{k}", seq=s, subject="poison" if (k, s) == (1, 1)
                         else f"subject {k}/{s}") for s in range(3) for k in range(3)]
@@ -108,6 +112,7 @@ async def test_chain_completes_each_request_in_key_order_and_reports_the_failed_
         item = event.payload
         assert event.correlation_id == item.correlation_id
         assert (event.key, event.source) == (item.key.encode(), f"{prefix}.review")
+        assert event.causation_id is not None
         assert event.event_id == derive_event_id(f"{prefix}.review", event.causation_id, 0)
         request = next(e for e in emitted.values() if e.correlation_id == item.correlation_id)
         assert trace_id(event) == trace_id(request)
@@ -126,6 +131,8 @@ async def test_chain_completes_each_request_in_key_order_and_reports_the_failed_
     assert failure.error_class == "HandlerError" and "poisoned findings of k1" in failure.error
     assert [o.index for o in failure.partial_results] == [0]
     assert chain.output(failure.partial_results, 0).facts == ["poison fact 0", "poison fact 1"]
+    assert (dead.origin_topic, dead.record.key, dead.event_id) == (
+        chain.hops[0].name, b"k1", failed.causation_id)
     assert (dead.agent, dead.error_class, dead.attempts) == (
         f"{prefix}.analyse", "HandlerError", 1)
 
@@ -134,10 +141,10 @@ async def test_gather_merges_every_branch_and_lists_failures_by_agent(
         mesh_under_test: MeshFactory, prefix: str) -> None:
     """Pass: rule all, three branches: "good" merges three successes; "bad" lists db's
     HandlerError (no dead letter: it says not to retry); "outage" lists net's
-    ConnectionError after its retries ran out, and the request is dead-lettered once,
-    by net, after 3 attempts; each merged event carries its request's correlation id and
-    is keyed by it; the events topic shows each request started, its 3 parts received
-    and completed."""
+    ConnectionError after its retries ran out, and the request (its origin topic, key
+    and event id) is dead-lettered once, by net, after 3 attempts; each merged event
+    carries its request's correlation id and is keyed by it; the events topic shows
+    each request started, its 3 parts received and completed."""
     topics = topics_for(prefix)
 
     def web(ask: Ask) -> dict[str, Any]:
@@ -157,9 +164,8 @@ async def test_gather_merges_every_branch_and_lists_failures_by_agent(
                 for n, f in (("web", web), ("db", db), ("net", net))]
     fan_in = Gather("fan-in", topics=topics, branches=branches, group=f"{prefix}-fan-in")
     async with mesh_under_test([*branches, fan_in], topics=topics.all()) as mesh:
-        for question in ("good", "bad", "outage"):
-            await mesh.emit(topics.requests, Ask(request_id=question, question=question),
-                            correlation_id=question)
+        sent = {q: await mesh.emit(topics.requests, Ask(request_id=q, question=q),
+                                   correlation_id=q) for q in ("good", "bad", "outage")}
         merged = {e.payload.correlation_id: e for e in
                   await mesh.until(topics.merged, 3, "a merged event per request")}
         dead = await mesh.dead_letters(topics.requests, 1)
@@ -180,6 +186,8 @@ async def test_gather_merges_every_branch_and_lists_failures_by_agent(
     assert not outage.success and sorted(outage.successes) == ["db", "web"]
     assert [(f.agent, f.error_class, f.error) for f in outage.failures] == [
         ("net", "ConnectionError", "upstream unreachable")]
+    assert [(d.origin_topic, d.record.key, d.event_id) for d in dead] == [
+        (topics.requests.name, b"outage", sent["outage"].event_id)]
     assert [(d.agent, d.error_class, d.attempts) for d in dead] == [
         ("net", "ConnectionError", 3)]
 
@@ -283,11 +291,13 @@ async def test_delegation_completes_a_revised_plan_and_fails_a_step_or_a_bad_pla
     step dispatched and completed), write seeing analyse and fact-check; a workflow whose
     analyse always fails ends failed naming the step and the error, with both research
     results as partial results, and the analyst's task dead-lettered; a plan naming an
-    unknown specialist is a failed outcome with the plan error and dispatches nothing."""
+    unknown specialist is a failed outcome with the plan error and dispatches nothing; a
+    step timing out once is retried and its workflow completes as the report did."""
     app = delegation.build(prefix)
     jobs = [delegation.Job(workflow_id="report"),
             delegation.Job(workflow_id="doomed", fail_step="analyse"),
-            delegation.Job(workflow_id="odd", kind="unknown")]
+            delegation.Job(workflow_id="odd", kind="unknown"),
+            delegation.Job(workflow_id="flaky", flaky_step="research-a")]
     agents = [app.coordinator, *app.specialists]
     async with mesh_under_test(agents, topics=app.topics.all()) as mesh:
         for job in jobs:
@@ -296,11 +306,11 @@ async def test_delegation_completes_a_revised_plan_and_fails_a_step_or_a_bad_pla
             e.payload.workflow_id: e.payload for e in await mesh.until(
                 app.topics.outcomes, len(jobs), "an outcome per workflow")}
         [dead] = await mesh.dead_letters(app.topics.tasks["analyst"], 1)
-        tasks = await mesh.until(list(app.topics.tasks.values()), 8, "the tasks dispatched")
-        plans = await mesh.until(app.topics.plans, 3, "the plan versions (2 of report)")
+        tasks = await mesh.until(list(app.topics.tasks.values()), 13, "the tasks dispatched")
+        plans = await mesh.until(app.topics.plans, 5, "the plan versions")
         steps = await mesh.until(app.topics.events, lambda es: any(
             e.payload.kind == "WorkflowCompleted" for e in es), "the report completed")
-    report, doomed, odd = (outcomes[j.workflow_id] for j in jobs)
+    report, doomed, odd, flaky = (outcomes[j.workflow_id] for j in jobs)
     assert report.success, report.error
     assert report.plan is not None and report.plan.version == 2
     assert list(report.step_results) == ["research-a", "research-b", "analyse",
@@ -312,10 +322,12 @@ async def test_delegation_completes_a_revised_plan_and_fails_a_step_or_a_bad_pla
     assert not odd.success and odd.error is not None
     assert odd.error.startswith("Unknown specialist 'coder' in step 'write-code'")
     dispatched = Counter(t.payload.workflow_id for t in tasks)
-    assert dispatched == {"report": 5, "doomed": 3}
+    assert dispatched == {"report": 5, "doomed": 3, "flaky": 5}
+    assert flaky.success and flaky.step_results == report.step_results
     assert (dead.agent, dead.error_class, dead.attempts) == ("analyst", "ValueError", 3)
     assert sorted((p.payload.workflow_id, p.payload.version, p.payload.author)
-                  for p in plans) == [("doomed", 1, "planner"), ("report", 1, "planner"),
+                  for p in plans) == [("doomed", 1, "planner"), ("flaky", 1, "planner"),
+                                      ("flaky", 2, "reviewer"), ("report", 1, "planner"),
                                       ("report", 2, "reviewer")]
     assert Counter(e.payload.kind for e in steps if e.payload.workflow_id == "report") == {
         "WorkflowStarted": 1, "PlanPublished": 2, "StepDispatched": 5, "StepCompleted": 5,
