@@ -34,13 +34,8 @@ from mesh import (
     apply_topics,
 )
 from mesh.kafka.reader import TopicReader
-from mesh.patterns.pipeline import (
-    Pipeline,
-    StageRun,
-    WorkflowResult,
-    format_history,
-    workflow_history,
-)
+from mesh.patterns.pipeline import Pipeline, StageRun, WorkflowResult
+from mesh.views.workflows import format_history, workflow_history
 from topics.pipeline import Document, document_pipeline, documents
 
 console = Console()

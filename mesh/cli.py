@@ -660,11 +660,7 @@ def top(metrics: Annotated[list[str] | None, typer.Option(
 @workflows_app.command("show")
 def workflows_show(workflow_id: str, modules: ModulesOpt = DEFAULT_MODULES) -> None:
     """A workflow's checkpoint history (every version) and its current state."""
-    from mesh.patterns.pipeline import (
-        checkpoint_topics,
-        format_history,
-        workflow_history,
-    )
+    from mesh.views.workflows import checkpoint_topics, format_history, workflow_history
 
     settings = _settings()
     _require_cluster(settings)

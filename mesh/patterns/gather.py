@@ -33,8 +33,10 @@ Example:
     >>> topics = GatherTopics.named("research", Question)  # doctest: +SKIP
     >>> web = branch("web", search, topics=topics)  # doctest: +SKIP
     >>> fan_in = Gather("research-gather", topics=topics, branches=[web, "db"])  # doctest: +SKIP
+
+One module although over 500 lines: the fan-in's models, rule and transitions share
+one state row; apart, each half would import the other's internals.
 """
-# Over 300 lines: one concept (the fan-in) whose models, rule and transitions share a state.
 
 from __future__ import annotations
 

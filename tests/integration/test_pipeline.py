@@ -13,17 +13,10 @@ from typing import Any
 
 from mesh import Codec, Envelope, Mesh, MeshSettings, apply_topics
 from mesh.kafka.base import OutRecord
-from mesh.patterns.pipeline import (
-    Checkpoint,
-    Pipeline,
-    StageEvent,
-    WorkflowResult,
-    checkpoint_topics,
-    format_history,
-    workflow_history,
-)
+from mesh.patterns.pipeline import Checkpoint, Pipeline, StageEvent, WorkflowResult
 from mesh.state import CompactedTable
 from mesh.topic import Topic
+from mesh.views.workflows import checkpoint_topics, format_history, workflow_history
 from tests.apps.pipeline import STAGES, Doc, build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import inject, read_all, wait_for_count

@@ -37,7 +37,7 @@ from mesh.patterns.supervision.supervisor import (
     WorkerStatus,
 )
 from mesh.policy import retry_topic
-from tests.apps import delegation, gather, pipeline, retry, workers
+from tests.apps import delegation, gather, pipeline, retry, supervision
 from tests.apps.chain import Item
 from tests.conftest import BrokerUnderTest
 from tests.integration.test_supervision import holding, until
@@ -454,12 +454,12 @@ async def test_task_requeued_by_the_supervisor_timer_stays_in_the_task_trace(
     both outcomes, the supervisor's events and the dead task carry the submitted job's
     trace id; causation reads job -> failed outcome -> requeued job (the timer acts for
     the outcome) -> failed outcome -> dead task."""
-    topics, results = workers.build(prefix)
+    topics, results = supervision.build(prefix)
     settings, codec = broker.settings(), Codec()
     await apply_topics(settings.kafka, [*topics.all(), results])
     supervisor = Supervisor(topics, SupervisorPolicy(
         dead_after_s=60, check_every_s=0.2, requeue_delay_s=0.2, max_task_attempts=2))
-    worker = workers.service(prefix, worker_id="a", heartbeat_s=0.3)
+    worker = supervision.service(prefix, worker_id="a", heartbeat_s=0.3)
     async with Mesh(settings, [supervisor.agent, *worker.app.agents]) as mesh:
         await mesh.wait_assigned()
         [env] = await emit_first(settings, topics.tasks, [Job(job_id="j", prompt="poison")])
@@ -490,7 +490,7 @@ async def test_worker_found_dead_with_a_task_in_hand_is_reported_in_that_task_tr
     supervisor's timer reports worker_dead in the job's workflow and trace, caused by
     the job's event (the row names the task in hand); the row it marks dead is caused by
     the last status record the worker wrote."""
-    topics, results = workers.build(prefix)
+    topics, results = supervision.build(prefix)
     settings, codec = broker.settings(), Codec()
     await apply_topics(settings.kafka, [*topics.all(), results])
     supervisor = Supervisor(topics, SupervisorPolicy(dead_after_s=2, check_every_s=0.2))
