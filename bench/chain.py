@@ -446,15 +446,18 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
 class RawStage:
     """consume -> json.loads -> produce json.dumps -> await acks -> commit, per batch."""
 
-    def __init__(self, kafka: KafkaSettings, group: str, source: str, target: str) -> None:
+    def __init__(self, kafka: KafkaSettings, group: str, source: str, target: str,
+                 producer: AIOKafkaProducer | None = None) -> None:
         self.consumer = AIOKafkaConsumer(group_id=group, **consumer_kwargs(kafka))
-        self.producer = AIOKafkaProducer(**producer_kwargs(kafka))
+        self.producer = producer or AIOKafkaProducer(**producer_kwargs(kafka))
+        self.own_producer = producer is None
         self.source, self.target, self.group = source, target, group
         self.listener = _Assigned()
         self.handled = 0
 
     async def start(self) -> None:
-        await self.producer.start()
+        if self.own_producer:
+            await self.producer.start()
         await self.consumer.start()
         self.consumer.subscribe([self.source], listener=self.listener)
 
@@ -478,16 +481,22 @@ class RawStage:
 
     async def stop(self) -> None:
         await self.consumer.stop()
-        await self.producer.stop()
+        if self.own_producer:
+            await self.producer.stop()
 
 
-async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMeter) -> RunResult:
+async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMeter, *,
+                  shared: bool = False) -> RunResult:
+    """The raw chain; ``shared``: its three stages produce through one producer, as a
+    mesh's agents do (aiokafka keeps one produce request in flight per broker and
+    producer, so the stages' outputs queue behind each other)."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}-raw"
     topics = {name: Topic(f"{prefix}.{name}", Ping, key="key", partitions=args.partitions,
                           dead_letters=False) for name in ("in", "ab", "bc", "out")}
     await apply_topics(settings.kafka, topics.values())
     kafka = settings.kafka
-    stages = [RawStage(kafka, f"{prefix}-{name}", topics[src].name, topics[dst].name)
+    one = AIOKafkaProducer(**producer_kwargs(kafka)) if shared else None
+    stages = [RawStage(kafka, f"{prefix}-{name}", topics[src].name, topics[dst].name, one)
               for name, src, dst in [("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out")]]
 
     def decode(value: bytes) -> tuple[int, int]:
@@ -501,6 +510,8 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
     try:
         await injector.start()
         await sink.start()
+        if one is not None:
+            await one.start()
         for stage in stages:
             await stage.start()
         tasks = [asyncio.create_task(s.run(stop), name=f"raw stage {s.group}") for s in stages]
@@ -538,6 +549,8 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
             await asyncio.wait(tasks, timeout=60)
         for stage in stages:
             await stage.stop()
+        if one is not None:
+            await one.stop()
         await sink.stop()
         await injector.stop()
     for task in tasks:
@@ -616,8 +629,9 @@ def print_profile(profiler: cProfile.Profile, path: Path) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if not runs or any(r not in (*MESH_RUNS, "raw") for r in runs):
-        raise SystemExit(f"--runs takes {', '.join(MESH_RUNS)} and/or raw, got {args.runs!r}")
+    if not runs or any(r not in (*MESH_RUNS, "raw", "raw-shared") for r in runs):
+        raise SystemExit(f"--runs takes {', '.join(MESH_RUNS)}, raw and/or raw-shared, got "
+                         f"{args.runs!r}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     profiler = cProfile.Profile() if args.profile else None
     results: dict[str, RunResult] = {}
@@ -644,7 +658,7 @@ async def main(args: argparse.Namespace) -> int:
                     "audit": settings.audit.model_copy(update={"enabled": False})})
                 results[name] = await run_mesh(quiet, args, None, cpu)
             else:
-                results[name] = await run_raw(settings, args, cpu)
+                results[name] = await run_raw(settings, args, cpu, shared=name == "raw-shared")
             r = results[name]
             r.name = name
             r.extra["load_average_before"] = load
@@ -718,7 +732,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="inject at this many events/s (0: as fast as acks allow)")
     parser.add_argument("--runs", default="mesh,mesh-noaudit,raw",
                         help="which runs, in order (mesh-noaudit: audit publishing off; "
-                        "mesh-blocking: blocking retries, so no retry-tier topics)")
+                        "mesh-blocking: blocking retries, so no retry-tier topics; "
+                        "raw-shared: the raw stages share one producer, as the mesh's agents)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds allowed for the sink to receive all N")
     parser.add_argument("--broker", choices=("embedded", "apache"), default="embedded",
