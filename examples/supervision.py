@@ -31,9 +31,8 @@ from mesh.patterns.supervision.supervisor import (
     SupervisorEvent,
     SupervisorPolicy,
     WorkerService,
-    load_workers,
-    render_workers,
 )
+from mesh.views.workers import load_workers, render_workers
 from topics.supervision import Job, JobResult, jobs, pool, results
 
 console = Console()

@@ -612,7 +612,8 @@ def workers(topic: Annotated[str | None, typer.Option(
             stale_after: Annotated[float, typer.Option(help="Flag heartbeats older (s)")] = 10.0,
             modules: ModulesOpt = DEFAULT_MODULES) -> None:
     """The workers table: status, current task, failures, tasks done, throughput."""
-    from mesh.patterns.supervision.supervisor import WorkerStatus, load_workers, render_workers
+    from mesh.patterns.supervision.worker import WorkerStatus
+    from mesh.views.workers import load_workers, render_workers
 
     settings = _settings()
     _require_cluster(settings)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mesh import Mesh, apply_topics
-from mesh.patterns.supervision.supervisor import Supervisor, SupervisorEvent, SupervisorPolicy, load_workers
+from mesh.patterns.supervision.supervisor import Supervisor, SupervisorEvent, SupervisorPolicy
+from mesh.views.workers import load_workers
 from tests.apps.supervision import build
 from tests.conftest import BrokerUnderTest
 from tests.integration.test_supervision import (

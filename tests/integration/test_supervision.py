@@ -26,10 +26,9 @@ from mesh.patterns.supervision.supervisor import (
     SupervisorPolicy,
     WorkerStatus,
     key_for_partition,
-    load_workers,
     partition_of,
-    render_workers,
 )
+from mesh.views.workers import load_workers, render_workers
 from tests.apps.supervision import build, service
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import AgentProcess, read_all

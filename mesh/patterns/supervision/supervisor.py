@@ -20,7 +20,8 @@
   on ``max_task_workers`` different workers (or ``max_task_attempts`` times) goes to the
   dead-task topic. A worker whose heartbeats stop for ``dead_after_s`` is marked dead.
 * Every decision is a :class:`SupervisorEvent` on the events topic, carrying the task's
-  correlation id where there is one (``mesh tap <prefix>.events``).
+  correlation id where there is one (``mesh tap <prefix>.events``); ``mesh workers``
+  shows the status table (:mod:`mesh.views.workers`).
 
 **Causation and trace context.** A decision the supervisor takes while handling an
 outcome or a status is caused by it and continues its trace. What its timer emits acts
@@ -50,16 +51,13 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from rich.table import Table
 
 from mesh import envelope
 from mesh.agent import Agent, Context
-from mesh.config import KafkaSettings
 from mesh.errors import ConfigError
 from mesh.kafka.transport import partition_for
 from mesh.patterns.supervision.worker import (
@@ -78,12 +76,8 @@ from mesh.patterns.supervision.worker import (
     WorkerView,
     worker,
 )
-from mesh.serde.codec import Codec
-from mesh.state import CompactedTable
-from mesh.topic import Topic
 
 __all__ = [
-    "STATUS_STYLE",
     "WORKER_ID_ENV",
     "DeadTask",
     "EventKind",
@@ -100,9 +94,7 @@ __all__ = [
     "WorkerTopics",
     "WorkerView",
     "key_for_partition",
-    "load_workers",
     "partition_of",
-    "render_workers",
     "worker",
 ]
 
@@ -374,40 +366,3 @@ def key_for_partition(task_id: str, partition: int | None, partitions: int) -> b
         if partition is None or partition_of(key, partitions) == partition:
             return key
     return task_id.encode()
-
-
-STATUS_STYLE = {"idle": "green", "busy": "cyan", "quarantined": "yellow", "dead": "red"}
-
-
-def render_workers(rows: Iterable[WorkerStatus], *, now_ms: int | None = None,
-                   stale_after_s: float = 10.0) -> Table:
-    """The ``mesh workers`` table: one row per worker, heartbeat ages from ``now_ms``;
-    a live worker's heartbeat older than ``stale_after_s`` is flagged.
-
-    Example:
-        >>> rows = await load_workers(settings.kafka, topics.status)  # doctest: +SKIP
-        >>> Console().print(render_workers(rows))  # doctest: +SKIP
-    """
-    now = envelope.now_ms() if now_ms is None else now_ms
-    table = Table(title="Workers")
-    for column, right in (("worker", False), ("status", False), ("task", False),
-                          ("fails", True), ("done", True), ("per s", True),
-                          ("partitions", False), ("heartbeat", True)):
-        table.add_column(column, justify="right" if right else "left", no_wrap=True)
-    for row in sorted(rows, key=lambda r: r.worker_id):
-        age = max(0.0, (now - row.heartbeat_ms) / 1000)
-        stale = row.status != "dead" and age > stale_after_s
-        table.add_row(
-            row.worker_id, f"[{STATUS_STYLE.get(row.status, 'white')}]{row.status}[/]",
-            row.current_task or "-", str(row.consecutive_failures), str(row.tasks_done),
-            f"{row.throughput:.2f}", ",".join(map(str, row.partitions)) or "-",
-            f"[red]{age:.1f}s ago, stale[/]" if stale else f"{age:.1f}s ago")
-    return table
-
-
-async def load_workers(settings: KafkaSettings, status: Topic[WorkerStatus], *,
-                       codec: Codec | None = None) -> list[WorkerStatus]:
-    """Every worker's latest row, read from the compacted status topic."""
-    table = CompactedTable(status, settings, codec or Codec())
-    await table.restore()
-    return [row for _, row in table.items()]
