@@ -1,2 +1,2 @@
-"""What the CLI shows: views that read topics (the audit, dead letters, workflows) and
-run no agent. Only :mod:`mesh.cli` imports this package."""
+"""What the CLI shows: views that read topics (the audit, dead letters, workflows,
+worker statuses) and run no agent. Only :mod:`mesh.cli` imports this package."""
