@@ -25,6 +25,9 @@ What it keeps from Kafka, and what it simplifies:
   until the hold ends, as in production; ``drain`` does not wait for a hold, it returns
   with the input pending and :attr:`InMemoryMesh.held` names it
   (:meth:`InMemoryMesh.release_holds` ends the holds early).
+* **Quarantine** (``AgentRunner.quarantine``, as a supervised worker does to itself):
+  the one replica leaves its group, so it holds no partition and its inputs wait, until
+  ``release()``; there is no other replica to take them over.
 * **State** tables start empty, which is what restoring from the (empty) in-memory
   topics would give; ``ctx.put``/``ctx.get`` work as in production, and the writes are
   records of the state topic too. :meth:`InMemoryMesh.seed` writes a row before a test.
@@ -32,7 +35,7 @@ What it keeps from Kafka, and what it simplifies:
   runs each once, when the test says so.
 
 Not here: replicas sharing a group, rebalances, commits and redelivery after a crash,
-quarantine, tables followed from other processes (``CompactedTable.follow``) and
+tables followed from other processes (``CompactedTable.follow``) and
 breakers that keep their state in Kafka (``BreakerRegistry``): test those on the
 broker (the integration tests), or give the agent a local ``CircuitBreaker``.
 
@@ -155,7 +158,7 @@ class InMemoryTopics:
 
 class _InMemoryRunner(AgentRunner):
     """The real runner of one agent, as the one replica of its group: it owns every
-    partition of what it consumes."""
+    partition of what it consumes, and none while quarantined (it left its group)."""
 
     def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: BaseProducer,
                  codec: Codec, topics: InMemoryTopics) -> None:
@@ -166,7 +169,19 @@ class _InMemoryRunner(AgentRunner):
         self._owned = frozenset(self.partitions)
 
     def assignment(self) -> frozenset[tuple[str, int]]:
-        return self._owned
+        return frozenset() if self.quarantined else self._owned
+
+    async def quarantine(self) -> None:
+        """Leave the group: no partition, no input until :meth:`release`. With no other
+        replica the records wait, as they would in Kafka."""
+        if not self.quarantined:
+            self.quarantined = True
+            logger.warning("agent %s quarantined: left group %s", self.agent.name,
+                           self.agent.group)
+
+    def release(self) -> None:
+        """Rejoin the group: every partition again, from where it was left."""
+        self.quarantined = False
 
 
 class InMemoryMesh:
@@ -442,7 +457,7 @@ class InMemoryMesh:
         """The oldest record an agent may handle now."""
         best: tuple[int, _InMemoryRunner, Record] | None = None
         for runner in self._runners:
-            if runner.held:
+            if runner.held or runner.quarantined:
                 continue
             for partition in runner.partitions:
                 record = self._head(runner, partition)
@@ -454,8 +469,10 @@ class InMemoryMesh:
         return None if best is None else (best[1], best[2])
 
     def _next_due_ms(self) -> int | None:
-        """When the first retry record of an agent that is not held becomes due."""
-        dues = [retry.due_ms(record) for runner in self._runners if not runner.held
+        """When the first retry record of an agent that is not held (or quarantined)
+        becomes due."""
+        dues = [retry.due_ms(record) for runner in self._runners
+                if not runner.held and not runner.quarantined
                 for partition in runner.partitions
                 if (record := self._head(runner, partition)) is not None
                 and self._waiting(record)]
