@@ -20,21 +20,23 @@ demo: $(STAMP)
 # a three-node Apache Kafka cluster (tests/README.md says which tests run where and why).
 # MESH_TEST_KAFKA (or MESH_KAFKA__BOOTSTRAP_SERVERS) set: the whole suite once, there.
 # pytest's exit code 5 (no tests collected) fails the target like any other failure.
+# Each session runs on WORKERS pytest-xdist workers: the tests mostly wait (on the broker,
+# on group rebalances, on processes they killed), so three share two cores; a test file
+# stays on one worker (its module fixtures, e.g. a cluster of its own, start once).
 # Apache session: the integration and fault tests that use the session's broker (or are
-# marked apache), minus test_apache_broker.py (its own JVMs: it ran in the first session)
-# and, for CI's 30 minutes, the CLI rendering and tracing tests (they pass there too).
-APACHE_SKIPPED := test_apache_broker test_cli test_trace_cli test_top_cli test_dlq_cli \
-	test_trace_context test_tracing test_metrics test_llm test_llm_openai test_user_project
+# marked apache), minus test_apache_broker.py (its own JVMs: it ran in the first session).
+WORKERS ?= 3
+PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --durations=15
 APACHE_TESTS := --broker-tests-only tests/integration tests/faults \
-	$(foreach t,$(APACHE_SKIPPED),--ignore=tests/integration/$(t).py)
+	--ignore=tests/integration/test_apache_broker.py
 
 test: $(STAMP)
 	$(BIN)/mesh schemas check
 ifneq ($(MESH_TEST_KAFKA)$(MESH_KAFKA__BOOTSTRAP_SERVERS),)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 else
-	$(BIN)/python -m pytest
-	MESH_TEST_KAFKA=apache $(BIN)/python -m pytest $(APACHE_TESTS)
+	$(PYTEST)
+	MESH_TEST_KAFKA=apache $(PYTEST) $(APACHE_TESTS)
 endif
 
 test-fast: $(STAMP)

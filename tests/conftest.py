@@ -8,6 +8,10 @@
 * ``MESH_TEST_KAFKA=docker``: Apache Kafka through testcontainers (skipped with the
   reason when no Docker engine answers).
 
+With pytest-xdist (``-n N``, as ``make test`` runs) each worker is a pytest session of
+its own: each starts its own embedded broker, but the three-node Apache Kafka cluster
+(three JVMs) is started once, by the controller, and handed to every worker.
+
 Each test gets its own topic prefix, so tests sharing the broker never meet.
 """
 
@@ -17,10 +21,11 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
@@ -30,6 +35,8 @@ from mesh.runtime.audit import audit_topic
 from mesh.kafka.provision import apply_topics
 
 ROOT = Path(__file__).resolve().parent.parent
+SHARED_BOOTSTRAP = "mesh_apache_bootstrap"  # the controller's cluster, in workerinput
+_CLUSTER = pytest.StashKey[ApacheKafka]()
 
 
 @dataclass(frozen=True)
@@ -77,25 +84,64 @@ def _docker_kafka() -> Iterator[BrokerUnderTest]:
         yield BrokerUnderTest(kafka.get_bootstrap_server(), False, "apache-kafka")
 
 
-def _apache_kafka() -> Iterator[BrokerUnderTest]:
-    # Asked for explicitly: a missing Java or Maven is a failure with the fix, not a skip.
+def _start_apache_cluster(fail: Callable[[str], NoReturn]) -> ApacheKafka:
+    """The three-node cluster of ``MESH_TEST_KAFKA=apache``. Asked for explicitly: a
+    missing Java or Maven is a failure with the fix (``fail``), not a skip."""
+    kafka = ApacheKafka(nodes=3)
     try:
-        kafka = ApacheKafka(nodes=3)
         kafka.start()
     except BrokerUnavailable as exc:
-        pytest.fail(f"MESH_TEST_KAFKA=apache but Apache Kafka did not start: {exc}",
-                    pytrace=False)
+        fail(f"MESH_TEST_KAFKA=apache but Apache Kafka did not start: {exc}")
+    return kafka
+
+
+def _apache_kafka() -> Iterator[BrokerUnderTest]:
+    kafka = _start_apache_cluster(lambda reason: pytest.fail(reason, pytrace=False))
     try:
         yield BrokerUnderTest(kafka.bootstrap, False, "apache-kafka")
     finally:
         kafka.stop()
 
 
+def _shares_apache_cluster(config: pytest.Config) -> bool:
+    """True in the pytest-xdist controller of a ``MESH_TEST_KAFKA=apache`` run."""
+    return (os.environ.get("MESH_TEST_KAFKA") == "apache"
+            and not os.environ.get("MESH_KAFKA__BOOTSTRAP_SERVERS")
+            and config.pluginmanager.has_plugin("dsession"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under pytest-xdist, start the Apache Kafka cluster once, before the workers."""
+    if _shares_apache_cluster(session.config):
+        kafka = _start_apache_cluster(lambda reason: pytest.exit(reason, returncode=1))
+        session.config.stash[_CLUSTER] = kafka
+        _with_mesh_topics(BrokerUnderTest(kafka.bootstrap, False, "apache-kafka"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """Hand the controller's cluster to each pytest-xdist worker."""
+    kafka = node.config.stash.get(_CLUSTER, None)
+    if kafka is not None:
+        node.workerinput[SHARED_BOOTSTRAP] = kafka.bootstrap
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the controller's cluster (every JVM, by pid) once the workers are done."""
+    kafka = session.config.stash.get(_CLUSTER, None)
+    if kafka is not None:
+        kafka.stop()
+
+
 @pytest.fixture(scope="session")
-def broker() -> Iterator[BrokerUnderTest]:
+def broker(request: pytest.FixtureRequest) -> Iterator[BrokerUnderTest]:
     """The session's broker (see the module docstring for the choices)."""
     configured = os.environ.get("MESH_KAFKA__BOOTSTRAP_SERVERS")
-    if configured:
+    shared = getattr(request.config, "workerinput", {}).get(SHARED_BOOTSTRAP)
+    if shared:  # its mesh topics were applied by the controller
+        yield BrokerUnderTest(shared, False, "apache-kafka")
+    elif configured:
         yield _with_mesh_topics(BrokerUnderTest(configured, False, "configured"))
     elif os.environ.get("MESH_TEST_KAFKA") == "docker":
         for kafka in _docker_kafka():
