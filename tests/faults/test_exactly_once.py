@@ -20,7 +20,8 @@ from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
 from mesh import Agent, Codec, Context, EmbeddedBroker, Mesh, MeshSettings, Topic, apply_topics
-from mesh.errors import ConfigError, TransportError
+from mesh.agent import Ordering
+from mesh.errors import ConfigError, Held, TransportError
 from mesh.kafka.base import Partition
 from mesh.kafka.reader import TopicReader
 from mesh.kafka.transport import Consumer
@@ -272,3 +273,43 @@ async def test_kill_9_with_many_inputs_in_flight_on_many_keys_stays_exactly_once
     running = max(int(h["running"]) for h in hops)
     assert source.partitions < running <= overlap.CONCURRENCY, running
     assert {h["key_running"] for h in hops} == {"1"}
+
+
+@pytest.mark.parametrize("ordering", ["key", "partition", "none"])
+async def test_a_hold_amid_a_concurrent_batch_keeps_every_output_once(
+        broker: BrokerUnderTest, prefix: str, ordering: Ordering) -> None:
+    """Pass: an exactly-once agent with concurrency 8 on 16 keys, whose handler raises
+    Held (a breaker open, for 1 s) on one item's first call while other calls of the
+    same transaction are in flight (by key and none) or not (by partition): the held
+    item and the ones after it are handed over again after the hold (the transaction
+    committed the ones before it, or aborted and all of the batch was redone), and a
+    read_committed reader finds every output once, in key order, nothing
+    dead-lettered."""
+    needs_transactions(broker)
+    template = overlap.build(prefix)
+    source, sink = template.consumes[0], template.produces[0]
+    held: list[str] = []
+
+    async def handle(item: Item, ctx: Context) -> Item:
+        if (item.key, item.seq) == ("k3", 2) and not held:
+            held.append(item.source_id)
+            raise Held("downstream down", until=time.time() + 1.0)
+        await asyncio.sleep(0.05)
+        return item
+
+    agent = Agent(f"{prefix}-holder", consumes=source, produces=sink, handler=handle,
+                  exactly_once=True, concurrency=8, ordering=ordering)
+    settings = read_committed(broker.settings())
+    await apply_topics(settings.kafka, [source, sink])
+    codec = Codec()
+    items = make_items(keys=16, per_key=6)
+    await inject(settings, [encode(codec, source, i) for i in items])
+    async with Mesh(settings, [agent]) as mesh:
+        await mesh.wait_assigned()
+        async with Progress(settings, sink.name) as progress:
+            await progress.reached(len(items), timeout=90)
+    runner = mesh.runners[0]
+    assert held and runner.holds == 1
+    assert runner.dead_lettered == 0
+    report = check(await history(settings, codec, items, sink=sink))
+    assert report.ok_exactly_once, report.summary()
