@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/slow.py [--requests N] [--delay S] [--partitions P]
                                    [--keys K] [--runs SPEC,...] [--partition-requests M]
-                                   [--broker embedded|apache]
+                                   [--broker embedded|apache] [--exactly-once]
 
 One agent answers requests: its handler awaits ``--delay`` seconds (0.5) and returns a
 reply. N requests (1,000) on K keys (64) over P partitions (4) are injected at once and
@@ -19,6 +19,10 @@ this process, with fresh topics. A run is ``system:ordering:concurrency``:
   partition (the output acknowledged), like the mesh.
 * ``faust:none:64``: a faust-streaming agent with ``concurrency=64`` (Faust keeps no
   per-key order with concurrency > 1: its actors share the partition's stream).
+
+``--exactly-once`` (Apache Kafka only) runs the mesh agents exactly-once (their replies
+in Kafka transactions) and every sink reads ``read_committed``: a reply counts once its
+transaction committed.
 
 Every run checks its counts (every request's reply arrives; duplicates are counted) and,
 where it promises per-key order, that no two requests of a key overlapped in the handler
@@ -181,7 +185,8 @@ class Sink:
         kwargs = consumer_kwargs(kafka)
         for key in ("session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms"):
             kwargs.pop(key)
-        self._consumer = AIOKafkaConsumer(group_id=None, **kwargs)
+        self._consumer = AIOKafkaConsumer(group_id=None, isolation_level=kafka.isolation_level,
+                                          **kwargs)
         self._parts = [TopicPartition(topic, p) for p in range(partitions)]
         self._decode = decode
 
@@ -302,7 +307,8 @@ async def run_mesh(settings: MeshSettings, spec: Spec, args: argparse.Namespace,
         return Reply(id=request.id, key=request.key, seq=request.seq)
 
     agent = Agent(f"{prefix}-agent", consumes=source, produces=target, handler=answer,
-                  concurrency=spec.concurrency, ordering=spec.ordering)  # type: ignore[arg-type]
+                  concurrency=spec.concurrency, ordering=spec.ordering,  # type: ignore[arg-type]
+                  exactly_once=args.exactly_once)
     mesh = Mesh(settings, [agent])
     codec = Codec(settings.schema_registry)
     await codec.prepare([source, target])
@@ -596,8 +602,12 @@ async def main(args: argparse.Namespace) -> int:
     async with broker:
         settings = MeshSettings().with_bootstrap(broker.bootstrap,
                                                  embedded=args.broker == "embedded")
+        if args.exactly_once:
+            kafka = settings.kafka.model_copy(update={"isolation_level": "read_committed"})
+            settings = settings.model_copy(update={"kafka": kafka})
         broker_pid = broker.pid if args.broker == "embedded" else None
-        print(f"{args.broker} broker on {broker.bootstrap}; {args.requests} requests, handler "
+        eos = " (mesh exactly-once, sinks read_committed)" if args.exactly_once else ""
+        print(f"{args.broker} broker on {broker.bootstrap}; {args.requests} requests{eos}, handler "
               f"{args.delay:g} s, {args.partitions} partitions, {args.keys} keys "
               f"(requests per partition: {sorted(per_partition(args, partitions_of))})",
               flush=True)
@@ -674,12 +684,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--broker", choices=("embedded", "apache"), default="embedded",
                         help="embedded: Tansu; apache: one Apache Kafka KRaft node from "
                              "its jars (Java 17, Maven)")
+    parser.add_argument("--exactly-once", action="store_true",
+                        help="mesh agents exactly-once (needs --broker apache); sinks read "
+                             "read_committed")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds allowed for one run's replies")
     args = parser.parse_args(argv)
     if min(args.requests, args.partitions, args.keys, args.partition_requests,
            args.inject_batch) < 1 or args.delay < 0:
         parser.error("counts must be >= 1 and --delay >= 0")
+    if args.exactly_once and args.broker != "apache":
+        parser.error("--exactly-once needs Kafka transactions: --broker apache")
     return args
 
 
