@@ -193,8 +193,10 @@ def broker(port: Annotated[int, typer.Option(help="Port (0: a free one; embedded
 
 def _exit_on_sigterm() -> None:
     """Until an event loop takes over the signal, SIGTERM unwinds like Ctrl-C, so a
-    broker being started is stopped by the ``finally`` that owns it."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    broker being started is stopped by the ``finally`` that owns it, and the process
+    exits 0: a stop asked for before anything was consumed is a clean stop (a rolling
+    restart that reaches a replica still starting must not read as a failure)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
 def _declared(modules: list[str] | None, app_spec: str | None = None) -> dict[str, Topic[Any]]:

@@ -64,3 +64,21 @@ async def test_sigterm_during_the_rebalance_of_a_rolling_stop_is_quiet(
     for text in texts:
         assert "Traceback" not in text, text[-3000:]
         assert "failed on partition assignment" not in text, text[-3000:]
+
+
+async def test_sigterm_while_a_replica_is_still_starting_is_a_clean_stop(
+        broker: BrokerUnderTest, prefix: str, tmp_path: Path) -> None:
+    """Pass: a replica that gets SIGTERM while it is still importing its agent (a 2 s
+    import; before it consumed anything) exits 0 without a traceback: a rolling restart
+    that reaches a replica still starting is not a failure (it exited 143 before)."""
+    await apply_topics(broker.settings().kafka, build(prefix, partitions=4).topics.values())
+    log_path = tmp_path / "starting.log"
+    with log_path.open("wb") as log:
+        replica = AgentProcess(broker, "tests.apps.slow_start:agent", prefix=prefix,
+                               log=log, env={"MESH_TEST_PARTITIONS": "4"})
+        replica.start()
+        code = replica.terminate()  # sent once the process catches SIGTERM
+    text = log_path.read_text()
+    assert code == 0, text
+    assert "Traceback" not in text, text
+    assert "running" not in text, "the stop was meant to reach it while starting"

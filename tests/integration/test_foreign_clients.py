@@ -122,7 +122,7 @@ async def test_gzip_snappy_lz4_and_zstd_batches_from_librdkafka_are_handled_and_
     async with Mesh(settings, [stage1]) as mesh:
         await mesh.wait_assigned()
         outputs = await wait_for_count(settings, [sink.name], len(items))
-    handled = [await mesh.serde.codec.decode(sink, r.value or b"") for r in outputs]
+    handled = [await mesh.codec.decode(sink, r.value or b"") for r in outputs]
     assert sorted(i.source_id for i in handled) == sorted(i.source_id for i in items)
     assert await read_all(settings, [source.dlq_name]) == []
 
@@ -257,7 +257,7 @@ async def test_a_foreign_event_needs_no_header_and_mesh_event_id_makes_retried_c
         outputs = await wait_for_count(settings, [sink.name], 4, distinct=False)
     ids: dict[str, list[str]] = {}
     for record in outputs:
-        item = await mesh.serde.codec.decode(sink, record.value or b"")
+        item = await mesh.codec.decode(sink, record.value or b"")
         assert isinstance(item, Item) and record.key == item.key.encode()
         ids.setdefault(item.source_id, []).append(event_id(record))
     assert len(set(ids[bare.source_id])) == 2  # no id from the producer: one per copy
