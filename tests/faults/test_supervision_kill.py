@@ -32,7 +32,9 @@ async def test_kill_9_of_a_worker_is_reported_dead_and_nothing_is_lost(
     topics, results = build(prefix)
     settings = broker.settings()
     await apply_topics(settings.kafka, [*topics.all(), results])
-    supervisor = Supervisor(topics, SupervisorPolicy(dead_after_s=5, check_every_s=0.2))
+    # dead after 10 s without a heartbeat (every 0.5 s): a loaded CI machine with a
+    # three-node cluster delays heartbeats by seconds, and a live worker must not read dead
+    supervisor = Supervisor(topics, SupervisorPolicy(dead_after_s=10, check_every_s=0.2))
     log = (tmp_path / "workers.log").open("wb")
     procs = {wid: AgentProcess(broker, "tests.apps.supervision:app", prefix=prefix, log=log,
                                env={"MESH_WORKER_ID": wid}) for wid in ("w1", "w2", "w3")}
