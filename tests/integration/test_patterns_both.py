@@ -15,8 +15,6 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
 from examples.events import EXPECTED, MAX_REVISIONS, REQUESTS
 from mesh import Context, Envelope
 from mesh.envelope import derive_event_id
@@ -28,6 +26,7 @@ from mesh.patterns.gather import Gather, branch
 from mesh.patterns.supervision.supervisor import Supervisor, SupervisorPolicy
 from tests.apps import delegation, events, pipeline, supervision
 from tests.apps.gather import Ask, topics_for
+from tests.integration.test_chain import Analysis, Request, Research, Review
 from topics.events import ContentPublished, ContentRejectedFinal
 from topics.supervision import Job
 
@@ -35,30 +34,6 @@ if TYPE_CHECKING:
     from tests.both import MeshFactory
 
 pytest_plugins = ["tests.both"]  # the fixture mesh_under_test
-
-
-class Request(BaseModel):
-    request_id: str
-    seq: int
-    subject: str
-
-
-class Research(BaseModel):
-    request_id: str
-    seq: int
-    facts: list[str]
-
-
-class Analysis(BaseModel):
-    request_id: str
-    seq: int
-    insight: str
-
-
-class Review(BaseModel):
-    request_id: str
-    seq: int
-    verdict: str
 
 
 def trace_id(event: Envelope[Any]) -> str:
