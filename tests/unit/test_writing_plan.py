@@ -10,7 +10,7 @@ from rich.console import Console
 from agents.coordinator import MAX_REVISIONS, WritingSettings, plan, review
 from agents.reviewer import Verdict
 from examples.writing import Progress
-from mesh.cli import _FollowView
+from mesh.cli.workflows import _FollowView
 from mesh.patterns.delegation.coordinator import Budget, WorkflowEvent
 from mesh.patterns.delegation.plan import Review, ReviewRejected
 from topics.writing import WritingRequest
