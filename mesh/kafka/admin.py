@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from mesh.config import KafkaSettings
 from mesh.errors import TransportError
@@ -47,6 +48,27 @@ class Admin(Client):
         described = await self._client.describe_topics([topic])
         return {p["partition"]: p["leader"] for t in described if not t["error_code"]
                 for p in t["partitions"] if p["leader"] >= 0}
+
+    async def leaders_per_broker(self, topics: Sequence[str],
+                                 ) -> dict[int, dict[str, dict[int, int]]]:
+        """What each broker of the cluster answers for :meth:`leaders` of each of
+        ``topics`` (those it knows), by broker id.
+
+        A created topic reaches each broker's metadata at its own moment, and a client's
+        metadata request goes to any one broker: only every broker showing it means the
+        next client, whichever broker it asks, finds it.
+        """
+        brokers = (await self._client.describe_cluster()).get("brokers") or ()
+        request = MetadataRequest(list(topics))
+        views = {}
+        for broker in brokers:
+            # aiokafka's admin client has no public request to one chosen broker
+            answer = await self._client._send_request_to_node(broker["node_id"], request)
+            views[broker["node_id"]] = {
+                t["topic"]: {p["partition"]: p["leader"] for p in t["partitions"]
+                             if p["leader"] >= 0}
+                for t in answer.to_object()["topics"] if not t["error_code"]}
+        return views
 
     async def under_replicated(self, topics: Sequence[str]) -> list[Partition]:
         """The partitions of ``topics`` with fewer in-sync replicas than replicas, or no

@@ -7,9 +7,9 @@ counts cannot shrink, and changing them moves keys between partitions).
 
 On a cluster a created topic reaches each broker's metadata a moment after the
 controller accepted it, and a client asks whichever broker it likes: ``apply_topics``
-returns only once the cluster answers with every created topic, all its partitions and
+returns only once every broker answers with every created topic, all its partitions and
 a leader for each, so the next step (an agent's start check, a producer, a reader)
-does not race the metadata.
+does not race the metadata, whichever broker it asks.
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ Action = Literal["created", "unchanged", "drift"]
 DLQ_CONFIGS = {"max.message.bytes": str(MAX_REQUEST_BYTES)}
 
 VISIBLE_TIMEOUT_S = 30.0  # leader election for new partitions takes milliseconds
-# The admin client asks a random broker per request: answers from several in a row,
-# each showing every created partition led, stand for "the cluster sees them".
-VISIBLE_CONFIRMATIONS = 3
 VISIBLE_POLL_S = 0.02
 
 
@@ -90,25 +87,23 @@ async def apply_topics(settings: KafkaSettings, topics: Iterable[Topic[Any]]) ->
 
 async def wait_visible(admin: Admin, specs: Sequence[TopicSpec], *,
                        timeout: float = VISIBLE_TIMEOUT_S) -> None:
-    """Wait until the cluster's metadata shows each of ``specs`` with all its partitions
-    and a leader for each, in several answers in a row (each request goes to a random
-    broker); raise :class:`~mesh.errors.TransportError` naming what is still missing
+    """Wait until every broker's metadata shows each of ``specs`` with all its
+    partitions and a leader for each (a client asks any one broker, so one broker that
+    has not learned a topic yet makes the next reader find none); raise
+    :class:`~mesh.errors.TransportError` naming what is still missing, and where,
     after ``timeout`` seconds.
 
     Example:
         >>> await wait_visible(admin, [TopicSpec("shop.orders", 6)])  # doctest: +SKIP
     """
     deadline = time.monotonic() + timeout
-    confirmed = 0
     while specs:
         missing = await _not_led(admin, specs)
-        confirmed = 0 if missing else confirmed + 1
-        out_of_time = time.monotonic() >= deadline
-        if confirmed >= VISIBLE_CONFIRMATIONS or (confirmed and out_of_time):
+        if not missing:
             return
-        if out_of_time:
+        if time.monotonic() >= deadline:
             raise TransportError(
-                f"Created topic(s) but the cluster's metadata did not show them with a "
+                f"Created topic(s) but the brokers' metadata did not show them with a "
                 f"leader for every partition within {timeout:.0f} s: {'; '.join(missing)}. "
                 "Check that every broker is up (its log names the partition), then run "
                 "`mesh topics apply` again: it creates nothing twice.")
@@ -116,12 +111,16 @@ async def wait_visible(admin: Admin, specs: Sequence[TopicSpec], *,
 
 
 async def _not_led(admin: Admin, specs: Sequence[TopicSpec]) -> list[str]:
-    """Each spec whose partitions the broker asked does not all show with a leader."""
+    """Each spec some broker does not show with a leader for every partition."""
+    views = await admin.leaders_per_broker([spec.name for spec in specs])
     missing = []
     for spec in specs:
-        led = await admin.leaders(spec.name)
-        if sorted(led) != list(range(spec.partitions)):
-            missing.append(f"{spec.name} ({len(led)} of {spec.partitions} partitions led)")
+        short = {node: len(view.get(spec.name, {})) for node, view in sorted(views.items())
+                 if sorted(view.get(spec.name, {})) != list(range(spec.partitions))}
+        if short or not views:
+            seen = ", ".join(f"{count} of {spec.partitions} on broker {node}"
+                             for node, count in short.items())
+            missing.append(f"{spec.name} (partitions led: {seen or 'no broker answered'})")
     return missing
 
 

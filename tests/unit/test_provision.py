@@ -1,4 +1,5 @@
-"""apply_topics waits for created topics to be led everywhere: wait_visible on a fake admin."""
+"""apply_topics waits for created topics to be led on every broker: wait_visible on a
+fake admin."""
 
 from __future__ import annotations
 
@@ -10,37 +11,41 @@ from mesh.kafka.base import TopicSpec
 
 
 class LaggingAdmin:
-    """Answers like a cluster whose brokers learn a new topic late: the first ``lag``
-    metadata answers lack it, then each shows its partitions led (``led`` of them)."""
+    """Answers like a 3-broker cluster where broker 3 learns a new topic late: its first
+    ``lag`` answers lack it, then it shows ``led`` partitions led; brokers 1 and 2 show
+    all ``partitions`` led from the start."""
 
-    def __init__(self, lag: int, led: int) -> None:
-        self.lag, self.led, self.asked = lag, led, 0
+    def __init__(self, lag: int, led: int, partitions: int) -> None:
+        self.lag, self.led, self.partitions, self.asked = lag, led, partitions, 0
 
-    async def leaders(self, topic: str) -> dict[int, int]:
+    async def leaders_per_broker(self, topics: list[str]) -> dict[int, dict[str, dict[int, int]]]:
         self.asked += 1
-        return {} if self.asked <= self.lag else dict.fromkeys(range(self.led), 1)
+        every = {t: dict.fromkeys(range(self.partitions), 1) for t in topics}
+        late = {} if self.asked <= self.lag else {
+            t: dict.fromkeys(range(self.led), 1) for t in topics}
+        return {1: every, 2: every, 3: late}
 
 
-async def test_waits_until_several_answers_in_a_row_show_every_partition_led() -> None:
-    """Pass: 5 answers without the topic, then it is led: wait_visible returns only
-    after VISIBLE_CONFIRMATIONS answers showing all 3 partitions led."""
-    admin = LaggingAdmin(lag=5, led=3)
+async def test_waits_until_every_broker_shows_every_partition_led() -> None:
+    """Pass: brokers 1 and 2 show the topic at once, broker 3 only after 5 answers:
+    wait_visible returns on the first answer where all three show all 3 partitions led."""
+    admin = LaggingAdmin(lag=5, led=3, partitions=3)
     await provision.wait_visible(admin, [TopicSpec("shop.orders", 3)])  # type: ignore[arg-type]
-    assert admin.asked == 5 + provision.VISIBLE_CONFIRMATIONS
+    assert admin.asked == 6
 
 
-async def test_a_partition_without_leader_past_the_deadline_is_an_error_naming_it() -> None:
-    """Pass: 2 of 3 partitions led until the deadline: TransportError names the topic,
-    the count and the fix."""
-    admin = LaggingAdmin(lag=0, led=2)
+async def test_a_broker_short_of_leaders_past_the_deadline_is_an_error_naming_it() -> None:
+    """Pass: broker 3 shows 2 of 3 partitions led until the deadline: TransportError
+    names the topic, the broker, the count and the fix."""
+    admin = LaggingAdmin(lag=0, led=2, partitions=3)
     with pytest.raises(TransportError) as raised:
         await provision.wait_visible(admin, [TopicSpec("shop.orders", 3)],  # type: ignore[arg-type]
                                      timeout=0.2)
-    assert "shop.orders (2 of 3 partitions led)" in str(raised.value)
+    assert "shop.orders (partitions led: 2 of 3 on broker 3)" in str(raised.value)
     assert "mesh topics apply" in str(raised.value)
 
 
 async def test_nothing_created_asks_nothing() -> None:
-    admin = LaggingAdmin(lag=0, led=0)
+    admin = LaggingAdmin(lag=0, led=0, partitions=0)
     await provision.wait_visible(admin, [])  # type: ignore[arg-type]
     assert admin.asked == 0
