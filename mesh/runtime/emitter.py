@@ -41,7 +41,7 @@ from mesh.envelope import (
     Envelope,
     now_ms,
 )
-from mesh.kafka.base import OutRecord
+from mesh.kafka.base import BaseProducer, OutRecord
 from mesh.kafka.provision import apply_topics
 from mesh.kafka.transport import Producer
 from mesh.runtime.audit import PRODUCED, Auditor, audit_topic
@@ -53,7 +53,7 @@ class Emitter:
     """Produces typed events to mesh topics, as an existing system would."""
 
     def __init__(self, settings: MeshSettings, *, source: str = "emit",
-                 producer: Producer | None = None, codec: Codec | None = None) -> None:
+                 producer: BaseProducer | None = None, codec: Codec | None = None) -> None:
         self.source = source
         self._source = source.encode()
         self._settings = settings
