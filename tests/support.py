@@ -21,7 +21,7 @@ from mesh.kafka.reader import TopicReader
 from mesh.kafka.transport import Producer
 from mesh.runtime.dead_letter import DLQ_TOPIC
 from mesh.testing.checker import Applied, DeadLettered, History, Injected, Logged
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 
 ROOT = Path(__file__).resolve().parent.parent
 

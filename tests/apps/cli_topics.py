@@ -2,8 +2,8 @@
 
 ``mesh emit/tap/topics apply --topics tests.apps.cli_topics`` discover the topics
 declared at module level here: the chain's ``Item`` topics (``<prefix>.in``,
-``<prefix>.a`` ...) as :func:`tests.apps.chain.build` names them, so the CLI and
-``mesh run tests.apps.chain:...`` agree on names, plus one topic with a config.
+``<prefix>.a`` ...) as :func:`tests.apps.stages.build` names them, so the CLI and
+``mesh run tests.apps.stages:...`` agree on names, plus one topic with a config.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from mesh import Topic
-from tests.apps.chain import Item, build
+from tests.apps.stages import Item, build
 
 PREFIX = os.environ.get("MESH_TEST_PREFIX", "cli")
 _chain = build(PREFIX).topics

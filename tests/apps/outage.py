@@ -18,9 +18,9 @@ import urllib.error
 import urllib.request
 
 from mesh import Agent, Context, Topic
-from mesh.resilience.breaker import BreakerPolicy, BreakerRegistry, breaker_topics
 from mesh.policy import RetryPolicy
-from tests.apps.chain import Item
+from mesh.resilience.breaker import BreakerPolicy, BreakerRegistry, breaker_topics
+from tests.apps.stages import Item
 
 PREFIX = os.environ.get("MESH_TEST_PREFIX", "outage")
 URL = os.environ.get("OUTAGE_URL", "http://127.0.0.1:9/")

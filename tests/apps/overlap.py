@@ -14,7 +14,7 @@ import os
 from collections import Counter
 
 from mesh import Agent, Context, Topic
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 
 CONCURRENCY = 16
 _running: Counter[str] = Counter()  # calls in flight per key

@@ -10,7 +10,7 @@ import os
 
 from mesh import Agent, Context, Topic
 from mesh.policy import RetryPolicy
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 
 
 def build(prefix: str, *, base_ms: int = 200, attempts: int = 3) -> Agent[Item]:

@@ -1,6 +1,6 @@
 """Bad input, property-based: hypothesis draws batches of random bytes, truncated Avro,
 wrong-schema payloads, oversize payloads and missing / malformed headers; all of them,
-interleaved with good items, go to one running `mesh run tests.apps.chain:stage1`.
+interleaved with good items, go to one running `mesh run tests.apps.stages:stage1`.
 
 Every record is accounted for: in the sink or in ``<topic>.dlq`` (with the expected error
 class), never both, never neither. Headers are optional: missing ones are defaulted (the
@@ -36,7 +36,7 @@ from mesh.runtime.dead_letter import (
 from mesh.serde.avro import AvroSerde
 from mesh.testing.checker import Injected, check
 from mesh.topic import Topic
-from tests.apps.chain import Item, Other, build
+from tests.apps.stages import Item, Other, build
 from tests.conftest import BrokerUnderTest
 from tests.support import (
     AgentProcess,
@@ -177,7 +177,7 @@ async def test_random_bad_input_is_dead_lettered_and_the_agent_goes_on(
         stream += good[index * 20 // len(bad):(index + 1) * 20 // len(bad)] + [record]
     stream += good[20:]
     log = (tmp_path / "agent.log").open("wb")
-    proc = AgentProcess(broker, "tests.apps.chain:stage1", prefix=prefix, log=log,
+    proc = AgentProcess(broker, "tests.apps.stages:stage1", prefix=prefix, log=log,
                         env={"MESH_RUNTIME__MAX_MESSAGE_BYTES": str(LIMIT)}).start()
     pid = proc.pid
     try:

@@ -31,7 +31,7 @@ from mesh.errors import BrokerUnavailable
 from mesh.kafka.admin import Admin
 from mesh.kafka.transport import partition_for
 from mesh.testing.checker import check
-from tests.apps.chain import Item, build
+from tests.apps.stages import Item, build
 from tests.conftest import BrokerUnderTest, _with_mesh_topics
 from tests.support import AgentProcess, Progress, encode, history, inject
 
@@ -123,7 +123,7 @@ async def _run_chain_through(cluster: ApacheKafka, prefix: str, tmp_path: Path,
     codec = Codec()
     path = tmp_path / "agents.log"
     log = path.open("wb")
-    procs = {name: AgentProcess(broker, f"tests.apps.chain:{name}", prefix=prefix, log=log)
+    procs = {name: AgentProcess(broker, f"tests.apps.stages:{name}", prefix=prefix, log=log)
              for name in ("stage1", "stage2", "stage3")}
     for proc in procs.values():
         proc.start()

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from mesh import Codec, EmbeddedBroker, apply_topics
-from tests.apps.chain import build
+from tests.apps.stages import build
 from tests.conftest import BrokerUnderTest, _with_mesh_topics
 from tests.support import AgentProcess, encode, inject, make_items, wait_for_count
 
@@ -24,7 +24,7 @@ async def _running_stage(prefix: str, tmp_path: Path, embedded: EmbeddedBroker,
     settings = broker.settings()
     await apply_topics(settings.kafka, [stage1.consumes[0], stage1.produces[0]])
     path = tmp_path / "agent.log"
-    agent = AgentProcess(broker, "tests.apps.chain:stage1", prefix=prefix,
+    agent = AgentProcess(broker, "tests.apps.stages:stage1", prefix=prefix,
                          log=path.open("wb"), env=env).start()
     codec = Codec()
     await inject(settings, [encode(codec, stage1.consumes[0], i)

@@ -28,7 +28,7 @@ from mesh.kafka.transport import Consumer
 from mesh.runtime.transactions import exactly_once, transactional_id
 from mesh.testing.checker import check
 from tests.apps import overlap
-from tests.apps.chain import Item, build
+from tests.apps.stages import Item, build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import AgentProcess, Progress, encode, history, inject, make_items
 
@@ -119,7 +119,7 @@ def test_mesh_run_refuses_the_global_setting_on_the_embedded_broker(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update(PYTHONPATH=str(ROOT), MESH_TEST_PREFIX=prefix, MESH_METRICS__ENABLED="false",
                MESH_RUNTIME__EXACTLY_ONCE="true")
-    done = subprocess.run([*mesh_cli, "run", "tests.apps.chain:stage1"], env=env, cwd=ROOT,
+    done = subprocess.run([*mesh_cli, "run", "tests.apps.stages:stage1"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert "ConfigError" in done.stderr and "MESH_RUNTIME__EXACTLY_ONCE" in done.stderr, \
@@ -191,7 +191,7 @@ async def test_kill_9_mid_transaction_leaves_no_duplicate_in_the_committed_log(
     codec = Codec()
     log = (tmp_path / "agents.log").open("wb")
     env = {"MESH_RUNTIME__EXACTLY_ONCE": "true"}
-    procs = {name: AgentProcess(broker, f"tests.apps.chain:{name}", prefix=prefix, log=log,
+    procs = {name: AgentProcess(broker, f"tests.apps.stages:{name}", prefix=prefix, log=log,
                                 env=env)
              for name in ("stage1", "stage2", "stage3")}
     for proc in procs.values():

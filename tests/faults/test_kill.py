@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mesh import Codec, apply_topics
 from mesh.testing.checker import check
-from tests.apps.chain import Item, build
+from tests.apps.stages import Item, build
 from tests.conftest import BrokerUnderTest
 from tests.support import AgentProcess, Progress, encode, history, inject, make_items
 
@@ -41,7 +41,7 @@ async def _kill_the_middle(broker: BrokerUnderTest, prefix: str, tmp_path: Path,
     source, sink = app.agents[0].consumes[0], app.agents[2].produces[0]
     codec = Codec()
     log = (tmp_path / "agents.log").open("wb")
-    procs = {name: AgentProcess(broker, f"tests.apps.chain:{name}", prefix=prefix, log=log,
+    procs = {name: AgentProcess(broker, f"tests.apps.stages:{name}", prefix=prefix, log=log,
                                 env=env)
              for name in ("stage1", "stage2", "stage3")}
     for proc in procs.values():

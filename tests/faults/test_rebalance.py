@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mesh import Codec, apply_topics
 from mesh.testing.checker import check
-from tests.apps.chain import build
+from tests.apps.stages import build
 from tests.conftest import BrokerUnderTest
 from tests.support import AgentProcess, Progress, encode, history, inject, make_items
 
@@ -28,7 +28,7 @@ async def test_replicas_joining_and_leaving_mid_stream_lose_nothing(
     log = (tmp_path / "agents.log").open("wb")
 
     def replica(name: str) -> AgentProcess:
-        return AgentProcess(broker, f"tests.apps.chain:{name}", prefix=prefix, log=log,
+        return AgentProcess(broker, f"tests.apps.stages:{name}", prefix=prefix, log=log,
                             env={"MESH_TEST_PARTITIONS": "6"})  # as the topics declare
 
     fixed = [replica("stage1").start(), replica("stage3").start()]

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from mesh import Codec, apply_topics
-from tests.apps.chain import build
+from tests.apps.stages import build
 from tests.conftest import BrokerUnderTest
 from tests.support import AgentProcess, encode, inject, make_items
 
@@ -39,7 +39,7 @@ async def test_sigterm_during_the_rebalance_of_a_rolling_stop_is_quiet(
     await inject(settings, [encode(Codec(), source, i) for i in make_items(4, 5)])
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
     files = [path.open("wb") for path in logs]
-    replicas = [AgentProcess(broker, "tests.apps.chain:stage1", prefix=prefix, log=f)
+    replicas = [AgentProcess(broker, "tests.apps.stages:stage1", prefix=prefix, log=f)
                 for f in files]
     codes = []
     try:

@@ -9,7 +9,7 @@ from typing import Any
 
 from mesh import Codec, Emitter, Mesh, apply_topics
 from mesh.runtime.audit import AuditEvent, audit_topic, expand
-from tests.apps.chain import Item, build
+from tests.apps.stages import Item, build
 from tests.conftest import BrokerUnderTest
 from tests.support import Follower, wait_for_count
 

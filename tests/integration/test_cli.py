@@ -2,7 +2,7 @@
 
 Every command runs as ``python -m mesh.cli ...`` in the repository, pointed at the
 session's broker, with ``MESH_TEST_PREFIX`` set so the topics it finds in
-:mod:`tests.apps.cli_topics` (and ``tests.apps.chain``) are this test's own. Long
+:mod:`tests.apps.cli_topics` (and ``tests.apps.stages``) are this test's own. Long
 running commands (``run``, ``dev``, ``tap``, ``broker``) are stopped by their pid;
 waits are on output lines, exit codes or topic contents, each with a deadline.
 """
@@ -36,12 +36,12 @@ from mesh.kafka.base import OutRecord, Record, TopicSpec
 from mesh.kafka.provision import apply_topics
 from mesh.kafka.transport import Producer
 from mesh.runtime.dead_letter import DLQ_AGENT, DLQ_ERROR_CLASS, DLQ_TOPIC
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import AgentProcess, event_id, make_items, read_all, wait_for_count
 
 TOPICS = "tests.apps.cli_topics"
-CHAIN_TOPICS = ("in", "a", "b", "out", "fan1", "fan2")  # as tests.apps.chain.build names them
+CHAIN_TOPICS = ("in", "a", "b", "out", "fan1", "fan2")  # as tests.apps.stages.build names them
 DECLARED = (*CHAIN_TOPICS, "retained")  # everything tests.apps.cli_topics declares
 CLI_TIMEOUT_S = 60.0
 # Variables that change how rich renders for a pipe; CI rarely sets them, so neither do we.
@@ -500,7 +500,7 @@ async def test_tap_of_a_dead_letter_topic_shows_why_instead_of_a_payload(
     source, dlq = f"{prefix}.in", f"{prefix}.in.dlq"
     garbage = OutRecord(source, b"\x17\x99not avro at all", b"k1",
                         (("mesh-event-id", b"garbage-1"),))
-    with agent_process(broker, "tests.apps.chain:stage1", prefix=prefix,
+    with agent_process(broker, "tests.apps.stages:stage1", prefix=prefix,
                        log=tmp_path / "stage1.log") as agent:
         async with Producer(broker.settings().kafka) as producer:
             await producer.send_all([garbage])
@@ -528,16 +528,16 @@ async def test_tap_of_a_dead_letter_topic_shows_why_instead_of_a_payload(
 
 async def test_run_moves_emitted_events_on_stops_cleanly_and_resumes_without_repeats(
         cli: Cli, broker: BrokerUnderTest, prefix: str, tmp_path: Path) -> None:
-    """Pass: events from `mesh emit` come out of `mesh run tests.apps.chain:stage1` on
+    """Pass: events from `mesh emit` come out of `mesh run tests.apps.stages:stage1` on
     the next topic, one per input; SIGTERM exits 0 and logs a clean stop; a restarted
     agent handles only the new events (as many records on the output as distinct ids)."""
-    applied = _changes(await cli.ok("topics", "apply", "--app", "tests.apps.chain:app"))
+    applied = _changes(await cli.ok("topics", "apply", "--app", "tests.apps.stages:app"))
     assert applied[f"{prefix}.in"][0] == applied[f"{prefix}.a"][0] == "created"
     source, target = f"{prefix}.in", f"{prefix}.a"
     settings = broker.settings()
     log = tmp_path / "stage1.log"
 
-    with agent_process(broker, "tests.apps.chain:stage1", prefix=prefix, log=log) as agent:
+    with agent_process(broker, "tests.apps.stages:stage1", prefix=prefix, log=log) as agent:
         first = await _emit(cli, source, make_items(keys=8, per_key=1))
         outputs = await wait_for_count(settings, [target], len(first), timeout=60)
         code = await asyncio.to_thread(agent.terminate)
@@ -547,7 +547,7 @@ async def test_run_moves_emitted_events_on_stops_cleanly_and_resumes_without_rep
     assert causes == set(first)
 
     # The same keys again, so every partition with old inputs gets new ones after them.
-    with agent_process(broker, "tests.apps.chain:stage1", prefix=prefix, log=log) as agent:
+    with agent_process(broker, "tests.apps.stages:stage1", prefix=prefix, log=log) as agent:
         second = await _emit(cli, source, make_items(keys=8, per_key=1))
         await wait_for_count(settings, [target], len(first) + len(second), timeout=60)
         assert await asyncio.to_thread(agent.terminate) == 0, log.read_text()
@@ -561,10 +561,10 @@ async def test_run_moves_emitted_events_on_stops_cleanly_and_resumes_without_rep
 
 async def test_dev_runs_the_whole_chain_in_one_process_and_stops_on_sigterm(
         cli: Cli, broker: BrokerUnderTest, prefix: str) -> None:
-    """Pass: `mesh dev tests.apps.chain:chain` creates the chain's topics itself, events
+    """Pass: `mesh dev tests.apps.stages:chain` creates the chain's topics itself, events
     emitted to `<prefix>.in` reach `<prefix>.out` through all three stages, and SIGTERM
     makes it exit 0 after a clean stop."""
-    with cli.spawn("dev", "tests.apps.chain:chain") as dev:
+    with cli.spawn("dev", "tests.apps.stages:chain") as dev:
         await dev.line(rf"running {prefix}-stage1, {prefix}-stage2, {prefix}-stage3")
         items = make_items(keys=4, per_key=2)
         ids = await _emit(cli, f"{prefix}.in", items)
@@ -682,14 +682,14 @@ async def test_run_without_its_topics_fails_naming_them_and_creates_nothing(
     """Pass: `mesh run` of an agent whose topics were never applied exits 1 naming the
     missing topics and `mesh topics apply`, and the broker did not auto-create them; with
     the topics applied with another partition count it names the difference too."""
-    failed = await cli("run", "tests.apps.chain:stage1")
+    failed = await cli("run", "tests.apps.stages:stage1")
     assert failed.returncode == 1, _explain(failed)
     assert f"{prefix}.in" in failed.stderr and "mesh topics apply" in failed.stderr
     assert "TopicDrift" in failed.stderr and "Traceback" not in failed.stderr
     async with Admin(broker.settings().kafka) as admin:
         assert not [t for t in await admin.list_topics() if t.startswith(f"{prefix}.in")]
     await apply_topics(broker.settings().kafka, [Topic(f"{prefix}.in", Item, partitions=1)])
-    differs = await cli("run", "tests.apps.chain:stage1")
+    differs = await cli("run", "tests.apps.stages:stage1")
     assert differs.returncode == 1, _explain(differs)
     assert "partitions differ" in differs.stderr and f"{prefix}.in (declared" in differs.stderr
 

@@ -14,7 +14,7 @@ from mesh import Agent, Codec, Context, Mesh, Topic, apply_topics
 from mesh.kafka.base import Partition
 from mesh.kafka.transport import Consumer
 from mesh.testing.checker import check
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, wait_for_count
 

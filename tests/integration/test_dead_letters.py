@@ -18,7 +18,7 @@ from mesh.runtime.dead_letter import (
 )
 from mesh.runtime.retry import FIRST_FAILURE, LAST_FAILURE
 from mesh.testing.checker import Injected, check
-from tests.apps.chain import Other, build
+from tests.apps.stages import Other, build
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, read_all, wait_for_count
 

@@ -9,7 +9,7 @@ import sys
 from mesh import Codec, Mesh, Topic, apply_topics
 from mesh.kafka.base import OutRecord
 from mesh.runtime.audit import audit_topic
-from tests.apps.chain import build
+from tests.apps.stages import build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import encode, inject, make_items, read_all, wait_for_count
 

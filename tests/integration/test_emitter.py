@@ -7,7 +7,7 @@ from __future__ import annotations
 from mesh import Codec, Emitter, Topic, apply_topics
 from mesh.kafka.transport import partition_for
 from mesh.runtime.audit import PRODUCED, AuditEvent, audit_topic
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 from tests.conftest import BrokerUnderTest
 from tests.support import event_id, read_all, wait_for_count
 

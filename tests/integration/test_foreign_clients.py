@@ -30,11 +30,11 @@ from prometheus_client import CollectorRegistry
 from mesh import Codec, Mesh, apply_topics
 from mesh.envelope import derive_event_id
 from mesh.errors import UnreadableBatch
+from mesh.kafka.transport import partition_for
 from mesh.runtime.metrics import MeshMetrics
 from mesh.serde.history import export_schemas
 from mesh.topic import Topic
-from mesh.kafka.transport import partition_for
-from tests.apps.chain import Item, build
+from tests.apps.stages import Item, build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.integration.test_cli import Cli
 from tests.support import event_id, make_items, read_all, wait_for_count
@@ -189,7 +189,7 @@ async def test_mesh_run_exits_once_with_the_fix_when_a_batch_cannot_be_decompres
         **{"compression.type": "lz4", "partitioner": "murmur2_random"})
     without_lz4 = ("import sys, aiokafka.codec; aiokafka.codec.has_lz4 = lambda: False; "
                    "from mesh.cli import main; "
-                   "sys.argv = ['mesh', 'run', 'tests.apps.chain:stage1']; main()")
+                   "sys.argv = ['mesh', 'run', 'tests.apps.stages:stage1']; main()")
     started = time.monotonic()
     done = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-c", without_lz4],

@@ -6,7 +6,7 @@ from __future__ import annotations
 from mesh import Agent, Codec, Context, Mesh, Topic, apply_topics
 from mesh.envelope import ATTEMPT, TRACEPARENT, TRACESTATE
 from mesh.kafka.base import OutRecord
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, inject, make_items, read_all, wait_for_count
 

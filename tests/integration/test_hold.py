@@ -7,7 +7,7 @@ import time
 
 from mesh import Agent, Codec, Context, Held, Mesh, apply_topics
 from mesh.testing.checker import check
-from tests.apps.chain import Item, build
+from tests.apps.stages import Item, build
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, read_all, wait_for_count
 

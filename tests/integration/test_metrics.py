@@ -15,8 +15,8 @@ from mesh import Codec, Envelope, Topic, apply_topics
 from mesh.kafka.base import OutRecord
 from mesh.kafka.embedded import free_port
 from tests.apps import fallback as app
-from tests.apps.chain import build
 from tests.apps.fallback import Ask
+from tests.apps.stages import build
 from tests.conftest import BrokerUnderTest
 from tests.support import AgentProcess, encode, inject, make_items, wait_for_count
 
@@ -56,7 +56,7 @@ async def test_metrics_count_a_known_workload_and_lag_returns_to_zero(
     await apply_topics(settings.kafka, [source, sink])
     port = free_port()
     log = (tmp_path / "agent.log").open("wb")
-    proc = AgentProcess(broker, "tests.apps.chain:stage1", prefix=prefix, log=log,
+    proc = AgentProcess(broker, "tests.apps.stages:stage1", prefix=prefix, log=log,
                         env={"MESH_METRICS__PORT": str(port)}).start()
     codec = Codec()
     items = make_items(keys=2, per_key=11, bad=[(0, 3), (1, 7)])

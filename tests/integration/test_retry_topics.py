@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from mesh import Agent, Codec, Context, Mesh, Topic, apply_topics
 from mesh.kafka.base import OutRecord
-from mesh.runtime.dead_letter import DLQ_ATTEMPTS, DLQ_ERROR_CLASS, DLQ_OFFSET, DLQ_TOPIC
 from mesh.policy import RetryPolicy
+from mesh.runtime.dead_letter import DLQ_ATTEMPTS, DLQ_ERROR_CLASS, DLQ_OFFSET, DLQ_TOPIC
 from mesh.runtime.retry import FIRST_FAILURE, LAST_FAILURE, RETRY_DUE
 from mesh.testing.checker import check
-from tests.apps.chain import Item
 from tests.apps.retry import build
+from tests.apps.stages import Item
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, read_all, wait_for_count
 

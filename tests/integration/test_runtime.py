@@ -7,7 +7,7 @@ from collections import Counter
 
 from mesh import Codec, Mesh, apply_topics
 from mesh.testing.checker import check
-from tests.apps.chain import build
+from tests.apps.stages import build
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, wait_for_count
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mesh import Codec, Mesh, apply_topics
 from mesh.testing.checker import check
-from tests.apps.chain import build
+from tests.apps.stages import build
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, history, inject, make_items, wait_for_count
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 from pydantic import BaseModel
 
 from mesh import Agent, Codec, Context, Mesh, Topic, apply_topics
 from mesh.state import CompactedTable
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 from tests.conftest import BrokerUnderTest
 from tests.support import encode, inject, make_items, read_all, wait_for_count
 

@@ -28,7 +28,7 @@ from mesh.kafka.reader import TopicReader
 from mesh.runtime.audit import AuditEvent, Auditor, audit_topic
 from mesh.views.stats import AuditWindow
 from mesh.views.top import AuditFeed, Dashboard, scrape
-from tests.apps.chain import build
+from tests.apps.stages import build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.integration.test_cli import Cli
 from tests.support import AgentProcess, encode, inject, make_items, wait_for_count
@@ -138,7 +138,7 @@ async def run_stage(broker: BrokerUnderTest, prefix: str, log: Path, *, good: in
     settings = broker.settings()
     await apply_topics(settings.kafka, [source, sink, audit_topic])
     port = free_port()
-    proc = AgentProcess(broker, "tests.apps.chain:stage1", prefix=prefix, log=log.open("wb"),
+    proc = AgentProcess(broker, "tests.apps.stages:stage1", prefix=prefix, log=log.open("wb"),
                         env={"MESH_METRICS__PORT": str(port)}).start()
     items = make_items(keys=1, per_key=good + poison, bad=[(0, s) for s in range(poison)])
     codec = Codec()

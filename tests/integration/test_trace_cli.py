@@ -21,12 +21,12 @@ from typing import Any
 
 from mesh import Codec, Emitter, Mesh, apply_topics
 from mesh.config import AuditSettings
-from mesh.runtime.audit import AuditEvent, Auditor, AuditOutput, audit_topic
-from mesh.views.trace import Trace, read_trace
 from mesh.kafka.reader import TopicReader
 from mesh.kafka.transport import partition_for
+from mesh.runtime.audit import AuditEvent, Auditor, AuditOutput, audit_topic
+from mesh.views.trace import Trace, read_trace
 from tests.apps import retry as retry_app
-from tests.apps.chain import Item, build
+from tests.apps.stages import Item, build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import inject, wait_for_count
 

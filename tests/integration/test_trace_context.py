@@ -38,7 +38,7 @@ from mesh.patterns.supervision.supervisor import (
 )
 from mesh.policy import retry_topic
 from tests.apps import delegation, gather, pipeline, retry, supervision
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 from tests.conftest import BrokerUnderTest
 from tests.integration.test_supervision import holding, until
 from tests.support import AgentProcess, Follower, encode, inject, read_all, wait_for_count

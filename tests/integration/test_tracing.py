@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from mesh import Emitter, Mesh, apply_topics
 from mesh.runtime.tracing import HandlerTracer
-from tests.apps.chain import Item, build
+from tests.apps.stages import Item, build
 from tests.conftest import BrokerUnderTest
 from tests.support import wait_for_count
 

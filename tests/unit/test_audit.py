@@ -7,7 +7,7 @@ from mesh.envelope import Envelope
 from mesh.kafka.base import OutRecord, Record
 from mesh.runtime.audit import AuditEvent, Auditor, audit_topic, expand
 from mesh.serde.codec import Codec
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 
 
 async def test_one_record_per_input_lists_its_outputs_and_expands_to_produced_events() -> None:

@@ -19,7 +19,7 @@ from mesh.runtime.audit import AuditEvent, audit_record, audit_topic
 from mesh.runtime.emitter import Emitter, _long, fresh_ids
 from mesh.serde.codec import Codec
 from mesh.topic import Topic
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-01$")

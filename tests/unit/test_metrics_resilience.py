@@ -14,7 +14,7 @@ from mesh.errors import BreakerOpen
 from mesh.resilience.breaker import BreakerMetrics, BreakerPolicy, CircuitBreaker
 from mesh.resilience.fallback import FallbackMetrics, FallbackStats, with_fallbacks
 from mesh.runtime.metrics import MeshMetrics
-from tests.apps.chain import Item
+from tests.apps.stages import Item
 
 
 class Clock:

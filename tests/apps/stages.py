@@ -1,4 +1,6 @@
-"""A three-stage chain (in -> a -> b -> out) and a fan-out pair on ``a``.
+"""Plain agents for the runtime's tests (not the Chain pattern: that is
+:mod:`mesh.patterns.chain`, tested in test_chain.py): three stages in sequence
+(in -> a -> b -> out) and a fan-out pair on ``a``.
 
 Each stage appends its name to ``hops``. A payload whose ``text`` is ``"poison"`` makes
 a stage raise (not retriable), ``"flaky"`` raises a retriable error on the first
