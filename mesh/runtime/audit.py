@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from mesh.kafka.base import OutRecord
+from mesh.serde.writer import UNWRITTEN, RecordTemplate, Uncompiled
 from mesh.topic import Topic
 
 if TYPE_CHECKING:
@@ -95,12 +96,23 @@ audit_topic = Topic("mesh.audit", AuditEvent, key="correlation_id", partitions=3
 
 class Auditor:
     """Builds the audit records of one process (not produced here: the caller sends
-    them with the outputs they describe)."""
+    them with the outputs they describe).
+
+    Records are written by pieces (:class:`~mesh.serde.writer.RecordTemplate`): the
+    fields that are the same for all of an auditor's records of one kind (kind, agent,
+    details, and for ``produced`` the topic and the nulls) are encoded once, the others
+    per record; the bytes are those of encoding the :class:`AuditEvent` model
+    (tests/unit/test_audit_hotpath.py). Written with fastavro when the template
+    cannot write a value.
+    """
 
     def __init__(self, codec: Codec, settings: AuditSettings, *, source: str) -> None:
         self.codec, self.settings, self.source = codec, settings, source
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # which process did it
         self._headers_of: dict[str, tuple[tuple[str, bytes], ...]] = {}
+        self._details = {"replica": self.replica}
+        # By (kind, topic): a template of the constant fields, None when it has none.
+        self._templates: dict[tuple[str, str | None], RecordTemplate | None] = {}
 
     @property
     def enabled(self) -> bool:
@@ -121,30 +133,74 @@ class Auditor:
         if self.settings.payloads and event is not None and isinstance(event.payload,
                                                                        BaseModel):
             payload = event.payload.model_dump_json()
-        correlation = event.correlation_id if event else None
+        if event is None:
+            event_id = correlation = causation = traceparent = attempt = None
+        else:
+            event_id, correlation = event.event_id, event.correlation_id
+            causation, traceparent, attempt = (event.causation_id, event.traceparent,
+                                               event.attempt)
         # Built straight in Avro form (the fields of AuditEvent, in its schema): one per
         # handled input, so it skips building and validating the pydantic model.
         fields = {
-            "kind": CONSUMED, "at_ms": started_ms, "agent": self.source, "topic": record.topic,
-            "partition": record.partition, "offset": record.offset,
-            "event_id": event.event_id if event else None, "correlation_id": correlation,
-            "causation_id": event.causation_id if event else None,
-            "traceparent": event.traceparent if event else None, "outcome": outcome,
-            "duration_ms": round(duration_s * 1000, 3),
-            "attempt": event.attempt if event else None,
+            "at_ms": started_ms, "topic": record.topic, "partition": record.partition,
+            "offset": record.offset, "event_id": event_id, "correlation_id": correlation,
+            "causation_id": causation, "traceparent": traceparent, "outcome": outcome,
+            "duration_ms": round(duration_s * 1000, 3), "attempt": attempt,
             "error_class": type(error).__name__ if error else None,
             "error": str(error)[:1000] if error else None, "size": len(record.value or b""),
-            "payload": payload, "details": {"replica": self.replica},
+            "payload": payload,
             "outputs": [{
                 "event_id": env.event_id, "topic": out.topic, "size": len(out.value or b""),
                 "traceparent": env.traceparent,
-                "correlation_id": None if event is not None
-                and env.correlation_id == event.correlation_id else env.correlation_id,
+                "correlation_id": None if env.correlation_id == correlation
+                else env.correlation_id,
                 "payload": self._payload(env)} for env, out in outputs],
         }
-        value, fingerprint = self.codec.encode_fields(audit_topic, fields)
+        value, fingerprint = self._write(CONSUMED, None, fields)
         key = None if correlation is None else correlation.encode()
         return [OutRecord(audit_topic.name, value, key, self._headers(fingerprint))]
+
+    def produced(self, outputs: Sequence[tuple[Envelope[Any], OutRecord]], *,
+                 at_ms: int | None = None) -> list[OutRecord]:
+        """The audit of events this process produced (each with its envelope), at
+        ``at_ms`` (default: now)."""
+        if not self.enabled:
+            return []
+        at = int(time.time() * 1000) if at_ms is None else at_ms
+        records = []
+        for env, out in outputs:
+            value, fingerprint = self._write(PRODUCED, out.topic, {
+                "at_ms": at, "event_id": env.event_id, "correlation_id": env.correlation_id,
+                "causation_id": env.causation_id, "traceparent": env.traceparent,
+                "attempt": env.attempt, "size": len(out.value or b""),
+                "payload": self._payload(env)})
+            records.append(OutRecord(audit_topic.name, value, env.correlation_id.encode(),
+                                     self._headers(fingerprint)))
+        return records
+
+    def _constants(self, kind: str, topic: str | None) -> dict[str, Any]:
+        """The fields all of this auditor's records of ``kind`` (to ``topic``) share."""
+        if kind == CONSUMED:
+            return {"kind": kind, "agent": self.source, "details": self._details}
+        return {"kind": kind, "agent": self.source, "topic": topic, "partition": None,
+                "offset": None, "outcome": None, "duration_ms": None, "error_class": None,
+                "error": None, "details": self._details, "outputs": []}
+
+    def _write(self, kind: str, topic: str | None, values: dict[str, Any]
+               ) -> tuple[bytes, str]:
+        """The framed audit record of ``kind`` with ``values`` for its varying fields."""
+        if (kind, topic) not in self._templates:
+            self._templates[(kind, topic)] = _template(self.codec, self._constants(kind,
+                                                                                   topic))
+        template = self._templates[(kind, topic)]
+        if template is not None:
+            try:
+                prefix, fingerprint = self.codec.framing(audit_topic)
+                return prefix + template.write(values), fingerprint
+            except UNWRITTEN:  # a value of an unexpected type: fastavro coerces or says why
+                pass
+        return self.codec.encode_fields(audit_topic, {**self._constants(kind, topic),
+                                                      **values})
 
     def _headers(self, fingerprint: str) -> tuple[tuple[str, bytes], ...]:
         headers = self._headers_of.get(fingerprint)
@@ -153,29 +209,18 @@ class Auditor:
                 ("mesh-schema", fingerprint.encode()), ("mesh-source", self.source.encode()))
         return headers
 
-    def produced(self, outputs: list[tuple[Envelope[Any], OutRecord]]) -> list[OutRecord]:
-        """The audit of events this process produced (each with its envelope)."""
-        if not self.enabled:
-            return []
-        at = int(time.time() * 1000)
-        # Built straight in Avro form, as consumed() is: one per emitted event.
-        records = []
-        for env, out in outputs:
-            value, fingerprint = self.codec.encode_fields(audit_topic, {
-                "kind": PRODUCED, "at_ms": at, "agent": self.source, "topic": out.topic,
-                "partition": None, "offset": None, "event_id": env.event_id,
-                "correlation_id": env.correlation_id, "causation_id": env.causation_id,
-                "traceparent": env.traceparent, "outcome": None, "duration_ms": None,
-                "attempt": env.attempt, "error_class": None, "error": None,
-                "size": len(out.value or b""), "payload": self._payload(env),
-                "details": {"replica": self.replica}, "outputs": []})
-            records.append(OutRecord(audit_topic.name, value, env.correlation_id.encode(),
-                                     self._headers(fingerprint)))
-        return records
-
     def _payload(self, env: Envelope[Any]) -> str | None:
         if self.settings.payloads and isinstance(env.payload, BaseModel):
             return env.payload.model_dump_json()
+        return None
+
+
+def _template(codec: Codec, constants: dict[str, Any]) -> RecordTemplate | None:
+    """The template of audit records sharing ``constants``; None when a varying field's
+    type has no compiled writer (the audit schema changed): fastavro writes those."""
+    try:
+        return RecordTemplate(codec.serde(AuditEvent).parsed, constants)
+    except Uncompiled:
         return None
 
 

@@ -21,12 +21,10 @@ Example:
 
 from __future__ import annotations
 
-import io
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Self
 
-import fastavro
 from pydantic import BaseModel
 
 from mesh.config import MeshSettings
@@ -44,7 +42,7 @@ from mesh.envelope import (
 from mesh.kafka.base import BaseProducer, OutRecord
 from mesh.kafka.provision import apply_topics
 from mesh.kafka.transport import Producer
-from mesh.runtime.audit import PRODUCED, Auditor, audit_topic
+from mesh.runtime.audit import Auditor, audit_topic
 from mesh.serde.codec import Codec
 from mesh.topic import Topic
 
@@ -59,7 +57,6 @@ class Emitter:
         self._settings = settings
         self.codec = codec or Codec(settings.schema_registry)
         self.auditor = Auditor(self.codec, settings.audit, source=source)
-        self._audits: dict[str, _ProducedAudit | None] = {}  # by topic; None: no template
         self._producer = producer or Producer(settings.kafka)
 
     async def __aenter__(self) -> Self:
@@ -109,23 +106,16 @@ class Emitter:
                  for p, (event_id, traceparent) in zip(payloads, fresh_ids(len(payloads)),
                                                        strict=True)]
         await self._producer.send_all([record for record, _ in built]
-                                      + self._audit(topic.name, built, at))
+                                      + self._audit(built, at))
         return [env for _, env in built]
 
-    def _audit(self, topic: str, built: list[tuple[OutRecord, Envelope[Any]]],
+    def _audit(self, built: list[tuple[OutRecord, Envelope[Any]]],
                at_ms: int) -> list[OutRecord]:
-        """The ``produced`` audit records of ``built``: from the topic's template when
-        it has one, else (audit payloads on, or an audit schema it cannot split) the
-        auditor's."""
+        """The ``produced`` audit records of ``built`` (written by pieces: the
+        auditor's template of the topic's records)."""
         if not self.auditor.enabled:
             return []
-        if topic not in self._audits:
-            self._audits[topic] = (None if self.auditor.settings.payloads
-                                   else _ProducedAudit.build(self.auditor, topic))
-        template = self._audits[topic]
-        if template is None:
-            return self.auditor.produced([(env, record) for record, env in built])
-        return [template.record(env, record, at_ms) for record, env in built]
+        return self.auditor.produced([(env, record) for record, env in built], at_ms=at_ms)
 
 
 def fresh_ids(n: int) -> list[tuple[str, str]]:
@@ -142,101 +132,3 @@ def fresh_ids(n: int) -> list[tuple[str, str]]:
         ids.append((f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}",
                     f"00-{raw[i + 16:i + 32].hex()}-{raw[i + 32:i + 40].hex()}-01"))
     return ids
-
-
-class _ProducedAudit:
-    """The ``produced`` audit records of events emitted to one topic, written by pieces.
-
-    An Avro record's binary form is its fields' encodings one after another, in schema
-    order. Of these records only five fields differ from event to event (``at_ms``,
-    ``event_id``, ``correlation_id``, ``traceparent``, ``size``): the others (kind,
-    agent, topic, details, and the nulls) are encoded once, here, and the five by hand
-    per event. fastavro's writer, given the whole record, spent most of an emitted
-    event's CPU on the audit record's twenty fields. The bytes are exactly those of
-    encoding the ``AuditEvent`` model (tests/unit/test_emitter.py).
-    """
-
-    __slots__ = ("_headers", "_pieces", "_topic")
-
-    def __init__(self, pieces: list[tuple[bytes, Callable[[Any], bytes] | None, str]],
-                 headers: tuple[tuple[str, bytes], ...]) -> None:
-        self._pieces = pieces
-        self._headers = headers
-        self._topic = audit_topic.name
-
-    @classmethod
-    def build(cls, auditor: Auditor, topic: str) -> _ProducedAudit | None:
-        """The template of ``topic``'s records, or None when a varying field has a type
-        written here by no hand encoder (the audit schema changed)."""
-        codec = auditor.codec
-        fields: dict[str, Any] = {
-            "kind": PRODUCED, "at_ms": 0, "agent": auditor.source, "topic": topic,
-            "partition": None, "offset": None, "event_id": "", "correlation_id": "",
-            "causation_id": None, "traceparent": "", "outcome": None, "duration_ms": None,
-            "attempt": 1, "error_class": None, "error": None, "size": 0, "payload": None,
-            "details": {"replica": auditor.replica}, "outputs": []}
-        framed, fingerprint = codec.encode_fields(audit_topic, fields)
-        serde = codec.serde(audit_topic.model)
-        framing = framed[:len(framed) - len(serde.body_of(fields))]
-        pieces: list[tuple[bytes, Callable[[Any], bytes] | None, str]] = []
-        constant = io.BytesIO(framing)
-        constant.seek(0, io.SEEK_END)
-        for spec in serde.schema["fields"]:
-            name = spec["name"]
-            if name not in _VARYING:
-                fastavro.schemaless_writer(constant, fastavro.parse_schema(spec["type"]),
-                                           fields[name])
-                continue
-            encoder = _ENCODERS.get(str(spec["type"]))
-            if encoder is None:
-                return None
-            pieces.append((constant.getvalue(), encoder, name))
-            constant = io.BytesIO()
-        pieces.append((constant.getvalue(), None, ""))
-        return cls(pieces, (("mesh-schema", fingerprint.encode()),
-                            ("mesh-source", auditor.source.encode())))
-
-    def record(self, env: Envelope[Any], out: OutRecord, at_ms: int) -> OutRecord:
-        """The audit record of ``env``, emitted as ``out`` at ``at_ms``."""
-        values = {"at_ms": at_ms, "event_id": env.event_id,
-                  "correlation_id": env.correlation_id, "traceparent": env.traceparent,
-                  "size": len(out.value or b"")}
-        parts = []
-        for constant, encoder, name in self._pieces:
-            parts.append(constant)
-            if encoder is not None:
-                parts.append(encoder(values[name]))
-        return OutRecord(self._topic, b"".join(parts), env.correlation_id.encode(),
-                         self._headers)
-
-
-_SMALL = [bytes((n << 1,)) for n in range(64)]
-_VARYING = frozenset(("at_ms", "event_id", "correlation_id", "traceparent", "size"))
-
-
-def _long(n: int) -> bytes:
-    """An Avro long: zig-zag, then a base-128 varint."""
-    if 0 <= n < 64:  # one byte: string lengths of ids and trace contexts
-        return _SMALL[n]
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _string(value: str) -> bytes:
-    data = value.encode()
-    return _long(len(data)) + data
-
-
-def _optional(encode: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
-    """A union of null (branch 0) and one type (branch 1)."""
-    return lambda value: b"\x00" if value is None else b"\x02" + encode(value)
-
-
-_ENCODERS: dict[str, Callable[[Any], bytes]] = {
-    "long": _long, "string": _string,
-    str(["null", "long"]): _optional(_long), str(["null", "string"]): _optional(_string)}

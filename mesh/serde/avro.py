@@ -46,6 +46,7 @@ from pydantic_core import PydanticUndefined
 
 from mesh.errors import ConfigError, DecodeError, PayloadInvalid, UnknownSchema
 from mesh.serde.compare import schema_fingerprint
+from mesh.serde.writer import UNWRITTEN, compile_writer
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
@@ -349,6 +350,8 @@ class AvroSerde:
     to_avro: Callable[[Any], dict[str, Any]]
     from_avro: Callable[[dict[str, Any]], dict[str, Any]]
     legacy: dict[str, Any] = field(default_factory=dict)
+    # The compiled writer of the schema (mesh.serde.writer), None when it has none.
+    write: Callable[[Any], bytes] | None = None
 
     @classmethod
     def for_model(cls, model: type[BaseModel]) -> AvroSerde:
@@ -370,7 +373,7 @@ class AvroSerde:
                 continue
             if schema_fingerprint(old) != fp:
                 legacy.setdefault(schema_fingerprint(old), old)
-        return cls(model, schema, parsed, fp, to, back, legacy)
+        return cls(model, schema, parsed, fp, to, back, legacy, compile_writer(parsed))
 
     @property
     def canonical(self) -> str:
@@ -382,9 +385,15 @@ class AvroSerde:
         if not isinstance(payload, self.model):
             raise PayloadInvalid(f"Expected a {self.model.__name__}, got "
                                  f"{type(payload).__name__}. Build the topic's model.")
+        data = self.to_avro(payload)
+        if self.write is not None:
+            try:
+                return self.write(data)
+            except UNWRITTEN:  # a value of another type: fastavro coerces it or says why
+                pass
         out = io.BytesIO()
         try:
-            fastavro.schemaless_writer(out, self.parsed, self.to_avro(payload))
+            fastavro.schemaless_writer(out, self.parsed, data)
         except (ValueError, TypeError, OverflowError) as exc:
             raise PayloadInvalid(f"{self.model.__name__} cannot be written as Avro: {exc}") from exc
         return out.getvalue()
@@ -402,6 +411,11 @@ class AvroSerde:
         """The Avro body of a record already in Avro form (every field of the schema,
         plain values): for the mesh's own records on the hot path, which skip building
         and validating a model. Invalid data raises :class:`PayloadInvalid`."""
+        if self.write is not None:
+            try:
+                return self.write(data)
+            except UNWRITTEN:
+                pass
         out = io.BytesIO()
         try:
             fastavro.schemaless_writer(out, self.parsed, data)

@@ -104,6 +104,13 @@ class Codec:
         serde, prefix = self._framing(topic)
         return prefix + serde.body_of(data), serde.fingerprint
 
+    def framing(self, topic: Topic[Any]) -> tuple[bytes, str]:
+        """The bytes before every Avro body written for ``topic`` and the schema's
+        fingerprint: for writers that produce the body themselves (the audit's
+        :class:`~mesh.serde.writer.RecordTemplate`)."""
+        serde, prefix = self._framing(topic)
+        return prefix, serde.fingerprint
+
     def _framing(self, topic: Topic[Any]) -> tuple[AvroSerde, bytes]:
         """The serde of ``topic``'s model and the bytes before an Avro body: the Confluent
         wire header when a registry gave the topic a schema id, else the single-object

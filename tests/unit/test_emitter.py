@@ -16,8 +16,9 @@ from mesh.envelope import read_headers
 from mesh.errors import PayloadInvalid, TransportError
 from mesh.kafka.base import BaseProducer, OutRecord
 from mesh.runtime.audit import AuditEvent, audit_record, audit_topic
-from mesh.runtime.emitter import Emitter, _long, fresh_ids
+from mesh.runtime.emitter import Emitter, fresh_ids
 from mesh.serde.codec import Codec
+from mesh.serde.writer import long_bytes as _long
 from mesh.topic import Topic
 from tests.apps.stages import Item
 
