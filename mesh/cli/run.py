@@ -45,12 +45,21 @@ async def _serve(agents: list[Agent[Any]], settings: MeshSettings, apply: bool) 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, mesh.stop_event.set)
         names = ", ".join(a.name for a in agents)
-        logger.info("running %s (stop with SIGTERM or Ctrl-C)", names)
-        await mesh.run()
+        announce = asyncio.create_task(_announce(mesh, names))
+        try:
+            await mesh.run()
+        finally:
+            announce.cancel()
         logger.info("stopped %s cleanly", names)
     finally:
         if broker is not None:
             await broker.__aexit__()
+
+
+async def _announce(mesh: Mesh, names: str) -> None:
+    """Say "running" once the mesh's topics exist and its producer runs."""
+    await mesh.started.wait()
+    logger.info("running %s (stop with SIGTERM or Ctrl-C)", names)
 
 
 def run(target: Annotated[str, typer.Argument(help="module:agent (or module:app)")],

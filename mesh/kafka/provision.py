@@ -73,16 +73,33 @@ async def apply_topics(settings: KafkaSettings, topics: Iterable[Topic[Any]]) ->
         for spec in specs:
             found = existing.get(spec.name)
             if found is None:
-                await admin.create_topic(spec)
-                created.append(spec)
-                changes.append(TopicChange(spec.name, "created",
-                                           f"{spec.partitions} partitions"))
-                continue
+                if await admin.create_topic(spec):
+                    created.append(spec)
+                    changes.append(TopicChange(spec.name, "created",
+                                               f"{spec.partitions} partitions"))
+                    continue
+                # Created meanwhile by someone else (another replica applying the same
+                # topics, or a broker auto-creating it for a first write): compare
+                # with what is there instead of waiting for our spec to appear.
+                found = await _described(admin, spec.name)
             drift = _drift(spec, found)
             changes.append(TopicChange(spec.name, "drift" if drift else "unchanged",
                                        "; ".join(drift)))
         await wait_visible(admin, created)
     return changes
+
+
+async def _described(admin: Admin, name: str, *,
+                     timeout: float = VISIBLE_TIMEOUT_S) -> TopicSpec:
+    """``name`` as described, once the metadata of the broker asked shows it (a topic
+    just created elsewhere may not be listed yet)."""
+    deadline = time.monotonic() + timeout
+    while (found := (await admin.describe([name])).get(name)) is None:
+        if time.monotonic() >= deadline:
+            raise TransportError(f"Topic {name!r} exists, the broker says, but no metadata "
+                                 f"showed it within {timeout:.0f} s.")
+        await asyncio.sleep(0.2)
+    return found
 
 
 async def wait_visible(admin: Admin, specs: Sequence[TopicSpec], *,

@@ -62,6 +62,11 @@ class Mesh:
             runner_for(a, settings, producer=self.producer, codec=self.codec)
             for a in self.agents]
         self.stop_event = asyncio.Event()
+        # Set once the topics are checked (or created) and the producer runs: from then
+        # on an event sent to an input topic waits there for its agent (`mesh dev` and
+        # `mesh run` say "running" then, not before: a first write must not race the
+        # creation of its topic, which Apache Kafka would auto-create with 1 partition).
+        self.started = asyncio.Event()
         self.watch = BrokerWatch(settings, self.runners)
         self.metrics = metrics if metrics is not None else MeshMetrics(CollectorRegistry())
         if settings.metrics.enabled:
@@ -92,6 +97,7 @@ class Mesh:
             if own:
                 await apply_topics(self.settings.kafka, own)
         await self.producer.start()
+        self.started.set()
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.watch.run(self.stop_event), name="broker-watch")

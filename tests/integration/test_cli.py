@@ -566,12 +566,23 @@ async def test_dev_runs_the_whole_chain_in_one_process_and_stops_on_sigterm(
     makes it exit 0 after a clean stop."""
     with cli.spawn("dev", "tests.apps.stages:chain") as dev:
         await dev.line(rf"running {prefix}-stage1, {prefix}-stage2, {prefix}-stage3")
+        # "running" comes once its topics exist: an emit right after it never makes a
+        # broker auto-create the input topic (Apache Kafka would, with 1 partition)
+        chain = {f"{prefix}.{name}" for name in ("in", "a", "b", "out")}
+        described = await _describe(broker, chain)
+        assert {name: spec.partitions for name, spec in described.items()} == dict.fromkeys(
+            chain, 4)
         items = make_items(keys=4, per_key=2)
         ids = await _emit(cli, f"{prefix}.in", items)
-        # 180 s: in make test's Apache session this shares two cores with other workers'
-        # JVM clusters; it failed once at 90 s with nothing through (passes alone in 56 s)
-        outputs = await wait_for_count(broker.settings(), [f"{prefix}.out"], len(ids),
-                                       timeout=180)
+        # It failed twice in make test's loaded Apache session, nothing through in 180 s:
+        # "running" came before the topics were created, the emit made Apache Kafka
+        # auto-create `in` with 1 partition and `mesh dev` waited for 4 until it died.
+        # A failure shows what the process logged.
+        try:
+            outputs = await wait_for_count(broker.settings(), [f"{prefix}.out"], len(ids),
+                                           timeout=180)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{dev.output}") from None
         code = await dev.terminate()
 
     assert code == 0, dev.output
