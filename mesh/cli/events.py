@@ -18,7 +18,8 @@ from rich.markup import escape
 from mesh.cli.common import DEFAULT_MODULES, ModulesOpt, _declared, _require_cluster, _settings, err
 from mesh.config import MeshSettings
 from mesh.envelope import Envelope
-from mesh.errors import MeshError
+from mesh.errors import MeshError, TopicDrift
+from mesh.kafka.admin import Admin
 from mesh.kafka.base import Record
 from mesh.kafka.reader import TopicReader
 from mesh.runtime.audit import audit_topic
@@ -48,6 +49,13 @@ def emit(topic_name: Annotated[str, typer.Argument(metavar="TOPIC")],
         raise typer.Exit(2) from None
 
     async def produce() -> list[Envelope[Any]]:
+        async with Admin(settings.kafka) as admin:
+            found = (await admin.describe([topic.name])).get(topic.name)
+        if found is None:  # a first write would have the broker create it, its way
+            raise TopicDrift(f"Topic {topic.name!r} does not exist on the broker. Create it "
+                             "with `mesh topics apply` (or start its agents with `mesh run "
+                             "--apply`); a first write would have the broker auto-create it "
+                             "with its default partition count.")
         async with Emitter(settings, source="emit") as emitter:
             return await emitter.emit(topic, payloads, key=key.encode() if key else None,
                                       correlation_id=correlation_id)

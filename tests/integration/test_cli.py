@@ -434,6 +434,23 @@ async def test_emit_to_an_undeclared_topic_exits_2_naming_topic_and_modules(
     assert f"Topic '{prefix}.nowhere' is not declared in ['{TOPICS}']" in message
 
 
+async def test_emit_to_a_declared_topic_missing_on_the_broker_exits_1_and_creates_nothing(
+        cli: Cli, broker: BrokerUnderTest, prefix: str) -> None:
+    """Pass: before `mesh topics apply`, emitting to a declared topic exits 1 naming the
+    topic and `mesh topics apply`, prints no event id, and leaves the topic uncreated
+    (a first write would have Apache Kafka auto-create it with its default partitions)."""
+    result = await cli("emit", f"{prefix}.in", '{"key": "k", "seq": 1, "source_id": "s"}',
+                       "-t", TOPICS)
+
+    assert result.returncode == 1, _explain(result)
+    assert result.stdout == ""
+    message = _flat(result.stderr.replace("│", " "))
+    assert f"Topic '{prefix}.in' does not exist on the broker" in message, message
+    assert "mesh topics apply" in message
+    async with Admin(broker.settings().kafka) as admin:
+        assert f"{prefix}.in" not in await admin.list_topics()
+
+
 # --- 3. tap -----------------------------------------------------------------------
 
 
