@@ -3,8 +3,9 @@
 fastavro's ``schemaless_writer`` walks the schema for every record it writes, behind a
 Python wrapper, a ``BytesIO`` and a check of the parsed schema: for the mesh's small
 records that costs more than the encoding itself (25 µs for an audit record of 21
-fields). A compiled writer is a tree of small functions built from the parsed schema
-once; writing a record is one call per field, appending to a list of parts.
+fields). A compiled writer is one Python function generated from the parsed schema
+once: per field a dict lookup, a type check and the encoding inline (nested records,
+arrays and maps too), appending to a list of parts; no call per field.
 
 Only exact types are written here (``str`` for a string, ``int`` for a long, a
 ``float`` for a double, ...). Anything else raises :data:`UNWRITTEN` errors, and the
@@ -30,16 +31,11 @@ from typing import Any
 
 import fastavro
 
-# Appends the encoding of a value to the parts of a record being written.
-Write = Callable[[list[bytes], Any], None]
-
 # What a compiled writer raises for a value it does not write (the caller falls back).
 UNWRITTEN = (TypeError, ValueError, KeyError, OverflowError, AttributeError)
 
 _ONE_BYTE = [bytes((z,)) for z in range(0x80)]
 _LONG_LIMIT = 1 << 63
-_DOUBLE = struct.Struct("<d").pack
-_FLOAT = struct.Struct("<f").pack
 
 
 class Uncompiled(Exception):
@@ -70,166 +66,152 @@ def long_bytes(n: int) -> bytes:
     return bytes(out)
 
 
-def _long(parts: list[bytes], value: Any) -> None:
-    parts.append(long_bytes(value))
+def _check(x: str, test: str, kind: str) -> str:
+    return f"if {test.format(x=x)}: raise TypeError('not {kind}: ' + type({x}).__name__)"
 
 
-def _string(parts: list[bytes], value: Any) -> None:
-    if type(value) is not str:
-        raise TypeError(f"not a str: {type(value).__name__}")
-    data = value.encode()
-    parts.append(long_bytes(len(data)))
-    parts.append(data)
+def _long_lines(x: str) -> list[str]:
+    return [_check(x, "type({x}) is not int", "an int"),
+            f"if -8192 <= {x} < 8192:",
+            f"    z = ({x} << 1) ^ ({x} >> 63)",
+            "    a(O[z] if z < 128 else bytes((z & 127 | 128, z >> 7)))",
+            f"else: a(L({x}))"]
 
 
-def _bytes(parts: list[bytes], value: Any) -> None:
-    if type(value) is not bytes:
-        raise TypeError(f"not bytes: {type(value).__name__}")
-    parts.append(long_bytes(len(value)))
-    parts.append(value)
+def _sized_lines(x: str, encoded: str) -> list[str]:
+    return [f"b = {encoded}", "n = len(b)", "a(O[n << 1] if n < 64 else L(n))", "a(b)"]
 
 
-def _boolean(parts: list[bytes], value: Any) -> None:
-    if type(value) is not bool:
-        raise TypeError(f"not a bool: {type(value).__name__}")
-    parts.append(b"\x01" if value else b"\x00")
+_PRIMITIVE_LINES: dict[str, Callable[[str], list[str]]] = {
+    "null": lambda x: [_check(x, "{x} is not None", "None")],
+    "boolean": lambda x: [_check(x, "type({x}) is not bool", "a bool"),
+                          f"a(b'\\x01' if {x} else b'\\x00')"],
+    "int": _long_lines, "long": _long_lines,
+    "float": lambda x: [_check(x, "type({x}) is not float", "a float"), f"a(F({x}))"],
+    "double": lambda x: [_check(x, "type({x}) is not float", "a float"), f"a(D({x}))"],
+    "bytes": lambda x: [_check(x, "type({x}) is not bytes", "bytes"),
+                        *_sized_lines(x, x)],
+    "string": lambda x: [_check(x, "type({x}) is not str", "a str"),
+                         *_sized_lines(x, f"{x}.encode()")],
+}
 
 
-def _double(parts: list[bytes], value: Any) -> None:
-    if type(value) is not float:
-        raise TypeError(f"not a float: {type(value).__name__}")
-    parts.append(_DOUBLE(value))
+class _Source:
+    """The source of one generated writer: its lines' helpers (in ``env``), fresh
+    variable names, and the named types seen so far (parsed schemas use full names)."""
 
+    def __init__(self, named: dict[str, Any]) -> None:
+        self.env: dict[str, Any] = {"O": _ONE_BYTE, "L": long_bytes,
+                                    "D": struct.Struct("<d").pack,
+                                    "F": struct.Struct("<f").pack}
+        self.named = dict(named)
+        self.building: set[str] = set()
+        self.count = 0
 
-def _float(parts: list[bytes], value: Any) -> None:
-    if type(value) is not float:
-        raise TypeError(f"not a float: {type(value).__name__}")
-    parts.append(_FLOAT(value))
+    def fresh(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
 
+    def lines(self, schema: Any, x: str) -> list[str]:
+        """Lines appending the encoding of the value in variable ``x``."""
+        if isinstance(schema, str):
+            if schema in _PRIMITIVE_LINES:
+                return _PRIMITIVE_LINES[schema](x)
+            if schema not in self.named:
+                raise Uncompiled(f"type {schema!r}")
+            schema = self.named[schema]
+        if isinstance(schema, list):
+            return self._union(schema, x)
+        kind, logical = schema.get("type"), schema.get("logicalType")
+        if logical is not None and logical != "uuid":
+            raise Uncompiled(f"logical type {logical!r}")
+        if "name" in schema:
+            self.named.setdefault(schema["name"], schema)
+        if kind == "record":
+            return self._record(schema, x)
+        if kind == "enum":
+            table = self.fresh("E")
+            self.env[table] = {s: long_bytes(i) for i, s in enumerate(schema["symbols"])}
+            return [_check(x, "type({x}) is not str", "a str"), f"a({table}[{x}])"]
+        if kind in ("array", "map"):
+            return self._repeated(schema, x)
+        if isinstance(kind, str) and kind in _PRIMITIVE_LINES:
+            return _PRIMITIVE_LINES[kind](x)
+        raise Uncompiled(f"type {kind!r}")
 
-def _null(parts: list[bytes], value: Any) -> None:
-    if value is not None:
-        raise TypeError("not None")
+    def _union(self, branches: list[Any], x: str) -> list[str]:
+        """``null`` and one other type, in either order (what the mesh's schemas use)."""
+        others = [b for b in branches if b != "null"]
+        if len(branches) != 2 or len(others) != 1:
+            raise Uncompiled(f"union {branches!r}")
+        null, tag = (r"b'\x00'", r"b'\x02'") if branches[0] == "null" else (
+            r"b'\x02'", r"b'\x00'")
+        return [f"if {x} is None: a({null})", "else:", f"    a({tag})",
+                *_indented(self.lines(others[0], x))]
 
+    def _record(self, schema: dict[str, Any], x: str) -> list[str]:
+        name = schema["name"]
+        if name in self.building:
+            raise Uncompiled(f"recursive record {name}")
+        self.building.add(name)
+        out = [_check(x, "type({x}) is not dict", "a dict")]
+        for spec in schema["fields"]:
+            field = self.fresh("x")
+            out.append(f"{field} = {x}[{spec['name']!r}]")
+            out.extend(self.lines(spec["type"], field))
+        self.building.discard(name)
+        return out
 
-_PRIMITIVES: dict[str, Write] = {
-    "null": _null, "boolean": _boolean, "int": _long, "long": _long, "float": _float,
-    "double": _double, "bytes": _bytes, "string": _string}
-
-
-def _compile(schema: Any, named: dict[str, Write]) -> Write:
-    """The writer of ``schema`` (parsed by fastavro: names are full); raises
-    :class:`Uncompiled` for what it does not handle."""
-    if isinstance(schema, str):
-        found = _PRIMITIVES.get(schema) or named.get(schema)
-        if found is None:
-            raise Uncompiled(f"type {schema!r}")
-        return found
-    if isinstance(schema, list):
-        return _union(schema, named)
-    kind = schema.get("type")
-    logical = schema.get("logicalType")
-    if logical is not None and logical != "uuid":
-        raise Uncompiled(f"logical type {logical!r}")
-    if kind == "record":
-        return _record(schema, named)
-    if kind == "enum":
-        return _enum(schema, named)
-    if kind == "array":
-        return _array(_compile(schema["items"], named))
-    if kind == "map":
-        return _map(_compile(schema["values"], named))
-    if isinstance(kind, str) and kind in _PRIMITIVES:
-        return _PRIMITIVES[kind]
-    raise Uncompiled(f"type {kind!r}")
-
-
-def _union(branches: list[Any], named: dict[str, Write]) -> Write:
-    """``null`` and one other type, in either order (what the mesh's schemas use)."""
-    others = [b for b in branches if b != "null"]
-    if len(branches) != 2 or len(others) != 1:
-        raise Uncompiled(f"union {branches!r}")
-    write = _compile(others[0], named)
-    null_tag, value_tag = (b"\x00", b"\x02") if branches[0] == "null" else (b"\x02", b"\x00")
-
-    def union(parts: list[bytes], value: Any) -> None:
-        if value is None:
-            parts.append(null_tag)
+    def _repeated(self, schema: dict[str, Any], x: str) -> list[str]:
+        item, key = self.fresh("x"), self.fresh("k")
+        if schema["type"] == "array":
+            test, loop, keys = ("type({x}) is not list and type({x}) is not tuple",
+                                f"for {item} in {x}:", [])
+            items = self.lines(schema["items"], item)
         else:
-            parts.append(value_tag)
-            write(parts, value)
-
-    return union
-
-
-def _record(schema: dict[str, Any], named: dict[str, Write]) -> Write:
-    fields: list[tuple[str, Write]] = []
-
-    def record(parts: list[bytes], value: Any) -> None:
-        for name, write in fields:
-            write(parts, value[name])
-
-    named[schema["name"]] = record  # before its fields: a field may name it
-    fields.extend((f["name"], _compile(f["type"], named)) for f in schema["fields"])
-    return record
+            test, loop = "type({x}) is not dict", f"for {key}, {item} in {x}.items():"
+            keys, items = _PRIMITIVE_LINES["string"](key), self.lines(schema["values"], item)
+        return [_check(x, test, "a " + schema["type"]), f"if {x}:",
+                f"    a(L(len({x})))", f"    {loop}", *_indented(keys + items, 2),
+                r"a(b'\x00')"]
 
 
-def _enum(schema: dict[str, Any], named: dict[str, Write]) -> Write:
-    index = {symbol: long_bytes(i) for i, symbol in enumerate(schema["symbols"])}
-
-    def enum(parts: list[bytes], value: Any) -> None:
-        if type(value) is not str:
-            raise TypeError(f"not a str: {type(value).__name__}")
-        parts.append(index[value])
-
-    named[schema["name"]] = enum
-    return enum
+def _indented(lines: list[str], levels: int = 1) -> list[str]:
+    return ["    " * levels + line for line in lines]
 
 
-def _array(write: Write) -> Write:
-    def array(parts: list[bytes], value: Any) -> None:
-        if type(value) is not list and type(value) is not tuple:
-            raise TypeError(f"not a list: {type(value).__name__}")
-        if value:
-            parts.append(long_bytes(len(value)))
-            for item in value:
-                write(parts, item)
-        parts.append(b"\x00")
-
-    return array
-
-
-def _map(write: Write) -> Write:
-    def map_(parts: list[bytes], value: Any) -> None:
-        if type(value) is not dict:
-            raise TypeError(f"not a dict: {type(value).__name__}")
-        if value:
-            parts.append(long_bytes(len(value)))
-            for key, item in value.items():
-                _string(parts, key)
-                write(parts, item)
-        parts.append(b"\x00")
-
-    return map_
+def _generated(parsed: dict[str, Any], constants: Mapping[str, bytes]) -> Callable[[Any], bytes]:
+    """The writer of record schema ``parsed`` as one generated function; the fields in
+    ``constants`` are written as those bytes (the values passed need not have them)."""
+    source = _Source(parsed.get("__named_schemas", {}))
+    source.named.setdefault(parsed["name"], parsed)
+    source.building.add(parsed["name"])
+    lines = ["def write(v):", "    p = []", "    a = p.append"]
+    for spec in parsed["fields"]:
+        name = spec["name"]
+        if name in constants:
+            piece = source.fresh("C")
+            source.env[piece] = constants[name]
+            lines.append(f"    a({piece})")
+            continue
+        field = source.fresh("x")
+        lines.append(f"    {field} = v[{name!r}]")
+        lines.extend(_indented(source.lines(spec["type"], field)))
+    lines.append("    return b''.join(p)")
+    exec("\n".join(lines), source.env)  # built here from the schema's names only
+    return source.env["write"]  # type: ignore[no-any-return]
 
 
 def compile_writer(parsed: Any) -> Callable[[Any], bytes] | None:
-    """A function writing values of the fastavro-parsed schema ``parsed`` to Avro bytes
-    (raising one of :data:`UNWRITTEN` for a value it leaves to fastavro), or None when
-    the schema has a construct it does not handle."""
+    """A function writing values of the fastavro-parsed record schema ``parsed`` to Avro
+    bytes (raising one of :data:`UNWRITTEN` for a value it leaves to fastavro), or None
+    when the schema has a construct it does not handle."""
+    if not isinstance(parsed, dict) or parsed.get("type") != "record":
+        return None
     try:
-        if isinstance(parsed, dict) and parsed.get("type") == "record":
-            return _generated(parsed["fields"], {}, {})
-        write = _compile(parsed, {})
+        return _generated(parsed, {})
     except Uncompiled:
         return None
-
-    def written(value: Any) -> bytes:
-        parts: list[bytes] = []
-        write(parts, value)
-        return b"".join(parts)
-
-    return written
 
 
 class RecordTemplate:
@@ -257,70 +239,7 @@ class RecordTemplate:
                 fastavro.schemaless_writer(out, _field_schema(parsed, spec),
                                            constant[spec["name"]])
                 constants[spec["name"]] = out.getvalue()
-        self.write: Callable[[Mapping[str, Any]], bytes] = _generated(
-            parsed["fields"], constants, _named_writers(parsed))
-
-
-def _named_writers(parsed: dict[str, Any]) -> dict[str, Write]:
-    named: dict[str, Write] = {}
-    for name, schema in parsed.get("__named_schemas", {}).items():
-        if name not in named:
-            try:
-                _compile(schema, named)
-            except Uncompiled:
-                continue
-    return named
-
-
-# The source of one field's write in a generated record writer, by type; ``x`` holds
-# the value, ``a`` appends a part, ``O`` is the one-byte longs, ``L`` long_bytes.
-_INLINE = {
-    "long": ["if type(x) is not int: raise TypeError('long')",
-             "a(O[x << 1] if 0 <= x < 64 else L(x))"],
-    "string": ["if type(x) is not str: raise TypeError('string')",
-               "b = x.encode()", "n = len(b)",
-               "a(O[n << 1] if n < 64 else L(n))", "a(b)"],
-    "double": ["if type(x) is not float: raise TypeError('double')", "a(D(x))"],
-    "boolean": ["if type(x) is not bool: raise TypeError('boolean')",
-                "a(b'\\x01' if x else b'\\x00')"],
-}
-_INLINE["int"] = _INLINE["long"]
-
-
-def _field_source(schema: Any, index: int, env: dict[str, Any],
-                  named: dict[str, Write]) -> list[str]:
-    """The lines writing one field's value ``x``: inline for primitives and nullable
-    primitives, else a call of the field's compiled writer."""
-    if isinstance(schema, str) and schema in _INLINE:
-        return _INLINE[schema]
-    other = (next((s for s in schema if s != "null"), None)
-             if isinstance(schema, list) and len(schema) == 2 and "null" in schema else None)
-    if isinstance(other, str) and other in _INLINE:
-        null_tag, tag = ("b'\\x00'", "b'\\x02'") if schema[0] == "null" else (
-            "b'\\x02'", "b'\\x00'")
-        return [f"if x is None: a({null_tag})", "else:", f"    a({tag})",
-                *("    " + line for line in _INLINE[other])]
-    env[f"W{index}"] = _compile(schema, named)
-    return [f"W{index}(p, x)"]
-
-
-def _generated(fields: list[dict[str, Any]], constants: Mapping[str, bytes],
-               named: dict[str, Write]) -> Callable[[Any], bytes]:
-    """A record writer as one generated function: a dict lookup and a few inline lines
-    per field, no call per field (closures cost twice as much per field)."""
-    env: dict[str, Any] = {"O": _ONE_BYTE, "L": long_bytes, "D": _DOUBLE}
-    lines = ["def write(v):", "    p = []", "    a = p.append"]
-    for index, spec in enumerate(fields):
-        name = spec["name"]
-        if name in constants:
-            env[f"C{index}"] = constants[name]
-            lines.append(f"    a(C{index})")
-            continue
-        lines.append(f"    x = v[{name!r}]")
-        lines.extend("    " + line for line in _field_source(spec["type"], index, env, named))
-    lines.append("    return b''.join(p)")
-    exec("\n".join(lines), env)  # source built here from schema field names
-    return env["write"]  # type: ignore[no-any-return]
+        self.write: Callable[[Mapping[str, Any]], bytes] = _generated(parsed, constants)
 
 
 def _field_schema(parsed: dict[str, Any], spec: dict[str, Any]) -> Any:
