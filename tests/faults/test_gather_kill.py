@@ -6,7 +6,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from mesh import Codec, apply_topics
-from mesh.patterns.gather import Merged
+from mesh.config import MeshSettings
+from mesh.patterns.gather import GatherState, GatherTopics, Merged
 from mesh.state import CompactedTable
 from tests.apps.gather import Ask, GatherWatch, request_record, topics_for
 from tests.conftest import BrokerUnderTest
@@ -88,4 +89,27 @@ async def test_kill_9_of_the_gather_with_100_requests_half_collected_completes_e
             f"alpha on {question}", f"beta on {question}"]
     table = CompactedTable(topics.state, settings.kafka, codec)
     await table.restore()
-    assert {c: row.status for c, row in table.items()} == dict.fromkeys(cids, "done")
+    statuses = {c: row.status for c, row in table.items()}
+    if statuses != dict.fromkeys(cids, "done"):  # every version of the rows that differ
+        wrong = {c for c in cids if statuses.get(c) != "done"}
+        raise AssertionError(f"rows not done: {sorted(wrong)}\n" + "\n".join(
+            await _row_history(settings, codec, topics, wrong)) + "\n"
+            + (tmp_path / "agents.log").read_text()[-6000:])
+
+
+async def _row_history(settings: MeshSettings, codec: Codec, topics: GatherTopics,
+                       cids: set[str]) -> list[str]:
+    """Each state record of ``cids`` in log order (what a compaction kept of them)."""
+    lines = []
+    for record in await read_all(settings, [topics.state.name]):
+        cid = (record.key or b"").decode()
+        if cid not in cids:
+            continue
+        row = await codec.decode(topics.state, record.value) if record.value else None
+        assert row is None or isinstance(row, GatherState)
+        lines.append(f"{cid} {record.partition}@{record.offset} t={record.timestamp_ms} " + (
+            "tombstone" if row is None else
+            f"{row.status} requested={row.requested} received="
+            f"{[p.agent for p in row.received]} answered={row.answered} "
+            f"applied={len(row.applied)} by={row.completed_by}"))
+    return lines
