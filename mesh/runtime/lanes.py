@@ -16,13 +16,17 @@ at-least-once half of the delivery contract that is about partitions and offsets
 * The poll loop never waits for handlers: a busy partition is paused (and resumed
   when its lane drains), so a handler slower than ``max.poll.interval.ms`` does not
   make the consumer drop out of its group.
+* Latency: records a poll brings are handed to their workers in the poll itself
+  (:meth:`Lanes.feed`); the lane's task takes only what had to wait (a hold, a retry's
+  time, a full window, the state restore), so a record costs no extra loop turn.
 * On revoke, lanes of the revoked partitions finish the record in hand and their
   offsets are committed before the partitions move.
 
 The runner (:mod:`mesh.runtime.runner`) feeds the lanes what it polls and opens and
 closes them on rebalance; what happens to one record is :mod:`mesh.runtime.process`'s.
-The exactly-once lanes (:mod:`mesh.runtime.transactions`) replace :meth:`Lanes.drain`
-and :meth:`Lanes.commit`: a lane there handles its records in transactions.
+The exactly-once lanes (:mod:`mesh.runtime.transactions`) replace :meth:`Lanes.drain`,
+:meth:`Lanes.commit` and the hand-out on feed: a lane there handles its records in
+transactions.
 """
 
 from __future__ import annotations
@@ -122,6 +126,9 @@ class Lanes:
         self.slots = asyncio.Semaphore(agent.concurrency or settings.runtime.concurrency)
         self.consumer: Consumer | None = None  # set by the runner while it runs
         self._lanes: dict[Partition, Lane] = {}
+        # One commit at a time (the poll loop's runs beside it, a close's may come
+        # meanwhile): each reads the offsets when its turn comes, so none goes back.
+        self._committing = asyncio.Lock()
 
     def partitions(self) -> list[Partition]:
         """The partitions that have a lane now."""
@@ -149,6 +156,7 @@ class Lanes:
         """Hand the lane of ``partition`` (opened if need be) records just fetched."""
         lane = self._lanes.get(partition) or self.open(partition)
         lane.backlog.extend(records)
+        self._hand_out(lane)  # now: waking the lane's task first would cost a loop turn
         lane.wakeup.set()
 
     def open(self, partition: Partition) -> Lane:
@@ -212,9 +220,12 @@ class Lanes:
         """Commit each lane's ``done`` offset (every lane's by default) where it moved
         and the partition is still owned. A failed or unanswered commit is logged: the
         next owner (or the next commit) covers it."""
+        async with self._committing:  # the lanes as they are when its turn comes
+            await self._commit(list(self._lanes.values()) if lanes is None else lanes)
+
+    async def _commit(self, lanes: Sequence[Lane]) -> None:
         if self.consumer is None:
             return
-        lanes = list(self._lanes.values()) if lanes is None else lanes
         owned = self.consumer.assignment()
         due = {lane.partition: lane.done for lane in lanes
                if lane.done is not None and lane.done != lane.committed
@@ -258,35 +269,43 @@ class Lanes:
         offset to commit) advances only over a prefix of inputs that are handled and
         whose outputs are all acknowledged; at most ``runtime.max_uncommitted`` inputs
         of the partition are taken past it."""
-        window = self.settings.runtime.max_uncommitted
         try:
             while not lane.stopping:
                 # Cleared before looking: new records, a finished input, an ack, the
                 # restore or a stop that comes after this wakes the waits below.
                 lane.wakeup.clear()
                 await lane.settle(wait=False)
-                if not lane.backlog or not self.ready.is_set():
+                until = self._hand_out(lane)
+                await lane.settle(wait=False)  # over other groups' retries just passed
+                if until is None:
                     await lane.wakeup.wait()
-                    continue
-                if self.held:
-                    await lane.wait_until(self.held_until())
-                    continue
-                record = lane.backlog[0]
-                if not retry.is_for(record, self.agent.group):  # another group's retry
-                    lane.backlog.popleft()
-                    lane.pending[record.offset] = Acks([])  # done: nothing to wait for
-                    continue
-                if retry.due_ms(record) > now_ms():  # a retry waits for its time
-                    await lane.wait_until(retry.due_ms(record) / 1000)
-                    continue
-                if len(lane.pending) >= window:  # the uncommitted window is full
-                    await lane.wakeup.wait()
-                    continue
-                self._dispatch(lane, lane.backlog.popleft())
+                else:
+                    await lane.wait_until(until)
         finally:
             if lane.workers:  # each finishes the input in hand (bounded by close)
                 await asyncio.wait(set(lane.workers))
             await lane.settle(wait=True)
+
+    def _hand_out(self, lane: Lane) -> float | None:
+        """Hand the lane's records, in offset order, to their keys' workers until one
+        must wait; then say until when (epoch seconds: a hold, a retry's time), or None
+        for "until woken" (no records, state not restored, window full, stopping).
+        Called by the lane's task and by :meth:`feed` as records arrive."""
+        window = self.settings.runtime.max_uncommitted
+        while lane.backlog and not lane.stopping and self.ready.is_set():
+            if self.held:
+                return self.held_until()
+            record = lane.backlog[0]
+            if not retry.is_for(record, self.agent.group):  # another group's retry
+                lane.backlog.popleft()
+                lane.pending[record.offset] = Acks([])  # done: nothing to wait for
+                continue
+            if retry.due_ms(record) > now_ms():  # a retry waits for its time
+                return retry.due_ms(record) / 1000
+            if len(lane.pending) >= window:  # the uncommitted window is full
+                return None
+            self._dispatch(lane, lane.backlog.popleft())
+        return None
 
     def _order_key(self, record: Record) -> Any:
         """Inputs with equal order keys are handled one at a time, in offset order."""

@@ -4,15 +4,17 @@ A replica of an agent is an :class:`AgentRunner`, composed of three parts (split
 aiokafka splits its consumer into consumer, fetcher and subscription state):
 
 * here, the runner: the consumer loop (poll, feed the lanes, pause and resume, commit
-  every ``runtime.commit_interval_ms``), the rebalance callbacks (restore the state
-  tables, open and close lanes), timers, holds, quarantine and the rate limit;
+  every ``runtime.commit_interval_ms`` beside the polling), the rebalance callbacks
+  (restore the state tables, open and close lanes), timers, holds, quarantine and the
+  rate limit;
 * :mod:`mesh.runtime.lanes`: per partition, the order of its records, one worker per
   order key, the uncommitted window, its offsets and their commit;
 * :mod:`mesh.runtime.process`: one record's fate: decode, handle, the retry decision,
   outputs, retry record or dead letter, audit, trace span, its :class:`Outcome`.
 
-One record's walk: :meth:`AgentRunner._poll` -> :meth:`Lanes.feed` -> the lane's
-:meth:`Lanes.drain` -> its key's worker, under a handler slot -> :meth:`AgentRunner._take`
+One record's walk: :meth:`AgentRunner._poll` -> :meth:`Lanes.feed` (or, once what
+held it back passes, the lane's :meth:`Lanes.drain`) -> its key's worker, under a
+handler slot -> :meth:`AgentRunner._take`
 (rate limit, holds) -> :meth:`RecordProcessor.process` (sends what it produced) -> the
 acks resolve -> :meth:`Lane.settle` advances the offset -> :meth:`Lanes.commit`.
 
@@ -233,36 +235,60 @@ class AgentRunner:
                        runner=self)
 
     async def _poll(self, consumer: Consumer, stop: asyncio.Event) -> None:
+        """Poll, feed the lanes, pause and resume, and commit every
+        ``runtime.commit_interval_ms``. The commit runs beside the loop, one at a time,
+        its error raised here: awaited inline, its round trip would hold every record
+        fetched meanwhile, and aiokafka sends no fetch to a broker while records it
+        fetched from it wait to be taken."""
         runtime = self.settings.runtime
         next_commit = 0.0
-        while not stop.is_set():
-            if self._fatal is not None:
-                raise self._fatal
-            if self.quarantined:
-                # Unsubscribed: aiokafka's getmany would wait for a new assignment
-                # (ignoring its timeout) and this loop would never see ``stop``.
-                waits = [asyncio.ensure_future(stop.wait()),
-                         asyncio.ensure_future(self._released.wait())]
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                for waiting in waits:
-                    waiting.cancel()
-                continue
-            try:
-                batches = await consumer.getmany(timeout_ms=200,
-                                                 max_records=runtime.max_records_per_poll)
-            except UnreadableBatch as exc:  # stop once, loudly: a refetch fails the same way
-                topic = exc.topic or "unknown"
-                self.unreadable[topic] = self.unreadable.get(topic, 0) + 1
-                logger.error("agent %s stops: %s", self.agent.name, exc)
-                raise
-            for partition, records in batches.items():
-                self.placement.check(records,
-                                     partitions=consumer.partition_count(partition.topic))
-                self.lanes.feed(partition, records)
-            self.lanes.flow_control()
-            if time.monotonic() >= next_commit:
-                await self.lanes.commit()
-                next_commit = time.monotonic() + runtime.commit_interval_ms / 1000
+        committing: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                if self._fatal is not None:
+                    raise self._fatal
+                if committing is not None and committing.done():
+                    finished, committing = committing, None
+                    finished.result()  # a transport error stops the agent, as before
+                if self.quarantined:
+                    await self._wait_released(stop)
+                    continue
+                await self._fetch(consumer)
+                if committing is None and time.monotonic() >= next_commit:
+                    committing = asyncio.create_task(self.lanes.commit(),
+                                                     name=f"{self.agent.name}:commit")
+                    next_commit = time.monotonic() + runtime.commit_interval_ms / 1000
+        except BaseException:
+            if committing is not None:  # uncommitted inputs are redelivered
+                committing.cancel()
+                await asyncio.wait([committing])
+            raise
+        if committing is not None:
+            await committing
+
+    async def _wait_released(self, stop: asyncio.Event) -> None:
+        """Wait for :meth:`release` or ``stop``. Unsubscribed, aiokafka's getmany would
+        wait for a new assignment (ignoring its timeout) and never see ``stop``."""
+        waits = [asyncio.ensure_future(stop.wait()),
+                 asyncio.ensure_future(self._released.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
+
+    async def _fetch(self, consumer: Consumer) -> None:
+        """One poll: hand what was fetched to the lanes, then pause or resume."""
+        try:
+            batches = await consumer.getmany(timeout_ms=200,
+                                             max_records=self.settings.runtime.max_records_per_poll)
+        except UnreadableBatch as exc:  # stop once, loudly: a refetch fails the same way
+            topic = exc.topic or "unknown"
+            self.unreadable[topic] = self.unreadable.get(topic, 0) + 1
+            logger.error("agent %s stops: %s", self.agent.name, exc)
+            raise
+        for partition, records in batches.items():
+            self.placement.check(records, partitions=consumer.partition_count(partition.topic))
+            self.lanes.feed(partition, records)
+        self.lanes.flow_control()
 
     def hold(self, until: float) -> None:
         """Pause every partition until ``until`` (epoch seconds), polling on; the lanes

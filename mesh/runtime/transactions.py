@@ -219,6 +219,10 @@ class TransactionalLanes(Lanes):
                          "has no open transaction (the partition was revoked).")
         return await owned.producer.send_many(records)
 
+    def _hand_out(self, lane: Lane) -> float | None:
+        """Records wait for the lane's transaction (:meth:`drain`), not for workers."""
+        return None
+
     async def drain(self, lane: Lane) -> None:
         """Handle the lane's records in transactions, one per batch, until stopped."""
         try:

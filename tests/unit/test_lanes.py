@@ -1,0 +1,215 @@
+"""The lanes hand fetched records to their workers at once, keep each key's order, and
+commit one at a time; the poll loop keeps polling while a commit is in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from mesh import Agent, Context, MeshSettings, Topic
+from mesh.errors import TransportError
+from mesh.kafka.base import Acks, Partition, Record
+from mesh.runtime.lanes import Lanes
+from mesh.runtime.runner import AgentRunner
+from mesh.serde.codec import Codec
+
+PART = Partition("orders", 0)
+
+
+class Order(BaseModel):
+    id: int
+
+
+async def ignore(order: Order, ctx: Context) -> None:
+    """The handler: the lanes call ``Harness.handle`` instead."""
+
+
+ORDERS = Topic("orders", Order, partitions=1)
+
+
+def record(offset: int, key: bytes) -> Record:
+    return Record(PART.topic, PART.partition, offset, key, b"", (), 0)
+
+
+class FakeConsumer:
+    """Polls return nothing; commits wait for ``release`` and are recorded."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+        self.polled = asyncio.Event()
+        self.commits: list[dict[Partition, int]] = []
+        self.in_commit = 0
+        self.most_in_commit = 0
+        self.release = asyncio.Event()
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Partition, list[Record]]:
+        self.polls += 1
+        self.polled.set()
+        await asyncio.sleep(0)
+        return {}
+
+    def partition_count(self, topic: str) -> int:
+        return 1
+
+    def assignment(self) -> set[Partition]:
+        return {PART}
+
+    def paused(self) -> set[Partition]:
+        return set()
+
+    def pause(self, partitions: Any) -> None:
+        """Nothing to pause."""
+
+    def resume(self, partitions: Any) -> None:
+        """Nothing to resume."""
+
+    async def commit(self, offsets: Mapping[Partition, int]) -> None:
+        self.in_commit += 1
+        self.most_in_commit = max(self.most_in_commit, self.in_commit)
+        try:
+            await self.release.wait()
+        finally:
+            self.in_commit -= 1
+        self.commits.append(dict(offsets))
+
+
+class Harness:
+    """Lanes whose handler records what it handled (and may be made to wait)."""
+
+    def __init__(self, ordering: str = "key") -> None:
+        self.handled: list[int] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.tasks: list[asyncio.Task[None]] = []
+        agent = Agent("orders-agent", consumes=ORDERS, ordering=ordering,  # type: ignore[arg-type]
+                      handler=ignore)
+        ready = asyncio.Event()
+        ready.set()
+        self.lanes = Lanes(agent, MeshSettings(), handle=self.handle, spawn=self.spawn,
+                           ready=ready, held_until=lambda: 0.0)
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
+        self.tasks.append(task)
+        return task
+
+    async def handle(self, rec: Record) -> Acks:
+        await self.gate.wait()
+        self.handled.append(rec.offset)
+        return Acks([])
+
+    async def close(self) -> None:
+        await self.lanes.close(self.lanes.partitions())
+
+
+async def test_fed_records_go_to_their_workers_before_the_lane_task_runs() -> None:
+    harness = Harness()
+    harness.lanes.feed(PART, [record(0, b"a"), record(1, b"b")])
+    lane = harness.lanes[PART]
+    # No loop turn has passed: the lane's own task has not run, the records are taken.
+    assert not lane.backlog
+    assert sorted(lane.pending) == [0, 1]
+    assert len(lane.workers) == 2
+    await asyncio.wait(set(lane.workers))
+    assert sorted(harness.handled) == [0, 1]
+    await harness.close()
+
+
+async def test_one_keys_records_keep_their_order_across_polls() -> None:
+    harness = Harness()
+    harness.gate.clear()  # the first record's handler waits
+    harness.lanes.feed(PART, [record(0, b"a"), record(1, b"b")])
+    harness.lanes.feed(PART, [record(2, b"a"), record(3, b"a")])
+    lane = harness.lanes[PART]
+    assert len(lane.workers) == 2  # one per key: key a's later records queue behind 0
+    harness.gate.set()
+    await asyncio.wait(set(lane.workers))
+    assert [o for o in harness.handled if o in (0, 2, 3)] == [0, 2, 3]
+    await harness.close()
+
+
+async def test_records_wait_for_the_state_tables_then_go() -> None:
+    harness = Harness()
+    harness.lanes.ready.clear()
+    harness.lanes.feed(PART, [record(0, b"a")])
+    lane = harness.lanes[PART]
+    assert list(lane.backlog) == [record(0, b"a")] and not lane.pending
+    harness.lanes.ready.set()
+    harness.lanes.wake()
+    async with asyncio.timeout(10):
+        while harness.handled != [0]:
+            await asyncio.sleep(0)
+    await harness.close()
+
+
+async def test_commits_run_one_at_a_time_each_with_the_latest_offsets() -> None:
+    harness = Harness()
+    consumer = FakeConsumer()
+    harness.lanes.consumer = consumer  # type: ignore[assignment]
+    lane = harness.lanes.open(PART)
+    lane.done = 1  # as if inputs 0 were handled and acknowledged
+    first = asyncio.create_task(harness.lanes.commit())
+    async with asyncio.timeout(10):
+        while consumer.in_commit == 0:
+            await asyncio.sleep(0)
+    lane.done = 5
+    second = asyncio.create_task(harness.lanes.commit())
+    await asyncio.sleep(0)
+    assert consumer.in_commit == 1  # the second waits for the first
+    consumer.release.set()
+    await asyncio.gather(first, second)
+    assert consumer.commits == [{PART: 1}, {PART: 5}]
+    assert consumer.most_in_commit == 1
+    lane.done = lane.committed  # nothing left for the close's commit
+    await harness.close()
+
+
+def runner_with(consumer: FakeConsumer) -> AgentRunner:
+    agent = Agent("orders-agent", consumes=ORDERS, handler=ignore)
+    settings = MeshSettings()
+    runner = AgentRunner(agent, settings, producer=None,  # type: ignore[arg-type]
+                         codec=Codec(settings.schema_registry))
+    runner.lanes.consumer = consumer  # type: ignore[assignment]
+    return runner
+
+
+async def test_the_poll_loop_keeps_polling_while_a_commit_is_in_flight() -> None:
+    consumer = FakeConsumer()
+    runner = runner_with(consumer)
+    started = asyncio.Event()
+
+    async def slow_commit(lanes: Any = None) -> None:
+        started.set()
+        await consumer.release.wait()
+
+    runner.lanes.commit = slow_commit  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    polling = asyncio.create_task(runner._poll(consumer, stop))  # type: ignore[arg-type]
+    async with asyncio.timeout(10):
+        await started.wait()
+        polls = consumer.polls
+        while consumer.polls < polls + 3:  # inline, the commit would hold the loop here
+            await asyncio.sleep(0)
+    stop.set()
+    await asyncio.sleep(0)
+    assert not polling.done()  # the loop waits for the commit in flight before it ends
+    consumer.release.set()
+    async with asyncio.timeout(10):
+        await polling
+
+
+async def test_a_failed_commit_stops_the_poll_loop_with_its_error() -> None:
+    consumer = FakeConsumer()
+    runner = runner_with(consumer)
+
+    async def failing_commit(lanes: Any = None) -> None:
+        raise TransportError("Committing offsets failed: the broker is gone")
+
+    runner.lanes.commit = failing_commit  # type: ignore[method-assign]
+    with pytest.raises(TransportError, match="broker is gone"):
+        async with asyncio.timeout(10):
+            await runner._poll(consumer, asyncio.Event())  # type: ignore[arg-type]
