@@ -79,7 +79,9 @@ def _long_lines(x: str) -> list[str]:
 
 
 def _sized_lines(x: str, encoded: str) -> list[str]:
-    return [f"b = {encoded}", "n = len(b)", "a(O[n << 1] if n < 64 else L(n))", "a(b)"]
+    return [f"b = {encoded}", "n = len(b)",
+            "a(O[n << 1] if n < 64 else bytes((n << 1 & 127 | 128, n >> 6)) if n < 8192 "
+            "else L(n))", "a(b)"]
 
 
 _PRIMITIVE_LINES: dict[str, Callable[[str], list[str]]] = {

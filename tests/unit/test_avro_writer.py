@@ -173,3 +173,13 @@ async def test_audit_records_without_payloads_are_the_models_encoding() -> None:
                        causation_id=event.event_id, traceparent=other.traceparent, attempt=1,
                        size=200, details={"replica": auditor.replica})
     assert produced == audit_record(codec, model, source="stage1")
+
+
+@pytest.mark.parametrize("size", [0, 63, 64, 127, 1024, 8191, 8192, 70_000])
+def test_strings_and_bytes_of_every_length_class_are_fastavros(size: int) -> None:
+    serde = AvroSerde.for_model(Plain)
+    payload = Plain(s="é" * (size // 2) + "x" * (size % 2), i=size, f=0.0, b=True,
+                    by=b"\x01" * size, part=Part(name="n" * size), items=list(range(size % 200)))
+
+    assert serde.write is not None
+    assert serde.write(serde.to_avro(payload)) == fastavro_body(serde, payload)
