@@ -144,10 +144,15 @@ class Context:
         self.staged.append((topic.name, key, None, self.table(topic).record_of(key, None)))
 
     def commit_state(self) -> list[Any]:
-        """Apply the staged writes to the tables; returns their records to produce."""
-        for name, key, value, _ in self.staged:
+        """Apply the staged writes to the tables; returns their records to produce: the
+        last per table and key (a key written twice by one input would go in two
+        records, which may land in two produce requests: a crash between their acks
+        would keep the first, and the input's redelivery may judge it applied)."""
+        last = {}
+        for name, key, value, record in self.staged:
             self._tables[name].apply(key, value)
-        return [record for *_, record in self.staged]
+            last[name, key] = record
+        return list(last.values())
 
     def owns(self, topic: Topic[Any], partition: int) -> bool:
         """Whether this replica currently holds ``partition`` of the consumed ``topic``."""

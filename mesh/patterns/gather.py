@@ -453,9 +453,7 @@ class _Turn:
         else:
             self._event("part_received", p.error or "", part=p)
             received = [*row.received, await self._receive()]
-            row = self._save(row.model_copy(update={"received": received}), applied=True)
-            if row.requested:
-                await self._complete(row)
+            await self._complete(row.model_copy(update={"received": received}))
 
     async def _receive(self) -> Part:
         """The part as held: with rule first_valid, a rejected result is a failure."""
@@ -477,21 +475,26 @@ class _Turn:
         base = row or GatherState(correlation_id=self.cid, partition=self.ctx.event.partition
                                   or 0, created_ms=self.ctx.event.produced_at_ms)
         self._event("started", ", ".join(p.expected))
-        await self._complete(self._save(base.model_copy(update={
+        await self._complete(base.model_copy(update={
             "requested": True, "expected": p.expected, "deadline_at_ms": p.deadline_at_ms,
             "received": [r for r in base.received if r.agent in p.expected],
             "traceparent": self.ctx.traceparent, "request_event_id": self.ctx.event_id,
-        }), applied=True))
+        }))
         for ignored in (r for r in base.received if r.agent not in p.expected):
             self._event("part_ignored", f"{ignored.agent} is not an expected branch",
                         part=ignored)
 
     async def _complete(self, row: GatherState, *, timed_out: bool = False) -> None:
-        """End the request if the rule is decided (or on the deadline)."""
+        """Save ``row`` as this input left it: done, with the merged event emitted, if
+        the request is decided by the rule (or by the deadline), else as it is. One state
+        write per input: a crash between two writes of one input (they may go in two
+        produce requests) would leave a row that its redelivery, already applied, never
+        completes."""
         gather, rule = self.gather, self.gather.rule
         wins = [r for r in row.received if r.ok]
-        if not timed_out and not rule.decided(expected=len(row.expected), ok=len(wins),
-                                              answered=len(row.received)):
+        if not timed_out and not (row.requested and rule.decided(
+                expected=len(row.expected), ok=len(wins), answered=len(row.received))):
+            self._save(row, applied=True)
             return
         failures = [Failure(agent=r.agent, error=r.error or "failed", error_class=r.error_class)
                     for r in row.received if not r.ok]
