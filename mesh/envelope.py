@@ -218,17 +218,19 @@ _SMALL_INTS = [str(n).encode() for n in range(10)]
 
 
 def read_headers(headers: Headers, *, topic: str, partition: int, offset: int,
-                 key: bytes | None = None,
-                 problems: list[str] | None = None) -> Envelope[None]:
-    """The metadata of a consumed record. Never raises for a header: a malformed one is
-    replaced as if missing and described in ``problems`` (when given)."""
+                 key: bytes | None = None, problems: list[str] | None = None,
+                 payload: P | None = None) -> Envelope[P | None]:
+    """The metadata of a consumed record, around ``payload`` when given (the decoder
+    passes the decoded value: one envelope per input, not two). Never raises for a
+    header: a malformed one is replaced as if missing and described in ``problems``
+    (when given)."""
     values: dict[str, str] = {}
     extra: list[tuple[str, bytes]] = []
     bad: list[str] = [] if problems is None else problems
     for name, raw in headers:
-        if name.startswith(MESH_PREFIX) or name in (TRACEPARENT, TRACESTATE):
+        if name in _OWN or name.startswith(MESH_PREFIX):
             try:
-                values[name] = bytes(raw).decode()
+                values[name] = (raw if type(raw) is bytes else bytes(raw)).decode()
             except (UnicodeDecodeError, TypeError):
                 bad.append(f"{name}: not UTF-8 text")
         else:
@@ -244,14 +246,14 @@ def read_headers(headers: Headers, *, topic: str, partition: int, offset: int,
         bad.append(f"{ATTEMPT}: {attempt} is not a delivery attempt (they count from 1)")
         attempt = 1
     return Envelope(
-        None, event_id, values.get(CORRELATION_ID) or event_id,
-        causation_id=values.get(CAUSATION_ID) or None,
-        traceparent=trace or new_traceparent(), source=values.get(SOURCE) or "external",
-        attempt=attempt, schema=values.get(SCHEMA) or None,
-        produced_at_ms=_int_header(values, PRODUCED_AT, now_ms(), bad),
-        key=key, topic=topic, partition=partition, offset=offset, tracestate=state,
-        extra_headers=tuple(extra),
-    )
+        payload, event_id, values.get(CORRELATION_ID) or event_id,
+        values.get(CAUSATION_ID) or None, trace or new_traceparent(),
+        values.get(SOURCE) or "external", attempt, values.get(SCHEMA) or None,
+        _int_header(values, PRODUCED_AT, now_ms(), bad), key, topic, partition, offset,
+        state, tuple(extra))
+
+
+_OWN = frozenset((*MESH_HEADERS, TRACESTATE))
 
 
 def _int_header(values: dict[str, str], name: str, default: int, problems: list[str]) -> int:

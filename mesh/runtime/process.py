@@ -193,12 +193,22 @@ class RecordProcessor:
             raise PayloadTooLarge(f"Record of {len(record.value)} bytes is above the limit of "
                                   f"{limit} (MESH_RUNTIME__MAX_MESSAGE_BYTES).")
         problems: list[str] = []
-        meta = read_headers(record.headers, topic=record.topic, partition=record.partition,
-                            offset=record.offset, key=record.key, problems=problems)
+        try:
+            payload = await self.codec.decode(self.agent.topic_named(record.topic),
+                                              record.value)
+        except InputError:  # its headers' problems are reported all the same
+            read_headers(record.headers, topic=record.topic, partition=record.partition,
+                         offset=record.offset, problems=problems)
+            if problems:
+                self._bad_headers(record, problems)
+            raise
+        # One envelope per input: the headers read around the decoded payload.
+        event = read_headers(record.headers, topic=record.topic, partition=record.partition,
+                             offset=record.offset, key=record.key, problems=problems,
+                             payload=payload)
         if problems:
             self._bad_headers(record, problems)
-        payload = await self.codec.decode(self.agent.topic_named(record.topic), record.value)
-        return meta.with_payload(payload)  # type: ignore[arg-type]  # None -> the payload
+        return event
 
     def _bad_headers(self, record: Record, problems: list[str]) -> None:
         """Malformed optional headers were replaced: count them, and warn once per topic
