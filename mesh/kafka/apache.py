@@ -23,6 +23,7 @@ import base64
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -279,10 +280,13 @@ class ApacheKafka:
 
     def _jvm(self, java: str) -> list[str]:
         assert self._classpath is not None and self._data is not None
+        # KAFKA_OPTS: extra JVM options, as Kafka's own scripts take them (make test sets
+        # a C1-only JIT there: its short-lived clusters spend less CPU compiling)
         return [java, f"-Xmx{self.heap}", "-Xms64m", "-XX:+UseG1GC",
                 "-XX:MaxGCPauseMillis=20", "-XX:+ExitOnOutOfMemoryError",
                 "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={self._data / 'log4j2.properties'}",
+                *shlex.split(os.environ.get("KAFKA_OPTS", "")),
                 "-cp", self._classpath]
 
     def _format(self, java: str) -> None:
