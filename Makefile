@@ -25,8 +25,11 @@ demo: $(STAMP)
 # stays on one worker (its module fixtures, e.g. a cluster of its own, start once).
 # Apache session: the integration and fault tests that use the session's broker (or are
 # marked apache), minus test_apache_broker.py (its own JVMs: it ran in the first session).
+# The Apache session runs on APACHE_WORKERS (2): its JVMs keep two cores busy, and a third
+# worker's processes starved heartbeats past the session timeout (load average 20-30).
 WORKERS ?= 3
-PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --durations=15
+APACHE_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest --dist loadfile --durations=15
 APACHE_TESTS := --broker-tests-only tests/integration tests/faults \
 	--ignore=tests/integration/test_apache_broker.py
 
@@ -37,10 +40,10 @@ test: export KAFKA_OPTS ?= -XX:TieredStopAtLevel=1
 test: $(STAMP)
 	$(BIN)/mesh schemas check
 ifneq ($(MESH_TEST_KAFKA)$(MESH_KAFKA__BOOTSTRAP_SERVERS),)
-	$(PYTEST)
+	$(PYTEST) -n $(WORKERS)
 else
-	$(PYTEST)
-	MESH_TEST_KAFKA=apache $(PYTEST) $(APACHE_TESTS)
+	$(PYTEST) -n $(WORKERS)
+	MESH_TEST_KAFKA=apache $(PYTEST) -n $(APACHE_WORKERS) $(APACHE_TESTS)
 endif
 
 test-fast: $(STAMP)

@@ -44,7 +44,9 @@ async def test_two_replicas_see_each_others_open_and_close_and_a_restart_keeps_i
     after A opened again starts open; the events topic holds the transitions in order."""
     settings = broker.settings()
     topics = breaker_topics(prefix)
-    policy = BreakerPolicy(failure_threshold=2, reset_timeout=1.0)
+    # 5 s: b must see the opening (through the broker) before the reset timeout passes,
+    # or its first call is already the probe; on a loaded machine that took over 1 s
+    policy = BreakerPolicy(failure_threshold=2, reset_timeout=5.0)
     a = CircuitBreaker("api", policy, settings=settings, topics=topics, replica="a")
     b = CircuitBreaker("api", policy, settings=settings, topics=topics, replica="b")
     async with a, b:
@@ -59,7 +61,7 @@ async def test_two_replicas_see_each_others_open_and_close_and_a_restart_keeps_i
             raise AssertionError("b let a call through while open")
         except BreakerOpen as exc:
             held_until = exc.until
-        assert held_until == (a.record.opened_at or 0) + 1.0
+        assert held_until == (a.record.opened_at or 0) + 5.0
         while time.time() < held_until:  # the reset timeout is the behaviour under test
             await asyncio.sleep(0.05)
         assert await b.call(ok) == "ok"
