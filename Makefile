@@ -25,18 +25,14 @@ demo: $(STAMP)
 # stays on one worker (its module fixtures, e.g. a cluster of its own, start once).
 # Apache session: the integration and fault tests that use the session's broker (or are
 # marked apache), minus test_apache_broker.py (its own JVMs: it ran in the first session).
-# The Apache session runs on APACHE_WORKERS (2): its JVMs keep two cores busy, and a third
-# worker's processes starved heartbeats past the session timeout (load average 20-30).
+# APACHE_WORKERS: the Apache session's workers. 2 workers with a C1-only JIT took 51 min
+# there (fresh-clone CI, 2026-12-02) against 22 min with 3 and the default JIT.
 WORKERS ?= 3
-APACHE_WORKERS ?= 2
+APACHE_WORKERS ?= 3
 PYTEST := $(BIN)/python -m pytest --dist loadfile --durations=15
 APACHE_TESTS := --broker-tests-only tests/integration tests/faults \
 	--ignore=tests/integration/test_apache_broker.py
 
-# Apache Kafka's JVMs in the tests (the session's cluster, the failover tests' own) compile
-# with C1 only: they live minutes, and C2 doubled their CPU on two cores (three nodes
-# took 48 CPU-s to start and take 10,000 records, 24 with C1). KAFKA_OPTS as Kafka reads it.
-test: export KAFKA_OPTS ?= -XX:TieredStopAtLevel=1
 test: $(STAMP)
 	$(BIN)/mesh schemas check
 ifneq ($(MESH_TEST_KAFKA)$(MESH_KAFKA__BOOTSTRAP_SERVERS),)

@@ -280,8 +280,8 @@ class ApacheKafka:
 
     def _jvm(self, java: str) -> list[str]:
         assert self._classpath is not None and self._data is not None
-        # KAFKA_OPTS: extra JVM options, as Kafka's own scripts take them (make test sets
-        # a C1-only JIT there: its short-lived clusters spend less CPU compiling)
+        # KAFKA_OPTS: extra JVM options, as Kafka's own scripts take them (e.g. a C1-only
+        # JIT: half the start-up CPU, more CPU later; tests/README.md has the figures)
         return [java, f"-Xmx{self.heap}", "-Xms64m", "-XX:+UseG1GC",
                 "-XX:MaxGCPauseMillis=20", "-XX:+ExitOnOutOfMemoryError",
                 "-Djava.awt.headless=true",

@@ -12,7 +12,7 @@ from mesh.kafka.apache import ApacheKafka
 def test_kafka_opts_are_added_to_each_nodes_jvm_before_the_classpath(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pass: KAFKA_OPTS (Kafka's own scripts' variable for extra JVM options; make test
-    sets a C1-only JIT) is split as a shell would and lands among the JVM options, after
+    may ask for a C1-only JIT) is split as a shell would and lands among the JVM options, after
     the launcher's own and before -cp; without it the command has no extra option."""
     kafka = ApacheKafka(nodes=1, heap="256m")
     kafka._classpath, kafka._data = "jars/*", tmp_path
