@@ -304,14 +304,21 @@ class AgentRunner:
         return time.time() < self._held_until
 
     async def _on_assigned(self, partitions: list[Partition]) -> None:
+        if not self._not_taking(partitions):
+            await self._fatal_on_error(self.assign(partitions))
+
+    def _not_taking(self, partitions: list[Partition]) -> bool:
+        """Whether the runner is stopping, so takes no partition of a rebalance.
+
+        A rebalance that completes while the runner stops (a rolling stop: the other
+        replica left first; or a stop while the state tables restore) hands out
+        partitions nobody will handle here: take none; leaving the group right after
+        gives them to the others."""
         if self._stopping or self._tasks is None:
-            # A rebalance that completes while the runner stops (a rolling stop: the
-            # other replica left first) hands out partitions nobody will handle here:
-            # take none; leaving the group right after gives them to the others.
             logger.info("agent %s stopping: not taking %d partition(s) of a rebalance",
                         self.agent.name, len(partitions))
-            return
-        await self._fatal_on_error(self.assign(partitions))
+            return True
+        return False
 
     async def _on_revoked(self, partitions: list[Partition]) -> None:
         await self._fatal_on_error(self.revoke(partitions))
@@ -332,6 +339,8 @@ class AgentRunner:
         # state topic to its end now sees the latest value of every key.
         for table in self.tables.values():
             await table.restore()
+        if self._not_taking(partitions):  # the runner began to stop while restoring
+            return
         self._state_ready.set()
         self.lanes.wake()  # lanes opened while restoring may go on
         for partition in partitions:

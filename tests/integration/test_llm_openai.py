@@ -200,8 +200,10 @@ async def test_an_openai_compatible_server_answers_with_a_tool_call_a_429_and_in
             async with Emitter(settings, source=f"{prefix}-test") as emitter:
                 sent = await emitter.emit(questions, asked)
             out = await wait_for_count(settings, [answers.name], 2, timeout=60)
-            [letter_record] = await wait_for_count(settings, [questions.dlq_name], 1,
-                                                   timeout=60)
+            letters = await wait_for_count(settings, [questions.dlq_name], 1, timeout=60)
+            # A rebalance (heartbeats late on a loaded machine) may hand an input to the
+            # model again before its offset was committed: at-least-once, not a bug.
+            rebalanced = sum(runner.revocations for runner in mesh.runners)
     ids = {q.qid: e.event_id for q, e in zip(asked, sent, strict=True)}
 
     codec = Codec()
@@ -212,20 +214,28 @@ async def test_an_openai_compatible_server_answers_with_a_tool_call_a_429_and_in
         got[answer.qid] = answer
     assert got == {"tool": Answer(qid="tool", text=f"found: {PASSAGE}"),
                    "busy": Answer(qid="busy", text="ARE YOU THERE?")}
-    assert SEARCHES == ["how does kafka order records?"]
-
     retried = await read_all(settings, [f"{questions.name}.retry.1"])
-    assert [event_id(r) for r in retried] == [ids["busy"]]
+    if rebalanced:  # each input was handled at least once, and nothing else was asked
+        assert set(SEARCHES) == {"how does kafka order records?"}
+        assert {event_id(r) for r in retried} == {ids["busy"]}
+    else:
+        assert SEARCHES == ["how does kafka order records?"]
+        assert [event_id(r) for r in retried] == [ids["busy"]]
     retry_error = dict(retried[0].headers)[RETRY_ERROR].decode()
     assert "rate limited (HTTP 429" in retry_error and "Retriable" in retry_error
 
-    letter = DeadLetter.of(letter_record)
-    assert event_id(letter_record) == ids["bad"]
+    assert {event_id(r) for r in letters} == {ids["bad"]}
+    assert rebalanced or len(letters) == 1
+    letter = DeadLetter.of(letters[0])
     assert (letter.error_class, letter.attempts) == ("LLMError", 1)
     assert "output invalid" in letter.error and "Not retriable" in letter.error
     assert "qid: string_type" in letter.error and "text: missing" in letter.error
 
-    assert chat_server.calls == {"tool": 2, "busy": 2, "bad": 2}
+    if rebalanced:
+        assert chat_server.calls.keys() == {"tool", "busy", "bad"}
+        assert all(calls >= 2 for calls in chat_server.calls.values()), chat_server.calls
+    else:
+        assert chat_server.calls == {"tool": 2, "busy": 2, "bad": 2}
     assert {(path, auth) for path, auth, _ in chat_server.requests} == {
         ("/v1/chat/completions", f"Bearer {KEY}")}
 

@@ -213,3 +213,30 @@ async def test_a_failed_commit_stops_the_poll_loop_with_its_error() -> None:
     with pytest.raises(TransportError, match="broker is gone"):
         async with asyncio.timeout(10):
             await runner._poll(consumer, asyncio.Event())  # type: ignore[arg-type]
+
+
+async def test_a_runner_that_stops_while_its_tables_restore_takes_no_partition() -> None:
+    """CI on Apache Kafka: an assignment whose state restore outlived the runner's task
+    group raised AssertionError in aiokafka's listener (and left a coroutine never
+    awaited). Now the assignment ends quietly with no lane opened."""
+    runner = runner_with(FakeConsumer())
+    restoring, finish = asyncio.Event(), asyncio.Event()
+
+    class SlowTable:
+        async def restore(self) -> int:
+            restoring.set()
+            await finish.wait()
+            return 0
+
+    runner.tables = {"orders-state": SlowTable()}  # type: ignore[dict-item]
+    async with asyncio.TaskGroup() as tasks:
+        runner._tasks = tasks
+        assigning = asyncio.create_task(runner._on_assigned([PART]))
+        async with asyncio.timeout(10):
+            await restoring.wait()
+    runner._tasks = None  # the runner left its task group, as run() does on stop
+    finish.set()
+    async with asyncio.timeout(10):
+        await assigning  # raises the AssertionError on the old code
+    assert runner.assignment() == frozenset()
+    assert runner._fatal is None and not runner.assigned.is_set()
