@@ -20,9 +20,9 @@ from pydantic_ai.models import override_allow_model_requests
 
 from mesh import Codec, Emitter, Mesh, MeshSettings, Topic, apply_topics
 from mesh.llm import LLMAgent, llm_agent, model_from_settings
+from mesh.policy import RetryPolicy
 from mesh.runtime.audit import audit_topic
 from mesh.runtime.dead_letter import DeadLetter
-from mesh.policy import RetryPolicy
 from mesh.runtime.retry import RETRY_ERROR
 from tests.conftest import BrokerUnderTest
 from tests.support import event_id, read_all, wait_for_count
