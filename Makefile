@@ -24,13 +24,14 @@ demo: $(STAMP)
 # on group rebalances, on processes they killed), so three share two cores; a test file
 # stays on one worker (its module fixtures, e.g. a cluster of its own, start once).
 # Apache session: the integration and fault tests that use the session's broker (or are
-# marked apache), minus test_apache_broker.py (its own JVMs: it ran in the first session).
+# marked apache), minus test_apache_broker.py (its own JVMs: it ran in the first session)
+# and minus the tests marked broker_agnostic (a layer above the transport: CI time).
 # APACHE_WORKERS: the Apache session's workers. 2 workers with a C1-only JIT took 51 min
 # there (fresh-clone CI, 2026-12-02) against 22 min with 3 and the default JIT.
 WORKERS ?= 3
 APACHE_WORKERS ?= 3
 PYTEST := $(BIN)/python -m pytest --dist loadfile --durations=15
-APACHE_TESTS := --broker-tests-only tests/integration tests/faults \
+APACHE_TESTS := --broker-tests-only -m "not broker_agnostic" tests/integration tests/faults \
 	--ignore=tests/integration/test_apache_broker.py
 
 test: $(STAMP)

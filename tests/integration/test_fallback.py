@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
 from mesh import Codec, Envelope, Mesh, Topic, apply_topics
@@ -14,6 +15,8 @@ from tests.apps import fallback as app
 from tests.apps.fallback import Ask
 from tests.conftest import BrokerUnderTest
 from tests.support import inject, read_all, wait_for_count
+
+pytestmark = pytest.mark.broker_agnostic
 
 
 def _record(codec: Codec, topic: Topic[Any], ask: Ask) -> OutRecord:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mesh import Codec, Envelope, apply_topics, derive_event_id
 from mesh.envelope import CAUSATION_ID, EVENT_ID
 from mesh.kafka.base import OutRecord
@@ -13,6 +15,8 @@ from tests.apps.llm import Article, Summary, build
 from tests.conftest import BrokerUnderTest
 from tests.faults.test_outage import lag_drained
 from tests.support import AgentProcess, event_id, inject, read_all, wait_for_count
+
+pytestmark = pytest.mark.broker_agnostic
 
 
 async def test_a_flaky_model_summarises_every_article_through_the_retry_topic(

@@ -27,6 +27,8 @@ from mesh.runtime.retry import RETRY_ERROR
 from tests.conftest import BrokerUnderTest
 from tests.support import event_id, read_all, wait_for_count
 
+pytestmark = pytest.mark.broker_agnostic
+
 KEY = "sk-loopback-7c1e5f0a9b2d4e6f"
 PASSAGE = "Kafka orders records per partition."
 

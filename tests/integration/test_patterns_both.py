@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from examples.events import EXPECTED, MAX_REVISIONS, REQUESTS
 from mesh import Context, Envelope
 from mesh.envelope import derive_event_id
@@ -29,6 +31,8 @@ from tests.apps.gather import Ask, topics_for
 from tests.integration.test_chain import Analysis, Request, Research, Review
 from topics.events import ContentPublished, ContentRejectedFinal
 from topics.supervision import Job
+
+pytestmark = pytest.mark.broker_agnostic
 
 if TYPE_CHECKING:
     from tests.both import MeshFactory

@@ -21,6 +21,8 @@ from tests.apps.delegation import Job, build, outcomes_of, request_records
 from tests.conftest import BrokerUnderTest
 from tests.support import AgentProcess, event_id, inject, read_all, wait_for_count
 
+pytestmark = pytest.mark.broker_agnostic
+
 NOT_SIGNED = "is not signed, but specialist 'writer' runs only signed tasks"
 NO_MATCH = "has a signature that does not match its content"
 MISROUTED = "is signed for specialist 'researcher' but reached specialist 'writer'"

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import pytest
+
 from mesh import Codec, Emitter, Mesh, apply_topics
 from mesh.config import AuditSettings
 from mesh.kafka.reader import TopicReader
@@ -29,6 +31,8 @@ from tests.apps import retry as retry_app
 from tests.apps.stages import Item, build
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import inject, wait_for_count
+
+pytestmark = pytest.mark.broker_agnostic
 
 CLI_TIMEOUT_S = 120.0
 

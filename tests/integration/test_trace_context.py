@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
 from mesh import Codec, Context, Emitter, Envelope, Mesh, MeshSettings, Topic, apply_topics
@@ -43,6 +44,8 @@ from tests.conftest import BrokerUnderTest
 from tests.integration.test_supervision import holding, until
 from tests.support import AgentProcess, Follower, encode, inject, read_all, wait_for_count
 from topics.supervision import Job
+
+pytestmark = pytest.mark.broker_agnostic
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from mesh import Codec, Topic
 from tests.conftest import ROOT, BrokerUnderTest
 from tests.support import read_all
 
+pytestmark = pytest.mark.broker_agnostic
+
 MESH = str(Path(sys.executable).parent / "mesh")
 TIMEOUT_S = 60.0
 

@@ -34,6 +34,8 @@ from tests.integration.test_writing import submit
 from tests.support import AgentProcess, read_all
 from topics.writing import WritingRequest
 
+pytestmark = pytest.mark.broker_agnostic
+
 REQUEST = WritingRequest.model_validate({
     "workflow_id": "wf-model", "task": "Write an overview on MCP servers",
     "requirements": {"word_count": 300, "include_code": True, "audience": "developers"}})
