@@ -48,6 +48,21 @@ async def checkpointed(settings: MeshSettings, codec: Codec, pipe: Pipeline
     return {k: {r.stage for r in cp.completed} for k, cp in latest.items() if cp is not None}
 
 
+async def finished_runs(settings: MeshSettings, codec: Codec, pipe: Pipeline
+                        ) -> dict[tuple[str, int], set[tuple[str, int]]]:
+    """Per (workflow, stage), its runs on the events topic so far. A run of a stage is one
+    `finished` event: its id and its elapsed time. A replay of a recorded stage resends
+    that event (same id, elapsed time from the checkpoint), in case the kill landed before
+    it was written: the same event, not another run."""
+    runs: dict[tuple[str, int], set[tuple[str, int]]] = {}
+    for record in await read_all(settings, [pipe.topics.events.name]):
+        event: Any = await codec.decode(pipe.topics.events, record.value or b"")
+        if event.status == "finished":
+            runs.setdefault((event.workflow_id, event.stage), set()).add(
+                (dict(record.headers)["mesh-event-id"].decode(), event.elapsed_ms))
+    return runs
+
+
 def encode(codec: Codec, topic: Topic[Any], doc: Doc) -> OutRecord:
     env = Envelope.new(doc, source="test", key=topic.key_of(doc))
     value, fingerprint = codec.encode(topic, doc)
@@ -58,10 +73,16 @@ def encode(codec: Codec, topic: Topic[Any], doc: Doc) -> OutRecord:
 async def test_kill_9_mid_workflow_resumes_from_checkpoints_without_rerunning_stages(
         broker: BrokerUnderTest, prefix: str, tmp_path: Path) -> None:
     """Pass: the pipeline process is killed -9 at 30 % and 65 % of all stage runs and
-    restarted each time; every workflow completes with all four results; each stage a
-    checkpoint recorded before a kill finished exactly once over the whole run (counted
-    on the stage events topic), every stage finished at least once, at least one
-    workflow was mid-way at a kill, and the last process stops with exit code 0."""
+    restarted each time; every workflow completes with all four results; no stage that
+    a checkpoint recorded at a kill runs again after that kill (runs counted on the stage
+    events topic), every stage finished at least once, at least one workflow was mid-way
+    at a kill, and the last process stops with exit code 0.
+
+    Before a stage's checkpoint is stored it may run again: its outputs and checkpoint
+    go in one batch, and on a cluster they go to different leaders, so a kill can land
+    after its `finished` event was stored and before its checkpoint (at-least-once). CI
+    on Apache Kafka saw exactly that: stage 1 of seven workflows ran before the first
+    kill without a stored checkpoint, again after it, and was recorded at the second."""
     pipe = build(prefix)
     settings = broker.settings()
     await apply_topics(settings.kafka, pipe.topics.all())
@@ -70,7 +91,8 @@ async def test_kill_9_mid_workflow_resumes_from_checkpoints_without_rerunning_st
     total = len(docs) * len(STAGES)
     log = (tmp_path / "pipeline.log").open("wb")
     proc = AgentProcess(broker, "tests.apps.pipeline:agent", prefix=prefix, log=log).start()
-    recorded: dict[str, set[int]] = {}
+    # (workflow, stage) recorded at a kill -> how many runs it had by then
+    recorded: dict[tuple[str, int], int] = {}
     mid_way = 0
     try:
         async with StageLog(settings, pipe.topics.events) as stages:
@@ -79,9 +101,12 @@ async def test_kill_9_mid_workflow_resumes_from_checkpoints_without_rerunning_st
                 await stages.reached(int(total * fraction))
                 proc.kill9()
                 at_kill = await checkpointed(settings, codec, pipe)
+                runs_at_kill = await finished_runs(settings, codec, pipe)
                 mid_way += sum(0 < len(done) < len(STAGES) for done in at_kill.values())
                 for workflow, done in at_kill.items():
-                    recorded.setdefault(workflow, set()).update(done)
+                    for stage in done:
+                        recorded.setdefault((workflow, stage),
+                                            len(runs_at_kill.get((workflow, stage), ())))
                 proc.start()
             results = await wait_for_count(settings, [pipe.topics.results.name], len(docs),
                                            timeout=240)
@@ -99,20 +124,14 @@ async def test_kill_9_mid_workflow_resumes_from_checkpoints_without_rerunning_st
     for final in finals:
         assert final.results["index"]["stages"] == list(STAGES)
 
-    # A run of a stage is one `finished` event: its id and its elapsed time. A replay of
-    # a recorded stage resends that event (same id, elapsed time from the checkpoint), in
-    # case the kill landed before it was written: the same event, not another run.
-    seen: dict[tuple[str, int], set[tuple[str, int]]] = {}
-    for record in await read_all(settings, [pipe.topics.events.name]):
-        event: Any = await codec.decode(pipe.topics.events, record.value or b"")
-        if event.status == "finished":
-            seen.setdefault((event.workflow_id, event.stage), set()).add(
-                (dict(record.headers)["mesh-event-id"].decode(), event.elapsed_ms))
-    runs: Counter[tuple[str, int]] = Counter({pair: len(ids) for pair, ids in seen.items()})
-    before_kill = {(w, s) for w, done in recorded.items() for s in done}
-    assert before_kill, "no checkpoint was recorded before a kill"
-    twice = {pair: runs[pair] for pair in before_kill if runs[pair] != 1}
-    assert not twice, f"checkpointed stages run other than once: {twice}"
-    assert all(runs[(d.doc_id, s)] >= 1 for d in docs for s in range(len(STAGES)))
+    runs = {pair: len(ids) for pair, ids in (await finished_runs(settings, codec, pipe)).items()}
+    assert recorded, "no checkpoint was recorded before a kill"
+    # a recorded stage whose `finished` event was not stored yet at the kill is resent
+    # by the replay as the same event: one run, not two
+    again = {pair: (before, runs.get(pair, 0)) for pair, before in recorded.items()
+             if runs.get(pair, 0) > max(1, before)}
+    assert not again, ("checkpointed stages run again after the kill that found their "
+                       f"checkpoint, (runs by then, runs in all): {again}")
+    assert all(runs.get((d.doc_id, s), 0) >= 1 for d in docs for s in range(len(STAGES)))
     final_state = await checkpointed(settings, codec, pipe)
     assert final_state == {d.doc_id: set(range(len(STAGES))) for d in docs}

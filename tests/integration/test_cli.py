@@ -33,7 +33,7 @@ from mesh import Codec, Topic
 from mesh.config import KafkaSettings
 from mesh.kafka.admin import Admin
 from mesh.kafka.base import OutRecord, Record, TopicSpec
-from mesh.kafka.provision import apply_topics
+from mesh.kafka.provision import apply_topics, wait_visible
 from mesh.kafka.transport import Producer
 from mesh.runtime.dead_letter import DLQ_AGENT, DLQ_ERROR_CLASS, DLQ_TOPIC
 from tests.apps.stages import Item
@@ -323,6 +323,8 @@ async def test_topics_apply_reports_drift_naming_the_setting_and_exits_3(
     async with Admin(broker.settings().kafka) as admin:
         await admin.create_topic(TopicSpec(f"{prefix}.in", 2))
         await admin.create_topic(TopicSpec(f"{prefix}.retained", 2))
+        await wait_visible(admin, [TopicSpec(f"{prefix}.in", 2),
+                                   TopicSpec(f"{prefix}.retained", 2)])
 
     result = await cli("topics", "apply", "-t", TOPICS)
 

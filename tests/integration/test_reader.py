@@ -11,6 +11,7 @@ from mesh.config import KafkaSettings
 from mesh.errors import TransportError
 from mesh.kafka.admin import Admin
 from mesh.kafka.base import OutRecord, Partition, Record, TopicSpec
+from mesh.kafka.provision import wait_visible
 from mesh.kafka.reader import TopicReader
 from mesh.kafka.transport import partition_for
 from tests.conftest import BrokerUnderTest
@@ -23,6 +24,9 @@ async def topic_of(broker: BrokerUnderTest, prefix: str, name: str = "t") -> str
     topic = f"{prefix}.{name}"
     async with Admin(broker.settings().kafka) as admin:
         assert await admin.create_topic(TopicSpec(topic, PARTITIONS))
+        # a reader asks any broker: on a cluster, one that has not learned the topic yet
+        # says it does not exist (seen in CI on Apache Kafka)
+        await wait_visible(admin, [TopicSpec(topic, PARTITIONS)])
     return topic
 
 

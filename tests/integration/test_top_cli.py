@@ -24,6 +24,7 @@ from mesh.config import AuditSettings
 from mesh.kafka.admin import Admin
 from mesh.kafka.base import OutRecord, TopicSpec
 from mesh.kafka.embedded import free_port
+from mesh.kafka.provision import wait_visible
 from mesh.kafka.reader import TopicReader
 from mesh.runtime.audit import AuditEvent, Auditor, audit_topic
 from mesh.views.stats import AuditWindow
@@ -100,6 +101,7 @@ async def test_the_feed_reads_the_last_backlog_records_of_each_partition_then_fo
     topic = f"{prefix}.audit"
     async with Admin(settings.kafka) as admin:
         assert await admin.create_topic(TopicSpec(topic, 2))
+        await wait_visible(admin, [TopicSpec(topic, 2)])
     first, second = f"{prefix}-first", f"{prefix}-second"
     now = int(time.time() * 1000)
     codec = Codec()
