@@ -170,8 +170,8 @@ def prefix(request: pytest.FixtureRequest) -> Iterator[str]:
 
     On a broker that keeps what it is given (Apache Kafka, not the memory-only embedded
     one) the test's topics are deleted after it: a three-node cluster holding every
-    topic of a session (inputs, retry tiers, dead letters, tables; thousands of
-    replicas) spends most of a core on them while idle (tests/README.md, "Time")."""
+    topic of a session (inputs, retry tiers, dead letters, tables) spends CPU on them
+    even while idle (figures in tests/README.md)."""
     name = f"t{uuid.uuid4().hex[:10]}"
     broker = request.getfixturevalue("broker") if "broker" in request.fixturenames else None
     yield name
