@@ -49,9 +49,10 @@ from pydantic import BaseModel  # noqa: E402
 
 from mesh import Agent, ApacheKafka, Codec, EmbeddedBroker, Envelope, MeshSettings, Topic  # noqa: E402
 from mesh.kafka.base import OutRecord  # noqa: E402
+from mesh.kafka.murmur import partition_for  # noqa: E402
 from mesh.kafka.provision import apply_topics  # noqa: E402
 from mesh.kafka.reader import TopicReader  # noqa: E402
-from mesh.kafka.transport import Producer, partition_for  # noqa: E402
+from mesh.kafka.transport import Producer  # noqa: E402
 from mesh.runtime.audit import audit_topic  # noqa: E402
 
 PARTITIONS = 4

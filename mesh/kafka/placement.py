@@ -28,7 +28,7 @@ import logging
 from collections.abc import Iterable, Sequence
 
 from mesh.kafka.base import Record
-from mesh.kafka.transport import partition_for
+from mesh.kafka.murmur import partition_for
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from typing import Literal, Self
 from mesh.config import KafkaSettings
 from mesh.errors import TransportError
 from mesh.kafka.base import Partition, Record
-from mesh.kafka.transport import Consumer, partition_for
+from mesh.kafka.murmur import partition_for
+from mesh.kafka.transport import Consumer
 
 POLL_MS = 200  # longest single fetch wait: how often deadlines and stops are checked
 BATCH = 10_000  # records taken per fetch when reading to the end

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import random
 import re
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any, Self
@@ -38,8 +36,8 @@ from aiokafka.errors import (
 
 from mesh.config import KafkaSettings
 from mesh.errors import CommitFailed, TransportError, UnreadableBatch
-from mesh.kafka.base import BaseProducer, OutRecord, Partition, RebalanceCallback, Record
-from mesh.kafka.murmur import murmur2
+from mesh.kafka.base import Acks, BaseProducer, OutRecord, Partition, RebalanceCallback, Record
+from mesh.kafka.murmur import default_partitioner
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +100,19 @@ class Producer(Client, BaseProducer):
     """
 
     _role = "producer"
+    _batches = False  # see __init__; a transactional producer never batches (aiokafka's
+    # batch API does not add the partition to the open transaction)
     _auto_idempotence = False  # idempotent by default, not by an explicit setting
 
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(self, settings: KafkaSettings, *, batches: bool = False) -> None:
+        """``batches``: :meth:`send_all` writes one batch per partition (aiokafka's batch
+        API: no partitioner call, future and accumulator lookup per record), for a
+        producer of its own whose caller sends many records per call, as the emitter
+        does. A shared producer keeps per-record sends: a batch waits until the
+        partition's batches queued before it have gone out."""
         super().__init__()
         self._settings = settings
+        self._batches = batches
         self._auto_idempotence = settings.idempotence is None and settings.idempotent_producer
         self._client = self._make(idempotent=settings.idempotent_producer)
 
@@ -116,7 +122,7 @@ class Producer(Client, BaseProducer):
             **settings.client_kwargs(), acks=-1 if settings.acks == "all" else int(settings.acks),
             enable_idempotence=idempotent, linger_ms=settings.linger_ms,
             max_batch_size=settings.max_batch_size, max_request_size=MAX_REQUEST_BYTES,
-            partitioner=_partitioner,
+            partitioner=default_partitioner,
         )
 
     async def start(self) -> None:
@@ -147,6 +153,61 @@ class Producer(Client, BaseProducer):
         except KafkaError as exc:
             raise transport_error(exc, f"Producing to {record.topic}") from exc
         return ack
+
+    async def send_all(self, records: Iterable[OutRecord]) -> list[tuple[int, int]]:
+        """Produce ``records`` and wait until all are acknowledged; (partition, offset)
+        each. With ``batches``, the records of one partition go as one batch (or a few,
+        each up to ``max_batch_size``), in their order."""
+        records = list(records)
+        if not self._batches or len(records) < 2:
+            return await super().send_all(records)
+        by_partition: dict[tuple[str, int], list[int]] = {}
+        partitions: dict[str, list[int]] = {}
+        try:
+            for i, record in enumerate(records):
+                partition = record.partition
+                if partition is None:
+                    known = partitions.get(record.topic)
+                    if known is None:
+                        known = partitions[record.topic] = sorted(
+                            await self._client.partitions_for(record.topic))
+                    partition = default_partitioner(record.key, known, known)
+                by_partition.setdefault((record.topic, partition), []).append(i)
+            sent = [await self._send_batches(records, topic, partition, indices)
+                    for (topic, partition), indices in by_partition.items()]
+        except KafkaError as exc:
+            raise transport_error(exc, f"Producing to {records[0].topic}") from exc
+        batches = [batch for partition_batches in sent for batch in partition_batches]
+        bases = await Acks([ack for ack, _ in batches]).wait()  # each batch's first record
+        result: list[tuple[int, int]] = [(-1, -1)] * len(records)
+        for (partition, base), (_, members) in zip(bases, batches, strict=True):
+            for i, relative in members:
+                result[i] = (partition, base + relative)
+        return result
+
+    async def _send_batches(self, records: list[OutRecord], topic: str, partition: int,
+                            indices: list[int]) -> list[tuple[Awaitable[Any],
+                                                               list[tuple[int, int]]]]:
+        """Queue ``records[i]`` for ``indices`` to one partition, as few batches as
+        fit; each batch's ack with its members (index, offset within the batch)."""
+        client = self._client
+        sent: list[tuple[Awaitable[Any], list[tuple[int, int]]]] = []
+        members: list[tuple[int, int]] = []
+        batch = client.create_batch()
+        for i in indices:
+            record = records[i]
+            for _ in range(2):  # a full batch goes out; a new one always takes a record
+                meta = batch.append(timestamp=None, key=record.key, value=record.value,
+                                    headers=list(record.headers))
+                if meta is not None:
+                    members.append((i, meta.offset))
+                    break
+                sent.append((await client.send_batch(batch, topic, partition=partition),
+                             members))
+                batch, members = client.create_batch(), []
+        if members:
+            sent.append((await client.send_batch(batch, topic, partition=partition), members))
+        return sent
 
 
 class Fenced(TransportError):
@@ -423,21 +484,3 @@ def _unreadable_fix(exc: KafkaError, batch: Any) -> str:
             "codec libraries the mesh depends on (pip install 'aiokafka[lz4,snappy,zstd]': "
             "a partial install or an old image lacks them) and start the agent again, or "
             "have the producer use compression.type=gzip or none.")
-
-
-@functools.lru_cache(maxsize=65_536)
-def partition_for(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner gives a record keyed ``key``.
-
-    Remembered for the last 65,536 keys: murmur2 is pure Python (:mod:`mesh.kafka.murmur`,
-    about 3 µs a key, half of aiokafka's) and a mesh sends the same keys over and over.
-    """
-    return int((murmur2(key) & 0x7FFFFFFF) % partitions)
-
-
-def _partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
-    """aiokafka's default partitioner (murmur2 of the key; a random partition for no
-    key) with :func:`partition_for`'s memory."""
-    if key is None:
-        return random.choice(available or all_partitions)
-    return all_partitions[partition_for(key, len(all_partitions))]

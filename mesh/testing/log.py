@@ -12,7 +12,7 @@ from typing import Any
 from mesh.envelope import now_ms
 from mesh.errors import ConfigError
 from mesh.kafka.base import OutRecord, Partition, Record
-from mesh.kafka.transport import partition_for
+from mesh.kafka.murmur import partition_for
 from mesh.runtime import retry
 from mesh.topic import DLQ_SUFFIX, Topic
 

@@ -29,7 +29,7 @@ from mesh import ApacheKafka, Codec, apply_topics
 from mesh.config import KafkaSettings
 from mesh.errors import BrokerUnavailable
 from mesh.kafka.admin import Admin
-from mesh.kafka.transport import partition_for
+from mesh.kafka.murmur import partition_for
 from mesh.testing.checker import check
 from tests.apps.stages import Item, build
 from tests.conftest import BrokerUnderTest, _with_mesh_topics

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from mesh import Codec, Mesh, apply_topics
 from mesh.envelope import derive_event_id
 from mesh.errors import UnreadableBatch
-from mesh.kafka.transport import partition_for
+from mesh.kafka.murmur import partition_for
 from mesh.runtime.metrics import MeshMetrics
 from mesh.serde.history import export_schemas
 from mesh.topic import Topic

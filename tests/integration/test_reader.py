@@ -11,9 +11,9 @@ from mesh.config import KafkaSettings
 from mesh.errors import TransportError
 from mesh.kafka.admin import Admin
 from mesh.kafka.base import OutRecord, Partition, Record, TopicSpec
+from mesh.kafka.murmur import partition_for
 from mesh.kafka.provision import wait_visible
 from mesh.kafka.reader import TopicReader
-from mesh.kafka.transport import partition_for
 from tests.conftest import BrokerUnderTest
 from tests.support import inject
 

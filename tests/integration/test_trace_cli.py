@@ -23,8 +23,8 @@ import pytest
 
 from mesh import Codec, Emitter, Mesh, apply_topics
 from mesh.config import AuditSettings
+from mesh.kafka.murmur import partition_for
 from mesh.kafka.reader import TopicReader
-from mesh.kafka.transport import partition_for
 from mesh.runtime.audit import AuditEvent, Auditor, AuditOutput, audit_topic
 from mesh.views.trace import Trace, read_trace
 from tests.apps import retry as retry_app

@@ -20,7 +20,7 @@ from mesh import (
 )
 from mesh.errors import ConfigError
 from mesh.kafka.base import OutRecord
-from mesh.kafka.transport import partition_for
+from mesh.kafka.murmur import partition_for
 from mesh.patterns.chain import Chain
 from mesh.patterns.gather import Gather, GatherTopics, branch
 from mesh.resilience.breaker import BreakerPolicy, CircuitBreaker

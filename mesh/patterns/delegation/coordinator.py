@@ -61,7 +61,7 @@ from pydantic import SecretStr
 
 from mesh.agent import Agent, Context
 from mesh.errors import ConfigError, HandlerError
-from mesh.kafka.transport import partition_for
+from mesh.kafka.murmur import partition_for
 from mesh.patterns.delegation.approval import DEFAULT_TIMEOUT_S, Decision, verify_decision
 from mesh.patterns.delegation.budget import Budget, Usage, budget_of_request
 from mesh.patterns.delegation.plan import (

@@ -59,7 +59,7 @@ from pydantic import ValidationError
 from mesh import envelope
 from mesh.agent import Agent, Context
 from mesh.errors import ConfigError
-from mesh.kafka.transport import partition_for
+from mesh.kafka.murmur import partition_for
 from mesh.patterns.supervision.worker import (
     WORKER_ID_ENV,
     DeadTask,
