@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
@@ -102,7 +102,7 @@ class Auditor:
     fields that are the same for all of an auditor's records of one kind (kind, agent,
     details, and for ``produced`` the topic and the nulls) are encoded once, the others
     per record; the bytes are those of encoding the :class:`AuditEvent` model
-    (tests/unit/test_audit_hotpath.py). Written with fastavro when the template
+    (tests/unit/test_audit.py). Written with fastavro when the template
     cannot write a value.
     """
 
@@ -124,9 +124,11 @@ class Auditor:
 
     def consumed(self, record: Record, event: Envelope[Any] | None, *, outcome: str,
                  started_ms: int, duration_s: float, error: BaseException | None = None,
-                 outputs: Sequence[tuple[Envelope[Any], OutRecord]] = ()) -> list[OutRecord]:
+                 outputs: Sequence[tuple[Envelope[Any], OutRecord]] = (),
+                 details: Mapping[str, str] | None = None) -> list[OutRecord]:
         """The audit of one input (``event`` is None when it could not be decoded), with
-        the outputs its handling produced: one record per input, whatever its fan-out."""
+        the outputs its handling produced: one record per input, whatever its fan-out.
+        ``details`` (what the handler noted) join the replica in the record's details."""
         if not self.enabled:
             return []
         payload = None
@@ -156,7 +158,12 @@ class Auditor:
                 else env.correlation_id,
                 "payload": self._payload(env)} for env, out in outputs],
         }
-        value, fingerprint = self._write(CONSUMED, None, fields)
+        if details:  # not the template's constant details: written whole (rare)
+            value, fingerprint = self.codec.encode_fields(audit_topic, {
+                **self._constants(CONSUMED, None), **fields,
+                "details": {**self._details, **details}})
+        else:
+            value, fingerprint = self._write(CONSUMED, None, fields)
         key = None if correlation is None else correlation.encode()
         return [OutRecord(audit_topic.name, value, key, self._headers(fingerprint))]
 

@@ -226,14 +226,16 @@ class RecordProcessor:
 
     def _audit(self, record: Record, event: Envelope[Any] | None, outcome: str,
                started: float, error: BaseException | None = None,
-               emitted: Emitted = ()) -> list[OutRecord]:
-        """The audit records of one input's handling (sent with its outputs)."""
+               emitted: Emitted = (), ctx: Context | None = None) -> list[OutRecord]:
+        """The audit records of one input's handling (sent with its outputs), with what
+        the handler noted (``ctx.annotate``)."""
         if not self.auditor.enabled:
             return []
         took = time.monotonic() - started
         return self.auditor.consumed(record, event, outcome=outcome,
                                      started_ms=now_ms() - round(took * 1000),
-                                     duration_s=took, error=error, outputs=emitted)
+                                     duration_s=took, error=error, outputs=emitted,
+                                     details=None if ctx is None else ctx.details)
 
     async def _handle(self, record: Record, event: Envelope[Any]
                       ) -> tuple[Acks, int, BaseException | None, list[OutRecord], str]:
@@ -265,12 +267,12 @@ class RecordProcessor:
                 if policy.retries(exc) and attempt < in_place:
                     logger.info("agent %s attempt %d failed (%s), retrying", self.agent.name,
                                 attempt, exc)
-                    earlier += self._audit(record, this, RETRY, tried, exc)
+                    earlier += self._audit(record, this, RETRY, tried, exc, ctx=ctx)
                     await asyncio.sleep(policy.delay_ms(attempt) / 1000)
                     continue
                 if (policy.retries(exc) and not policy.blocking
                         and event.attempt < policy.attempts):
-                    acks = await self._to_retry_topic(record, this, tried, exc)
+                    acks = await self._to_retry_topic(record, this, tried, exc, ctx)
                     return acks, attempt, exc, [], RETRY
                 logger.warning("agent %s failed on %s[%d]@%d after %d attempt(s): %s: %s",
                                self.agent.name, record.topic, record.partition, record.offset,
@@ -279,16 +281,16 @@ class RecordProcessor:
                 acks = await self._failed(
                     record, event, exc, attempts=total, first_failure_ms=first_failure,
                     audit=functools.partial(self._failure_audit, record, this, tried, exc,
-                                            earlier))
+                                            earlier, ctx=ctx))
                 return acks, attempt, exc, [], DEAD_LETTER
             self.handled += 1
-            audit = earlier + self._audit(record, this, OK, tried, emitted=emitted)
+            audit = earlier + self._audit(record, this, OK, tried, emitted=emitted, ctx=ctx)
             return (await self.send(record, records + audit), attempt, None, records,
                     OK)
         raise AssertionError("unreachable: the last attempt returns or dead-letters")
 
     async def _to_retry_topic(self, record: Record, event: Envelope[Any], tried: float,
-                              error: Exception) -> Acks:
+                              error: Exception, ctx: Context) -> Acks:
         """Send the input to the agent's next retry topic, with its audit."""
         logger.info("agent %s attempt %d failed (%s): to the retry topic",
                     self.agent.name, event.attempt, error)
@@ -297,14 +299,15 @@ class RecordProcessor:
         return await self.send(record, [
             retry.retry_record(record, error, policy=policy, attempt=event.attempt,
                                group=self.agent.group),
-            *self._audit(record, event, RETRY, tried, error)])
+            *self._audit(record, event, RETRY, tried, error, ctx=ctx)])
 
     def _failure_audit(self, record: Record, event: Envelope[Any], tried: float,
                        error: BaseException, earlier: list[OutRecord],
-                       emitted: Emitted) -> list[OutRecord]:
+                       emitted: Emitted, *, ctx: Context) -> list[OutRecord]:
         """The audit of an input failing for good (after ``earlier`` in-place attempts),
         listing what its failure handler emitted."""
-        return [*earlier, *self._audit(record, event, DEAD_LETTER, tried, error, emitted)]
+        return [*earlier, *self._audit(record, event, DEAD_LETTER, tried, error, emitted,
+                                       ctx)]
 
     async def _failed(self, record: Record, event: Envelope[Any], error: BaseException, *,
                       attempts: int, first_failure_ms: int | None = None,

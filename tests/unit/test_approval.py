@@ -229,8 +229,8 @@ def test_record_usage_counts_only_inside_a_step_and_decision_topic_is_found() ->
 
 async def test_a_specialist_puts_recorded_usage_on_its_result_and_in_metrics() -> None:
     """Pass: a handler recording twice (120 tokens in 2 calls, 0.01) answers with that
-    usage on its StepResult; a failing attempt's recorded usage is on the failed result;
-    the /metrics of the host that started the specialist show its totals."""
+    usage on its StepResult and notes it for its audit record; a failing attempt's
+    recorded usage is on the failed result; the /metrics of the host that started the specialist show its totals."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from mesh import MeshSettings
@@ -254,6 +254,7 @@ async def test_a_specialist_puts_recorded_usage_on_its_result_and_in_metrics() -
     ctx = Context(agent, Envelope(task, "e1", "c1", topic=topics.tasks["metered-writer"].name))
     result = await agent.handle(task, ctx)
     assert result.usage == Usage(tokens=120, calls=2, cost=0.01)
+    assert ctx.details == {"tokens": "120", "calls": "2", "cost": "0.01"}  # for the audit
     failing = task.model_copy(update={"input": {"fail": True}, "dispatch_id": "w/s/v2"})
     with pytest.raises(ValueError):
         await agent.handle(failing, ctx)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from mesh import Agent, Context, RetryPolicy, Topic
 from mesh.config import AuditSettings
 from mesh.envelope import Envelope
 from mesh.kafka.base import OutRecord, Record
 from mesh.runtime.audit import AuditEvent, Auditor, audit_topic, expand
 from mesh.serde.codec import Codec
+from mesh.testing import InMemoryMesh
 from tests.apps.stages import Item
 
 
@@ -79,3 +81,44 @@ async def test_the_fast_consumed_record_is_byte_for_byte_the_models_encoding() -
                      for o, r in outputs])
         slow = audit_record(codec, model, source="stage1")
         assert (fast.value, fast.key, fast.headers) == (slow.value, slow.key, slow.headers)
+
+
+async def test_what_a_handler_notes_is_in_its_inputs_audit_record() -> None:
+    """Through the real runner (the in-memory kit): a handler's ``ctx.annotate`` goes
+    into its input's `consumed` audit record's details, beside the replica, also when
+    the input then fails for good; an input whose handler noted nothing keeps the
+    replica alone. Fail: details missing, not strings, or leaking to other inputs."""
+    items = Topic("noted.items", Item, key="key")
+    out = Topic("noted.out", Item, key="key")
+
+    async def handle(item: Item, ctx: Context) -> Item | None:
+        if item.seq == 0:
+            return item
+        ctx.annotate(tokens=120, cost=0.5, model="m")
+        ctx.annotate(tokens=130)  # the last value counts
+        if item.text == "fail":
+            raise ValueError("bad")
+        return item
+
+    agent = Agent("noter", handler=handle, consumes=items, produces=out,
+                  retry=RetryPolicy(attempts=1))
+    async with InMemoryMesh(agent) as mesh:
+        for seq, text in ((0, ""), (1, ""), (2, "fail")):
+            await mesh.emit(items, Item(key="k", seq=seq, source_id=str(seq), text=text))
+        await mesh.drain()
+        consumed = [e for e in (await _audit_events(mesh)) if e.kind == "consumed"]
+    by_outcome = [(e.offset, e.outcome, e.details) for e in consumed]
+    replica = consumed[0].details["replica"]
+    noted = {"replica": replica, "tokens": "130", "cost": "0.5", "model": "m"}
+    assert by_outcome == [(0, "ok", {"replica": replica}), (1, "ok", noted),
+                          (2, "dead_letter", noted)]
+
+
+async def _audit_events(mesh: InMemoryMesh) -> list[AuditEvent]:
+    codec = Codec()
+    events = []
+    for record in mesh.records(audit_topic):
+        event = await codec.decode(audit_topic, record.value or b"")
+        assert isinstance(event, AuditEvent)
+        events.append(event)
+    return events

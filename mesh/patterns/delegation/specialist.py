@@ -4,8 +4,9 @@ A :class:`Specialist` consumes its task topic, runs ``handler(task, ctx)`` and p
 :class:`~mesh.patterns.delegation.plan.StepResult` to the results topic. Inside the handler,
 :func:`record_usage` adds to what the step cost (tokens, model calls, money: from the
 model's answer, e.g. pydantic-ai's ``result.usage()``); the total travels on the result
-(``usage``, also on a failed result: the tokens were spent), reaches the workflow's
-budget (:mod:`mesh.patterns.delegation.budget`) and is counted per specialist for ``/metrics``
+(``usage``, also on a failed result: the tokens were spent) and on the attempt's audit
+record (``details``: tokens, calls, cost), reaches the workflow's budget
+(:mod:`mesh.patterns.delegation.budget`) and is counted per specialist for ``/metrics``
 (``mesh_step_tokens_total``, ``mesh_step_calls_total``, ``mesh_step_cost_total``:
 :class:`StepMetrics`, in the host's metrics from the specialist's start).
 
@@ -137,7 +138,7 @@ class Specialist(Agent[StepTask]):
             output = await self._work(task, ctx)
         finally:
             _meter.reset(token)
-            self._charge(task, meter)
+            self._charge(task, meter, ctx)
         return self._result(task, ok=True, output=json_data(output),
                             usage=self._spent.pop(task.dispatch_id, None))
 
@@ -148,13 +149,15 @@ class Specialist(Agent[StepTask]):
                                             error=f"{type(error).__name__}: {error}",
                                             usage=self._spent.pop(task.dispatch_id, None)))
 
-    def _charge(self, task: StepTask, meter: list[Usage]) -> None:
-        """Count an attempt's usage, and keep it for the result (attempts retried in
-        this process add up; a retry elsewhere reports only its own)."""
+    def _charge(self, task: StepTask, meter: list[Usage], ctx: Context) -> None:
+        """Count an attempt's usage, note it in the attempt's audit record
+        (``details``: tokens, calls, cost), and keep it for the result (attempts retried
+        in this process add up; a retry elsewhere reports only its own)."""
         if not meter:
             return
         used = sum(meter, Usage())
         self.usage_stats.add(used)
+        ctx.annotate(tokens=used.tokens, calls=used.calls, cost=used.cost)
         self._spent[task.dispatch_id] = self._spent.get(task.dispatch_id, Usage()) + used
         if len(self._spent) > 10_000:  # dispatches that never answered (stolen by a rebalance)
             self._spent.pop(next(iter(self._spent)))
