@@ -93,7 +93,8 @@ def test_the_budget_rule_stops_over_a_limit_and_at_it_when_steps_remain() -> Non
 async def test_a_token_budget_stops_the_workflow_before_the_next_dispatch() -> None:
     """The request's budget (250 tokens) with 100 tokens a step: after the research
     steps (200) analyse is dispatched; its result makes 300, over: BudgetExceeded, then
-    WorkflowFailed, a failed outcome with the partial results and the usage; the
+    WorkflowFailed, a failed outcome with the partial results and the usage (the event
+    carries them too); the
     fact-check the reviewer added is not dispatched; a late result is ignored."""
     h = Harness()
     await h.deliver(Job(workflow_id="b1", budget=Budget(tokens=250)), event_id="req")
@@ -111,6 +112,10 @@ async def test_a_token_budget_stops_the_workflow_before_the_next_dispatch() -> N
     assert result.usage == Usage(tokens=300, calls=3)
     completed = [p for _, p in out if isinstance(p, WorkflowEvent) and p.kind == "StepCompleted"]
     assert completed[0].usage == Usage(tokens=100, calls=1)
+    (stopped,) = [p for _, p in out if isinstance(p, WorkflowEvent)
+                  and p.kind == "BudgetExceeded"]
+    assert stopped.step_results == result.step_results  # the event carries them too
+    assert stopped.usage == Usage(tokens=300, calls=3)
 
 
 async def test_the_coordinator_budget_applies_unless_the_request_overrides_it() -> None:

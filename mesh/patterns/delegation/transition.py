@@ -245,7 +245,8 @@ class Transition:
             return False
         self.state.budget_exceeded = exceeded
         self.event("BudgetExceeded", f"Workflow {self.state.workflow_id!r} stopped: "
-                   f"{exceeded.message()}.", usage=self.state.usage)
+                   f"{exceeded.message()}.", usage=self.state.usage,
+                   step_results=self.state.results())
         self.fail(None, f"Budget exceeded: {exceeded.message()}.")
         return True
 

@@ -88,7 +88,8 @@ class WorkflowState(BaseModel):
 class WorkflowEvent(BaseModel):
     """What happened to a workflow, for taps, audit and dashboards. ``usage`` is a
     step's cost on its ``StepCompleted``/``StepFailed`` event, the workflow's total on
-    ``BudgetExceeded``."""
+    ``BudgetExceeded``, which also carries the partial results (``step_results``: the
+    output of each step done so far, as the failed outcome has them)."""
 
     workflow_id: str
     kind: AnyEventKind
@@ -97,6 +98,7 @@ class WorkflowEvent(BaseModel):
     specialist: str | None = None
     plan_version: int | None = None
     usage: Usage | None = None
+    step_results: dict[str, Any] | None = None
 
 
 class WorkflowOutcome(BaseModel):
