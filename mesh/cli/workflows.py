@@ -20,6 +20,7 @@ from rich.text import Text
 
 from mesh.cli.common import DEFAULT_MODULES, ModulesOpt, _declared, _require_cluster, _settings, err
 from mesh.config import MeshSettings
+from mesh.errors import TransportError
 from mesh.kafka.reader import TopicReader
 from mesh.runtime.emitter import Emitter
 from mesh.serde.codec import Codec
@@ -146,7 +147,8 @@ class _FollowView:
 
 
 DecisionTopicOpt = Annotated[str | None, typer.Option(
-    "--topic", help="The decisions topic (or the mesh's prefix), when several are declared")]
+    "--topic", help="The decisions topic (or the mesh's prefix); without it, the one "
+    "mesh whose workflows table holds the workflow")]
 ByOpt = Annotated[str | None, typer.Option("--by", help="Who decides (default: $USER)")]
 
 
@@ -159,7 +161,11 @@ def _decide(workflow_id: str, step_id: str, *, approved: bool, by: str | None, r
 
     settings = _settings()
     _require_cluster(settings)
-    topic = decision_topic(_declared(modules).values(), topic_name)
+    declared = list(_declared(modules).values())
+    deciding = [t for t in declared if t.model is Decision]
+    if topic_name is None and len(deciding) > 1:  # several meshes: the one with the workflow
+        topic_name = asyncio.run(_mesh_of(settings, declared, deciding, workflow_id))
+    topic = decision_topic(declared, topic_name)
     try:
         by = by or getpass.getuser()
     except (KeyError, OSError):  # no user name in this environment (a bare container)
@@ -170,6 +176,29 @@ def _decide(workflow_id: str, step_id: str, *, approved: bool, by: str | None, r
     print(json.dumps({"topic": topic.name, "workflow_id": workflow_id, "step_id": step_id,
                       "approved": approved, "by": decision.by, "event_id": env.event_id,
                       "signed": settings.security.plan_key is not None}))
+
+
+async def _mesh_of(settings: MeshSettings, declared: list[Topic[Any]],
+                   deciding: list[Topic[Any]], workflow_id: str) -> str | None:
+    """The decisions topic of the one mesh whose workflows table holds ``workflow_id``
+    (``<prefix>.workflows`` beside ``<prefix>.decisions``); None when not exactly one
+    does (then ``decision_topic`` asks for --topic)."""
+    from mesh.patterns.delegation.workflow import WorkflowState
+
+    tables = {t.name: t for t in declared if t.model is WorkflowState}
+    key = workflow_id.encode()
+    holding = []
+    for topic in deciding:
+        table = tables.get(topic.name.removesuffix(".decisions") + ".workflows")
+        if table is None:
+            continue
+        try:
+            async with TopicReader.for_key(settings.kafka, [table.name], key) as reader:
+                if any([r.key == key async for r in reader.iter_to_end(timeout=30)]):
+                    holding.append(topic.name)
+        except TransportError:  # a mesh whose topics were never created here
+            continue
+    return holding[0] if len(holding) == 1 else None
 
 
 def approve(workflow_id: Annotated[str, typer.Argument(metavar="WORKFLOW")],

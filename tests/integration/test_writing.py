@@ -166,8 +166,10 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any], str]:
     return proc.returncode, json.loads(lines[-1]) if len(lines) > 1 else {}, rest
 
 
-def decide(broker: BrokerUnderTest, *args: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "mesh.cli", *args, "--topic", "writing"],
+def decide(broker: BrokerUnderTest, *args: str, topic: bool = True) -> dict[str, Any]:
+    """`mesh approve/reject ARGS` (--topic writing, or none: found from the workflow)."""
+    named = ["--topic", "writing"] if topic else []
+    done = subprocess.run([sys.executable, "-m", "mesh.cli", *args, *named],
                           cwd=ROOT, env=broker.env(), capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
@@ -205,14 +207,17 @@ def test_approval_waits_through_a_coordinator_restart_and_mesh_approve_publishes
 
 def test_mesh_reject_fails_the_workflow_waiting_for_approval(
         broker: BrokerUnderTest, services: dict[str, AgentProcess]) -> None:
-    """Pass: `mesh reject WORKFLOW publish --reason TEXT` fails the waiting workflow:
-    `mesh submit` exits 1, the outcome names the step, who rejected it and why, and
-    keeps the reviewed draft; the publish step never ran."""
+    """Pass: `mesh reject WORKFLOW publish --reason TEXT`, without --topic though the
+    repository declares two decisions topics (delegation's and writing's), goes to the
+    writing mesh's (the one whose workflows table holds the workflow) and fails the
+    waiting workflow: `mesh submit` exits 1, the outcome names the step, who rejected it
+    and why, and keeps the reviewed draft; the publish step never ran."""
     request = {"workflow_id": "wf-reject", "task": "Write an overview on MCP servers",
                "requirements": {"word_count": 600, "approval": True}}
     proc = follow(broker, request)
-    decide(broker, "reject", "wf-reject", "publish", "--reason", "not for this audience",
-           "--by", "bo")
+    sent = decide(broker, "reject", "wf-reject", "publish", "--reason",
+                  "not for this audience", "--by", "bo", topic=False)
+    assert sent["topic"] == "writing.decisions"
     code, outcome, events = finish(proc)
     assert code == 1, events[-3000:]
     assert outcome["success"] is False and outcome["failed_step"] == "publish"
