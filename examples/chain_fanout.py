@@ -6,6 +6,18 @@ Each agent runs as its own `mesh run` process, the way it would be deployed. The
 emits a few requests, prints what comes out of both branches and the first request's
 trace from the audit topic, and stops everything with SIGTERM (each service finishes
 its work, commits and exits 0).
+
+The four agents are declared here (names start with ``demo-``: the reference writing
+mesh in agents/ has a researcher and a writer of its own). The writer and the fact
+checker both consume ``demo.findings``, each in its own consumer group, so each sees
+every event. They are rule-based, so the example runs anywhere with no model or
+network; an LLM-backed agent has the same shape (an async handler from payload to
+payload). One agent as its own service, or all of them in one process::
+
+    mesh run examples.chain_fanout:writer
+    mesh dev examples.chain_fanout:app
+
+    .venv/bin/python -m examples.chain_fanout
 """
 
 from __future__ import annotations
@@ -21,12 +33,71 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from agents.demo import app
-from mesh import Codec, EmbeddedBroker, Emitter, Envelope, MeshSettings, apply_topics
+from mesh import (
+    App,
+    Codec,
+    Context,
+    EmbeddedBroker,
+    Emitter,
+    Envelope,
+    MeshSettings,
+    agent,
+    apply_topics,
+)
 from mesh.kafka.reader import TopicReader
 from mesh.views.trace import read_trace
 from mesh.views.trace_tree import render_trace
-from topics.demo import ResearchRequest, articles, fact_checks, requests
+from topics.demo import (
+    Article,
+    Draft,
+    FactCheck,
+    Findings,
+    ResearchRequest,
+    articles,
+    drafts,
+    fact_checks,
+    findings,
+    requests,
+)
+
+
+@agent(consumes=requests, produces=findings, name="demo-researcher")
+async def researcher(request: ResearchRequest, ctx: Context) -> Findings:
+    """Gathers facts about the subject."""
+    words = request.subject.split()
+    facts = [f"{request.subject} has {len(words)} key term(s)"]
+    facts += [f"'{w}' is relevant to a {request.audience} audience" for w in words]
+    ctx.logger.info("researched %r", request.subject)
+    return Findings(request_id=request.request_id, subject=request.subject, facts=facts,
+                    sources=[f"kb://{w.lower()}" for w in words])
+
+
+@agent(consumes=findings, produces=drafts, name="demo-writer")
+async def writer(found: Findings, ctx: Context) -> Draft:
+    """Turns findings into a draft."""
+    body = " ".join(f"{fact}." for fact in found.facts)
+    return Draft(request_id=found.request_id, title=f"On {found.subject}", body=body)
+
+
+@agent(consumes=drafts, produces=articles, name="demo-editor")
+async def editor(draft: Draft, ctx: Context) -> Article:
+    """Polishes the draft into the final article."""
+    body = draft.body[0].upper() + draft.body[1:] if draft.body else draft.body
+    return Article(request_id=draft.request_id, title=draft.title.title(), body=body,
+                   word_count=len(body.split()))
+
+
+@agent(consumes=findings, produces=fact_checks, name="demo-fact-checker")
+async def fact_checker(found: Findings, ctx: Context) -> FactCheck:
+    """Checks every finding has a source (fan-out branch, its own consumer group)."""
+    flagged = [f for f in found.facts if not found.sources]
+    return FactCheck(request_id=found.request_id, checked=len(found.facts), flagged=flagged)
+
+
+# requests come from outside (mesh emit, an Emitter); articles and fact checks are read
+# outside (mesh tap, a UI): declared, so `mesh graph --strict` passes
+app = App("demo", agents=[researcher, writer, editor, fact_checker], sources=[requests],
+          sinks=[articles, fact_checks])
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBJECTS = ["event streaming for agents", "consumer group rebalancing",
@@ -38,10 +109,11 @@ def start_services(bootstrap: str) -> dict[str, subprocess.Popen[bytes]]:
     env = {**os.environ, "MESH_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
            "MESH_KAFKA__PROFILE": "embedded", "MESH_LOG_LEVEL": "WARNING",
            "MESH_METRICS__HOST": "127.0.0.1"}
-    # agents.demo's attribute of each agent: its name without the demo- prefix
+    # this module's attribute of each agent: its name without the demo- prefix
     return {a.name: subprocess.Popen(
         [sys.executable, "-m", "mesh.cli", "run",
-         f"agents.demo:{a.name.removeprefix('demo-').replace('-', '_')}"], env=env, cwd=ROOT)
+         f"examples.chain_fanout:{a.name.removeprefix('demo-').replace('-', '_')}"],
+        env=env, cwd=ROOT)
         for a in app.agents}
 
 
