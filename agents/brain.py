@@ -10,8 +10,9 @@ settings: ``MESH_LLM__MODEL`` set gives the model (with ``MESH_LLM__BASE_URL`` a
 the interface; what a step returns is a model below, so the two brains' outputs look
 alike and the reviewer checks them the same way.
 
-Each output carries :class:`Usage`: which brain did it, the model calls and tokens it
-spent, and whether it fell back to the offline brain (a model answer that stayed
+Each output carries :class:`Usage`: which brain did it, the model calls, tokens and
+cost (USD, as pydantic-ai prices the model; 0 for a model it cannot price) it spent,
+and whether it fell back to the offline brain (a model answer that stayed
 invalid after pydantic-ai's retries).
 
 Example:
@@ -43,6 +44,7 @@ class Usage(BaseModel):
     calls: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cost: float = 0.0  # USD, priced by pydantic-ai (genai-prices); 0 when unpriced
     fallback: bool = False
 
     @property

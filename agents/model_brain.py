@@ -11,6 +11,11 @@ Errors: a retriable model error (429, 5xx, timeout, connection) raises a retriab
 :class:`~mesh.llm.LLMError`, so the mesh retries the step through its retry topics; any
 other (output still invalid, a 4xx) falls back to the offline brain for that step, marked
 ``usage.fallback`` (counted in the demo's summary). Keys never appear in errors or logs.
+
+Usage: the calls and tokens pydantic-ai counted, and the cost (USD) of the model's
+answers as pydantic-ai prices them (genai-prices, from the model name the server
+answered with; :func:`cost_of`), also for a run that failed and fell back. A model it
+cannot price (a local one, a custom name) costs 0.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic_ai import Agent as ModelAgent
+from pydantic_ai import capture_run_messages
 from pydantic_ai import exceptions as pai
+from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.usage import RunUsage
 
 from agents.brain import (
@@ -76,20 +83,22 @@ class ModelBrain:
                                                   retries=2)
         usage = RunUsage()
         spent = Usage(brain=self.label)
-        try:
-            result = await agent.run(prompt, usage=usage)
-            return result.output, _usage(spent, usage)
-        except MeshError:
-            raise
-        except (pai.AgentRunError, pai.UserError, TimeoutError) as exc:
-            retriable, cause, _ = classify(exc)
-            if retriable:
-                raise LLMError(f"Model {self.label!r} failed to {what}: {cause}. Retriable.",
-                               agent=what, model=self.label, cause=cause,
-                               retriable=True) from None
-            logger.warning("model %s could not %s (%s): the offline brain does it",
-                           self.label, what, cause)
-            return None, _usage(spent, usage).model_copy(update={"fallback": True})
+        with capture_run_messages() as messages:  # kept when the run fails too
+            try:
+                result = await agent.run(prompt, usage=usage)
+                return result.output, _usage(spent, usage, messages)
+            except MeshError:
+                raise
+            except (pai.AgentRunError, pai.UserError, TimeoutError) as exc:
+                failed = exc
+        retriable, cause, _ = classify(failed)
+        if retriable:
+            raise LLMError(f"Model {self.label!r} failed to {what}: {cause}. Retriable.",
+                           agent=what, model=self.label, cause=cause,
+                           retriable=True) from None
+        logger.warning("model %s could not %s (%s): the offline brain does it",
+                       self.label, what, cause)
+        return None, _usage(spent, usage, messages).model_copy(update={"fallback": True})
 
     async def research(self, queries: list[str], *, k: int, search: Search,
                        exclude: frozenset[str] = frozenset()) -> Findings:
@@ -168,10 +177,37 @@ class ModelBrain:
         return Draft(title=title, markdown=markdown, words=count_words(markdown), usage=usage)
 
 
-def _usage(base: Usage, usage: RunUsage) -> Usage:
+def _usage(base: Usage, usage: RunUsage, messages: Sequence[ModelMessage] = ()) -> Usage:
     return base.model_copy(update={"calls": usage.requests,
                                    "input_tokens": usage.input_tokens,
-                                   "output_tokens": usage.output_tokens})
+                                   "output_tokens": usage.output_tokens,
+                                   "cost": cost_of(messages)})
+
+
+def cost_of(messages: Sequence[ModelMessage]) -> float:
+    """What the model's answers among ``messages`` cost in USD, priced by pydantic-ai
+    (genai-prices) from each answer's model name, provider and token usage. An answer it
+    cannot price (a model it does not know, such as a local one, or no usage reported)
+    counts 0, so a model without a price costs 0 and nothing fails.
+
+    Example:
+        >>> from pydantic_ai.messages import TextPart
+        >>> from pydantic_ai.usage import RequestUsage
+        >>> def answer(model: str) -> ModelResponse:
+        ...     return ModelResponse(parts=[TextPart("hi")], model_name=model,
+        ...                          usage=RequestUsage(input_tokens=1_000_000))
+        >>> cost_of([answer("gpt-4o-mini")]), cost_of([answer("my-local-llama")])
+        (0.15, 0.0)
+    """
+    total = 0.0
+    for message in messages:
+        if not isinstance(message, ModelResponse) or not message.model_name:
+            continue
+        try:
+            total += float(message.cost().total_price)
+        except Exception as exc:  # LookupError, ValueError, AssertionError...: no price
+            logger.debug("no price for model %r: %s", message.model_name, type(exc).__name__)
+    return total
 
 
 def _cites_ok(notes: _Notes, valid: set[int]) -> bool:

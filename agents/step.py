@@ -48,10 +48,11 @@ def brain_for(ctx: Context) -> Brain:
 
 
 def report(usage: Usage) -> None:
-    """Tell the coordinator what a step's model calls cost (tokens, calls), for the
-    workflow's budget, its events and the specialist's metrics (nothing offline)."""
-    if usage.calls or usage.tokens:
-        record_usage(tokens=usage.tokens, calls=usage.calls)
+    """Tell the coordinator what a step's model calls cost (tokens, calls, USD), for
+    the workflow's budget, its events, the audit and the specialist's metrics (nothing
+    offline)."""
+    if usage.calls or usage.tokens or usage.cost:
+        record_usage(tokens=usage.tokens, calls=usage.calls, cost=usage.cost)
 
 
 async def think(task: StepTask) -> None:

@@ -3,8 +3,10 @@
 that this test starts (the one of test_llm_openai.py, with answers scripted for the
 researcher's search tool, the analyst's notes, the coder's sample and the writer's
 Markdown), so the brain's prompts, tools, structured outputs, usage and errors go
-through the real client code; then the mesh's services on that model, stopped by a
-token budget."""
+through the real client code; then the mesh's services on that model: a workflow whose
+writer is rate-limited once completes through the mesh's retry, and one is stopped by a
+token budget. The server answers as ``gpt-4o-mini`` (a model pydantic-ai prices), so
+every usage carries the cost of its tokens."""
 
 from __future__ import annotations
 
@@ -18,29 +20,50 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic_ai.messages import ModelResponse, TextPart
 from pydantic_ai.models import override_allow_model_requests
+from pydantic_ai.usage import RequestUsage
 
 from agents.app import AGENTS, app
 from agents.brain import Brain, brain
 from agents.model_brain import ModelBrain
 from agents.retriever import Corpus, Passage
+from mesh import Codec
 from mesh.config import MeshSettings
 from mesh.kafka.provision import apply_topics
 from mesh.llm import LLMError
-from mesh.runtime.audit import audit_topic
+from mesh.patterns.delegation.coordinator import WorkflowEvent
+from mesh.runtime.audit import CONSUMED, OK, RETRY, AuditEvent, audit_topic
 from tests.conftest import BrokerUnderTest
 from tests.integration.test_llm_openai import KEY, ChatServer, _completion
 from tests.integration.test_writing import submit
 from tests.support import AgentProcess, read_all
-from topics.writing import WritingRequest
+from topics.writing import WritingRequest, writing
 
 pytestmark = pytest.mark.broker_agnostic
+
+MODEL = "gpt-4o-mini"  # what the server says answered: a model genai-prices knows
+# what one scripted answer (50 tokens in, 10 out) costs, as pydantic-ai prices it
+PER_CALL = float(ModelResponse(parts=[TextPart("")], model_name=MODEL, usage=RequestUsage(
+    input_tokens=50, output_tokens=10)).cost().total_price)
 
 REQUEST = WritingRequest.model_validate({
     "workflow_id": "wf-model", "task": "Write an overview on MCP servers",
     "requirements": {"word_count": 300, "include_code": True, "audience": "developers"}})
 MARKDOWN = ("# MCP servers\n\n## What they are\n\nServers expose tools [1].\n\n"
             "## How they talk\n\nJSON-RPC over stdio [2].\n\n## References\n\n[1] a\n[2] b\n")
+# the writer's answer to a request of 100 words: 96 words, three sections, three
+# citations listed in the references, so the reviewer approves it
+DOCUMENT = (
+    "# MCP servers for developers\n\n## What they are\n\nAn MCP server is a program that "
+    "exposes tools, resources and prompts to an AI application through one open protocol, "
+    "so a connector written once works with every client that speaks it [1].\n\n"
+    "## How they talk\n\nClient and server exchange JSON-RPC 2.0 messages over stdio or "
+    "Streamable HTTP, and a session starts with an initialize handshake that agrees on a "
+    "protocol version [2].\n\n## Why it matters\n\nWith M applications and N systems, MCP "
+    "turns M times N pieces of glue code into M plus N, which is why hosts adopt it [3]."
+    "\n\n## References\n\n[1] What MCP is\n[2] Transports\n[3] Hosts, clients and "
+    "servers\n")
 
 
 def _text(content: Any) -> str:
@@ -52,7 +75,7 @@ def _text(content: Any) -> str:
 def _answer(text: str) -> dict[str, Any]:
     """A chat completion answering in plain text (a ``str`` output)."""
     return {"id": "chatcmpl-scripted", "object": "chat.completion", "created": 1_700_000_000,
-            "model": "scripted", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+            "model": MODEL, "choices": [{"index": 0, "finish_reason": "stop", "message": {
                 "role": "assistant", "content": text}}],
             "usage": {"prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60}}
 
@@ -62,42 +85,64 @@ class WritingServer(ChatServer):
     ``search_corpus`` once, then keeps the ids the tool returned; analysis answers notes
     citing passage 1 and 2 (``[bad]`` in the task: a citation of passage 99, which the
     brain refuses); code answers a one-line program (``[bad]``: an invalid one, no code,
-    a number for a filename); writing answers :data:`MARKDOWN`
-    (``[busy]`` in the task: 429, the body echoing the Authorization header). A request
-    without ``Bearer <KEY>`` gets a 401."""
+    a number for a filename); writing answers :data:`DOCUMENT` when asked for 100 words,
+    else :data:`MARKDOWN` (``[busy]`` in the task: 429, the body echoing the
+    Authorization header). A kind of request (research, analyse, code, write) in
+    ``busy_once`` gets that 429 on its first request only, as a rate limit that clears.
+    Every answer says :data:`MODEL` answered it. A request without ``Bearer <KEY>`` gets
+    a 401."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy_once: set[str] = set()
+        self.refused: list[str] = []  # the kinds of request answered 429 once
 
     def answer(self, path: str, auth: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        status, answer = self._reply(path, auth, body)
+        if status == 200:
+            answer["model"] = MODEL
+        return status, answer
+
+    def _reply(self, path: str, auth: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         messages = body["messages"]
         said = " ".join(_text(m.get("content")) for m in messages
                         if m["role"] in ("system", "user"))
         tools = [t["function"]["name"] for t in body.get("tools", ())]
+        kind = ("research" if "search_corpus" in tools else
+                "analyse" if "Extract up to 6 key points" in said else
+                "code" if "self-contained Python" in said else "write")
         with self.lock:
             self.requests.append((path, auth, said[:40]))
+            busy = kind in self.busy_once and kind not in self.refused
+            if busy:
+                self.refused.append(kind)
         if auth != f"Bearer {KEY}":
             return 401, {"error": {"message": "Incorrect API key provided",
                                    "type": "invalid_request_error", "code": "invalid_api_key"}}
-        if "search_corpus" in tools:
+        if busy or ("[busy]" in said and kind == "write"):
+            return 429, {"error": {"message": f"Rate limit reached for {auth}",
+                                   "type": "requests", "code": "rate_limit_exceeded"}}
+        if kind == "research":
             results = [json.loads(_text(m["content"])) for m in messages if m["role"] == "tool"]
             if not results:
                 return 200, _completion("search_corpus", {"query": "MCP servers", "k": 4})
             return 200, _completion("final_result",
                                     {"response": [p["id"] for p in results[0][:2]]})
-        if "Extract up to 6 key points" in said:
+        if kind == "analyse":
             cite = 99 if "[bad]" in said else 2
             return 200, _completion("final_result", {
                 "key_points": [{"text": "MCP servers expose tools.", "cite": 1}],
                 "figures": [{"value": "2024", "context": "released in 2024", "cite": cite}],
                 "outline": [{"title": "What they are", "cites": [1]},
                             {"title": "How they talk", "cites": [2]}]})
-        if "self-contained Python" in said and "[bad]" in said:
+        if kind == "code" and "[bad]" in said:
             return 200, _completion("final_result", {"filename": 5})
-        if "self-contained Python" in said:
+        if kind == "code":
             return 200, _completion("final_result", {
                 "filename": "hello.py", "code": "print('hello from MCP')",
                 "explanation": "prints a greeting"})
-        if "[busy]" in said:
-            return 429, {"error": {"message": f"Rate limit reached for {auth}",
-                                   "type": "requests", "code": "rate_limit_exceeded"}}
+        if "document of 100 words" in said:
+            return 200, _answer(DOCUMENT)
         return 200, _answer(MARKDOWN)
 
 
@@ -106,7 +151,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[WritingServer]:
     chat = WritingServer()
     thread = threading.Thread(target=chat.serve_forever, name="writing-chat", daemon=True)
     thread.start()
-    monkeypatch.setenv("MESH_LLM__MODEL", "openai:scripted")
+    monkeypatch.setenv("MESH_LLM__MODEL", f"openai:{MODEL}")
     monkeypatch.setenv("MESH_LLM__BASE_URL", chat.base_url)
     monkeypatch.setenv("MESH_LLM__API_KEY", KEY)
     try:
@@ -139,15 +184,18 @@ async def test_the_model_brain_researches_with_a_tool_call_analyses_codes_and_wr
         server: WritingServer, caplog: pytest.LogCaptureFixture) -> None:
     """Pass: the settings choose the model brain; the researcher's search is a tool call
     whose passages the model keeps (2 requests, 120 tokens); the analysis, the sample and
-    the draft are the model's (one request each), counted in their usage; every request
-    reached /v1/chat/completions with the key; the key is in no log line nor output."""
+    the draft are the model's (one request each), counted in their usage, each with the
+    cost of its tokens at gpt-4o-mini's price (more than 0); every request reached
+    /v1/chat/completions with the key; the key is in no log line nor output.
+    Fail: a cost of 0 (the answers' model not priced) or not the sum of the requests."""
     caplog.set_level(logging.DEBUG)
     chosen = model_brain()
-    assert chosen.label == "model openai:scripted"
+    assert chosen.label == f"model openai:{MODEL}"
     found = await chosen.research(["MCP servers"], k=3, search=search)
     expected = [p.id for p in search("MCP servers", 4)[:2]]
     assert [p.id for p in found.passages] == expected
     assert (found.usage.calls, found.usage.tokens, found.usage.fallback) == (2, 120, False)
+    assert PER_CALL > 0 and found.usage.cost == pytest.approx(2 * PER_CALL)
     analysis = await chosen.analyse(REQUEST, found.passages)
     assert [p.text for p in analysis.key_points] == ["MCP servers expose tools."]
     assert [s.title for s in analysis.outline] == ["What they are", "How they talk"]
@@ -158,6 +206,8 @@ async def test_the_model_brain_researches_with_a_tool_call_analyses_codes_and_wr
     assert draft.markdown == MARKDOWN and draft.title == "MCP servers"
     assert draft.usage.brain == chosen.label
     assert (draft.usage.calls, draft.usage.tokens) == (1, 60)
+    assert analysis.usage.cost == sample.usage.cost == draft.usage.cost == pytest.approx(
+        PER_CALL)
     assert len(server.requests) == 5
     assert {(path, auth) for path, auth, _ in server.requests} == {
         ("/v1/chat/completions", f"Bearer {KEY}")}
@@ -170,8 +220,9 @@ async def test_a_429_is_a_retriable_error_without_the_key_and_bad_notes_fall_bac
     """Pass: a 429 (whose body echoes the Authorization header) raises a retriable
     LLMError naming the rate limit, not the key (the mesh retries the step); notes citing
     a passage that does not exist are refused and the offline brain does the analysis,
-    marked ``fallback`` with the model's call counted; a code sample that stays invalid
-    through pydantic-ai's two output retries is the offline brain's, marked too."""
+    marked ``fallback`` with the model's call (and its cost) counted; a code sample that
+    stays invalid through pydantic-ai's two output retries is the offline brain's, marked
+    too, with the cost of its three answers."""
     caplog.set_level(logging.DEBUG)
     chosen = model_brain()
     found = await chosen.research(["MCP servers"], k=3, search=search)
@@ -183,13 +234,84 @@ async def test_a_429_is_a_retriable_error_without_the_key_and_bad_notes_fall_bac
     bad = REQUEST.model_copy(update={"task": "Write an overview on MCP servers [bad]"})
     fallen = await chosen.analyse(bad, found.passages)
     assert fallen.usage.fallback and fallen.usage.calls == 1
+    assert fallen.usage.cost == pytest.approx(PER_CALL)  # a failed run's answers cost too
     assert fallen.usage.brain == chosen.label
     assert fallen.key_points and fallen.outline  # the offline brain's work
     sample = await chosen.code(bad, fallen)  # its subject says [bad]
     assert sample.usage.fallback and sample.usage.calls == 3  # asked twice more
+    assert sample.usage.cost == pytest.approx(3 * PER_CALL)
     assert sample.code.strip() and sample.code != "print('hello from MCP')"
     assert_no_key(caplog, str(raised.value), repr(raised.value),
                   "".join(traceback.format_exception(raised.value)))
+
+
+async def test_a_rate_limited_step_is_retried_by_the_mesh_and_the_workflow_completes(
+        broker: BrokerUnderTest, server: WritingServer, tmp_path: Path) -> None:
+    """Pass: the coordinator, researcher, analyst, writer and reviewer as `mesh run`
+    services on the model; the write step's first model request gets a 429 (the body
+    echoing the Authorization header), its second an answer: the writer's first attempt
+    fails as a retriable LLMError, the mesh retries it through writing.tasks.writer.retry.1
+    (the audit shows attempt 1 retried, attempt 2 ok) and the workflow completes, `mesh
+    submit` exiting 0 with the reviewer's approval of the model's document; the usage is
+    the 4 answered requests (research 2, analyse 1, write 1; the refused one cost
+    nothing) with their cost (more than 0), on the outcome and on the write step's
+    StepCompleted event; the key is in no record (events, outcomes, tasks, results, retry
+    topics, audit), no `mesh submit` output and no service's log.
+    Fail: the workflow fails on the 429, the step ran once, a cost of 0, the key shown."""
+    await apply_topics(broker.settings().kafka, [*app.topics.values(), audit_topic])
+    server.busy_once = {"write"}
+    env = {"MESH_LLM__MODEL": f"openai:{MODEL}", "MESH_LLM__BASE_URL": server.base_url,
+           "MESH_LLM__API_KEY": KEY, "MESH_LOG_LEVEL": "INFO", "MESH_AUDIT__PAYLOADS": "true"}
+    names = ("coordinator", "researcher", "analyst", "writer", "reviewer")
+    logs = {name: tmp_path / f"{name}.log" for name in names}
+    services = [AgentProcess(broker, f"{AGENTS[name].__name__}:agent", prefix="writing",
+                             log=path.open("wb"), env=env).start()
+                for name, path in logs.items()]
+    try:
+        code, outcome, events = await asyncio.to_thread(submit, broker, {
+            "workflow_id": "wf-model-429", "task": "Write an overview on MCP servers",
+            "requirements": {"word_count": 100, "audience": "developers"}}, 120.0)
+    finally:
+        codes = [proc.terminate() for proc in services]
+    assert code == 0, events[-3000:]
+    assert server.refused == ["write"]
+    final = outcome["final_output"]
+    assert final["approved"] and final["markdown"] == DOCUMENT, final.get("checks")
+    assert list(outcome["step_results"]) == ["research", "analyse", "write", "review"]
+    assert outcome["usage"] == {"tokens": 240, "calls": 4, "cost": pytest.approx(4 * PER_CALL)}
+    assert outcome["usage"]["cost"] > 0
+    assert outcome["step_results"]["write"]["usage"]["cost"] == pytest.approx(PER_CALL)
+    assert codes == [0] * len(names)
+    records = await read_all(broker.settings(), [*app.topics, audit_topic.name])
+    codec = Codec()
+    attempts = []
+    for record in records:
+        if record.topic != audit_topic.name:
+            continue
+        audit = await codec.decode(audit_topic, record.value or b"")
+        assert isinstance(audit, AuditEvent)
+        task = json.loads(audit.payload) if audit.kind == CONSUMED and audit.payload else {}
+        if (audit.topic or "").startswith(writing.tasks["writer"].name) and task.get(
+                "workflow_id") == "wf-model-429" and task.get("step_id") == "write":
+            attempts.append((audit.topic, audit.attempt, audit.outcome))
+            assert audit.outcome != RETRY or "429" in (audit.error or ""), audit.error
+    assert attempts == [(writing.tasks["writer"].name, 1, RETRY),
+                        (f"{writing.tasks['writer'].name}.retry.1", 2, OK)], attempts
+    completed = [await codec.decode(writing.events, r.value or b"") for r in records
+                 if r.topic == writing.events.name and r.key == b"wf-model-429"]
+    write = [e for e in completed if isinstance(e, WorkflowEvent)
+             and e.kind == "StepCompleted" and e.step_id == "write"]
+    assert len(write) == 1 and write[0].usage is not None, completed
+    assert (write[0].usage.calls, write[0].usage.tokens) == (1, 60)
+    assert write[0].usage.cost == pytest.approx(PER_CALL)
+    assert any(r.key == b"wf-model-429" for r in records)
+    for record in records:
+        raw = (record.key or b"") + (record.value or b"") + b"".join(
+            v for _, v in record.headers)
+        assert KEY.encode() not in raw, f"the key is in a record of {record.topic}"
+    assert KEY not in events and KEY not in json.dumps(outcome)
+    for path in logs.values():
+        assert KEY not in path.read_text(errors="replace"), path.name
 
 
 async def test_the_mesh_on_a_model_stops_at_its_token_budget_and_never_shows_the_key(
@@ -198,10 +320,11 @@ async def test_the_mesh_on_a_model_stops_at_its_token_budget_and_never_shows_the
     MESH_LLM__MODEL/BASE_URL/API_KEY set; a request with a 100-token budget: the research
     step (a tool call, 2 model calls, 120 tokens, reported by the researcher) goes over
     it, so the workflow stops with BudgetExceeded before the analysis, `mesh submit`
-    exits 1 and the outcome names the token limit, with the research kept; the key is in
-    no record of the mesh's topics or the audit, and in no service's log."""
+    exits 1 and the outcome names the token limit, with the research kept and its cost
+    (two answers at gpt-4o-mini's price) in the usage; the key is in no record of the
+    mesh's topics or the audit, and in no service's log."""
     await apply_topics(broker.settings().kafka, [*app.topics.values(), audit_topic])
-    env = {"MESH_LLM__MODEL": "openai:scripted", "MESH_LLM__BASE_URL": server.base_url,
+    env = {"MESH_LLM__MODEL": f"openai:{MODEL}", "MESH_LLM__BASE_URL": server.base_url,
            "MESH_LLM__API_KEY": KEY, "MESH_LOG_LEVEL": "INFO"}
     logs = {name: tmp_path / f"{name}.log" for name in ("coordinator", "researcher")}
     services = [AgentProcess(broker, f"{AGENTS[name].__name__}:agent", prefix="writing",
@@ -216,9 +339,12 @@ async def test_the_mesh_on_a_model_stops_at_its_token_budget_and_never_shows_the
     assert code == 1, events[-3000:]
     assert outcome["budget_exceeded"] == {"limit": "tokens", "used": 120.0,
                                           "allowed": 100.0, "steps_remained": False}
-    assert outcome["usage"] == {"tokens": 120, "calls": 2, "cost": 0.0}
+    assert outcome["usage"] == {"tokens": 120, "calls": 2, "cost": pytest.approx(2 * PER_CALL)}
+    assert outcome["usage"]["cost"] > 0
     assert list(outcome["step_results"]) == ["research"]
-    assert outcome["step_results"]["research"]["usage"]["brain"] == "model openai:scripted"
+    research = outcome["step_results"]["research"]["usage"]
+    assert research["brain"] == f"model openai:{MODEL}"
+    assert research["cost"] == pytest.approx(2 * PER_CALL)
     assert "BudgetExceeded" in events and "StepDispatched analyse" not in events
     assert codes == [0, 0]
     records = await read_all(broker.settings(), [*app.topics, audit_topic.name])
