@@ -43,7 +43,7 @@ def load(spec: str) -> Any:
     """The object named by ``module:attribute``."""
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise typer.BadParameter(f"{spec!r}: expected module:attribute, e.g. agents.demo:app")
+        raise typer.BadParameter(f"{spec!r}: expected module:attribute, e.g. agents.app:app")
     sys.path.insert(0, str(Path.cwd()))
     obj = importlib.import_module(module_name)
     for part in attr.split("."):

@@ -321,7 +321,7 @@ def collect(target: Any) -> tuple[list[Agent[Any]], list[Topic[Any]]]:
     ``target`` may be an :class:`Agent`, an :class:`App`, a pattern object with an
     ``app`` or ``agent`` (a ``Chain``, ``Pipeline``, ``Supervisor``, ``WorkerService``,
     ``EventBus``), a list of those, a function returning them (called with no
-    arguments, e.g. ``examples.delegation:agents``), or a module: then every agent or
+    arguments), or a module: then every agent or
     app at module level in it and its submodules (functions are not called).
     """
     found = list(_walk_target(target, explicit=True))
@@ -385,7 +385,7 @@ def draw(target: str | None, *, fmt: str = "mermaid", topic_modules: Iterable[st
     declared in ``topic_modules``), and render the default view in ``fmt``.
 
     Example:
-        >>> data, flags = draw("agents.demo:app")  # doctest: +SKIP
+        >>> data, flags = draw("examples.chain_fanout:app")  # doctest: +SKIP
         >>> data.decode().splitlines()[0]  # doctest: +SKIP
         'flowchart LR'
     """

@@ -191,7 +191,7 @@ async def test_chain_of_agents_uses_their_handlers_and_models(
         broker: BrokerUnderTest, prefix: str) -> None:
     """Pass: agents declared for plain wiring become chain steps (their handlers run,
     their topics' models type the outputs) and the chain completes."""
-    from agents.demo import editor, researcher, writer
+    from examples.chain_fanout import editor, researcher, writer
     from topics.demo import Article, ResearchRequest
 
     chain = Chain(prefix, [researcher, writer, editor], key="request_id", partitions=2)

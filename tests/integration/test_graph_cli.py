@@ -32,7 +32,7 @@ def warnings_of(done: subprocess.CompletedProcess[bytes]) -> list[str]:
 
 
 def test_demo_app_prints_mermaid_with_every_agent_and_the_fan_out() -> None:
-    done = mesh_graph("agents.demo:app")
+    done = mesh_graph("examples.chain_fanout:app")
 
     assert done.returncode == 0, done.stderr.decode()
     text = done.stdout.decode()
@@ -52,48 +52,48 @@ def test_demo_app_prints_mermaid_with_every_agent_and_the_fan_out() -> None:
 
 
 def test_strict_fails_on_warnings_and_passes_once_the_ends_are_declared() -> None:
-    alone = mesh_graph("agents.demo:researcher", "--strict")  # one agent, no app: no ends
+    alone = mesh_graph("examples.chain_fanout:researcher", "--strict")  # one agent, no app: no ends
     assert alone.returncode == 1
     warnings = warnings_of(alone)
     assert any("demo-researcher consumes 'demo.requests'" in w for w in warnings)
     assert any("'demo.findings' is produced by demo-researcher" in w for w in warnings)
 
-    declared = mesh_graph("agents.demo:researcher", "--strict", "--source", "demo.requests",
-                          "--sink", "demo.findings")
+    declared = mesh_graph("examples.chain_fanout:researcher", "--strict",
+                          "--source", "demo.requests", "--sink", "demo.findings")
     assert declared.returncode == 0, declared.stderr.decode()
     assert warnings_of(declared) == []
     assert "fed from outside" in declared.stdout.decode()
 
 
 def test_without_target_it_draws_the_agents_package() -> None:
-    """Pass: the package holds two meshes (the writing mesh and the demo chain); the
-    default draws both, every agent under its own name."""
+    """Pass: the default draws the reference mesh of agents/, every agent under its own
+    name."""
     default = mesh_graph()
 
     assert default.returncode == 0, default.stderr.decode()
     text = default.stdout.decode()
-    for name in ("a_demo_researcher", "a_demo_writer", "a_researcher", "a_writer",
-                 "a_coordinator"):
+    for name in ("a_coordinator", "a_researcher", "a_analyst", "a_coder", "a_writer",
+                 "a_reviewer"):
         assert f"    {name}(" in text, name
 
 
-def test_delegation_factory_draws_coordinator_and_specialists() -> None:
-    done = mesh_graph("examples.delegation:agents", "--format", "dot")
+def test_the_reference_mesh_draws_coordinator_and_specialists() -> None:
+    done = mesh_graph("agents.app:app", "--format", "dot")
 
     assert done.returncode == 0, done.stderr.decode()
     text = done.stdout.decode()
     assert text.startswith("digraph mesh {")
-    for name in ("delegation_coordinator", "researcher", "analyst", "fact_checker", "writer"):
+    for name in ("coordinator", "researcher", "analyst", "coder", "writer", "reviewer"):
         assert f"    a_{name} [" in text
-    assert "    t_delegation_tasks_writer -> a_writer [label=\"+2 retry tiers\"];" in text
-    assert "    a_delegation_coordinator -> t_delegation_workflows [" in text  # its state
+    assert "    t_writing_tasks_writer -> a_writer [label=\"+2 retry tiers\"];" in text
+    assert "    a_coordinator -> t_writing_workflows [" in text  # its state
 
 
 def test_svg_is_xml_naming_every_agent(tmp_path: Path) -> None:
     assert find_renderer() is not None, "install the test extra: pip install -e '.[test]'"
     out = tmp_path / "mesh.svg"
 
-    done = mesh_graph("agents.demo:app", "--format", "svg", "--out", str(out), *DEMO_ENDS)
+    done = mesh_graph("examples.chain_fanout:app", "--format", "svg", "--out", str(out), *DEMO_ENDS)
 
     assert done.returncode == 0, done.stderr.decode()
     assert f"wrote {out}" in done.stderr.decode()
@@ -107,7 +107,7 @@ def test_svg_is_xml_naming_every_agent(tmp_path: Path) -> None:
 def test_png_to_a_file(tmp_path: Path) -> None:
     out = tmp_path / "mesh.png"
 
-    done = mesh_graph("agents.demo:app", "-f", "png", "-o", str(out), "--dead-letters")
+    done = mesh_graph("examples.chain_fanout:app", "-f", "png", "-o", str(out), "--dead-letters")
 
     assert done.returncode == 0, done.stderr.decode()
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -118,6 +118,6 @@ def test_bad_target_and_unknown_topic_are_errors_that_say_what_to_fix() -> None:
     assert missing.returncode == 1
     assert "Cannot import 'no_such_module'" in missing.stderr.decode()
 
-    typo = mesh_graph("agents.demo:app", "--source", "demo.requestz")
+    typo = mesh_graph("examples.chain_fanout:app", "--source", "demo.requestz")
     assert typo.returncode == 1
     assert "--source demo.requestz: no such topic" in typo.stderr.decode()

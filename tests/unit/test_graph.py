@@ -330,7 +330,7 @@ def test_collect_with_no_agents_says_what_to_pass() -> None:
 
 
 def test_demo_app_graph_is_the_documented_chain_and_fan_out() -> None:
-    agents, extra = collect(graph.load_target("agents.demo:app"))
+    agents, extra = collect(graph.load_target("examples.chain_fanout:app"))
     topology = build_topology(agents, topics=extra)
     consumes = {(e.topic, e.agent) for e in topology.edges if e.kind == "consumes"}
 
@@ -344,8 +344,8 @@ def test_demo_app_graph_is_the_documented_chain_and_fan_out() -> None:
 def test_load_target_errors_name_the_target() -> None:
     with pytest.raises(ConfigError, match="Cannot import 'no_such_mesh_module'"):
         graph.load_target("no_such_mesh_module:app")
-    with pytest.raises(ConfigError, match="agents.demo:nope.*no attribute 'nope'"):
-        graph.load_target("agents.demo:nope")
+    with pytest.raises(ConfigError, match="examples.chain_fanout:nope.*no attribute 'nope'"):
+        graph.load_target("examples.chain_fanout:nope")
 
 
 @pytest.mark.parametrize(("module", "examples"), [(graph, 5), (drawing, 3)],

@@ -7,7 +7,7 @@ import time
 import pytest
 from pydantic import BaseModel
 
-from agents.demo import app as demo_app
+from examples.chain_fanout import app as demo_app
 from mesh import (
     Agent,
     BreakerOpen,
