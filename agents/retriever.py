@@ -4,7 +4,10 @@ The corpus is the project's own docs (a snapshot of the README and the design no
 plus a few texts written for it or in the public domain (notes on MCP servers, an
 excerpt of Strunk's *Elements of Style*); any ``*.md`` or ``*.txt`` added there is
 indexed. Each paragraph of prose (code blocks and tables left out) is one
-:class:`Passage`, titled by its document and section.
+:class:`Passage`, titled by its document and section. What a file says about itself
+(where it comes from, its licence) goes in a front-matter block at its top, between
+``---`` lines (``provenance: ...``), or in an HTML comment: neither is indexed, so it
+never becomes a passage, a section of a document or a reference.
 
 Ranking is Okapi BM25 from ``bm25s`` (the ``agents`` extra). Why it: it is maintained
 (releases through 2025, where ``rank-bm25`` stopped in 2022), it needs only numpy
@@ -78,10 +81,28 @@ class _Chunk:
     text: str
 
 
+_FRONT_MATTER = re.compile(r"\A\ufeff?---[ \t]*\n.*?^(?:---|\.\.\.)[ \t]*$", re.M | re.S)
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+
+
+def prose(text: str) -> str:
+    r"""``text`` without what is not the document's prose: its front matter (a block
+    between ``---`` lines at the top: provenance, licence), HTML comments and code
+    blocks.
+
+    Example:
+        >>> prose("---\nprovenance: public domain\n---\n# T\n<!-- note -->\nBody.\n").split()
+        ['#', 'T', 'Body.']
+    """
+    text = _FRONT_MATTER.sub("", text, count=1)
+    text = _COMMENT.sub("", text)
+    return re.sub(r"^```.*?^```[ \t]*$", "", text, flags=re.M | re.S)
+
+
 def _chunks(path: Path) -> list[_Chunk]:
-    text = re.sub(r"^```.*?^```[ \t]*$", "", path.read_text(encoding="utf-8"),
-                  flags=re.M | re.S)
-    title, section, found = path.stem.replace("-", " "), "", []
+    text = prose(path.read_text(encoding="utf-8"))
+    title, section = path.stem.replace("-", " "), ""
+    found: list[_Chunk] = []
     for block in re.split(r"\n\s*\n", text):
         lines = [ln for ln in block.strip().splitlines()
                  if ln.strip() and not ln.lstrip().startswith(("|", "<", "    "))]
@@ -101,7 +122,8 @@ def _chunks(path: Path) -> list[_Chunk]:
 def _pieces(body: str, most: int = 140) -> list[str]:
     """``body`` in passages of at most about ``most`` words, cut between sentences;
     fewer than 25 words is no passage."""
-    pieces, current = [], []
+    pieces: list[str] = []
+    current: list[str] = []
     for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", body):
         if current and len(" ".join([*current, sentence]).split()) > most:
             pieces.append(" ".join(current))
@@ -150,7 +172,7 @@ class Corpus:
                       if all(counts[t] >= 2 for t in anchor)}
         scores = self._index.get_scores(words)
         ranked = sorted(range(len(self.chunks)), key=lambda i: (-float(scores[i]), i))
-        hits = []
+        hits: list[Passage] = []
         for i in ranked:
             chunk = self.chunks[i]
             if float(scores[i]) <= 0 or len(hits) >= k:
