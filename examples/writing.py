@@ -73,6 +73,8 @@ class Progress:
     outcome: WorkflowOutcome | None = None
     live: bool = False  # a live table shows the steps; say() keeps the last lines for it
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=6))
+    # audit records of a step read before its StepDispatched event (another topic)
+    early: dict[str, list[AuditEvent]] = field(default_factory=dict)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -82,6 +84,8 @@ class Progress:
         if event.kind == "StepDispatched" and event.step_id:
             self.steps[event.step_id] = Step(event.step_id, event.specialist or "?", now)
             self.say(f"{event.step_id:<18} -> {event.specialist}")
+            for audit in self.early.pop(event.step_id, []):
+                self.on_audit(audit)
         elif event.kind in ("StepCompleted", "StepFailed") and event.step_id in self.steps:
             step = self.steps[event.step_id]
             step.done_s, step.status = now, "done" if event.kind == "StepCompleted" else "failed"
@@ -100,9 +104,11 @@ class Progress:
         if audit.kind != CONSUMED or not audit.payload or ".tasks." not in (audit.topic or ""):
             return
         task = json.loads(audit.payload)
-        step = self.steps.get(task.get("step_id", "")) if task.get(
-            "workflow_id") == self.workflow_id else None
-        if step is None:
+        if task.get("workflow_id") != self.workflow_id:
+            return
+        step = self.steps.get(task.get("step_id", ""))
+        if step is None:  # its StepDispatched event is not read yet
+            self.early.setdefault(task.get("step_id", ""), []).append(audit)
             return
         step.attempts += 1
         step.retries += audit.outcome == RETRY
