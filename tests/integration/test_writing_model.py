@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from agents.model_brain import ModelBrain
 from agents.retriever import Corpus, Passage
 from mesh import Codec
 from mesh.config import MeshSettings
+from mesh.kafka.base import Record
 from mesh.kafka.provision import apply_topics
 from mesh.llm import LLMError
 from mesh.patterns.delegation.coordinator import WorkflowEvent
@@ -258,21 +259,13 @@ async def test_a_rate_limited_step_is_retried_by_the_mesh_and_the_workflow_compl
     StepCompleted event; the key is in no record (events, outcomes, tasks, results, retry
     topics, audit), no `mesh submit` output and no service's log.
     Fail: the workflow fails on the 429, the step ran once, a cost of 0, the key shown."""
-    await apply_topics(broker.settings().kafka, [*app.topics.values(), audit_topic])
     server.busy_once = {"write"}
-    env = {"MESH_LLM__MODEL": f"openai:{MODEL}", "MESH_LLM__BASE_URL": server.base_url,
-           "MESH_LLM__API_KEY": KEY, "MESH_LOG_LEVEL": "INFO", "MESH_AUDIT__PAYLOADS": "true"}
     names = ("coordinator", "researcher", "analyst", "writer", "reviewer")
-    logs = {name: tmp_path / f"{name}.log" for name in names}
-    services = [AgentProcess(broker, f"{AGENTS[name].__name__}:agent", prefix="writing",
-                             log=path.open("wb"), env=env).start()
-                for name, path in logs.items()]
-    try:
-        code, outcome, events = await asyncio.to_thread(submit, broker, {
+    code, outcome, events, codes, logs = await run_services(
+        broker, server, tmp_path, names, {
             "workflow_id": "wf-model-429", "task": "Write an overview on MCP servers",
-            "requirements": {"word_count": 100, "audience": "developers"}}, 120.0)
-    finally:
-        codes = [proc.terminate() for proc in services]
+            "requirements": {"word_count": 100, "audience": "developers"}},
+        MESH_AUDIT__PAYLOADS="true")
     assert code == 0, events[-3000:]
     assert server.refused == ["write"]
     final = outcome["final_output"]
@@ -295,6 +288,9 @@ async def test_a_rate_limited_step_is_retried_by_the_mesh_and_the_workflow_compl
                 "workflow_id") == "wf-model-429" and task.get("step_id") == "write":
             attempts.append((audit.topic, audit.attempt, audit.outcome))
             assert audit.outcome != RETRY or "429" in (audit.error or ""), audit.error
+            if audit.outcome == OK:  # the attempt's usage, in the audit record's details
+                assert (audit.details["tokens"], audit.details["calls"]) == ("60", "1")
+                assert float(audit.details["cost"]) == pytest.approx(PER_CALL)
     assert attempts == [(writing.tasks["writer"].name, 1, RETRY),
                         (f"{writing.tasks['writer'].name}.retry.1", 2, OK)], attempts
     completed = [await codec.decode(writing.events, r.value or b"") for r in records
@@ -305,13 +301,8 @@ async def test_a_rate_limited_step_is_retried_by_the_mesh_and_the_workflow_compl
     assert (write[0].usage.calls, write[0].usage.tokens) == (1, 60)
     assert write[0].usage.cost == pytest.approx(PER_CALL)
     assert any(r.key == b"wf-model-429" for r in records)
-    for record in records:
-        raw = (record.key or b"") + (record.value or b"") + b"".join(
-            v for _, v in record.headers)
-        assert KEY.encode() not in raw, f"the key is in a record of {record.topic}"
+    assert_key_nowhere(records, logs.values())
     assert KEY not in events and KEY not in json.dumps(outcome)
-    for path in logs.values():
-        assert KEY not in path.read_text(errors="replace"), path.name
 
 
 async def test_the_mesh_on_a_model_stops_at_its_token_budget_and_never_shows_the_key(
@@ -323,19 +314,10 @@ async def test_the_mesh_on_a_model_stops_at_its_token_budget_and_never_shows_the
     exits 1 and the outcome names the token limit, with the research kept and its cost
     (two answers at gpt-4o-mini's price) in the usage; the key is in no record of the
     mesh's topics or the audit, and in no service's log."""
-    await apply_topics(broker.settings().kafka, [*app.topics.values(), audit_topic])
-    env = {"MESH_LLM__MODEL": f"openai:{MODEL}", "MESH_LLM__BASE_URL": server.base_url,
-           "MESH_LLM__API_KEY": KEY, "MESH_LOG_LEVEL": "INFO"}
-    logs = {name: tmp_path / f"{name}.log" for name in ("coordinator", "researcher")}
-    services = [AgentProcess(broker, f"{AGENTS[name].__name__}:agent", prefix="writing",
-                             log=path.open("wb"), env=env).start()
-                for name, path in logs.items()]
-    try:
-        code, outcome, events = await asyncio.to_thread(submit, broker, {
+    code, outcome, events, codes, logs = await run_services(
+        broker, server, tmp_path, ("coordinator", "researcher"), {
             "workflow_id": "wf-model-budget", "task": "Write an overview on MCP servers",
-            "requirements": {"word_count": 600}, "budget": {"tokens": 100}}, 120.0)
-    finally:
-        codes = [proc.terminate() for proc in services]
+            "requirements": {"word_count": 600}, "budget": {"tokens": 100}})
     assert code == 1, events[-3000:]
     assert outcome["budget_exceeded"] == {"limit": "tokens", "used": 120.0,
                                           "allowed": 100.0, "steps_remained": False}
@@ -349,9 +331,34 @@ async def test_the_mesh_on_a_model_stops_at_its_token_budget_and_never_shows_the
     assert codes == [0, 0]
     records = await read_all(broker.settings(), [*app.topics, audit_topic.name])
     assert any(r.key == b"wf-model-budget" for r in records)
+    assert_key_nowhere(records, logs.values())
+
+
+async def run_services(broker: BrokerUnderTest, server: WritingServer, tmp_path: Path,
+                       names: Sequence[str], request: dict[str, Any], **env: str
+                       ) -> tuple[int, dict[str, Any], str, list[int], dict[str, Path]]:
+    """Start ``names`` as `mesh run` services on the loopback model (each logging to a
+    file), submit ``request`` and follow it, stop the services: `mesh submit`'s exit
+    code, outcome and events, the services' exit codes and their logs."""
+    await apply_topics(broker.settings().kafka, [*app.topics.values(), audit_topic])
+    env = {"MESH_LLM__MODEL": f"openai:{MODEL}", "MESH_LLM__BASE_URL": server.base_url,
+           "MESH_LLM__API_KEY": KEY, "MESH_LOG_LEVEL": "INFO", **env}
+    logs = {name: tmp_path / f"{name}.log" for name in names}
+    services = [AgentProcess(broker, f"{AGENTS[name].__name__}:agent", prefix="writing",
+                             log=path.open("wb"), env=env).start()
+                for name, path in logs.items()]
+    try:
+        code, outcome, events = await asyncio.to_thread(submit, broker, request, 120.0)
+    finally:
+        codes = [proc.terminate() for proc in services]
+    return code, outcome, events, codes, logs
+
+
+def assert_key_nowhere(records: Sequence[Record], logs: Iterable[Path]) -> None:
+    """The API key is in no record (key, value, headers) and no service's log."""
     for record in records:
         raw = (record.key or b"") + (record.value or b"") + b"".join(
             v for _, v in record.headers)
         assert KEY.encode() not in raw, f"the key is in a record of {record.topic}"
-    for path in logs.values():
+    for path in logs:
         assert KEY not in path.read_text(errors="replace"), path.name
