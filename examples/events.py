@@ -5,9 +5,11 @@ a rejected draft goes back to the writer with the reviewer's notes, at most
 ``MAX_REVISIONS`` times; then it is rejected for good (``content_rejected_final``).
 
 The agents are rules, no network: the writer covers at most two of the requested
-points per draft (the first ones, then the ones the reviewer says are missing); the
-reviewer approves a draft that covers every point. So a request with 1-2 points is
-published first time, 3-4 after one revision, 5-6 after two, 7+ is rejected for good.
+points per draft (the first ones, then the ones the reviewer says are missing), each from
+the best passage of the reference mesh's corpus (``agents/corpus/``, searched with the
+researcher's BM25 index), cited; the reviewer approves a draft that covers every point.
+So a request with 1-2 points is published first time, 3-4 after one revision, 5-6 after
+two, 7+ is rejected for good.
 
 Run it: ``.venv/bin/python -m examples.events`` (embedded broker, agents in this
 process, requests published as an existing system would, results printed).
@@ -19,6 +21,7 @@ import asyncio
 import time
 from typing import Any
 
+from agents.retriever import Corpus
 from mesh import Agent, Codec, EmbeddedBroker, Mesh, MeshSettings, apply_topics
 from mesh.kafka.reader import TopicReader
 from mesh.patterns.events import EventBus, EventContext
@@ -60,9 +63,19 @@ def write(request: ContentRequested, revision: int, covered: list[str],
     """A draft covering what was covered plus up to two more points, notes first."""
     todo = [p for p in [*missing, *request.must_cover] if p not in covered]
     points = [*covered, *list(dict.fromkeys(todo))[:POINTS_PER_DRAFT]]
-    body = " ".join(f"On {p}: what {request.audience} readers need to know." for p in points)
     return Draft(revision=revision, title=f"{request.subject}: a practical guide",
-                 body=f"{request.subject}. {body}", covered=points)
+                 body="\n\n".join([request.subject, *(paragraph(request, p) for p in points)]),
+                 covered=points)
+
+
+def paragraph(request: ContentRequested, point: str) -> str:
+    """The point, from the passage of the reference mesh's corpus (``agents/corpus/``,
+    the researcher's BM25 search) that best matches the subject and the point, cited."""
+    found = Corpus.default().search(f"{request.subject} {point}", k=1)
+    if not found:
+        return f"On {point}: nothing in the corpus yet."
+    best = found[0]
+    return f"On {point}: {best.text} ({best.title}, \u201c{best.section}\u201d)"
 
 
 def review(request: ContentRequested, draft: Draft) -> list[str]:
