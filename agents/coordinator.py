@@ -1,14 +1,16 @@
 """The coordinator of the writing mesh: plans, reviews at checkpoints, synthesises.
 
-The plan (:func:`plan`): research the subject (and, for code, how to build with it;
-and each ``must_cover`` term) in parallel -> analyse -> code -> write -> review, the
+The plan (:func:`plan`): research the subject (each of its parts, for a subject joined
+by "and", "or" or commas: :func:`agents.retriever.parts_of`; and, for code, how to build
+with it; and each ``must_cover`` term) in parallel -> analyse -> code -> write -> review, the
 review a checkpoint. At the checkpoint :func:`review` reads the reviewer's verdict;
 a rejected draft is re-planned from its feedback (:func:`replan`: more research and
 a new analysis when material is missing, a new sample when the code failed, then a
 rewrite with the feedback and another review), at most :data:`MAX_REVISIONS` times;
 a draft still rejected after that fails the workflow, the reviewer's last feedback as
 its error (the drafts stay in the outcome's step results). :func:`synthesize` makes
-the final output: the approved draft, the verdict, the usage.
+the final output: the approved draft, the verdict, the usage (brains, calls, tokens,
+cost in USD, fallbacks).
 
 With ``requirements.approval`` (or ``WRITING_APPROVAL=true``) the approved draft waits
 for a person before it is published: a ``publish`` step (the writer hands over the
@@ -28,6 +30,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agents.brain import Usage, subject_of
+from agents.retriever import parts_of
 from agents.reviewer import Verdict
 from mesh.patterns.delegation.approval import DEFAULT_TIMEOUT_S
 from mesh.patterns.delegation.coordinator import Budget, Coordinator
@@ -67,9 +70,10 @@ def _base(request: WritingRequest) -> dict[str, Any]:
 async def plan(request: WritingRequest) -> Plan:
     """The first plan for ``request`` (see the module docstring)."""
     req, subject, base = request.requirements, subject_of(request.task), _base(request)
-    k = max(6, req.word_count // WORDS_PER_PASSAGE)
-    research = [PlanStep(id="research", specialist="researcher",
-                         input={**base, "queries": [subject], "about": subject, "k": k})]
+    k = max(6, req.word_count // WORDS_PER_PASSAGE + 2)  # some to spare: the writer fits
+    research = [PlanStep(id="research", specialist="researcher",  # each part of the subject
+                         input={**base, "queries": parts_of(subject), "about": subject,
+                                "k": k})]
     if req.include_code:
         research.append(PlanStep(id="research-practice", specialist="researcher", input={
             **base, "queries": [f"{subject} build python SDK example test"],
@@ -120,7 +124,7 @@ def replan(review: Review, verdict: Verdict) -> list[PlanStep]:
         known = sorted({p["id"] for sid in researched
                         for p in (review.results.get(sid) or {}).get("passages", [])})
         short = max(0, int(request.requirements.word_count * 0.95) - verdict.words)
-        queries = verdict.missing_terms or [subject]
+        queries = verdict.missing_terms or parts_of(subject)
         steps += [PlanStep(id=f"research-{n}", specialist="researcher", input={
                       **base, "queries": queries, "exclude": known,
                       "about": "" if verdict.missing_terms else subject,
@@ -175,6 +179,7 @@ async def synthesize(synthesis: Synthesis) -> dict[str, Any]:
             "usage": {"brains": sorted({u.brain for u in usages}),
                       "calls": sum(u.calls for u in usages),
                       "tokens": sum(u.tokens for u in usages),
+                      "cost": sum(u.cost for u in usages),
                       "fallbacks": sum(u.fallback for u in usages)}}
 
 

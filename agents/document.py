@@ -15,7 +15,7 @@ from dataclasses import dataclass
 _FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 _WORD = re.compile(r"[A-Za-z0-9][\w'\u2019.-]*")
 _CITE = re.compile(r"\[(\d{1,3})\]")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(`])")
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,17 +46,44 @@ who whom why will with would you your yours create write post blog article techn
 
 
 def tokens(text: str) -> list[str]:
-    """Lower-cased words without stop words, plurals folded (``servers`` -> ``server``)."""
+    """Lower-cased words without stop words, plurals folded (``servers`` -> ``server``);
+    a hyphenated word also gives its parts, so "dead letter" finds "dead-letter".
+
+    Example:
+        >>> tokens("The dead-letter topics and the retries")
+        ['dead-letter', 'dead', 'letter', 'topic', 'retry']
+    """
     found = []
     for word in _TOKEN.findall(text.lower()):
-        if word in _STOPWORDS or len(word) < 2:
-            continue
-        if len(word) > 4 and word.endswith("ies"):
-            word = word[:-3] + "y"
-        elif len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-            word = word[:-1]
-        found.append(word)
+        parts = word.split("-") if "-" in word else []
+        for w in [word, *parts]:
+            if w in _STOPWORDS or len(w) < 2:
+                continue
+            if len(w) > 4 and w.endswith("ies"):
+                w = w[:-3] + "y"
+            elif len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "us", "is")):
+                w = w[:-1]
+            found.append(w)
     return found
+
+
+_JOINS = re.compile(r"\s*(?:[,;&/+]|\b(?:and|or|plus|versus|vs\.?|as well as|along with)\b)"
+                    r"\s*", re.I)
+
+
+def parts_of(subject: str) -> list[str]:
+    """The parts of a subject joined by "and", "or", commas...: each is searched on its
+    own (a conjunction is no subject word); a subject of one part is itself.
+
+    Example:
+        >>> parts_of("consumer groups and dead letter queues")
+        ['consumer groups', 'dead letter queues']
+        >>> parts_of("retries, timeouts or dead letters")
+        ['retries', 'timeouts', 'dead letters']
+    """
+    found = [p.strip(" .") for p in _JOINS.split(subject)]
+    found = [p for p in found if tokens(p)]
+    return found or [subject.strip()]
 
 
 class Passage(BaseModel):
@@ -112,11 +139,35 @@ def _chunks(path: Path) -> list[_Chunk]:
             if ln.startswith("# "):
                 title = name
             section = name
-        body = " ".join(ln.strip() for ln in lines if not ln.startswith("#"))
+        logical: list[str] = []  # a list item and its continuation lines are one line
+        for ln in lines:
+            if ln.startswith("#"):
+                continue
+            if logical and _ITEM.match(logical[-1]) and not _ITEM.match(ln):
+                logical[-1] += " " + ln.strip()
+            else:
+                logical.append(ln.strip())
+        body = " ".join(_sentence(ln) for ln in logical)
         for piece in _pieces(body):
             found.append(_Chunk(f"{path.name}#{len(found) + 1}", f"agents/corpus/{path.name}",
                                 title, section or title, piece))
     return found
+
+
+_ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+")
+
+
+def _sentence(line: str) -> str:
+    """A line of prose as it reads in a passage: a list item (``- item``) becomes a
+    sentence of its own (its marker dropped, a capital first, an end mark), so passages
+    are cut between items and no list runs on as one long sentence."""
+    line = line.strip()
+    if not _ITEM.match(line):
+        return line
+    item = _ITEM.sub("", line)
+    if re.match(r"[a-z]+(?:[\s,:;]|$)", item):  # a word, not an identifier (create_topic)
+        item = item[:1].upper() + item[1:]
+    return item if item.endswith((".", "!", "?", ":")) else f"{item}."
 
 
 def _pieces(body: str, most: int = 140) -> list[str]:
@@ -124,7 +175,7 @@ def _pieces(body: str, most: int = 140) -> list[str]:
     fewer than 25 words is no passage."""
     pieces: list[str] = []
     current: list[str] = []
-    for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", body):
+    for sentence in re.split(r"(?<=[.!?:])\s+(?=[A-Z`])", body):
         if current and len(" ".join([*current, sentence]).split()) > most:
             pieces.append(" ".join(current))
             current = []
@@ -167,9 +218,7 @@ class Corpus:
         words = [t for t in tokens(query) if t in self._vocab]
         if not words:
             return []
-        anchor = tokens(about)
-        on_subject = {source for source, counts in self._counts.items()
-                      if all(counts[t] >= 2 for t in anchor)}
+        on_subject = self._on_subject(about)
         scores = self._index.get_scores(words)
         ranked = sorted(range(len(self.chunks)), key=lambda i: (-float(scores[i]), i))
         hits: list[Passage] = []
@@ -182,3 +231,20 @@ class Corpus:
                                     section=chunk.section, text=chunk.text,
                                     score=round(float(scores[i]), 4)))
         return hits
+
+    def _on_subject(self, about: str) -> set[str]:
+        """The documents on ``about``: on any of its parts (:func:`parts_of`), each of the
+        part's words the corpus knows there at least twice (a word no document has, such
+        as "queues" of "dead letter queues", asks nothing; a part most of whose words are
+        unknown matches no document)."""
+        if not tokens(about):
+            return set(self._counts)
+        found: set[str] = set()
+        for part in parts_of(about):
+            words = tokens(part)
+            known = [t for t in words if t in self._vocab]
+            if not known or len(known) * 2 < len(words):
+                continue
+            found |= {source for source, counts in self._counts.items()
+                      if all(counts[t] >= 2 for t in known)}
+        return found

@@ -1,11 +1,13 @@
 """The reviewer: checks a draft against the request's requirements and says what to
 change; the coordinator re-plans on its feedback (agents/coordinator.py).
 
-Checks: the word count within 10 % of the requirement; at least three sections and a
-references list; at least three citations, each listed in the references; with
-``include_code``, a Python block that runs (exit 0, printing something); every term of
-``must_cover``; and ``min_review_rounds`` (an editor's second look: drafts before that
-round are sent back with the notes even when every check passes).
+Checks: the word count within 10 % of the requirement (a short draft that already
+cites every passage found is told the corpus has too little on the subject); at least
+three sections and a references list; at least three citations, each listed in the
+references; with ``include_code``, a Python block that runs (exit 0, printing
+something); every term of ``must_cover``; and ``min_review_rounds`` (an editor's
+second look: drafts before that round are sent back with the notes even when every
+check passes).
 
     mesh run agents.reviewer:agent
 """
@@ -16,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from agents.brain import subject_of
 from agents.document import citations, code_blocks, count_words, references, sections
 from agents.sample import run_async
 from agents.step import latest, request_of, think
@@ -47,15 +50,28 @@ class Verdict(BaseModel):
     missing_terms: list[str] = Field(default_factory=list)
 
 
-async def review_draft(request: WritingRequest, markdown: str, *, round_: int) -> Verdict:
-    """Every check on ``markdown`` and the feedback for each that fails."""
+async def review_draft(request: WritingRequest, markdown: str, *, round_: int,
+                       material: dict[str, int] | None = None) -> Verdict:
+    """Every check on ``markdown`` and the feedback for each that fails; ``material``
+    (the writer's: passages found, their words, passages cited) lets the feedback on a
+    short draft say when the corpus has too little on the subject."""
     req = request.requirements
     checks, feedback, needs = [], [], set()
     words, target = count_words(markdown), req.word_count
     low, high = int(target * (1 - TOLERANCE)), int(target * (1 + TOLERANCE))
     ok = low <= words <= high
     checks.append(Check(name="word count", ok=ok, detail=f"{words} words, {low}-{high} asked"))
-    if words < low:
+    found = material or {}
+    if words < low and found.get("passages") and found.get("cited", 0) >= found["passages"]:
+        feedback.append(f"The draft has {words} words, {low - words} short of the "
+                        f"{low}-{high} asked, and it already draws on "
+                        f"{_all(found['passages'])} the research found on "
+                        f"{subject_of(request.task)!r} ({found.get('words', 0)} words of "
+                        "source text): the corpus has too little on it for this length. "
+                        "Research other terms of the subject, add documents on it to "
+                        f"agents/corpus/, or ask for about {words // 50 * 50 or words} words.")
+        needs.update({"research", "write"})
+    elif words < low:
         feedback.append(f"The draft has {words} words, {low - words} short of the "
                         f"{low}-{high} asked: research more material and write it in.")
         needs.update({"research", "write"})
@@ -101,6 +117,10 @@ async def review_draft(request: WritingRequest, markdown: str, *, round_: int) -
                    feedback=feedback, needs=sorted(needs), missing_terms=missing)
 
 
+def _all(n: int) -> str:
+    return "the one passage" if n == 1 else f"all {n} passages"
+
+
 async def _code_check(markdown: str, feedback: list[str], needs: set[str]) -> Check:
     blocks = [b for b in code_blocks(markdown) if b.language in ("python", "py")]
     if not blocks:
@@ -127,7 +147,8 @@ async def review(task: StepTask, ctx: Context) -> dict[str, Any]:
                            "depend on a writer step.")
     await think(task)
     verdict = await review_draft(request_of(task), draft["markdown"],
-                                 round_=int(task.input.get("round", 1)))
+                                 round_=int(task.input.get("round", 1)),
+                                 material=draft.get("material"))
     ctx.logger.info("step %s: %s", task.step_id,
                     "approved" if verdict.approved else "; ".join(verdict.feedback))
     return verdict.model_dump()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from agents.brain import Analysis, CodeSample
+from agents.document import citations, count_words
 from agents.step import brain_for, latest, report, request_of, think
 from mesh.agent import Context
 from mesh.errors import HandlerError
@@ -31,7 +32,16 @@ async def write(task: StepTask, ctx: Context) -> dict[str, Any]:
                                        list(task.input.get("feedback", [])))
     report(draft.usage)
     ctx.logger.info("step %s: %d words", task.step_id, draft.words)
-    return draft.model_dump()
+    return draft.model_dump() | {"material": material(analysis, draft.markdown)}
+
+
+def material(analysis: Analysis, markdown: str) -> dict[str, int]:
+    """What the draft had to draw on and what it used: the passages found (and their
+    words), the passages it cites; the reviewer tells a short draft that used them all
+    that the corpus has too little on the subject."""
+    return {"passages": len(analysis.passages),
+            "words": sum(count_words(p.text) for p in analysis.passages),
+            "cited": len(citations(markdown))}
 
 
 def publish(task: StepTask, ctx: Context) -> dict[str, Any]:
@@ -42,7 +52,8 @@ def publish(task: StepTask, ctx: Context) -> dict[str, Any]:
                            f"publish in its context ({', '.join(task.context)}): make it "
                            "depend on a writer step.")
     ctx.logger.info("step %s: published %r", task.step_id, draft.get("title"))
-    return {k: v for k, v in draft.items() if k != "usage"} | {"published": True}
+    return {k: v for k, v in draft.items() if k not in ("usage", "material")} | {
+        "published": True}
 
 
 agent = Specialist("writer", topics=writing, handler=write, group="writing-writer",
