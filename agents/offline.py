@@ -42,6 +42,9 @@ from topics.writing import WritingRequest
 RELEVANT = 0.1  # a hit scoring under this share of its query's best is off topic
 KEY_POINTS, FIGURES = 10, 8  # at most, for the writer to choose from
 LONGEST = 60  # words: a longer "sentence" (a run-on list) is no key point or figure
+# A sentence opening with a word that points back needs the one before it to make sense.
+_ANAPHORA = re.compile(r"(?:it|its|this|that|these|those|they|their|them|such|both|here|"
+                       r"there|he|she|we|our|the latter|the former)\b", re.I)
 _FIGURE = re.compile(r"(?<![\w.-])(\d{4}-\d{2}-\d{2}|-\d{5}|\d+(?:\.\d+)+|(?:19|20)\d{2}"
                      r"|\d+(?:\.\d+)?\s?(?:%|ms|MB|GB|KB|s)(?!\w))")
 _NUMBER_WORDS = re.compile(r"\b(one|two|three|four|five|six|seven|eight|nine|ten)\b", re.I)
@@ -82,7 +85,9 @@ class OfflineBrain:
             sentences = split_sentences(p.text)
             readable = [s for s in sentences if 8 <= len(s.split()) <= LONGEST]
             if readable and len(points) < KEY_POINTS:  # the sentence most on the subject
-                best = max(readable, key=lambda s: (len(about & set(tokens(s))),
+                # that reads alone: "It sits between them" needs the sentence before it
+                best = max(readable, key=lambda s: (not _ANAPHORA.match(s),
+                                                    len(about & set(tokens(s))),
                                                     -readable.index(s)))
                 points.append(KeyPoint(text=best, cite=p.n))
             for sentence in readable:
@@ -242,7 +247,7 @@ def _frame(request: WritingRequest, analysis: Analysis, code: CodeSample | None,
     first key point when ``lead``; worded for the audience (a briefing for managers,
     a post for developers and other readers)."""
     req, subject = request.requirements, analysis.subject
-    first = analysis.key_points[0] if analysis.key_points and lead else None
+    first = _opening(analysis) if lead else None
     opening = f" {first.text} [{first.cite}]" if first else ""
     plan = _PLAN  # the sections the body has, once fitted (see _assemble)
     example = "; and a small working example" if code is not None else ""
@@ -277,6 +282,16 @@ def _frame(request: WritingRequest, analysis: Analysis, code: CodeSample | None,
         frame["example"] = (f"## A worked example\n\n{code.explanation}\n\n"
                             f"```{code.language}\n{code.code.rstrip()}\n```{ran}")
     return frame
+
+
+def _opening(analysis: Analysis) -> KeyPoint | None:
+    """The introduction's statement: the first sentence of the best passage, which
+    usually says what the subject is, when it reads alone; else the first key point."""
+    for passage in analysis.passages[:1]:
+        for sentence in split_sentences(passage.text)[:1]:
+            if 8 <= len(sentence.split()) <= LONGEST and not _ANAPHORA.match(sentence):
+                return KeyPoint(text=sentence, cite=passage.n)
+    return analysis.key_points[0] if analysis.key_points else None
 
 
 def _lower_first(title: str) -> str:

@@ -92,3 +92,19 @@ def test_front_matter_and_comments_are_not_indexed(tmp_path: Path) -> None:
         ("Consumer groups", "Sharing partitions", body)]
     assert corpus.search("partitions consumer groups", k=3)
     assert corpus.search("provenance public domain license maintainers comment", k=3) == []
+
+
+async def test_the_seed_document_opens_with_what_mcp_is_and_its_takeaways_read_alone() -> None:
+    """Pass: the introduction states what MCP is (the best passage's first sentence) and
+    no key takeaway opens with a word pointing back at a sentence the reader never saw
+    ("It sits between them", "MCP turns that into..." as an opener of the post).
+    Fail: a takeaway or the opening statement needs the sentence before it."""
+    markdown = await seed_document()
+    intro = markdown.split("\n\n")[1]
+    assert "The Model Context Protocol (MCP) is an open protocol" in intro, intro
+    takeaways = markdown.split("## Key takeaways\n\n", 1)[1].split("\n\n", 1)[0]
+    bullets = [line.removeprefix("- ") for line in takeaways.splitlines()]
+    assert len(bullets) >= 3
+    pointing_back = ("it", "its", "this", "that", "these", "those", "they", "their", "such")
+    for bullet in bullets:
+        assert bullet.split()[0].lower().strip(",:") not in pointing_back, bullet
