@@ -48,6 +48,7 @@ from agents.offline import OfflineBrain, _numbered
 from agents.retriever import Passage
 from mesh.errors import MeshError
 from mesh.llm import LLMError, classify, model_from_settings
+from mesh.patterns.delegation.specialist import record_usage
 from topics.writing import WritingRequest
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,11 @@ class ModelBrain:
                 failed = exc
         retriable, cause, _ = classify(failed)
         if retriable:
+            # The answers this attempt already got were paid for: charged to the step
+            # (its failed attempt's audit, the result's usage) though its output is lost.
+            paid = _usage(spent, usage, messages)
+            if paid.calls or paid.tokens or paid.cost:
+                record_usage(tokens=paid.tokens, calls=paid.calls, cost=paid.cost)
             raise LLMError(f"Model {self.label!r} failed to {what}: {cause}. Retriable.",
                            agent=what, model=self.label, cause=cause,
                            retriable=True) from None

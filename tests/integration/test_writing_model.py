@@ -28,12 +28,14 @@ from agents.app import AGENTS, app
 from agents.brain import Brain, brain
 from agents.model_brain import ModelBrain
 from agents.retriever import Corpus, Passage
+from agents.step import report
 from mesh import Codec
 from mesh.config import MeshSettings
 from mesh.kafka.base import Record
 from mesh.kafka.provision import apply_topics
 from mesh.llm import LLMError
 from mesh.patterns.delegation.coordinator import WorkflowEvent
+from mesh.patterns.delegation.specialist import Specialist
 from mesh.runtime.audit import CONSUMED, OK, RETRY, AuditEvent, audit_topic
 from tests.conftest import BrokerUnderTest
 from tests.integration.test_llm_openai import KEY, ChatServer, _completion
@@ -88,8 +90,9 @@ class WritingServer(ChatServer):
     brain refuses); code answers a one-line program (``[bad]``: an invalid one, no code,
     a number for a filename); writing answers :data:`DOCUMENT` when asked for 100 words,
     else :data:`MARKDOWN` (``[busy]`` in the task: 429, the body echoing the
-    Authorization header). A kind of request (research, analyse, code, write) in
-    ``busy_once`` gets that 429 on its first request only, as a rate limit that clears.
+    Authorization header). A kind of request (research, analyse, code, write; or
+    research-final, research's request after its tool call) in ``busy_once`` gets that
+    429 on its first request only, as a rate limit that clears.
     Every answer says :data:`MODEL` answered it. A request without ``Bearer <KEY>`` gets
     a 401."""
 
@@ -112,11 +115,14 @@ class WritingServer(ChatServer):
         kind = ("research" if "search_corpus" in tools else
                 "analyse" if "Extract up to 6 key points" in said else
                 "code" if "self-contained Python" in said else "write")
+        answered_tool = kind == "research" and any(m["role"] == "tool" for m in messages)
+        stage = "research-final" if answered_tool else kind  # research's second request
         with self.lock:
             self.requests.append((path, auth, said[:40]))
-            busy = kind in self.busy_once and kind not in self.refused
+            busy = (next((s for s in (kind, stage) if s in self.busy_once), None)
+                    if kind not in self.refused and stage not in self.refused else None)
             if busy:
-                self.refused.append(kind)
+                self.refused.append(busy)
         if auth != f"Bearer {KEY}":
             return 401, {"error": {"message": "Incorrect API key provided",
                                    "type": "invalid_request_error", "code": "invalid_api_key"}}
@@ -303,6 +309,45 @@ async def test_a_rate_limited_step_is_retried_by_the_mesh_and_the_workflow_compl
     assert any(r.key == b"wf-model-429" for r in records)
     assert_key_nowhere(records, logs.values())
     assert KEY not in events and KEY not in json.dumps(outcome)
+
+
+async def test_answers_paid_for_by_an_attempt_that_then_failed_are_charged(
+        server: WritingServer) -> None:
+    """Pass: the researcher's step on the model: its tool call is answered (60 tokens),
+    the request after it gets a 429: the attempt fails as a retriable LLMError, and what
+    the answered request cost is charged to the step all the same (the attempt's audit
+    details, the usage kept for the step's result, the specialist's metrics); the next
+    attempt's three answers add to it. Fail: the answered request's cost lost with the
+    attempt (a budget that never sees it)."""
+    from mesh import Context, Envelope
+    from mesh.patterns.delegation.plan import StepTask
+
+    server.busy_once = {"research-final"}
+    chosen = model_brain()
+
+    async def research(task: StepTask, ctx: Context) -> dict[str, Any]:
+        found = await chosen.research(["MCP servers"], k=3, search=search)
+        report(found.usage)
+        return {"ids": [p.id for p in found.passages]}
+
+    agent = Specialist("researcher", topics=writing, handler=research,
+                       group="charged-researcher")
+    task = StepTask(task_id="w/research", workflow_id="w", step_id="research",
+                    dispatch_id="w/research/v1", specialist="researcher", plan_version=1)
+    first = Context(agent, Envelope(task, "e1", "c1", topic=writing.tasks["researcher"].name))
+    with pytest.raises(LLMError) as raised:
+        await agent.handle(task, first)
+    assert raised.value.retriable and server.refused == ["research-final"]
+    assert first.details is not None
+    assert (first.details["tokens"], first.details["calls"]) == ("60", "1")
+    assert float(first.details["cost"]) == pytest.approx(PER_CALL)
+    second = Context(agent, Envelope(task, "e1", "c1", topic=writing.tasks["researcher"].name,
+                                     attempt=2))
+    result = await agent.handle(task, second)
+    assert result.ok and result.usage is not None
+    assert (result.usage.tokens, result.usage.calls) == (180, 3)  # 1 + 2 answers
+    assert result.usage.cost == pytest.approx(3 * PER_CALL)
+    assert (agent.usage_stats.tokens, agent.usage_stats.calls) == (180, 3)
 
 
 async def test_the_mesh_on_a_model_stops_at_its_token_budget_and_never_shows_the_key(
