@@ -58,7 +58,7 @@ import time
 import zlib
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -464,7 +464,7 @@ class CircuitBreaker:
         """A record of the state topic, in this breaker's partition (set explicitly, so
         its claims and its state share one log order whatever the partitioner)."""
         assert self._table is not None
-        return replace(self._table.record_of(key, value), partition=self._partition)
+        return self._table.record_of(key, value)._replace(partition=self._partition)
 
     async def _send(self, records: list[OutRecord]) -> None:
         if self._producer is not None and records:

@@ -16,7 +16,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -212,7 +211,7 @@ async def test_trace_reads_only_its_correlation_ids_partition(
     elsewhere = (home + 1) % count
 
     positions = await inject(settings, keyed)
-    await inject(settings, [replace(stray, partition=elsewhere)])
+    await inject(settings, [stray._replace(partition=elsewhere)])
 
     assert {partition for partition, _ in positions} == {home}
     trace = await read_trace(settings.kafka, cid)
