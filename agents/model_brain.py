@@ -46,9 +46,9 @@ from agents.brain import (
 from agents.document import count_words
 from agents.offline import OfflineBrain, _numbered
 from agents.retriever import Passage
+from agents.step import report
 from mesh.errors import MeshError
 from mesh.llm import LLMError, classify, model_from_settings
-from mesh.patterns.delegation.specialist import record_usage
 from topics.writing import WritingRequest
 
 logger = logging.getLogger(__name__)
@@ -96,9 +96,7 @@ class ModelBrain:
         if retriable:
             # The answers this attempt already got were paid for: charged to the step
             # (its failed attempt's audit, the result's usage) though its output is lost.
-            paid = _usage(spent, usage, messages)
-            if paid.calls or paid.tokens or paid.cost:
-                record_usage(tokens=paid.tokens, calls=paid.calls, cost=paid.cost)
+            report(_usage(spent, usage, messages))
             raise LLMError(f"Model {self.label!r} failed to {what}: {cause}. Retriable.",
                            agent=what, model=self.label, cause=cause,
                            retriable=True) from None

@@ -83,18 +83,18 @@ class OfflineBrain:
         facts: list[tuple[int, int, Figure]] = []  # (-relevance, order, figure)
         for p in ranked:
             sentences = split_sentences(p.text)
-            readable = [s for s in sentences if 8 <= len(s.split()) <= LONGEST]
+            readable = [s for s in sentences if _readable(s)]
+            on_subject = [len(about & set(tokens(s))) for s in readable]
             if readable and len(points) < KEY_POINTS:  # the sentence most on the subject
                 # that reads alone: "It sits between them" needs the sentence before it
-                best = max(readable, key=lambda s: (not _ANAPHORA.match(s),
-                                                    len(about & set(tokens(s))),
-                                                    -readable.index(s)))
-                points.append(KeyPoint(text=best, cite=p.n))
-            for sentence in readable:
+                i = max(range(len(readable)), key=lambda i: (
+                    not _ANAPHORA.match(readable[i]), on_subject[i], -i))
+                points.append(KeyPoint(text=readable[i], cite=p.n))
+            for sentence, relevance in zip(readable, on_subject, strict=True):
                 for value in _FIGURE.findall(sentence):
                     if value not in seen_values:
                         seen_values.add(value)
-                        facts.append((-len(about & set(tokens(sentence))), len(facts),
+                        facts.append((-relevance, len(facts),
                                       Figure(value=value.strip(), context=sentence, cite=p.n)))
         figures = [f for *_, f in sorted(facts, key=lambda t: (t[0], t[1]))[:FIGURES]]
         return Analysis(subject=subject, passages=ranked, key_points=points, figures=figures,
@@ -271,7 +271,7 @@ def _frame(request: WritingRequest, analysis: Analysis, code: CodeSample | None,
         "example": "",
         "conclusion": f"## Conclusion\n\nWorking with {subject} comes down to a few "
                       f"well-defined pieces: {plan}. {closing} The references below point "
-                      "to the passages this {kind} draws on.".replace("{kind}", kind),
+                      f"to the passages this {kind} draws on.",
     }
     if analysis.figures and figures:
         frame["figures"] = "## Facts and figures\n\n" + "\n".join(
@@ -289,9 +289,14 @@ def _opening(analysis: Analysis) -> KeyPoint | None:
     usually says what the subject is, when it reads alone; else the first key point."""
     for passage in analysis.passages[:1]:
         for sentence in split_sentences(passage.text)[:1]:
-            if 8 <= len(sentence.split()) <= LONGEST and not _ANAPHORA.match(sentence):
+            if _readable(sentence) and not _ANAPHORA.match(sentence):
                 return KeyPoint(text=sentence, cite=passage.n)
     return analysis.key_points[0] if analysis.key_points else None
+
+
+def _readable(sentence: str) -> bool:
+    """Long enough to say something, short enough to be one statement."""
+    return 8 <= len(sentence.split()) <= LONGEST
 
 
 def _lower_first(title: str) -> str:

@@ -62,9 +62,9 @@ async def review_draft(request: WritingRequest, markdown: str, *, round_: int,
     ok = low <= words <= high
     checks.append(Check(name="word count", ok=ok, detail=f"{words} words, {low}-{high} asked"))
     found = material or {}
+    short = f"The draft has {words} words, {low - words} short of the {low}-{high} asked"
     if words < low and found.get("passages") and found.get("cited", 0) >= found["passages"]:
-        feedback.append(f"The draft has {words} words, {low - words} short of the "
-                        f"{low}-{high} asked, and it already draws on "
+        feedback.append(f"{short}, and it already draws on "
                         f"{_all(found['passages'])} the research found on "
                         f"{subject_of(request.task)!r} ({found.get('words', 0)} words of "
                         "source text): the corpus has too little on it for this length. "
@@ -72,8 +72,7 @@ async def review_draft(request: WritingRequest, markdown: str, *, round_: int,
                         f"agents/corpus/, or ask for about {words // 50 * 50 or words} words.")
         needs.update({"research", "write"})
     elif words < low:
-        feedback.append(f"The draft has {words} words, {low - words} short of the "
-                        f"{low}-{high} asked: research more material and write it in.")
+        feedback.append(f"{short}: research more material and write it in.")
         needs.update({"research", "write"})
     elif words > high:
         feedback.append(f"The draft has {words} words, {words - high} over the {low}-{high} "

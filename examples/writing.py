@@ -198,18 +198,18 @@ def totals(progress: Progress) -> str:
     return (f"{len(progress.steps)} steps, {len(agents)} agents, "
             f"{sum(s.retries for s in progress.steps.values())} retries, "
             f"{progress.replans} re-plans, {usage.get('fallbacks', 0)} fallbacks, "
-            f"{usage.get('tokens', 0)} tokens{cost_of(out)} "
+            f"{usage.get('tokens', 0)} tokens{cost_text(out)} "
             f"({', '.join(usage.get('brains', [])) or '-'}), {progress.elapsed():.1f} s")
 
 
-def cost_of(out: WorkflowOutcome | None) -> str:
+def cost_text(out: WorkflowOutcome | None) -> str:
     """``", $0.0123"``: what the workflow's model calls cost (the usage its steps
     reported, priced by pydantic-ai); nothing offline or for a model without a price.
 
     Example:
         >>> from mesh.patterns.delegation.budget import Usage
         >>> out = WorkflowOutcome(workflow_id="w", success=True, usage=Usage(cost=0.0123))
-        >>> cost_of(out), cost_of(None)
+        >>> cost_text(out), cost_text(None)
         (', $0.0123', '')
     """
     cost = out.usage.cost if out is not None and out.usage is not None else 0.0
