@@ -85,6 +85,8 @@ from mesh.kafka.transport import MAX_REQUEST_BYTES, Producer  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 KEYS = 64  # distinct record keys, spread over the partitions
 MESH_RUNS = ("mesh", "mesh-noaudit", "mesh-blocking")
+RAW_RUNS = ("raw", "raw-shared", "raw-avro")
+COMPARED = (*MESH_RUNS, "raw-shared", "raw-avro")  # each reported over raw
 HOPS = (("in", "ab"), ("ab", "bc"), ("bc", "out"))  # each stage's input and output topic
 ASSIGN_TIMEOUT_S = 60.0
 POLL_MS = 200  # the mesh's own poll timeout (runtime.AgentRunner._poll)
@@ -444,14 +446,22 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class RawStage:
-    """consume -> json.loads -> produce json.dumps -> await acks -> commit, per batch."""
+    """consume -> json.loads -> produce json.dumps -> await acks -> commit, per batch.
+
+    With ``codec`` (the ``raw-avro`` run) each value is instead decoded and validated
+    as the mesh decodes an input (Avro single-object encoding, the pydantic model), the
+    model copied as the mesh's handler does, encoded again with the mesh's codec, and
+    sent with the record's headers unread: the schema work alone, without the mesh's
+    envelope, ids, lanes, retries, metrics or audit."""
 
     def __init__(self, kafka: KafkaSettings, group: str, source: str, target: str,
-                 producer: AIOKafkaProducer | None = None) -> None:
+                 producer: AIOKafkaProducer | None = None, *,
+                 codec: tuple[Codec, Topic[Ping]] | None = None) -> None:
         self.consumer = AIOKafkaConsumer(group_id=group, **consumer_kwargs(kafka))
         self.producer = producer or AIOKafkaProducer(**producer_kwargs(kafka))
         self.own_producer = producer is None
         self.source, self.target, self.group = source, target, group
+        self.codec = codec
         self.listener = _Assigned()
         self.handled = 0
 
@@ -470,10 +480,17 @@ class RawStage:
             acks = []
             offsets = {}
             for tp, msgs in batches.items():
-                for m in msgs:
-                    doc = json.loads(m.value)
-                    acks.append(await producer.send(target, json.dumps(doc).encode(),
-                                                    key=m.key))
+                if self.codec is None:
+                    for m in msgs:
+                        doc = json.loads(m.value)
+                        acks.append(await producer.send(target, json.dumps(doc).encode(),
+                                                        key=m.key))
+                else:
+                    codec, topic = self.codec
+                    for m in msgs:
+                        ping = (await codec.decode(topic, m.value)).model_copy()
+                        acks.append(await producer.send(target, codec.encode(topic, ping)[0],
+                                                        key=m.key, headers=list(m.headers)))
                 offsets[tp] = msgs[-1].offset + 1
             await asyncio.gather(*acks)
             await consumer.commit(offsets)
@@ -486,20 +503,31 @@ class RawStage:
 
 
 async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMeter, *,
-                  shared: bool = False) -> RunResult:
+                  shared: bool = False, avro: bool = False) -> RunResult:
     """The raw chain; ``shared``: its three stages produce through one producer, as a
     mesh's agents do (aiokafka keeps one produce request in flight per broker and
-    producer, so the stages' outputs queue behind each other)."""
+    producer, so the stages' outputs queue behind each other); ``avro``: the stages
+    decode, validate and encode as the mesh does (``RawStage``), and events are injected
+    as ``mesh emit`` builds them."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}-raw"
     topics = {name: Topic(f"{prefix}.{name}", Ping, key="key", partitions=args.partitions,
                           dead_letters=False) for name in ("in", "ab", "bc", "out")}
     await apply_topics(settings.kafka, topics.values())
     kafka = settings.kafka
     one = AIOKafkaProducer(**producer_kwargs(kafka)) if shared else None
-    stages = [RawStage(kafka, f"{prefix}-{name}", topics[src].name, topics[dst].name, one)
+    codec = Codec(settings.schema_registry)
+    await codec.prepare(list(topics.values()))
+    emitter = Emitter(settings, source="bench", codec=codec) if avro else None
+    stages = [RawStage(kafka, f"{prefix}-{name}", topics[src].name, topics[dst].name, one,
+                       codec=(codec, topics[src]) if avro else None)
               for name, src, dst in [("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out")]]
+    serde = codec.serde(Ping)
 
     def decode(value: bytes) -> tuple[int, int]:
+        if avro:
+            ping = serde.decode(value)
+            assert isinstance(ping, Ping)
+            return ping.id, ping.sent_at_ns
         doc = json.loads(value)
         return doc["id"], doc["sent_at_ns"]
 
@@ -527,8 +555,13 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
                 acks = []
                 for i in chunk:
                     ping = make_ping(i, pad)
-                    acks.append(await injector.send(source, ping.model_dump_json().encode(),
-                                                    key=ping.key.encode()))
+                    if emitter is None:
+                        acks.append(await injector.send(source, ping.model_dump_json().encode(),
+                                                        key=ping.key.encode()))
+                    else:  # as `mesh emit` builds it, as the mesh run injects
+                        out = emitter.record(topics["in"], ping)[0]
+                        acks.append(await injector.send(source, out.value, key=out.key,
+                                                        headers=list(out.headers)))
                 if args.rate > 0:
                     paced.extend(acks)
                 else:
@@ -605,7 +638,7 @@ def ratios(results: dict[str, RunResult]) -> dict[str, float]:
         return {}
     raw = results["raw"]
     out: dict[str, float] = {}
-    for name in MESH_RUNS:
+    for name in COMPARED:
         if name not in results:
             continue
         run, tag = results[name], name.replace("-", "_")
@@ -615,6 +648,11 @@ def ratios(results: dict[str, RunResult]) -> dict[str, float]:
         if run.hop_ms and raw.hop_ms:
             for q in ("p50", "p99"):
                 out[f"hop_{q}_added_ms_{tag}"] = run.hop_ms["hop"][q] - raw.hop_ms["hop"][q]
+    if "raw-avro" in results:  # the mesh's own cost, the schema work set aside
+        for name in MESH_RUNS:
+            if name in results:
+                out[f"throughput_{name.replace('-', '_')}_over_raw_avro"] = (
+                    results[name].throughput / results["raw-avro"].throughput)
     return out
 
 
@@ -629,8 +667,8 @@ def print_profile(profiler: cProfile.Profile, path: Path) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if not runs or any(r not in (*MESH_RUNS, "raw", "raw-shared") for r in runs):
-        raise SystemExit(f"--runs takes {', '.join(MESH_RUNS)}, raw and/or raw-shared, got "
+    if not runs or any(r not in (*MESH_RUNS, *RAW_RUNS) for r in runs):
+        raise SystemExit(f"--runs takes {', '.join((*MESH_RUNS, *RAW_RUNS))}, got "
                          f"{args.runs!r}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     profiler = cProfile.Profile() if args.profile else None
@@ -658,7 +696,8 @@ async def main(args: argparse.Namespace) -> int:
                     "audit": settings.audit.model_copy(update={"enabled": False})})
                 results[name] = await run_mesh(quiet, args, None, cpu)
             else:
-                results[name] = await run_raw(settings, args, cpu, shared=name == "raw-shared")
+                results[name] = await run_raw(settings, args, cpu, shared=name == "raw-shared",
+                                              avro=name == "raw-avro")
             r = results[name]
             r.name = name
             r.extra["load_average_before"] = load
@@ -669,7 +708,7 @@ async def main(args: argparse.Namespace) -> int:
     print_table(results)
     print_hops(results)
     rat = ratios(results)
-    for name in MESH_RUNS:
+    for name in COMPARED:
         tag = name.replace("-", "_")
         if f"throughput_{tag}_over_raw" in rat:
             print(f"\n{name}/raw: throughput {rat[f'throughput_{tag}_over_raw']:.2f}x, "
@@ -679,6 +718,10 @@ async def main(args: argparse.Namespace) -> int:
                 print(f"; per hop {rat[f'hop_p50_added_ms_{tag}']:+.1f} ms at p50, "
                       f"{rat[f'hop_p99_added_ms_{tag}']:+.1f} ms at p99 over raw", end="")
             print()
+    for name in MESH_RUNS:
+        tag = name.replace("-", "_")
+        if f"throughput_{tag}_over_raw_avro" in rat:
+            print(f"{name}/raw-avro: throughput {rat[f'throughput_{tag}_over_raw_avro']:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"chain-{stamp}.json"
     document = {
