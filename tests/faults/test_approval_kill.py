@@ -14,18 +14,20 @@ from tests.apps.delegation import Job, build, outcomes_of, request_records
 from tests.conftest import BrokerUnderTest
 from tests.integration.test_approval import APP, asked, decoded, dispatched, wait_for_events
 from tests.integration.test_cli import Cli
-from tests.support import AgentProcess, inject
+from tests.support import AgentProcess, inject, wait_for_count
 
 
 async def test_an_approval_wait_survives_kill_9_of_the_coordinator(
         broker: BrokerUnderTest, prefix: str, tmp_path: Path, mesh_cli: list[str]) -> None:
     """Pass: two reports whose analyse step asks for approval (one with a 20 s
     deadline). Once both asked, the coordinator is killed -9: the workflows table holds
-    both waits and no analyse task exists. Restarted (a new pid), it dispatches
-    analyse of `held` on `mesh approve` (exactly once) and `held` completes; `timed`
-    is rejected by the restarted coordinator's timer at its deadline with its research
-    results; each approval request was published at most twice (a redelivered input
-    re-sends it, with the same event id); the coordinator stops with exit code 0."""
+    both waits and no analyse task exists. Restarted (a new pid), both approval requests
+    are on the approvals topic (sent before the crash, or re-sent by the redelivered
+    input that asked); it dispatches analyse of `held` on `mesh approve` (exactly once)
+    and `held` completes; `timed` is rejected by the restarted coordinator's timer at
+    its deadline with its research results; each approval request was published at
+    most twice (a re-sent one carries the same event id); the coordinator stops with
+    exit code 0."""
     app = build(prefix)
     settings, codec = broker.settings(), Codec()
     cli = Cli(tuple(mesh_cli), broker.env(MESH_TEST_PREFIX=prefix))
@@ -51,6 +53,11 @@ async def test_an_approval_wait_survives_kill_9_of_the_coordinator(
                 "held": ["analyse"], "timed": ["analyse"]}
             assert "analyse" not in {s for _, s in await dispatched(settings, codec, app.topics)}
             coordinator.start()
+            # Each request is on the topic: sent before the crash, or re-sent by the
+            # redelivered input that asked. Approving only then keeps the decision from
+            # overtaking that input (they come from different topics), which would leave
+            # nothing to re-send and the request unpublished.
+            await wait_for_count(settings, [app.topics.approvals.name], 2)
             await cli.ok("approve", "held", "analyse", "--by", "ana", "-t", APP)
             outcomes = await outcomes_of(settings, codec, app.topics, set(correlations),
                                          timeout=120)
