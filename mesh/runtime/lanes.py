@@ -4,10 +4,12 @@ Each assigned partition has a *lane*: the records fetched for it, taken in offse
 by one task, and the offsets of the inputs in hand. What the lanes promise (the
 at-least-once half of the delivery contract that is about partitions and offsets):
 
-* Records of one partition are taken in order by that partition's lane and handled by
-  one worker per order key (``Agent(ordering=)``: the record key by default, the
-  partition, or none): one key's inputs one at a time, in order; other keys and other
-  partitions concurrently, up to ``Agent(concurrency=)`` handlers at once per replica.
+* Records of one partition are taken in order by that partition's lane and queued per
+  order key (``Agent(ordering=)``: the record key by default, the partition, or none):
+  one key's inputs one at a time, in order; other keys and other partitions
+  concurrently, up to ``Agent(concurrency=)`` handlers at once per replica. A lane has
+  at most that many workers; each serves a key's queue to its end, then the next key
+  that waits for a worker.
 * A partition's committed offset advances only to the lowest input not yet finished
   (handled, and every output acknowledged); at most ``runtime.max_uncommitted`` inputs
   are taken past it.
@@ -59,8 +61,9 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 
 @dataclass(slots=True)
 class Lane:
-    """The records of one partition: taken in offset order by one task, handled by one
-    worker per key (per partition, or per record, as the agent's ordering says)."""
+    """The records of one partition: taken in offset order by one task, queued per key
+    (per partition, or per record, as the agent's ordering says) and handled by workers
+    that each serve one key's queue at a time."""
 
     partition: Partition
     backlog: deque[Record] = field(default_factory=deque)
@@ -69,6 +72,10 @@ class Lane:
     # offset order: ``done`` advances over the front while it is acknowledged
     pending: dict[int, Acks | None] = field(default_factory=dict)
     keys: dict[Any, deque[Record]] = field(default_factory=dict)  # waiting, per key
+    # keys with a queue and no worker yet (the lane has its cap of workers), in the
+    # order they came: a worker that empties its key's queue takes the next
+    unserved: deque[Any] = field(default_factory=deque)
+    serving: int = 0  # workers that have not returned (the tasks end a step later)
     workers: set[asyncio.Task[None]] = field(default_factory=set)
     halted: asyncio.Event = field(default_factory=asyncio.Event)  # set when it stops
     done: int | None = None  # next offset to commit
@@ -123,7 +130,11 @@ class Lanes:
         self.spawn = spawn
         self.ready = ready
         self.held_until = held_until
-        self.slots = asyncio.Semaphore(agent.concurrency or settings.runtime.concurrency)
+        concurrency = agent.concurrency or settings.runtime.concurrency
+        self.slots = asyncio.Semaphore(concurrency)
+        # Workers per lane: no more than can run at once; further keys wait for one
+        # (a task per key would cost a task and a semaphore waiter per input).
+        self.max_workers = concurrency
         self.consumer: Consumer | None = None  # set by the runner while it runs
         self._lanes: dict[Partition, Lane] = {}
         # One commit at a time (the poll loop's runs beside it, a close's may come
@@ -179,6 +190,7 @@ class Lanes:
                 lane.stopping = True
                 lane.backlog.clear()  # uncommitted: redelivered to the next owner
                 lane.keys.clear()
+                lane.unserved.clear()
                 lane.wakeup.set()
                 lane.halted.set()
             tasks = [lane.task for lane in lanes if lane.task is not None]
@@ -322,34 +334,46 @@ class Lanes:
             queue.append(record)
             return
         lane.keys[key] = deque([record])
+        if lane.serving >= self.max_workers:  # a worker takes the key when free
+            lane.unserved.append(key)
+            return
+        lane.serving += 1
         worker = self.spawn(self._work(lane, key), f"{self.agent.name}:{lane.partition}:worker")
         lane.workers.add(worker)
         worker.add_done_callback(lane.workers.discard)
 
     async def _work(self, lane: Lane, key: Any) -> None:
-        """Handle the inputs queued under ``key``, in order, until none is left."""
-        queue = lane.keys.get(key)
-        if queue is None:  # the lane closed before this worker's first step
-            return
+        """Handle the inputs queued under ``key``, in order, until none is left; then
+        those of the next key waiting for a worker, until no key waits."""
         try:
-            while queue and not lane.stopping:
-                if self.held:
-                    await self._hold_off(lane)
-                    continue
-                record = queue[0]
-                async with self.slots:
-                    if lane.stopping:
-                        break
-                    acks = await self.handle(record)
-                if acks is None:  # held: keep the input, try it again after the hold
-                    continue
-                queue.popleft()
-                lane.pending[record.offset] = acks
-                # the lane advances `done` over it once its outputs are acknowledged
-                acks.when_done(lane.wakeup.set)
-        finally:
-            if lane.keys.get(key) is queue:
-                del lane.keys[key]
+            while (queue := lane.keys.get(key)) is not None:  # None: the lane closed
+                try:
+                    await self._serve(lane, queue)
+                finally:
+                    if lane.keys.get(key) is queue:
+                        del lane.keys[key]
+                if lane.stopping or not lane.unserved:
+                    return
+                key = lane.unserved.popleft()
+        finally:  # no await between the last look at `unserved` and this
+            lane.serving -= 1
+
+    async def _serve(self, lane: Lane, queue: deque[Record]) -> None:
+        while queue and not lane.stopping:
+            if self.held:
+                await self._hold_off(lane)
+                continue
+            record = queue[0]
+            async with self.slots:
+                if lane.stopping:
+                    break
+                acks = await self.handle(record)
+            if acks is None:  # held: keep the input, try it again after the hold
+                continue
+            queue.popleft()
+            lane.pending[record.offset] = acks
+            # the lane advances `done` over it once its outputs are acknowledged
+            acks.when_done(lane.wakeup.set)
 
     async def _hold_off(self, lane: Lane) -> None:
         """Wait while the agent holds (a breaker is open), at most a second at a time so

@@ -80,13 +80,13 @@ class FakeConsumer:
 class Harness:
     """Lanes whose handler records what it handled (and may be made to wait)."""
 
-    def __init__(self, ordering: str = "key") -> None:
+    def __init__(self, ordering: str = "key", concurrency: int | None = None) -> None:
         self.handled: list[int] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.tasks: list[asyncio.Task[None]] = []
         agent = Agent("orders-agent", consumes=ORDERS, ordering=ordering,  # type: ignore[arg-type]
-                      handler=ignore)
+                      handler=ignore, concurrency=concurrency)
         ready = asyncio.Event()
         ready.set()
         self.lanes = Lanes(agent, MeshSettings(), handle=self.handle, spawn=self.spawn,
@@ -129,6 +129,30 @@ async def test_one_keys_records_keep_their_order_across_polls() -> None:
     harness.gate.set()
     await asyncio.wait(set(lane.workers))
     assert [o for o in harness.handled if o in (0, 2, 3)] == [0, 2, 3]
+    await harness.close()
+
+
+async def test_a_lane_runs_no_more_workers_than_its_concurrency_and_they_take_every_key(
+        ) -> None:
+    """Pass: concurrency 2 and six keys (key a three times) fed while the handler
+    waits: two workers, the other keys wait for one; released, every record is handled,
+    key a's in offset order, and the workers are gone. Keys fed afterwards get workers
+    again (a worker that found no key waiting gave its place back)."""
+    harness = Harness(concurrency=2)
+    harness.gate.clear()
+    keys = [b"a", b"b", b"a", b"c", b"d", b"a", b"e", b"f"]
+    harness.lanes.feed(PART, [record(i, k) for i, k in enumerate(keys)])
+    lane = harness.lanes[PART]
+    assert len(lane.workers) == 2 and list(lane.unserved) == [b"c", b"d", b"e", b"f"]
+    harness.gate.set()
+    await asyncio.wait(set(lane.workers))
+    assert sorted(harness.handled) == list(range(8))
+    assert [o for o in harness.handled if keys[o] == b"a"] == [0, 2, 5]
+    assert not lane.workers and not lane.keys and not lane.unserved and lane.serving == 0
+    harness.lanes.feed(PART, [record(8, b"g"), record(9, b"h"), record(10, b"i")])
+    assert len(lane.workers) == 2 and list(lane.unserved) == [b"i"]
+    await asyncio.wait(set(lane.workers))
+    assert sorted(harness.handled) == list(range(11))
     await harness.close()
 
 
