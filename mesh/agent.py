@@ -56,6 +56,7 @@ class Emitted:
     traceparent: str | None = None
     causation_id: str | None = None
     headers: ExtraHeaders = ()
+    carried: ExtraHeaders | None = None  # a kept event's (its tracestate first)
 
 
 FailureHandler = Callable[[Any, "Context", BaseException], Awaitable[None]]
@@ -104,8 +105,18 @@ class Context:
     @property
     def traceparent(self) -> str:
         """The input's W3C trace context; keep it (e.g. in state) to emit later in the
-        same trace with ``emit(..., traceparent=)``."""
+        same trace with ``emit(..., traceparent=)``, with :attr:`carried` beside it."""
         return self.event.traceparent
+
+    @property
+    def carried(self) -> dict[str, bytes]:
+        """What the input's outputs carry besides the mesh's ids: its W3C
+        ``tracestate`` and the headers this agent propagates (a tenant id). Keep it with
+        :attr:`traceparent` to emit later for this input, from a timer too, with the
+        same trace state and headers: ``emit(..., traceparent=kept, carried=kept)``."""
+        found = self.agent.propagated(self.event.extra_headers)
+        state = self.event.tracestate
+        return dict(((TRACESTATE, state.encode()), *found) if state is not None else found)
 
     @property
     def headers(self) -> dict[str, bytes]:
@@ -174,7 +185,8 @@ class Context:
     def emit(self, topic: Topic[M], payload: M, *, key: bytes | str | None = None,
              correlation_id: str | None = None, traceparent: str | None = None,
              causation_id: str | None = None,
-             headers: Mapping[str, bytes | str] | None = None) -> None:
+             headers: Mapping[str, bytes | str] | None = None,
+             carried: Mapping[str, bytes] | None = None) -> None:
         """Produce ``payload`` to ``topic`` once the handler succeeds.
 
         ``topic`` must be one the agent declares it produces. The key defaults to the
@@ -185,6 +197,9 @@ class Context:
         answering for a request it kept: the request's ids, kept in state). ``headers``
         are set on this output over the ones propagated from the input (names starting
         with ``mesh-`` and the trace headers are the mesh's own and refused).
+        ``carried`` is a kept event's :attr:`carried`: the output carries its headers
+        instead of the input's (``headers`` still set over them) and, with
+        ``traceparent``, its ``tracestate``.
         """
         if topic not in self.agent.produces:
             known = ", ".join(t.name for t in self.agent.produces) or "none"
@@ -196,8 +211,9 @@ class Context:
         raw_key = key.encode() if isinstance(key, str) else key
         if raw_key is None:
             raw_key = topic.key_of(payload) if topic.key else self.event.key
+        kept = None if carried is None else tuple((k, bytes(v)) for k, v in carried.items())
         self.outputs.append(Emitted(topic, payload, raw_key, correlation_id, traceparent,
-                                    causation_id, _own_headers(headers or {})))
+                                    causation_id, _own_headers(headers or {}), kept))
 
 
 class Agent(Generic[P]):

@@ -165,20 +165,20 @@ class Envelope(Generic[P]):
     def child(self, payload: P, *, agent: str, index: int, key: bytes | None,
               extra_headers: ExtraHeaders = (), schema: str | None = None,
               correlation_id: str | None = None, causation_id: str | None = None,
-              traceparent: str | None = None, other_trace: str | None = None
-              ) -> Envelope[P]:
+              traceparent: str | None = None, other_trace: str | None = None,
+              other_state: str | None = None) -> Envelope[P]:
         """Output number ``index`` that ``agent`` produced from this event: same
         correlation and trace (with its ``tracestate``), carrying ``extra_headers``.
 
         ``correlation_id``/``causation_id`` name others than this event's; ``traceparent``
         is the output's own (a handler's span); ``other_trace`` continues another trace
-        than this event's (its ``tracestate`` is then not carried). Built in one go: this
-        runs for every output.
+        than this event's, with ``other_state`` as its ``tracestate`` (this event's is
+        not carried). Built in one go: this runs for every output.
         """
         event_id = derive_event_id(agent, self.event_id, index)
         state = self.tracestate
         if other_trace is not None:
-            traceparent, state = child_traceparent(other_trace, event_id), None
+            traceparent, state = child_traceparent(other_trace, event_id), other_state
         elif traceparent is None:
             traceparent = child_traceparent(self.traceparent, event_id)
         return Envelope(payload, event_id, correlation_id or self.correlation_id,

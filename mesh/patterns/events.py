@@ -300,10 +300,12 @@ class EventContext:
 
     def emit(self, event_type: str, payload: BaseModel | Mapping[str, Any], *,
              correlation_id: str | None = None, key: bytes | str | None = None,
-             traceparent: str | None = None) -> None:
+             traceparent: str | None = None, carried: Mapping[str, bytes] | None = None
+             ) -> None:
         """Emit ``payload`` as ``event_type`` (one of this listener's ``emits``). Like
         :meth:`mesh.agent.Context.emit`, it continues the input's trace unless
-        ``traceparent`` names another (one the listener kept in its state).
+        ``traceparent`` names another (one the listener kept in its state, with its
+        ``carried`` headers).
 
         Example:
             >>> ctx.emit("content_created", ContentCreated(...))  # doctest: +SKIP
@@ -318,7 +320,7 @@ class EventContext:
         if key is None:
             key = self.bus.key_of(event_type, item, correlation_id or self.correlation_id)
         self.context.emit(topic, item, key=key, correlation_id=correlation_id,
-                          traceparent=traceparent)
+                          traceparent=traceparent, carried=carried)
 
     def emit_all(self, result: Any) -> None:
         """Emit a handler's return value (None, a payload or a list), routed by model."""

@@ -17,12 +17,12 @@ assignor does not co-partition topics. A part before its request waits for the m
 a deadline marker lands after every part already logged (a lagging gather never times
 out an answer it had not read yet).
 
-**One trace per request.** The row keeps the event id and traceparent of the request
-marker (of the first part, until the request comes), and the timer's
-``deadline``/``expire`` markers act for it: they continue its trace and their
-``mesh-causation`` names it. So a merged event decided by the deadline, and the expiry
-of a row, stay in the trace of the request they answer, and following causation from
-the request reaches them (request -> request marker -> deadline marker -> merged
+**One trace per request.** The row keeps the event id, traceparent and carried headers
+(``tracestate``, a tenant id) of the request marker (of the first part, until the
+request comes), and the timer's ``deadline``/``expire`` markers act for it: they
+continue its trace with its headers and their ``mesh-causation`` names it. So a merged
+event decided by the deadline, and the expiry of a row, stay in the trace of the
+request they answer, and following causation from the request reaches them (request -> request marker -> deadline marker -> merged
 event), never the timer's own tick, which is in no topic.
 
 **Crashes.** Applied inputs are recorded by event id: a redelivered one re-emits what it
@@ -133,6 +133,7 @@ class GatherState(BaseModel):
     completed_ms: int | None = None
     merged: Merged | None = None  # kept until read back from the merged topic
     traceparent: str | None = None  # of the request: the timer's markers continue it
+    carried: dict[str, bytes] | None = None  # the request's tracestate and headers, too
     request_event_id: str | None = None  # of the same record: the timer's markers' cause
 
 
@@ -352,6 +353,7 @@ class Gather(Agent[Any]):
         """Append a marker; from the timer, ``row`` names the record it acts for."""
         ctx.emit(self.topics.parts, Part(correlation_id=cid, agent=self.name, kind=kind),
                  correlation_id=cid, traceparent=row.traceparent if row else None,
+                 carried=row.carried if row else None,
                  causation_id=row.request_event_id if row else None)
 
     async def _tick(self, ctx: Context) -> None:
@@ -439,6 +441,7 @@ class _Turn:
                                    or 0, created_ms=self.ctx.event.produced_at_ms,
                                    received=[await self._receive()],
                                    traceparent=self.ctx.traceparent,
+                                   carried=self.ctx.carried,
                                    request_event_id=self.ctx.event_id), applied=True)
         elif row.status == "done":
             if p.agent in row.expected and p.agent not in row.answered + row.late:
@@ -478,7 +481,8 @@ class _Turn:
         await self._complete(base.model_copy(update={
             "requested": True, "expected": p.expected, "deadline_at_ms": p.deadline_at_ms,
             "received": [r for r in base.received if r.agent in p.expected],
-            "traceparent": self.ctx.traceparent, "request_event_id": self.ctx.event_id,
+            "traceparent": self.ctx.traceparent, "carried": self.ctx.carried,
+            "request_event_id": self.ctx.event_id,
         }))
         for ignored in (r for r in base.received if r.agent not in p.expected):
             self._event("part_ignored", f"{ignored.agent} is not an expected branch",

@@ -90,10 +90,10 @@ class Checkpoint(BaseModel):
 
     ``version`` counts the writes (1 = after the first stage); ``partition`` is the
     tasks partition that owns the workflow (only its owner writes or deletes it);
-    ``written_by`` and ``traceparent`` are the event id and W3C trace context of the
-    task whose run wrote this version, so what a timer emits for the workflow later
-    (the retention's ``deleted`` event) names that task as its cause and stays in its
-    trace.
+    ``written_by``, ``traceparent`` and ``carried`` are the event id, W3C trace
+    context and carried headers (``tracestate``, a tenant id) of the task whose run
+    wrote this version, so what a timer emits for the workflow later (the retention's
+    ``deleted`` event) names that task as its cause and stays in its trace.
     """
 
     workflow_id: str
@@ -110,6 +110,7 @@ class Checkpoint(BaseModel):
     partition: int = 0
     correlation_id: str = ""
     traceparent: str | None = None
+    carried: dict[str, bytes] | None = None
     written_by: str | None = None  # the task's event id (None: written before it was kept)
     updated_at_ms: int
     finished_at_ms: int | None = None
@@ -373,7 +374,7 @@ class Pipeline:
             ctx.emit(self.topics.events, self._event(cp.workflow_id, ctx, "deleted",
                                                      correlation_id=cp.correlation_id),
                      correlation_id=cp.correlation_id or None, traceparent=cp.traceparent,
-                     causation_id=cp.written_by)
+                     carried=cp.carried, causation_id=cp.written_by)
         if expired:
             logger.info("pipeline %s: deleted %d finished workflow(s)", self.name, len(expired))
 
@@ -383,7 +384,7 @@ class Pipeline:
         state = current.model_copy(update={
             "version": current.version + 1, "partition": ctx.event.partition or 0,
             "written_by": ctx.event_id, "traceparent": ctx.traceparent,
-            "updated_at_ms": now_ms(), **update})
+            "carried": ctx.carried, "updated_at_ms": now_ms(), **update})
         ctx.put(self.topics.checkpoints, state.workflow_id, state)
         return state
 

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 from mesh.agent import Agent, Context
 from mesh.config import MeshSettings
-from mesh.envelope import Envelope, now_ms, read_headers
+from mesh.envelope import TRACESTATE, Envelope, now_ms, read_headers
 from mesh.errors import DecodeError, Held, InputError, PayloadTooLarge
 from mesh.kafka.base import Acks, OutRecord, Record
 from mesh.runtime import retry
@@ -63,7 +63,11 @@ class Outputs:
         out = []
         carried = agent.propagated(event.extra_headers)
         for index, emitted in enumerate(ctx.outputs):
-            extra = carried
+            extra, state = carried, None
+            if emitted.carried is not None:  # a kept event's, the tracestate apart
+                extra = tuple(h for h in emitted.carried if h[0] != TRACESTATE)
+                state = next((v.decode() for k, v in emitted.carried if k == TRACESTATE),
+                             None)
             if emitted.headers:  # set on this output: over the carried ones of that name
                 names = {name for name, _ in emitted.headers}
                 extra = (*(h for h in carried if h[0] not in names), *emitted.headers)
@@ -77,7 +81,7 @@ class Outputs:
                 emitted.payload, agent=agent.name, index=index, key=emitted.key,
                 extra_headers=extra, schema=fingerprint, correlation_id=emitted.correlation_id,
                 causation_id=emitted.causation_id,  # a kept event's, not the input's
-                traceparent=traceparent, other_trace=emitted.traceparent)
+                traceparent=traceparent, other_trace=emitted.traceparent, other_state=state)
             out.append((child, OutRecord(emitted.topic.name, value, emitted.key,
                                          tuple(child.headers()))))
         return out

@@ -12,6 +12,10 @@ supervisor's timer finding a worker dead with a task in hand.
 What a timer emits on behalf of a workflow is in the workflow's trace and its
 ``mesh-causation`` names the record it acts for (kept in the pattern's state), never
 the timer's tick: no record is exempt from the causation check.
+
+The first events come as a traced system with tenants sends them, with a W3C
+``tracestate`` and a header of its own (``tenant``): every record of the workflow
+carries both on, what a timer emits included.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class Seen:
     traceparent: str
     source: str
     attempt: str
+    baggage: tuple[tuple[str, str], ...] = ()  # its tracestate and tenant headers
 
     @property
     def trace_id(self) -> str:
@@ -69,7 +74,18 @@ class Seen:
         h = {k: v.decode() for k, v in record.headers}
         return cls(record.topic, h["mesh-event-id"], h["mesh-correlation"],
                    h.get("mesh-causation"), h["traceparent"], h.get("mesh-source", ""),
-                   h.get("mesh-attempt", ""))
+                   h.get("mesh-attempt", ""), tuple((k, h[k]) for k in BAGGAGE if k in h))
+
+
+# What the first events carry besides the mesh's headers: every record of their
+# workflows carries it on.
+BAGGAGE = {"tracestate": "mesh=00f067aa0ba902b7,vendor=t61rcWkgMzE", "tenant": "acme"}
+
+
+def with_baggage(records: Sequence[OutRecord]) -> list[OutRecord]:
+    """``records`` as a traced system with tenants sends them (see BAGGAGE)."""
+    extra = tuple((k, v.encode()) for k, v in BAGGAGE.items())
+    return [r._replace(headers=(*r.headers, *extra)) for r in records]
 
 
 def trace_id(traceparent: str) -> str:
@@ -90,11 +106,16 @@ async def workflow(settings: MeshSettings, topics: Iterable[str], correlation: s
             and header(r, "mesh-correlation") == correlation]
 
 
-def assert_one_trace(seen: Sequence[Seen], root: str) -> None:
-    """Every record is in the trace of ``root`` (a traceparent)."""
+def assert_one_trace(seen: Sequence[Seen], root: str,
+                     baggage: dict[str, str] | None = None) -> None:
+    """Every record is in the trace of ``root`` (a traceparent) and carries ``baggage``
+    (by default BAGGAGE: the tracestate and tenant the first event came with)."""
     assert seen, "no records of the workflow"
     strays = [(s.topic, s.source, s.trace_id) for s in seen if s.trace_id != trace_id(root)]
     assert not strays, f"records outside trace {trace_id(root)}: {strays}"
+    expected = tuple((BAGGAGE if baggage is None else baggage).items())
+    bare = [(s.topic, s.source, s.baggage) for s in seen if s.baggage != expected]
+    assert not bare, f"records without the first event's {dict(expected)}: {bare}"
 
 
 def assert_caused_within(seen: Sequence[Seen], roots: Iterable[str]) -> None:
@@ -109,9 +130,13 @@ def assert_caused_within(seen: Sequence[Seen], roots: Iterable[str]) -> None:
 async def emit_first(settings: MeshSettings, topic: Topic[Any], payloads: Sequence[BaseModel]
                      ) -> list[Envelope[Any]]:
     """The first events of workflows, as an existing system emits them (a new trace
-    each); their envelopes name the ids and traceparents to check against."""
+    each, with BAGGAGE); their envelopes name the ids and traceparents to check
+    against."""
     async with Emitter(settings, source="test") as emitter:
-        return [(await emitter.emit(topic, [p]))[0] for p in payloads]
+        await emitter.codec.prepare([topic])
+        built = [emitter.record(topic, p) for p in payloads]
+    await inject(settings, with_baggage([record for record, _ in built]))
+    return [env for _, env in built]
 
 
 class StageEvents(Follower):
@@ -147,7 +172,7 @@ async def test_fan_out_branches_and_the_merged_event_are_in_the_request_trace(
     async with Mesh(settings, app.agents) as mesh, \
             gather.GatherWatch(settings, topics) as watch:
         await mesh.wait_assigned()
-        await inject(settings, [request])
+        await inject(settings, with_baggage([request]))
         merged = await watch.merged_of("gather", cid)
         await watch.event("gather", cid, "completed")
     assert merged.outcome == "completed" and sorted(merged.successes) == ["alpha", "beta"]
@@ -182,7 +207,7 @@ async def test_merged_event_decided_by_the_deadline_and_the_expiry_stay_in_the_t
     async with Mesh(settings, [alpha, timed]) as mesh, \
             gather.GatherWatch(settings, topics) as watch:
         await mesh.wait_assigned()
-        await inject(settings, [request])
+        await inject(settings, with_baggage([request]))
         merged = await watch.merged_of("timed", cid)
         await watch.event("timed", cid, "expired")
     assert merged.outcome == "timed_out" and merged.timed_out == ["silent"]
@@ -223,7 +248,7 @@ async def test_plan_tasks_results_and_outcome_of_a_workflow_are_in_the_request_t
     failing_tasks = app.topics.tasks["researcher"]
     async with Mesh(settings, [app.coordinator, *app.specialists]) as mesh:
         await mesh.wait_assigned()
-        await inject(settings, records)
+        await inject(settings, with_baggage(records))
         outcomes = await delegation.outcomes_of(settings, codec, app.topics, set(correlations))
         [letter] = await wait_for_count(settings, [failing_tasks.dlq_name], 1)
     assert outcomes["ok"].success and not outcomes["broken"].success
@@ -273,7 +298,7 @@ async def test_retry_records_and_dead_letters_carry_the_input_traceparent_unchan
     inputs = {item.text: encode(codec, inbox, item) for item in (flaky, down)}
     async with Mesh(settings, [agent]) as mesh:
         await mesh.wait_assigned()
-        await inject(settings, list(inputs.values()))
+        await inject(settings, with_baggage(list(inputs.values())))
         [output] = await wait_for_count(settings, [out.name], 1)
         [letter] = await wait_for_count(settings, [inbox.dlq_name], 1)
     tiers = [retry_topic(inbox.name, 1), retry_topic(inbox.name, 2)]
@@ -283,8 +308,10 @@ async def test_retry_records_and_dead_letters_carry_the_input_traceparent_unchan
     assert {(s.topic, by_id[s.event_id], s.attempt) for s in retried} == expected
     for s in [*retried, Seen.of(letter)]:
         assert s.traceparent == header(inputs[by_id[s.event_id]], "traceparent")
+        assert s.baggage == tuple(BAGGAGE.items())
     assert Seen.of(letter).event_id == header(inputs["down"], "mesh-event-id")
     done = Seen.of(output)
+    assert done.baggage == tuple(BAGGAGE.items())
     assert done.trace_id == trace_id(header(inputs["flaky"], "traceparent"))
     assert done.causation == header(inputs["flaky"], "mesh-event-id")
     assert done.traceparent != header(inputs["flaky"], "traceparent")  # a span of its own
@@ -376,7 +403,7 @@ async def test_event_bus_listeners_and_a_listener_failure_are_in_the_published_t
         await wait_for_count(settings, [bus.topic("asked").dlq_name], 1)
     names = [t.name for t in bus.topics.values()] + [bus.topic("asked").dlq_name]
     flow = await workflow(settings, names, good.correlation_id)
-    assert_one_trace(flow, good.traceparent)
+    assert_one_trace(flow, good.traceparent, {})  # published without tracestate or tenant
     assert_caused_within(flow, [good.event_id])
     by_topic = {s.topic: s for s in flow}
     assert by_topic[bus.topic("answered").name].causation == good.event_id
@@ -386,7 +413,7 @@ async def test_event_bus_listeners_and_a_listener_failure_are_in_the_published_t
     assert {s.topic for s in failed} == {bus.topic("asked").name,
                                          bus.topic("listener_failed").name,
                                          bus.topic("asked").dlq_name}
-    assert_one_trace(failed, bad.traceparent)
+    assert_one_trace(failed, bad.traceparent, {})
 
 
 # -- chain -------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ from mesh.envelope import Envelope
 from mesh.errors import ConfigError
 from mesh.kafka.base import Record
 from mesh.policy import RetryPolicy
+from mesh.runtime.process import Outputs
 from mesh.runtime.retry import retry_record
+from mesh.serde.codec import Codec
 from mesh.topic import Topic
 
 
@@ -192,3 +194,31 @@ def test_decorator_takes_every_option_agent_takes() -> None:
 
     assert (counter.retry, counter.state, counter.description) == (policy, (counts,), "counts")
     assert counter.propagate_headers == frozenset({"tenant"})
+
+
+def test_carried_headers_kept_and_emitted_later_continue_that_trace_with_them() -> None:
+    """Pass: an input with a tracestate and two foreign headers, to an agent that
+    propagates only ``tenant``: ``ctx.carried`` is its tracestate and tenant. Emitted
+    later from another event (a timer's, with no headers) with the kept traceparent and
+    carried headers, the output is in the kept trace with that tracestate and tenant;
+    ``headers=`` still sets one over them; without ``carried`` a timer's output has none."""
+    kept_trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    tenanted = Agent("tenanted", consumes=questions, produces=[answers], handler=answerer,
+                     propagate_headers=["tenant"])
+    event = Envelope(Question(qid="q1", text="hi"), "e1", "c1", traceparent=kept_trace,
+                     tracestate="vendor=1", extra_headers=(("tenant", b"acme"),
+                                                           ("debug", b"yes")))
+    kept = Context(tenanted, event).carried
+    assert kept == {"tracestate": b"vendor=1", "tenant": b"acme"}
+
+    tick = Envelope(None, "tick-1", "tick-1", source="tenanted")
+    ctx = Context(tenanted, tick)
+    ctx.emit(answers, Answer(qid="q1", text="a"), traceparent=kept_trace, carried=kept)
+    ctx.emit(answers, Answer(qid="q1", text="b"), traceparent=kept_trace, carried=kept,
+             headers={"tenant": "other"})
+    ctx.emit(answers, Answer(qid="q1", text="c"), traceparent=kept_trace)
+    out = [child for child, _ in Outputs(Codec(), 1 << 20).emitted(tenanted, tick, ctx)]
+    assert [o.traceparent.split("-")[1] for o in out] == [kept_trace.split("-")[1]] * 3
+    assert [o.tracestate for o in out] == ["vendor=1", "vendor=1", None]
+    assert [dict(o.extra_headers) for o in out] == [
+        {"tenant": b"acme"}, {"tenant": b"other"}, {}]

@@ -256,7 +256,7 @@ class Coordinator(Agent[Any]):
             workflow_id=wf, status="running", plan=plan, request=json_data(request),
             handled={ctx.event_id: position(ctx)}, budget=budget or None,
             started_ms=ctx.event.produced_at_ms, correlation_id=ctx.correlation_id,
-            traceparent=ctx.traceparent))
+            traceparent=ctx.traceparent, carried=ctx.carried))
         turn.publish_plan()
         await turn.advance()
         turn.save()

@@ -78,12 +78,14 @@ def not_applicable(state: WorkflowState | None, decision: Decision, at_ms: int) 
 
 def continued(ctx: Context, state: WorkflowState | None, decisions: Topic[Decision] | None
               ) -> dict[str, Any]:
-    """Outputs caused by a decision or a timer carry on the request's correlation id and
-    trace (a person's ``mesh approve`` knows neither); others the input's."""
+    """Outputs caused by a decision or a timer carry on the request's correlation id,
+    trace and carried headers (a person's ``mesh approve`` knows none); others the
+    input's."""
     if state is None or not state.correlation_id or (
             ctx.event.topic and (decisions is None or ctx.event.topic != decisions.name)):
         return {}
-    return {"correlation_id": state.correlation_id, "traceparent": state.traceparent or None}
+    return {"correlation_id": state.correlation_id, "traceparent": state.traceparent or None,
+            "carried": state.carried}
 
 
 def position(ctx: Context) -> str:

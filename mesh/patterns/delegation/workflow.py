@@ -53,8 +53,9 @@ class WorkflowState(BaseModel):
     ``approvals`` holds the steps that asked for a decision (waiting, or decided);
     ``usage`` what the steps reported they cost; ``budget`` the limits in force (the
     coordinator's merged with the request's); ``started_ms`` the request's production
-    time, from which wall time counts; ``correlation_id`` and ``traceparent`` the
-    request's, carried by what the timer and decisions cause."""
+    time, from which wall time counts; ``correlation_id``, ``traceparent`` and
+    ``carried`` (its ``tracestate`` and headers) the request's, carried by what the
+    timer and decisions cause."""
 
     workflow_id: str
     status: Literal["running", "completed", "failed"]
@@ -74,6 +75,7 @@ class WorkflowState(BaseModel):
     started_ms: int = 0
     correlation_id: str = ""
     traceparent: str = ""
+    carried: dict[str, bytes] | None = None
 
     def results(self) -> dict[str, Any]:
         """The outputs of the done steps, in plan order."""

@@ -157,14 +157,15 @@ class Supervisor:
     def _event(self, ctx: Context, kind: EventKind, *, worker_id: str | None = None,
                task_id: str | None = None, correlation: str | None = None,
                failures: int = 0, detail: str = "", traceparent: str | None = None,
-               causation: str | None = None) -> None:
-        """Emit a decision; from the timer, ``traceparent`` and ``causation`` name the
-        kept record it acts for (a handler's decisions are caused by its input)."""
+               carried: dict[str, bytes] | None = None, causation: str | None = None) -> None:
+        """Emit a decision; from the timer, ``traceparent``, ``carried`` and ``causation``
+        name the kept record it acts for (a handler's decisions are caused by its input)."""
         logger.info("supervisor: %s worker=%s task=%s %s", kind, worker_id, task_id, detail)
         ctx.emit(self.topics.events, SupervisorEvent(
             kind=kind, subject=worker_id or task_id or "", worker_id=worker_id,
             task_id=task_id, failures=failures, detail=detail, at_ms=envelope.now_ms()),
-            correlation_id=correlation, traceparent=traceparent, causation_id=causation)
+            correlation_id=correlation, traceparent=traceparent, carried=carried,
+            causation_id=causation)
 
     def _on_status(self, status: WorkerStatus, ctx: Context) -> None:
         if status.status == "dead":  # our own mark, read back
@@ -251,7 +252,8 @@ class Supervisor:
             "task": outcome.task if outcome.task is not None else retry.task,
             "failures": retry.failures + int(failed), "attempts": retry.attempts + 1,
             "failed_on": failed_on, "counted": [*retry.counted, ctx.event_id][-20:],
-            "traceparent": ctx.traceparent, "outcome_event_id": ctx.event_id,
+            "traceparent": ctx.traceparent, "carried": ctx.carried,
+            "outcome_event_id": ctx.event_id,
             "errors": ([*retry.errors, f"{outcome.worker_id}: {outcome.error}"][-5:]
                        if failed else retry.errors)})
         policy, tid, cid = self.policy, outcome.task_id, retry.correlation_id
@@ -294,16 +296,17 @@ class Supervisor:
                  worker_id: str | None, *, timer: bool = False) -> None:
         """Dead-letter the task; from the ``timer``, on behalf of its latest failed
         outcome (its trace and event id, kept in ``retry``)."""
-        trace, cause = (retry.traceparent, retry.outcome_event_id) if timer else (None, None)
+        trace, carried, cause = ((retry.traceparent, retry.carried, retry.outcome_event_id)
+                                 if timer else (None, None, None))
         ctx.emit(self.topics.dead, DeadTask(
             task_id=retry.task_id, task=retry.task, failures=retry.failures,
             attempts=retry.attempts, failed_on=retry.failed_on, errors=retry.errors,
             reason=reason), correlation_id=retry.correlation_id, traceparent=trace,
-            causation_id=cause)
+            carried=carried, causation_id=cause)
         ctx.delete(self.topics.retries, retry.task_id)
         self._event(ctx, "task_dead_lettered", worker_id=worker_id, task_id=retry.task_id,
                     correlation=retry.correlation_id, failures=retry.failures, detail=reason,
-                    traceparent=trace, causation=cause)
+                    traceparent=trace, carried=carried, causation=cause)
 
     def _resubmit(self, ctx: Context, tid: str, retry: TaskRetry, views: Any) -> None:
         try:
@@ -317,7 +320,8 @@ class Supervisor:
                                 self.topics.tasks.partitions)
         # From the timer, on behalf of the latest failed outcome: its trace, its id.
         ctx.emit(self.topics.tasks, task, key=key, correlation_id=retry.correlation_id,
-                 traceparent=retry.traceparent, causation_id=retry.outcome_event_id)
+                 traceparent=retry.traceparent, carried=retry.carried,
+                 causation_id=retry.outcome_event_id)
         ctx.put(self.topics.retries, tid, retry.model_copy(update={"due_at_ms": None}))
 
     def _mark_dead(self, ctx: Context, view: WorkerView, last: WorkerStatus | None,
@@ -334,7 +338,7 @@ class Supervisor:
         # For the task in hand (in its workflow and trace), else for the last heartbeat.
         self._event(ctx, "worker_dead", worker_id=wid, task_id=row.current_task,
                     correlation=row.current_correlation, traceparent=row.current_traceparent,
-                    causation=row.current_event_id or heartbeat,
+                    carried=row.current_carried, causation=row.current_event_id or heartbeat,
                     detail=f"no heartbeat for {(now - heard) / 1000:.1f} s "
                            f"(pid {row.pid} on {row.host}); Kafka moves its partitions")
 

@@ -79,6 +79,7 @@ class WorkerStatus(BaseModel):
     current_task: str | None = None
     current_correlation: str | None = None
     current_traceparent: str | None = None
+    current_carried: dict[str, bytes] | None = None  # the task's tracestate and headers
     current_event_id: str | None = None  # of the task in hand: worker_dead names it
     consecutive_failures: int = 0
     tasks_done: int = 0
@@ -146,14 +147,15 @@ class WorkerView(BaseModel):
 class TaskRetry(BaseModel):
     """A failed task waiting for (or on) its next attempt (the supervisor's state).
 
-    ``outcome_event_id`` and ``traceparent`` are those of the latest failed outcome
-    counted: the supervisor's timer republishes the task (or gives up on it) on behalf
-    of that outcome, in its trace and naming it as the cause.
+    ``outcome_event_id``, ``traceparent`` and ``carried`` are those of the latest failed
+    outcome counted: the supervisor's timer republishes the task (or gives up on it) on
+    behalf of that outcome, in its trace, with its headers and naming it as the cause.
     """
 
     task_id: str
     correlation_id: str
     traceparent: str | None = None  # of the latest failed outcome: the requeue continues it
+    carried: dict[str, bytes] | None = None  # its tracestate and headers, carried on too
     outcome_event_id: str | None = None  # the same outcome's: the requeue's cause
     task: Any = None
     failures: int = 0
@@ -266,8 +268,8 @@ class WorkerService:
         self.started_ms = envelope.now_ms()
         self._task, self._window_s = task, window_s
         self._done_at: deque[float] = deque()
-        # event id of the task -> (task id, correlation id, traceparent)
-        self._in_hand: dict[str, tuple[str, str, str]] = {}
+        # event id of the task -> (task id, correlation id, traceparent, carried)
+        self._in_hand: dict[str, tuple[str, str, str, dict[str, bytes]]] = {}
         self.runner: AgentRunner | None = None
         self.quarantined = False
         self.consecutive_failures = self.tasks_done = self.tasks_failed = 0
@@ -290,8 +292,8 @@ class WorkerService:
     def status(self) -> WorkerStatus:
         """This replica's row as of now."""
         event_id = next(reversed(self._in_hand), None)
-        task_id, correlation, trace = (self._in_hand[event_id] if event_id is not None
-                                       else (None, None, None))
+        task_id, correlation, trace, carried = (self._in_hand[event_id] if event_id is not None
+                                                else (None, None, None, None))
         now = time.monotonic()
         while self._done_at and now - self._done_at[0] > self._window_s:
             self._done_at.popleft()
@@ -302,7 +304,7 @@ class WorkerService:
             worker_id=self.worker_id, instance=self.instance, pid=self.pid, host=self.host,
             status="quarantined" if self.quarantined else "busy" if self._in_hand else "idle",
             current_task=task_id, current_correlation=correlation, current_traceparent=trace,
-            current_event_id=event_id,
+            current_carried=carried, current_event_id=event_id,
             consecutive_failures=self.consecutive_failures, tasks_done=self.tasks_done,
             tasks_failed=self.tasks_failed, throughput=round(len(self._done_at) / elapsed, 3),
             partitions=partitions, last_error=self.last_error, started_ms=self.started_ms,
@@ -370,7 +372,8 @@ class WorkerService:
             self._report(ctx, payload, task_id, 0.0, handed_back=True,
                          error="worker quarantined: task handed back")
             return None
-        self._in_hand[ctx.event_id] = (task_id, ctx.correlation_id, ctx.traceparent)
+        self._in_hand[ctx.event_id] = (task_id, ctx.correlation_id, ctx.traceparent,
+                                       ctx.carried)
         started = time.monotonic()
         try:
             result = await self._task(payload, ctx)
