@@ -78,13 +78,14 @@ from mesh import (  # noqa: E402
     Topic,
     apply_topics,
 )
+from mesh.agent import Ordering  # noqa: E402
 from mesh.config import KafkaSettings  # noqa: E402
 from mesh.kafka.base import Acks  # noqa: E402
 from mesh.kafka.transport import MAX_REQUEST_BYTES, Producer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 KEYS = 64  # distinct record keys, spread over the partitions
-MESH_RUNS = ("mesh", "mesh-noaudit", "mesh-blocking")
+MESH_RUNS = ("mesh", "mesh-noaudit", "mesh-blocking", "mesh-partition")
 RAW_RUNS = ("raw", "raw-shared", "raw-avro")
 COMPARED = (*MESH_RUNS, "raw-shared", "raw-avro")  # each reported over raw
 HOPS = (("in", "ab"), ("ab", "bc"), ("bc", "out"))  # each stage's input and output topic
@@ -353,13 +354,14 @@ async def passthrough(payload: Ping, ctx: Context) -> Ping:
 
 async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
                    profiler: cProfile.Profile | None, cpu: CpuMeter,
-                   retry: RetryPolicy | None = None) -> RunResult:
+                   retry: RetryPolicy | None = None, ordering: Ordering = "key") -> RunResult:
     prefix = f"bench-{uuid.uuid4().hex[:8]}-mesh"
     topics = mesh_topics(prefix, args.partitions)
     await apply_topics(settings.kafka, topics.values())
     stages = [("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out")]
     agents = [Agent(f"{prefix}-{name}", consumes=topics[src], produces=topics[dst],
-                    handler=passthrough, retry=retry) for name, src, dst in stages]
+                    handler=passthrough, retry=retry, ordering=ordering)
+              for name, src, dst in stages]
     mesh = Mesh(settings, agents)
 
     codec = Codec(settings.schema_registry)
@@ -537,6 +539,8 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
     tasks: list[asyncio.Task[None]] = []
     try:
         await injector.start()
+        if emitter is not None:  # builds records only; entered so its producer is closed
+            await emitter.__aenter__()
         await sink.start()
         if one is not None:
             await one.start()
@@ -586,6 +590,8 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
             await one.stop()
         await sink.stop()
         await injector.stop()
+        if emitter is not None:
+            await emitter.__aexit__(None, None, None)
     for task in tasks:
         if not task.done():
             raise BenchError(f"{task.get_name()} did not stop within 60 s.")
@@ -656,12 +662,12 @@ def ratios(results: dict[str, RunResult]) -> dict[str, float]:
     return out
 
 
-def print_profile(profiler: cProfile.Profile, path: Path) -> None:
+def print_profile(profiler: cProfile.Profile, name: str, path: Path) -> None:
     profiler.dump_stats(path)
     for key in ("tottime", "cumulative"):
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(key).print_stats(25)
-        print(f"\n--- mesh run profile, by {key} (full stats: {path}) ---")
+        print(f"\n--- {name} run profile, by {key} (full stats: {path}) ---")
         print("\n".join(out.getvalue().splitlines()[4:]))
 
 
@@ -671,7 +677,8 @@ async def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--runs takes {', '.join((*MESH_RUNS, *RAW_RUNS))}, got "
                          f"{args.runs!r}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    profiler = cProfile.Profile() if args.profile else None
+    profilers = {name: cProfile.Profile() for name in runs
+                 if args.profile and name in MESH_RUNS}
     results: dict[str, RunResult] = {}
     async with start_broker(args) as (settings, pids):
         print(f"{args.broker} broker (pids {pids}) on {settings.kafka.bootstrap_servers}; "
@@ -686,15 +693,19 @@ async def main(args: argparse.Namespace) -> int:
             load = os.getloadavg()[0]
             print(f"running {name} (load average {load:.2f}) ...", flush=True)
             cpu = CpuMeter(pids)
+            profiler = profilers.get(name)
             if name == "mesh":
                 results[name] = await run_mesh(settings, args, profiler, cpu)
+            elif name == "mesh-partition":  # one input at a time per partition
+                results[name] = await run_mesh(settings, args, profiler, cpu,
+                                               ordering="partition")
             elif name == "mesh-blocking":  # no retry tiers: one topic per consumer, as raw
-                results[name] = await run_mesh(settings, args, None, cpu,
+                results[name] = await run_mesh(settings, args, profiler, cpu,
                                                RetryPolicy(blocking=True))
             elif name == "mesh-noaudit":  # the cost of publishing to mesh.audit
                 quiet = settings.model_copy(update={
                     "audit": settings.audit.model_copy(update={"enabled": False})})
-                results[name] = await run_mesh(quiet, args, None, cpu)
+                results[name] = await run_mesh(quiet, args, profiler, cpu)
             else:
                 results[name] = await run_raw(settings, args, cpu, shared=name == "raw-shared",
                                               avro=name == "raw-avro")
@@ -742,9 +753,9 @@ async def main(args: argparse.Namespace) -> int:
     }
     out.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nresults: {out.relative_to(ROOT)}")
-    if profiler is not None:
-        print("(the mesh run was profiled: its numbers include cProfile's overhead)")
-        print_profile(profiler, RESULTS / f"chain-{stamp}-mesh.prof")
+    for name, profiler in profilers.items():
+        print(f"({name} was profiled: its numbers include cProfile's overhead)")
+        print_profile(profiler, name, RESULTS / f"chain-{stamp}-{name}.prof")
     return 0
 
 
@@ -776,7 +787,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", default="mesh,mesh-noaudit,raw",
                         help="which runs, in order (mesh-noaudit: audit publishing off; "
                         "mesh-blocking: blocking retries, so no retry-tier topics; "
-                        "raw-shared: the raw stages share one producer, as the mesh's agents)")
+                        "mesh-partition: ordering='partition', one input at a time per partition; "
+                        "raw-shared: the raw stages share one producer, as the mesh's agents; "
+                        "raw-avro: the raw stages decode, validate and encode as the mesh)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds allowed for the sink to receive all N")
     parser.add_argument("--broker", choices=("embedded", "apache"), default="embedded",
@@ -786,7 +799,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=0,
                         help="events of an unreported raw run first (warms a JVM broker)")
     parser.add_argument("--profile", action="store_true",
-                        help="cProfile the mesh run (injection to last arrival)")
+                        help="cProfile each mesh run (injection to last arrival)")
     args = parser.parse_args(argv)
     if (args.events < 1 or args.size < 0 or args.partitions < 1 or args.inject_batch < 1
             or args.nodes < 1):
