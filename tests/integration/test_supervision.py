@@ -125,9 +125,9 @@ async def test_failing_worker_stops_itself_at_max_failures_and_its_tasks_finish_
         broker: BrokerUnderTest, prefix: str, tmp_path: Path) -> None:
     """Pass: three `mesh run` worker processes (w3 fails every task) and a supervisor,
     max_failures=3; w3 fails exactly 3 tasks plus at most the tasks whose handlers were
-    already running when it hit the limit (one per partition lane it held, minus the
-    one that hit it: with one partition each, exactly 3; before the worker stopped
-    itself it failed 8-12 while the supervisor's order travelled); all 60 jobs have a
+    already running when it hit the limit (concurrency - 1: with the default
+    concurrency of 1, exactly 3; before the worker stopped itself it failed 8-12
+    while the supervisor's order travelled); all 60 jobs have a
     result at the sink (set equality), none from w3; w3 gets one worker_failed, then
     reports quarantined, holds no partition, keeps its pid and keeps heartbeating;
     requeue events carry the jobs' correlation ids; nothing is dead; every process
