@@ -22,8 +22,9 @@ out an answer it had not read yet).
 request comes), and the timer's ``deadline``/``expire`` markers act for it: they
 continue its trace with its headers and their ``mesh-causation`` names it. So a merged
 event decided by the deadline, and the expiry of a row, stay in the trace of the
-request they answer, and following causation from the request reaches them (request -> request marker -> deadline marker -> merged
-event), never the timer's own tick, which is in no topic.
+request they answer, and following causation from the request reaches them
+(request -> request marker -> deadline marker -> merged event), never the timer's own
+tick, which is in no topic.
 
 **Crashes.** Applied inputs are recorded by event id: a redelivered one re-emits what it
 emitted (same ids), changes nothing. A done marker keeps the merged event until it is

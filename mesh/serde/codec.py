@@ -15,6 +15,7 @@ given to :meth:`Codec.learn`; that of a Confluent value by its id in the registr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -60,6 +61,9 @@ class Codec:
         self._serdes: dict[type[BaseModel], AvroSerde] = {}
         self._ids: dict[str, int] = {}  # topic -> registered schema id of its value schema
         self._writers: dict[int, Any] = {}  # registry id -> parsed writer schema
+        # registry id -> its fetch under way: inputs of several keys decoded at once
+        # that meet a new id wait for one request
+        self._fetching: dict[int, asyncio.Future[Any]] = {}
         self._registry_settings = registry if registry and registry.url else None
         self._client: Any = None
 
@@ -196,6 +200,21 @@ class Codec:
         if self._registry_settings is None:
             raise UnknownSchema(f"Confluent schema id {schema_id} cannot be resolved: no "
                                 "schema registry is configured (MESH_SCHEMA_REGISTRY__URL).")
+        pending = self._fetching.get(schema_id)
+        if pending is None:
+            pending = self._fetching[schema_id] = asyncio.ensure_future(self._fetch(schema_id))
+            pending.add_done_callback(lambda done: self._fetched(schema_id, done))
+        # shielded: a waiter cancelled (its lane closed) leaves the fetch to the others
+        return await asyncio.shield(pending)
+
+    def _fetched(self, schema_id: int, done: asyncio.Future[Any]) -> None:
+        """Forget the fetch (a failed one is tried again by the next input) and mark
+        its error seen: every waiter may have gone."""
+        self._fetching.pop(schema_id, None)
+        if not done.cancelled():
+            done.exception()
+
+    async def _fetch(self, schema_id: int) -> Any:
         try:
             found = await self._registry().get_by_id(schema_id)
         except Exception as exc:

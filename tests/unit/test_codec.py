@@ -6,6 +6,7 @@ python-schema-registry-client makes (lookup, register, fetch by id), as Confluen
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -16,9 +17,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from mesh.serde.codec import Codec
 from mesh.config import SchemaRegistrySettings
 from mesh.errors import UnknownSchema
+from mesh.serde.codec import Codec
 from mesh.topic import Topic
 
 FIRST_ID = 258  # 0x0102: a byte-order mix-up shows in the frame
@@ -169,6 +170,21 @@ async def test_fresh_codec_decodes_confluent_bytes_by_fetching_the_schema_by_id(
     assert await reader.decode(orders, data) == Order(order_id="o1", qty=2)
 
     assert registry.requests.count(("GET", f"/schemas/ids/{FIRST_ID}")) == 1  # then cached
+
+
+async def test_inputs_decoded_at_once_that_meet_a_new_schema_id_wait_for_one_fetch(
+        registry: FakeSchemaRegistry) -> None:
+    """Pass: eight values of one unknown id decoded concurrently (eight keys' workers)
+    all decode, with one request to the registry for that id."""
+    writer = Codec(_settings(registry))
+    await writer.prepare([orders])
+    values = [writer.encode(orders, Order(order_id=f"o{i}", qty=i))[0] for i in range(8)]
+    reader = Codec(_settings(registry))
+
+    decoded = await asyncio.gather(*(reader.decode(orders, v) for v in values))
+
+    assert decoded == [Order(order_id=f"o{i}", qty=i) for i in range(8)]
+    assert registry.requests.count(("GET", f"/schemas/ids/{FIRST_ID}")) == 1
 
 
 async def test_codec_with_registry_still_decodes_single_object_bytes(
