@@ -1,8 +1,10 @@
 """A sequential chain: research -> analysis -> synthesis -> review, one agent per step.
 
 Each step is its own agent, wired to the next through a per-step topic; the history
-(every step's output) travels with the event, and a step that takes a third argument
-(the review) gets it as a ``ChainHistory``. The example sends three briefing
+(every step's output) travels with the event. A step function that takes a third
+argument (the review) gets it as a ``ChainHistory``; an agent used as a step (the
+synthesis), whose handler takes ``(payload, ctx)``, reads it with
+``ChainHistory.of(ctx)``. The example sends three briefing
 requests on the embedded broker. Two complete and carry all four outputs; one asks
 about perpetual motion, which the analysis step refuses, so the chain reports one
 ``ChainFailed`` naming step 1 (analysis), its agent, the error, and the research it had
@@ -32,6 +34,8 @@ from mesh import (
     HandlerError,
     Mesh,
     MeshSettings,
+    Topic,
+    agent,
     apply_topics,
 )
 from mesh.kafka.reader import TopicReader
@@ -81,10 +85,20 @@ async def analysis(found: Findings, ctx: Context) -> Analysis:
                     confidence=0.8)
 
 
+# The synthesis is an agent (it could also run on its own, on these topics); in the
+# chain its handler runs on the chain's hop topics, these only type its input and output.
+analysed_topic = Topic("briefing.analysed", Analysis, key="topic")
+synthesised_topic = Topic("briefing.synthesised", Synthesis, key="topic")
+
+
+@agent(consumes=analysed_topic, produces=synthesised_topic)
 async def synthesis(analysed: Analysis, ctx: Context) -> Synthesis:
+    """An agent's handler takes (payload, ctx): it asks its context for the history."""
+    findings = ChainHistory.of(ctx).output("research")  # a Findings, two steps back
     return Synthesis(topic=analysed.topic,
-                     summary=f"{analysed.topic}: {len(analysed.claims)} checked claims, "
-                             f"confidence {analysed.confidence:.0%}")
+                     summary=f"{analysed.topic}: {len(analysed.claims)} checked claims of "
+                             f"{len(findings.facts)} facts, confidence "
+                             f"{analysed.confidence:.0%}")
 
 
 async def review(draft: Synthesis, ctx: Context, history: ChainHistory) -> Review:

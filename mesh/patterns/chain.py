@@ -21,13 +21,25 @@ argument is the previous step's output (typed by its annotation); a step that ta
 third argument gets a :class:`ChainHistory` in it: the chain's ``input``, every earlier
 ``outputs``, ``previous_output``, ``output(step)`` (by index or name, typed back into
 the step's model) and ``as_dict()``, the seed's accumulated dict (the input's fields,
-``step_<i>_output`` for each earlier step, ``previous_output``)::
+``step_<i>_output`` for each earlier step, ``previous_output``; ``i`` is the step's
+0-based index, as the seed's ``enumerate`` numbers it: ``step_0_output`` is the first
+step's)::
 
     async def review(draft: Draft, ctx: Context, history: ChainHistory) -> Review:
         findings = history.output("research")     # a Findings, two steps back
         ...
 
-Steps with two arguments (and agents) work as before. The price: an event grows with
+An agent used as a step keeps its ``(payload, ctx)`` handler (the same agent may run
+on its own, outside any chain) and asks its context instead: ``ChainHistory.of(ctx)``
+gives the same history to any step while it handles its input, and raises
+:class:`~mesh.errors.ConfigError` outside a chain::
+
+    @agent(consumes=drafts, produces=reviews)
+    async def reviewer(draft: Draft, ctx: Context) -> Review:
+        findings = ChainHistory.of(ctx).output("research")
+        ...
+
+Steps with two arguments work as before. The price: an event grows with
 every step, and the whole history counts against ``MESH_RUNTIME__MAX_MESSAGE_BYTES``
 (send references to large blobs, not the blobs). Outputs travel as JSON (Avro strings
 marked ``mesh.json``) because each step has its own model; :meth:`Chain.output` turns
@@ -68,6 +80,7 @@ import inspect
 import logging
 import typing
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -84,6 +97,11 @@ logger = logging.getLogger(__name__)
 StepFunction = Callable[..., Awaitable[Any]]  # (input, ctx) or (input, ctx, history)
 StepStatus = Literal["started", "finished", "failed"]
 _ERROR_CHARS = 2000
+# The step running in this task, with its context and history, for ChainHistory.of(ctx):
+# the Context is the runtime's, so the chain keeps the history beside it, set while
+# the step runs (each input is handled in a task of its own).
+_RUNNING: ContextVar[tuple[Context, ChainHistory] | None] = ContextVar(
+    "mesh_chain_step", default=None)
 
 
 class StepOutput(BaseModel):
@@ -152,7 +170,8 @@ class ChainStepEvent(BaseModel):
 @dataclass(frozen=True, slots=True)
 class ChainHistory:
     """What ran before a step: the chain's input and every earlier step's output, the
-    third argument of a step function that takes one (see the module docstring).
+    third argument of a step function that takes one, or ``ChainHistory.of(ctx)`` in
+    any step (an agent's handler too; see the module docstring).
 
     It is the history that travels with the event (no lookup, no state): a replay sees
     the same history. Outputs are JSON data; :meth:`output` types them back.
@@ -172,6 +191,24 @@ class ChainHistory:
     outputs: tuple[StepOutput, ...] = ()
     models: tuple[type[BaseModel] | None, ...] = ()  # each step's output model, by index
 
+    @classmethod
+    def of(cls, ctx: Context) -> ChainHistory:
+        """The history of the chain step handling ``ctx``'s input, for a step that takes
+        no third argument (an agent's ``(payload, ctx)`` handler). Call it while the step
+        runs, with the context it was given.
+
+        Example:
+            >>> async def reviewer(draft: Draft, ctx: Context) -> Review:  # doctest: +SKIP
+            ...     findings = ChainHistory.of(ctx).output("research")
+        """
+        found = _RUNNING.get()
+        if found is None or found[0] is not ctx:
+            raise ConfigError(
+                f"Agent {ctx.agent.name!r} is not running as a chain step, so its context "
+                "carries no chain history. Call ChainHistory.of(ctx) from a step of a Chain "
+                "(with the ctx the step was given, before it returns).")
+        return found[1]
+
     @property
     def previous_output(self) -> Any:
         """The previous step's output (JSON), or None at the first step."""
@@ -190,7 +227,8 @@ class ChainHistory:
 
     def as_dict(self) -> dict[str, Any]:
         """The seed's accumulated input: the chain input's fields (or ``input``), then
-        ``step_<i>_output`` per earlier step and ``previous_output``."""
+        ``step_<i>_output`` per earlier step (``i`` its 0-based index, as in the seed)
+        and ``previous_output``."""
         merged = dict(self.input) if isinstance(self.input, dict) else {"input": self.input}
         for out in self.outputs:
             merged[f"step_{out.index}_output"] = out.output
@@ -206,7 +244,9 @@ class Step:
     ``input``/``output`` default to the function's annotations (pydantic models), or
     for an agent to its consumed/produced topic's model. Without an input model the
     step gets the previous output as plain JSON. ``history`` (default: whether ``run``
-    takes a third positional argument) hands it a :class:`ChainHistory` as that argument.
+    takes a third positional argument; False for an agent, whose handler takes two)
+    hands it a :class:`ChainHistory` as that argument. Any step, an agent's handler
+    too, can read it with :meth:`ChainHistory.of` instead.
 
     Example:
         >>> async def review(draft: dict, ctx: Context) -> dict:
@@ -336,8 +376,13 @@ class Chain:
             self._began[ctx.event_id] = began
             hop = self._hop_of(index, payload, ctx)
             given = self._input_of(index, hop, payload)
-            value = await (step.run(given, ctx, self._history(hop)) if step.history
-                           else step.run(given, ctx))
+            history = self._history(hop)
+            running = _RUNNING.set((ctx, history))
+            try:
+                value = await (step.run(given, ctx, history) if step.history
+                               else step.run(given, ctx))
+            finally:
+                _RUNNING.reset(running)
             done = StepOutput(index=index, step=step.name, agent=name,
                               model=type(value).__name__ if isinstance(value, BaseModel) else None,
                               output=json_data(value), started_at_ms=began, finished_at_ms=now_ms())

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from mesh import Codec, Context, Envelope, Mesh, apply_topics
+from mesh import Agent, Codec, Context, Envelope, Mesh, apply_topics
 from mesh.kafka.base import OutRecord, Record
 from mesh.patterns.chain import Chain, ChainCompleted, ChainHistory
 from mesh.topic import Topic
@@ -255,3 +255,72 @@ async def test_a_step_taking_a_third_argument_sees_every_earlier_output(
         "request_id": "k1", "seq": 0, "subject": "compaction",
         "step_0_output": {"request_id": "k1", "seq": 0, "facts": ["compaction"]},
         "step_1_output": history.previous_output, "previous_output": history.previous_output}
+
+
+class Reviewer(Agent[Analysis]):
+    """An agent overriding handle(): its history comes from its context too."""
+
+    seen: list[ChainHistory]
+
+    async def handle(self, payload: Analysis, ctx: Context) -> Review:
+        history = ChainHistory.of(ctx)
+        self.seen.append(history)
+        found = history.output("research")
+        return Review(request_id=payload.request_id, seq=payload.seq,
+                      verdict=f"{payload.insight} on {found.facts[0]} "
+                              f"(asked: {history.input['subject']}; "
+                              f"saw {', '.join(o.step for o in history.outputs)})")
+
+
+async def test_an_agent_step_reads_every_earlier_output_from_its_context(
+        broker: BrokerUnderTest, prefix: str) -> None:
+    """Pass: in research -> analyser -> reviewer, where analyser (handler=) and reviewer
+    (a subclass overriding handle) are Agents with (payload, ctx) handlers,
+    ChainHistory.of(ctx) gives the reviewer the chain's input, the research two steps
+    back (typed as Research, by name and by index), the analysis as previous output and
+    the seed's accumulated dict (the input's fields, step_0_output, step_1_output,
+    previous_output), and gives the analyser step 0's output only; the completed event
+    carries the verdict the reviewer built from them."""
+    analysed_by: list[ChainHistory] = []
+
+    async def research(req: Request, ctx: Context) -> Research:
+        return Research(request_id=req.request_id, seq=req.seq, facts=[req.subject])
+
+    async def analyse(found: Research, ctx: Context) -> Analysis:
+        analysed_by.append(ChainHistory.of(ctx))
+        return Analysis(request_id=found.request_id, seq=found.seq, insight="1 fact")
+
+    researched = Topic(f"{prefix}.researched", Research)
+    analysed = Topic(f"{prefix}.analysed", Analysis)
+    analyser = Agent("analyser", consumes=researched, produces=analysed, handler=analyse)
+    reviewer = Reviewer("reviewer", consumes=analysed,
+                        produces=Topic(f"{prefix}.reviewed", Review))
+    reviewer.seen = []
+    chain = Chain(prefix, [research, analyser, reviewer], key="request_id", partitions=2)
+    settings, codec = broker.settings(), Codec()
+    await apply_topics(settings.kafka, chain.topics)
+    record, _ = encode(codec, chain.source, Request(request_id="k1", seq=0, subject="acls"))
+    async with Mesh(settings, chain.agents) as mesh:
+        await mesh.wait_assigned()
+        await inject(settings, [record])
+        ends = await wait_for_count(settings, [chain.completed.name, chain.failed.name], 1)
+    failed = [r for r in ends if r.topic == chain.failed.name]
+    assert not failed, (await decoded(codec, chain.failed, failed))[0].error
+    (done,) = await decoded(codec, chain.completed, ends)
+    assert [o.agent for o in done.outputs] == [
+        f"{prefix}.research", f"{prefix}.analyser", f"{prefix}.reviewer"]
+    assert chain.output(done.outputs, 2).verdict == (
+        "1 fact on acls (asked: acls; saw research, analyser)")
+    history = reviewer.seen[-1]
+    research_out = {"request_id": "k1", "seq": 0, "facts": ["acls"]}
+    analysis_out = {"request_id": "k1", "seq": 0, "insight": "1 fact"}
+    assert history.output("research") == history.output(0) == Research.model_validate(research_out)
+    assert history.output("analyser") == Analysis.model_validate(analysis_out)
+    assert history.previous_output == analysis_out
+    assert history.as_dict() == {
+        "request_id": "k1", "seq": 0, "subject": "acls", "step_0_output": research_out,
+        "step_1_output": analysis_out, "previous_output": analysis_out}
+    assert [o.step for o in analysed_by[-1].outputs] == ["research"]
+    assert analysed_by[-1].as_dict() == {
+        "request_id": "k1", "seq": 0, "subject": "acls", "step_0_output": research_out,
+        "previous_output": research_out}
