@@ -111,7 +111,10 @@ async def _describe(record: Record, declared: dict[str, Topic[Any]],
         return out
     try:
         payload = await codec.decode(topic, record.value or b"")
-        out["payload"] = payload.model_dump(mode="json")
+        try:
+            out["payload"] = payload.model_dump(mode="json")
+        except ValueError:  # bytes that are not UTF-8 (a foreign header kept in state)
+            out["payload"] = payload.model_dump()  # printed as bytes
     except MeshError as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
     return out
