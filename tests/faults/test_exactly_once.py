@@ -244,10 +244,15 @@ async def test_kill_9_with_many_inputs_in_flight_on_many_keys_stays_exactly_once
     proc.start()
     killed = []
     try:
-        async with Progress(settings, sink.name) as progress:
+        async with Progress(settings, sink.name) as progress, \
+                Progress(broker.settings(), sink.name) as written:  # read_uncommitted
             await inject(settings, [encode(codec, source, i) for i in items])
             for fraction in (0.3, 0.6):
                 await progress.reached(int(len(items) * fraction), timeout=180)
+                # Killed while a transaction has records on the log: right after a
+                # commit the next one may have written nothing yet (nothing to abort).
+                await written.until(lambda: bool(written.ids - progress.ids),
+                                    "a record of an open transaction", 60)
                 killed.append(proc.pid)
                 proc.kill9()
                 proc.start()
