@@ -56,7 +56,7 @@ class Emitted:
     traceparent: str | None = None
     causation_id: str | None = None
     headers: ExtraHeaders = ()
-    carried: ExtraHeaders | None = None  # a kept event's (its tracestate first)
+    carried: ExtraHeaders | None = None  # a kept event's carried headers, tracestate too
 
 
 FailureHandler = Callable[[Any, "Context", BaseException], Awaitable[None]]
