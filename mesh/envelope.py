@@ -116,11 +116,31 @@ def new_traceparent() -> str:
 def child_traceparent(parent: str, event_id: str) -> str:
     """The trace context of an event caused by one with ``parent``: same trace, a span
     id derived from ``event_id`` (so a replay keeps its span ids too)."""
-    match = _TRACEPARENT.match(parent)
-    if match is None:
+    if not is_traceparent(parent):
         return new_traceparent()
     span = hashlib.blake2b(event_id.encode(), digest_size=8).hexdigest()
-    return f"00-{match.group(1)}-{span}-{match.group(3)}"
+    return f"00-{parent[3:35]}-{span}-{parent[53:55]}"  # the trace id and the flags
+
+
+_valid = [""]  # the traceparent last found valid (a one-entry cache, by identity)
+
+
+def is_traceparent(value: str) -> bool:
+    """Whether ``value`` is W3C trace context (version 00, non-zero ids).
+
+    The last valid one is remembered by identity: an input's traceparent, checked when
+    its headers are read, is the parent of each of its outputs.
+
+    Example:
+        >>> is_traceparent("00-" + "a" * 32 + "-" + "b" * 16 + "-01"), is_traceparent("x")
+        (True, False)
+    """
+    if value is _valid[0]:
+        return True
+    if _TRACEPARENT.match(value) is None:
+        return False
+    _valid[0] = value
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +257,7 @@ def read_headers(headers: Headers, *, topic: str, partition: int, offset: int,
             extra.append((name, bytes(raw)))
     event_id = values.get(EVENT_ID) or record_event_id(topic, partition, offset)
     trace, state = values.get(TRACEPARENT), values.get(TRACESTATE)
-    if trace is not None and _TRACEPARENT.match(trace) is None:
+    if trace is not None and not is_traceparent(trace):
         bad.append(f"traceparent: {trace[:80]!r} is not W3C trace context "
                    "(00-<32 hex>-<16 hex>-<2 hex>); a new trace was started")
         trace = state = None

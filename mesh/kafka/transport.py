@@ -14,6 +14,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from itertools import chain
 from typing import Any, Self
 
 from aiokafka import (
@@ -43,6 +44,19 @@ logger = logging.getLogger(__name__)
 
 # The producer may need to dead-letter a record larger than the mesh's own limit.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+
+def _headers(headers: Sequence[tuple[str, bytes | None]] | None
+             ) -> tuple[tuple[str, bytes], ...]:
+    """A consumed record's headers, a null value as empty bytes. aiokafka gives a tuple
+    of (name, bytes or None) pairs: kept as it is unless a value is null (looked for in
+    C: this runs for every consumed record)."""
+    if not headers:
+        return ()
+    if None in chain.from_iterable(headers):
+        return tuple((k, b"" if v is None else bytes(v)) for k, v in headers)
+    found: Any = headers  # no null value: the pairs are (str, bytes)
+    return found if type(found) is tuple else tuple(found)
 
 
 def _tp(p: Partition) -> TopicPartition:
@@ -374,8 +388,7 @@ class Consumer(Client):
             raise transport_error(exc, "Fetching") from exc
         return {
             Partition(tp.topic, tp.partition): [
-                Record(m.topic, m.partition, m.offset, m.key, m.value,
-                       tuple((k, b"" if v is None else bytes(v)) for k, v in (m.headers or ())),
+                Record(m.topic, m.partition, m.offset, m.key, m.value, _headers(m.headers),
                        m.timestamp)
                 for m in msgs]
             for tp, msgs in batches.items()

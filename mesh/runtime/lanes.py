@@ -79,6 +79,7 @@ class Lane:
     workers: set[asyncio.Task[None]] = field(default_factory=set)
     halted: asyncio.Event = field(default_factory=asyncio.Event)  # set when it stops
     done: int | None = None  # next offset to commit
+    watched: int | None = None  # the front input whose acks wake the lane's task
     committed: int | None = None
     stopping: bool = False
     task: asyncio.Task[None] | None = None
@@ -137,6 +138,7 @@ class Lanes:
         self.max_workers = concurrency
         self.consumer: Consumer | None = None  # set by the runner while it runs
         self._lanes: dict[Partition, Lane] = {}
+        self._partition_set: frozenset[Partition] | None = None  # of _lanes; None: to build again
         # One commit at a time (the poll loop's runs beside it, a close's may come
         # meanwhile): each reads the offsets when its turn comes, so none goes back.
         self._committing = asyncio.Lock()
@@ -144,6 +146,13 @@ class Lanes:
     def partitions(self) -> list[Partition]:
         """The partitions that have a lane now."""
         return list(self._lanes)
+
+    def partition_set(self) -> frozenset[Partition]:
+        """The partitions that have a lane now, as a set (built again only after a lane
+        opened or closed: every input's context gets it)."""
+        if self._partition_set is None:
+            self._partition_set = frozenset(self._lanes)
+        return self._partition_set
 
     def __contains__(self, partition: object) -> bool:
         return partition in self._lanes
@@ -173,6 +182,7 @@ class Lanes:
     def open(self, partition: Partition) -> Lane:
         """Open the lane of ``partition``: its task starts taking records."""
         lane = self._lanes[partition] = Lane(partition)
+        self._partition_set = None
         lane.task = self.spawn(self.drain(lane), f"{self.agent.name}:{partition}")
         return lane
 
@@ -209,6 +219,7 @@ class Lanes:
         finally:
             for lane in lanes:
                 self._lanes.pop(lane.partition, None)
+            self._partition_set = None
 
     def flow_control(self) -> None:
         """Pause every partition while the agent holds; otherwise pause the partitions
@@ -289,6 +300,7 @@ class Lanes:
                 await lane.settle(wait=False)
                 until = self._hand_out(lane)
                 await lane.settle(wait=False)  # over other groups' retries just passed
+                self._watch(lane)
                 if until is None:
                     await lane.wakeup.wait()
                 else:
@@ -297,6 +309,20 @@ class Lanes:
             if lane.workers:  # each finishes the input in hand (bounded by close)
                 await asyncio.wait(set(lane.workers))
             await lane.settle(wait=True)
+
+    @staticmethod
+    def _watch(lane: Lane) -> None:
+        """Wake the lane's task when the acks of its front input resolve: ``done`` can
+        advance only over the front, and a handled input wakes the lane only when it is
+        the front (:meth:`_serve`), so the acks of the inputs behind it need no callback
+        each (two per input: an output and its audit record)."""
+        front = next(iter(lane.pending), None)
+        if front is None or front == lane.watched:
+            return
+        acks = lane.pending[front]
+        if acks is not None:  # handled: its acks are what holds ``done`` back
+            lane.watched = front
+            acks.when_done(lane.wakeup.set)
 
     def _hand_out(self, lane: Lane) -> float | None:
         """Hand the lane's records, in offset order, to their keys' workers until one
@@ -372,8 +398,10 @@ class Lanes:
                 continue
             queue.popleft()
             lane.pending[record.offset] = acks
-            # the lane advances `done` over it once its outputs are acknowledged
-            acks.when_done(lane.wakeup.set)
+            # the lane advances `done` over it once its outputs are acknowledged; its
+            # task looks when the front is handled (and then watches the front's acks)
+            if next(iter(lane.pending)) == record.offset:
+                lane.wakeup.set()
 
     async def _hold_off(self, lane: Lane) -> None:
         """Wait while the agent holds (a breaker is open), at most a second at a time so

@@ -180,7 +180,7 @@ class AgentRunner:
 
     def assignment(self) -> frozenset[tuple[str, int]]:
         """The partitions this replica holds now."""
-        return frozenset(self.lanes.partitions())
+        return self.lanes.partition_set()
 
     def in_flight(self) -> int:
         """Inputs taken from Kafka whose outputs are not acknowledged yet."""

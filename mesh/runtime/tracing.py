@@ -33,6 +33,7 @@ except ImportError:  # the optional extra is not installed: ids travel, no spans
 
 
 _LOOK_EVERY_S = 5.0
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()  # reusable: no state
 
 
 class HandlerTracer:
@@ -63,14 +64,17 @@ class HandlerTracer:
                                               trace.NoOpTracerProvider))
         return self._seen_provider
 
-    @contextlib.contextmanager
-    def span(self, agent: str, topic: str, event: Envelope[Any]) -> Iterator[str | None]:
-        """A CONSUMER span for ``agent`` handling ``event`` from ``topic``; yields the
+    def span(self, agent: str, topic: str, event: Envelope[Any]
+             ) -> contextlib.AbstractContextManager[str | None]:
+        """A CONSUMER span for ``agent`` handling ``event`` from ``topic``; gives the
         traceparent its outputs should carry (None when the span is not recording).
         An exception escaping the block is recorded on the span and re-raised."""
         if not self._recording():
-            yield None
-            return
+            return _NO_SPAN  # every input of every agent: no generator to run
+        return self._span(agent, topic, event)
+
+    @contextlib.contextmanager
+    def _span(self, agent: str, topic: str, event: Envelope[Any]) -> Iterator[str | None]:
         parent = self._propagator.extract({"traceparent": event.traceparent})
         with self._tracer.start_as_current_span(
                 f"{agent} process {topic}", context=parent, kind=trace.SpanKind.CONSUMER,

@@ -14,6 +14,7 @@ from mesh.envelope import (
     TRACESTATE,
     Envelope,
     derive_event_id,
+    is_traceparent,
     read_headers,
     record_event_id,
 )
@@ -139,6 +140,22 @@ def test_child_span_id_is_deterministic_per_output() -> None:
 
     assert first.traceparent == again.traceparent
     assert first.traceparent != second.traceparent
+
+
+def test_child_keeps_the_flags_and_an_invalid_parent_starts_a_new_trace() -> None:
+    """The valid traceparent last seen is remembered by identity: a different,
+    invalid one right after it is still refused."""
+    unsampled = TRACE[:-2] + "00"
+    kept = Envelope("in", "ev-1", "corr-1", traceparent=unsampled).child(
+        "out", agent="writer", index=0, key=None)
+    assert kept.traceparent.startswith(unsampled[:36]) and kept.traceparent.endswith("-00")
+
+    for bad in ("00-" + "0" * 32 + "-b7ad6b7169203331-01", TRACE.upper(), TRACE[:-1]):
+        assert is_traceparent(TRACE) and not is_traceparent(bad)
+        fresh = Envelope("in", "ev-1", "corr-1", traceparent=bad).child(
+            "out", agent="writer", index=0, key=None)
+        assert W3C.match(fresh.traceparent)
+        assert fresh.traceparent.split("-")[1] != bad.split("-")[1].lower()
 
 
 def test_envelope_rejects_empty_ids_and_attempt_zero() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from pydantic import BaseModel
@@ -29,6 +29,13 @@ async def ignore(order: Order, ctx: Context) -> None:
 
 
 ORDERS = Topic("orders", Order, partitions=1)
+
+
+class Sent(NamedTuple):
+    """What an ack resolves to (aiokafka's RecordMetadata, its fields the lanes read)."""
+
+    partition: int
+    offset: int
 
 
 def record(offset: int, key: bytes) -> Record:
@@ -153,6 +160,37 @@ async def test_a_lane_runs_no_more_workers_than_its_concurrency_and_they_take_ev
     assert len(lane.workers) == 2 and list(lane.unserved) == [b"i"]
     await asyncio.wait(set(lane.workers))
     assert sorted(harness.handled) == list(range(11))
+    await harness.close()
+
+
+async def test_done_advances_when_the_front_is_acknowledged_whatever_the_order() -> None:
+    """Pass: three inputs on three keys, each handled at once, their acks resolving
+    in the order 2, 1, 0: ``done`` stays put until the front (0) is acknowledged, then
+    passes all three. The lane's task is woken by the front's acks alone, and a later
+    front that was acknowledged meanwhile is passed too."""
+    loop = asyncio.get_running_loop()
+    futures = {i: loop.create_future() for i in range(3)}
+    harness = Harness()
+
+    async def handle(rec: Record) -> Acks:
+        harness.handled.append(rec.offset)
+        return Acks([futures[rec.offset]])
+
+    harness.lanes.handle = handle
+    harness.lanes.feed(PART, [record(0, b"a"), record(1, b"b"), record(2, b"c")])
+    lane = harness.lanes[PART]
+    async with asyncio.timeout(10):
+        while len(harness.handled) < 3:
+            await asyncio.sleep(0)
+        for offset in (2, 1):
+            futures[offset].set_result(Sent(0, offset))
+            for _ in range(5):  # loop turns for the lane's task, were it woken
+                await asyncio.sleep(0)
+            assert lane.done is None and list(lane.pending) == [0, 1, 2]
+        futures[0].set_result(Sent(0, 0))
+        while lane.done != 3:
+            await asyncio.sleep(0)
+    assert not lane.pending
     await harness.close()
 
 
