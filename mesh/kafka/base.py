@@ -90,6 +90,15 @@ class Acks:
         for future in waiting:
             future.add_done_callback(one_done)  # type: ignore[attr-defined]
 
+    def check(self) -> None:
+        """Raise ``TransportError`` if a record failed; for acks that are :meth:`done`
+        (what :meth:`wait` would raise, without a coroutine and its lists)."""
+        for future in self._futures:
+            error = future.exception()  # type: ignore[attr-defined]
+            if error is not None:
+                raise TransportError("Waiting for produce acknowledgements failed: "
+                                     f"{type(error).__name__}: {error}") from error
+
     async def wait(self) -> list[tuple[int, int]]:
         """(partition, offset) of each record; raises ``TransportError`` if any failed."""
         try:

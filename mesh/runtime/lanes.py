@@ -98,9 +98,14 @@ class Lane:
         while self.pending:
             offset = next(iter(self.pending))
             acks = self.pending[offset]
-            if acks is None or (not wait and not acks.done()):
+            if acks is None:
                 return
-            await acks.wait()
+            if acks.done():
+                acks.check()
+            elif wait:
+                await acks.wait()
+            else:
+                return
             del self.pending[offset]
             self.done = offset + 1
 

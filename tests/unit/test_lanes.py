@@ -194,6 +194,28 @@ async def test_done_advances_when_the_front_is_acknowledged_whatever_the_order()
     await harness.close()
 
 
+async def test_a_failed_ack_stops_the_lane_loudly_and_done_stays_before_it() -> None:
+    """Pass: the front input's output is refused by the broker: the lane's task fails
+    with ``TransportError`` naming the client's error, and ``done`` never passes the
+    input (it is redelivered, not skipped)."""
+    loop = asyncio.get_running_loop()
+    refused = loop.create_future()
+    harness = Harness()
+
+    async def handle(rec: Record) -> Acks:
+        return Acks([refused])
+
+    harness.lanes.handle = handle
+    harness.lanes.feed(PART, [record(0, b"a")])
+    lane = harness.lanes[PART]
+    refused.set_exception(RuntimeError("NotEnoughReplicas"))
+    assert lane.task is not None
+    with pytest.raises(TransportError, match="RuntimeError: NotEnoughReplicas"):
+        async with asyncio.timeout(10):
+            await lane.task
+    assert lane.done is None and list(lane.pending) == [0]
+
+
 async def test_records_wait_for_the_state_tables_then_go() -> None:
     harness = Harness()
     harness.lanes.ready.clear()
