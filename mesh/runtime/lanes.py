@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,8 +69,10 @@ class Lane:
     backlog: deque[Record] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     # offset -> the acks of its outputs once handled (None while its handler runs), in
-    # offset order: ``done`` advances over the front while it is acknowledged
-    pending: dict[int, Acks | None] = field(default_factory=dict)
+    # offset order: ``done`` advances over the front while it is acknowledged. Ordered
+    # dict: its first key is found at once, a dict's after the deleted entries before it
+    # (up to the window's size; the front is looked at for every input).
+    pending: OrderedDict[int, Acks | None] = field(default_factory=OrderedDict)
     keys: dict[Any, deque[Record]] = field(default_factory=dict)  # waiting, per key
     # keys with a queue and no worker yet (the lane has its cap of workers), in the
     # order they came: a worker that empties its key's queue takes the next
