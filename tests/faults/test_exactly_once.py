@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
@@ -49,6 +49,33 @@ async def read(settings: MeshSettings, topic: str, isolation: str) -> list[tuple
     async with TopicReader(settings.kafka, [topic],
                            isolation_level=isolation) as reader:  # type: ignore[arg-type]
         return [(r.partition, r.offset) for r in await reader.read_to_end(timeout=60)]
+
+
+async def open_transactions(settings: MeshSettings, topic: str, partitions: int) -> list[int]:
+    """The partitions of ``topic`` holding records of a transaction that is open now: a
+    read_committed ListOffsets (the last stable offset) below the high watermark. Asked
+    of the broker itself: a follower's view of it lags by a fetch."""
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    ends: dict[str, dict[TopicPartition, int]] = {}
+    for isolation in ("read_uncommitted", "read_committed"):  # the high watermark first
+        consumer = AIOKafkaConsumer(**settings.kafka.client_kwargs(),
+                                    isolation_level=isolation)
+        await consumer.start()
+        try:
+            ends[isolation] = await consumer.end_offsets(tps)
+        finally:
+            await consumer.stop()
+    return [tp.partition for tp in tps
+            if ends["read_committed"][tp] < ends["read_uncommitted"][tp]]
+
+
+async def until_open(settings: MeshSettings, topic: str, partitions: int,
+                     timeout: float = 60.0) -> None:
+    """Wait until a transaction with records on ``topic`` is open (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not await open_transactions(settings, topic, partitions):
+        assert time.monotonic() < deadline, f"no open transaction on {topic} in {timeout} s"
+        await asyncio.sleep(0.05)  # ListOffsets has no change event: ask again, bounded
 
 
 async def assigned_times(log: Path, agent: str, times: int, timeout: float = 120.0) -> None:
@@ -196,14 +223,18 @@ async def test_kill_9_mid_transaction_leaves_no_duplicate_in_the_committed_log(
              for name in ("stage1", "stage2", "stage3")}
     for proc in procs.values():
         proc.start()
-    killed = []
+    killed, hits = [], 0
     try:
         async with Progress(settings, sink.name) as progress:
             await inject(settings, [encode(codec, source, i) for i in items])
             for fraction in (0.2, 0.5, 0.8):
                 await progress.reached(int(len(items) * fraction), timeout=180)
+                # killed with a transaction open on its output (the broker's offsets);
+                # whether the kill left it open is asked right after (see below)
+                await until_open(settings, middle.name, middle.partitions)
                 killed.append(procs["stage2"].pid)
                 procs["stage2"].kill9()
+                hits += bool(await open_transactions(settings, middle.name, middle.partitions))
                 procs["stage2"].start()
             await progress.reached(len(items), timeout=240)
         # the last restart may come after stage2's last input: let it join before the stop
@@ -217,6 +248,7 @@ async def test_kill_9_mid_transaction_leaves_no_duplicate_in_the_committed_log(
     assert codes == {"stage1": 0, "stage2": 0, "stage3": 0}, \
         (tmp_path / "agents.log").read_text()
     assert len(set(killed)) == 3
+    assert hits, "no kill left a transaction open"
     aborted = (set(await read(settings, middle.name, "read_uncommitted"))
                - set(await read(settings, middle.name, "read_committed")))
     assert aborted, "no aborted record in stage2's output: no kill hit an open transaction"
@@ -226,10 +258,11 @@ async def test_kill_9_with_many_inputs_in_flight_on_many_keys_stays_exactly_once
         broker: BrokerUnderTest, prefix: str, tmp_path: Path) -> None:
     """Pass: an exactly-once `mesh run` agent with concurrency 16 on 64 keys over 4
     partitions (tests.apps.overlap: each call waits 100 ms and writes into its output
-    how many calls were in flight when it started), killed -9 at 30 % and 60 % of the
-    stream with batches in flight and restarted: a read_committed reader finds nothing
-    lost, per-key order kept and zero duplicates in the log (the checker), the kills hit
-    open transactions (aborted records in the output), and the calls really overlapped
+    how many calls were in flight when it started), killed -9 with batches in flight
+    and restarted, from 20 % of the stream on, until two kills have left a transaction
+    open (the broker's offsets, asked right after the kill): a read_committed reader
+    finds nothing lost, per-key order kept and zero duplicates in the log (the checker),
+    the output holds aborted records, and the calls really overlapped
     within a partition (more in flight than partitions, never above the concurrency)
     but never two of one key."""
     needs_transactions(broker)
@@ -242,19 +275,23 @@ async def test_kill_9_with_many_inputs_in_flight_on_many_keys_stays_exactly_once
     log = (tmp_path / "agents.log").open("wb")
     proc = AgentProcess(broker, "tests.apps.overlap:slow", prefix=prefix, log=log)
     proc.start()
-    killed = []
+    killed, hits = [], 0
     try:
-        async with Progress(settings, sink.name) as progress, \
-                Progress(broker.settings(), sink.name) as written:  # read_uncommitted
+        async with Progress(settings, sink.name) as progress:
             await inject(settings, [encode(codec, source, i) for i in items])
-            for fraction in (0.3, 0.6):
+            # Two kills must leave a transaction open. One can still miss: a commit may
+            # land between the broker's answer and the signal, and the next transaction
+            # may not have written yet. Whether it hit is asked right after it (nothing
+            # commits or aborts until the restart fences the killed producer); a miss
+            # is killed again further on, at most five kills in all.
+            for fraction in (0.2, 0.35, 0.5, 0.65, 0.8):
+                if hits == 2:
+                    break
                 await progress.reached(int(len(items) * fraction), timeout=180)
-                # Killed while a transaction has records on the log: right after a
-                # commit the next one may have written nothing yet (nothing to abort).
-                await written.until(lambda: bool(written.ids - progress.ids),
-                                    "a record of an open transaction", 60)
+                await until_open(settings, sink.name, sink.partitions)
                 killed.append(proc.pid)
                 proc.kill9()
+                hits += bool(await open_transactions(settings, sink.name, sink.partitions))
                 proc.start()
             await progress.reached(len(items), timeout=240)
         assert proc.alive()
@@ -264,7 +301,8 @@ async def test_kill_9_with_many_inputs_in_flight_on_many_keys_stays_exactly_once
     report = check(await history(settings, codec, items, sink=sink))
     assert report.ok_exactly_once, report.summary()
     assert code == 0, (tmp_path / "agents.log").read_text()
-    assert len(set(killed)) == 2
+    assert hits == 2, f"{len(killed)} kills, {hits} left a transaction open"
+    assert len(set(killed)) == len(killed)
     aborted = (set(await read(settings, sink.name, "read_uncommitted"))
                - set(await read(settings, sink.name, "read_committed")))
     assert aborted, "no aborted record in the output: no kill hit an open transaction"
