@@ -96,17 +96,21 @@ class Acks:
         for future in self._futures:
             error = future.exception()  # type: ignore[attr-defined]
             if error is not None:
-                raise TransportError("Waiting for produce acknowledgements failed: "
-                                     f"{type(error).__name__}: {error}") from error
+                raise _ack_failed(error) from error
 
     async def wait(self) -> list[tuple[int, int]]:
         """(partition, offset) of each record; raises ``TransportError`` if any failed."""
         try:
             metas = [await ack for ack in self._futures]
         except Exception as exc:  # the client's own error (aiokafka's KafkaError)
-            raise TransportError("Waiting for produce acknowledgements failed: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+            raise _ack_failed(exc) from exc
         return [(m.partition, m.offset) for m in metas]
+
+
+def _ack_failed(error: BaseException) -> TransportError:
+    """What a failed acknowledgement raises (from :meth:`Acks.wait` and :meth:`Acks.check`)."""
+    return TransportError("Waiting for produce acknowledgements failed: "
+                          f"{type(error).__name__}: {error}")
 
 
 RebalanceCallback = Callable[[list[Partition]], Awaitable[None]]
