@@ -8,6 +8,7 @@ from Maven Central into the cache; later runs are offline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -217,8 +218,6 @@ def _kill_leftover_jvms(pids: list[int]) -> None:
     """SIGKILL the JVMs the test's `mesh broker` started, if they outlived it (checked
     by their command line, so a reused pid is never hit)."""
     for pid in pids:
-        try:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # already gone
             if b"kafka.Kafka" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
-        except (FileNotFoundError, ProcessLookupError):
-            pass

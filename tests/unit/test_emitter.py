@@ -36,10 +36,10 @@ class Recorder(BaseProducer):
         self.failing = failing
 
     async def start(self) -> None:
-        pass
+        """Nothing to connect."""
 
     async def stop(self) -> None:
-        pass
+        """Nothing to flush."""
 
     async def send(self, record: OutRecord) -> Any:
         self.sent.append(record)
