@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/chain.py [--events N] [--size BYTES] [--runs mesh,raw]
                                     [--partitions P] [--rate EVENTS_PER_S] [--profile]
-                                    [--broker embedded|apache] [--nodes N]
+                                    [--broker embedded|apache] [--nodes N] [--processes]
 
 All runs share one broker (the embedded Tansu broker, or Apache Kafka started from its
-jars; loopback only, stopped by pid) and this process, and use fresh topics of the same
+jars; loopback only, stopped by pid) and this process (with ``--processes`` each stage
+runs in a process of its own, as agents are deployed), and use fresh topics of the same
 partition count::
 
     in -> [stage A] -> ab -> [stage B] -> bc -> [stage C] -> out
@@ -41,10 +42,12 @@ import dataclasses
 import io
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import pstats
 import resource
+import signal
 import sys
 import time
 import uuid
@@ -80,16 +83,20 @@ from mesh import (  # noqa: E402
 )
 from mesh.agent import Ordering  # noqa: E402
 from mesh.config import KafkaSettings  # noqa: E402
-from mesh.kafka.base import Acks  # noqa: E402
+from mesh.envelope import CORRELATION_ID  # noqa: E402
+from mesh.kafka.base import Acks, OutRecord  # noqa: E402
 from mesh.kafka.transport import MAX_REQUEST_BYTES, Producer  # noqa: E402
+from mesh.runtime.audit import CONSUMED, OK, AuditEvent, AuditOutput, audit_topic  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 KEYS = 64  # distinct record keys, spread over the partitions
 MESH_RUNS = ("mesh", "mesh-noaudit", "mesh-blocking", "mesh-partition")
-RAW_RUNS = ("raw", "raw-shared", "raw-avro")
-COMPARED = (*MESH_RUNS, "raw-shared", "raw-avro")  # each reported over raw
+RAW_RUNS = ("raw", "raw-shared", "raw-avro", "raw-avro-audit")
+COMPARED = (*MESH_RUNS, "raw-shared", "raw-avro", "raw-avro-audit")  # each reported over raw
 HOPS = (("in", "ab"), ("ab", "bc"), ("bc", "out"))  # each stage's input and output topic
+STAGES = (("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out"))  # name, source, target
 ASSIGN_TIMEOUT_S = 60.0
+STAGE_MAX_S = 3600.0  # a stage process ends after this even if never told to
 POLL_MS = 200  # the mesh's own poll timeout (runtime.AgentRunner._poll)
 MAX_RECORDS = 500  # the mesh's default runtime.max_records_per_poll
 
@@ -162,32 +169,41 @@ async def schedule(n: int, size: int, rate: float) -> AsyncIterator[range]:
 
 
 class CpuMeter:
-    """CPU seconds used by this process and by the broker processes between start and
-    stop (``broker_pid``: one pid, several, or None)."""
+    """CPU seconds used by this process (with the stage processes of ``--processes``,
+    added by :meth:`add_stages`) and by the broker processes between start and stop
+    (``broker_pid``: one pid, several, or None)."""
 
     def __init__(self, broker_pid: int | Iterable[int] | None) -> None:
         self._pids = ([] if broker_pid is None else [broker_pid] if isinstance(broker_pid, int)
                       else list(broker_pid))
+        self._stages: list[int] = []
         self._t0: tuple[float, float | None] = (0.0, None)
         self.client_s: float | None = None
         self.broker_s: float | None = None
+
+    def add_stages(self, pids: Iterable[int]) -> None:
+        self._stages.extend(pids)
+
+    @staticmethod
+    def _proc(pids: Iterable[int]) -> float:
+        """User+system CPU seconds of processes ``pids`` so far (from /proc)."""
+        total = 0
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def _broker(self) -> float | None:
         if not self._pids:
             return None
         try:
-            total = 0
-            for pid in self._pids:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-            return total / os.sysconf("SC_CLK_TCK")
+            return self._proc(self._pids)
         except (OSError, ValueError, IndexError):
             return None
 
-    @staticmethod
-    def _client() -> float:
+    def _client(self) -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
+        return usage.ru_utime + usage.ru_stime + self._proc(self._stages)
 
     def start(self) -> None:
         self._t0 = (self._client(), self._broker())
@@ -352,17 +368,39 @@ async def passthrough(payload: Ping, ctx: Context) -> Ping:
     return payload.model_copy()
 
 
+def mesh_variant(run: str, settings: MeshSettings
+                 ) -> tuple[MeshSettings, RetryPolicy | None, Ordering]:
+    """The settings, retry policy and ordering of mesh run ``run``."""
+    if run == "mesh-noaudit":  # the cost of publishing to mesh.audit
+        settings = settings.model_copy(update={
+            "audit": settings.audit.model_copy(update={"enabled": False})})
+    retry = RetryPolicy(blocking=True) if run == "mesh-blocking" else None  # no retry tiers
+    return settings, retry, "partition" if run == "mesh-partition" else "key"
+
+
+def mesh_agent(run: str, prefix: str, topics: dict[str, Topic[Ping]], name: str, source: str,
+               target: str) -> Agent[Any]:
+    """Stage ``name`` of mesh run ``run``: an agent passing ``source`` on to ``target``."""
+    _, retry, ordering = mesh_variant(run, MeshSettings())
+    return Agent(f"{prefix}-{name}", consumes=topics[source], produces=topics[target],
+                 handler=passthrough, retry=retry, ordering=ordering)
+
+
 async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
-                   profiler: cProfile.Profile | None, cpu: CpuMeter,
-                   retry: RetryPolicy | None = None, ordering: Ordering = "key") -> RunResult:
+                   profiler: cProfile.Profile | None, cpu: CpuMeter, run: str = "mesh"
+                   ) -> RunResult:
+    """Mesh run ``run`` (``mesh``, ``mesh-noaudit``, ...; see :func:`mesh_variant`): its
+    three agents in one ``Mesh`` here, or with ``--processes`` each in a process of its
+    own."""
+    settings = mesh_variant(run, settings)[0]
     prefix = f"bench-{uuid.uuid4().hex[:8]}-mesh"
     topics = mesh_topics(prefix, args.partitions)
     await apply_topics(settings.kafka, topics.values())
-    stages = [("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out")]
-    agents = [Agent(f"{prefix}-{name}", consumes=topics[src], produces=topics[dst],
-                    handler=passthrough, retry=retry, ordering=ordering)
-              for name, src, dst in stages]
-    mesh = Mesh(settings, agents)
+    agents = [mesh_agent(run, prefix, topics, *stage) for stage in STAGES]
+    processes = StageProcesses([StageSpec(run, *where(settings), prefix, *stage,
+                                          args.partitions) for stage in STAGES]
+                               ) if args.processes else None
+    mesh = None if processes else Mesh(settings, agents)
 
     codec = Codec(settings.schema_registry)
     await codec.prepare([topics["in"]])
@@ -376,12 +414,18 @@ async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
     sink = Sink(settings.kafka, topics["out"].name, args.partitions, decode)
     injector = Producer(settings.kafka)
     emitter = Emitter(settings, source="bench", producer=injector, codec=codec)
-    mesh_task = asyncio.create_task(mesh.run(), name="mesh")
+    mesh_task = None if mesh is None else asyncio.create_task(mesh.run(), name="mesh")
+    watched = [] if mesh_task is None else [mesh_task]
     try:
         await injector.start()
         await sink.start()
-        await race(mesh.wait_assigned(ASSIGN_TIMEOUT_S), [mesh_task],
-                   timeout=ASSIGN_TIMEOUT_S + 5, what="the mesh agents' assignment")
+        if processes is not None:
+            watched += await processes.start()
+            cpu.add_stages(processes.pids)
+        else:
+            assert mesh is not None
+            await race(mesh.wait_assigned(ASSIGN_TIMEOUT_S), watched,
+                       timeout=ASSIGN_TIMEOUT_S + 5, what="the mesh agents' assignment")
         pad = "x" * args.size
         topic_in = topics["in"]
 
@@ -404,9 +448,9 @@ async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
             profiler.enable()
         cpu.start()
         collecting = asyncio.create_task(sink.collect(args.events), name="sink")
-        inject_s = await race(inject(), [mesh_task, collecting], timeout=args.timeout,
+        inject_s = await race(inject(), [*watched, collecting], timeout=args.timeout,
                               what="injection")
-        arrivals, duplicates = await race(collecting, [mesh_task], timeout=args.timeout,
+        arrivals, duplicates = await race(collecting, watched, timeout=args.timeout,
                                           what=f"{args.events} events at the sink")
         cpu.stop()
         if profiler is not None:
@@ -414,17 +458,24 @@ async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
     finally:
         if profiler is not None:
             profiler.disable()
-        mesh.stop_event.set()
-        await asyncio.wait([mesh_task], timeout=60)
+        if processes is not None:
+            await processes.stop()
+        if mesh is not None and mesh_task is not None:
+            mesh.stop_event.set()
+            await asyncio.wait([mesh_task], timeout=60)
         await sink.stop()
         await injector.stop()
-    if not mesh_task.done():
-        raise BenchError("The mesh did not stop within 60 s.")
-    if not mesh_task.cancelled() and mesh_task.exception() is not None:
-        raise BenchError(f"The mesh failed: {mesh_task.exception()!r}")
-    extra = {"handled": {r.agent.name: r.handled for r in mesh.runners},
-             "dead_lettered": sum(r.dead_lettered for r in mesh.runners),
-             "sink_records": len(sink.raw)}
+    extra: dict[str, Any] = {"sink_records": len(sink.raw)}
+    if processes is not None:
+        extra["stage_exit_codes"] = processes.exit_codes
+    else:
+        assert mesh is not None and mesh_task is not None
+        if not mesh_task.done():
+            raise BenchError("The mesh did not stop within 60 s.")
+        if not mesh_task.cancelled() and mesh_task.exception() is not None:
+            raise BenchError(f"The mesh failed: {mesh_task.exception()!r}")
+        extra.update(handled={r.agent.name: r.handled for r in mesh.runners},
+                     dead_lettered=sum(r.dead_lettered for r in mesh.runners))
     result = summarise("mesh", args.events, arrivals, duplicates, inject_s, cpu, extra)
     if args.rate > 0:
         result.hop_ms = await hop_latencies(settings.kafka, {k: t.name for k, t in topics.items()},
@@ -454,16 +505,20 @@ class RawStage:
     as the mesh decodes an input (Avro single-object encoding, the pydantic model), the
     model copied as the mesh's handler does, encoded again with the mesh's codec, and
     sent with the record's headers unread: the schema work alone, without the mesh's
-    envelope, ids, lanes, retries, metrics or audit."""
+    envelope, ids, lanes, retries, metrics or audit. With ``audit`` as well (the
+    ``raw-avro-audit`` run) each input also sends that prebuilt audit record, keyed by
+    the input's correlation id as the mesh keys its audit: the audit's record per input
+    without building it."""
 
     def __init__(self, kafka: KafkaSettings, group: str, source: str, target: str,
                  producer: AIOKafkaProducer | None = None, *,
-                 codec: tuple[Codec, Topic[Ping]] | None = None) -> None:
+                 codec: tuple[Codec, Topic[Ping]] | None = None,
+                 audit: OutRecord | None = None) -> None:
         self.consumer = AIOKafkaConsumer(group_id=group, **consumer_kwargs(kafka))
         self.producer = producer or AIOKafkaProducer(**producer_kwargs(kafka))
         self.own_producer = producer is None
         self.source, self.target, self.group = source, target, group
-        self.codec = codec
+        self.codec, self.audit = codec, audit
         self.listener = _Assigned()
         self.handled = 0
 
@@ -493,6 +548,12 @@ class RawStage:
                         ping = (await codec.decode(topic, m.value)).model_copy()
                         acks.append(await producer.send(target, codec.encode(topic, ping)[0],
                                                         key=m.key, headers=list(m.headers)))
+                        if self.audit is not None:
+                            audit = self.audit
+                            correlation = next(v for k, v in m.headers if k == CORRELATION_ID)
+                            acks.append(await producer.send(audit.topic, audit.value,
+                                                            key=correlation,
+                                                            headers=list(audit.headers)))
                 offsets[tp] = msgs[-1].offset + 1
             await asyncio.gather(*acks)
             await consumer.commit(offsets)
@@ -504,25 +565,32 @@ class RawStage:
             await self.producer.stop()
 
 
-async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMeter, *,
-                  shared: bool = False, avro: bool = False) -> RunResult:
-    """The raw chain; ``shared``: its three stages produce through one producer, as a
-    mesh's agents do (aiokafka keeps one produce request in flight per broker and
-    producer, so the stages' outputs queue behind each other); ``avro``: the stages
-    decode, validate and encode as the mesh does (``RawStage``), and events are injected
-    as ``mesh emit`` builds them."""
+async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMeter,
+                  run: str = "raw") -> RunResult:
+    """The raw chain, run ``run``. ``raw-shared``: its three stages produce through one
+    producer, as a mesh's agents do (aiokafka keeps one produce request in flight per
+    broker and producer, so the stages' outputs queue behind each other); ``raw-avro``:
+    the stages decode, validate and encode as the mesh does (``RawStage``), and events
+    are injected as ``mesh emit`` builds them; ``raw-avro-audit``: as ``raw-avro``, and
+    each input also sends an audit record of the size of the mesh's, to a topic laid out
+    as ``mesh.audit``. With ``--processes`` each stage runs in a process of its own."""
+    shared, avro, audit = run == "raw-shared", run.startswith("raw-avro"), run == "raw-avro-audit"
     prefix = f"bench-{uuid.uuid4().hex[:8]}-raw"
-    topics = {name: Topic(f"{prefix}.{name}", Ping, key="key", partitions=args.partitions,
-                          dead_letters=False) for name in ("in", "ab", "bc", "out")}
+    topics = raw_topics(prefix, args.partitions)
     await apply_topics(settings.kafka, topics.values())
     kafka = settings.kafka
     one = AIOKafkaProducer(**producer_kwargs(kafka)) if shared else None
     codec = Codec(settings.schema_registry)
     await codec.prepare(list(topics.values()))
     emitter = Emitter(settings, source="bench", codec=codec) if avro else None
-    stages = [RawStage(kafka, f"{prefix}-{name}", topics[src].name, topics[dst].name, one,
-                       codec=(codec, topics[src]) if avro else None)
-              for name, src, dst in [("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out")]]
+    audits = await raw_audits(settings, codec, prefix, topics) if audit else {}
+    processes = StageProcesses([StageSpec(run, *where(settings), prefix, *stage,
+                                          args.partitions, audits.get(stage[0]))
+                                for stage in STAGES]) if args.processes else None
+    stages = [] if processes else [
+        RawStage(kafka, f"{prefix}-{name}", topics[src].name, topics[dst].name, one,
+                 codec=(codec, topics[src]) if avro else None, audit=audits.get(name))
+        for name, src, dst in STAGES]
     serde = codec.serde(Ping)
 
     def decode(value: bytes) -> tuple[int, int]:
@@ -537,6 +605,7 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
     injector = AIOKafkaProducer(**producer_kwargs(kafka))
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
+    watched: list[asyncio.Task[None]] = []  # the stage processes' ends
     try:
         await injector.start()
         if emitter is not None:  # builds records only; entered so its producer is closed
@@ -549,6 +618,9 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
         tasks = [asyncio.create_task(s.run(stop), name=f"raw stage {s.group}") for s in stages]
         await race(asyncio.gather(*(s.listener.event.wait() for s in stages)), tasks,
                    timeout=ASSIGN_TIMEOUT_S, what="the raw stages' assignment")
+        if processes is not None:
+            watched = await processes.start()
+            cpu.add_stages(processes.pids)
         pad = "x" * args.size
         source = topics["in"].name
 
@@ -575,14 +647,16 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
 
         cpu.start()
         collecting = asyncio.create_task(sink.collect(args.events), name="sink")
-        inject_s = await race(inject(), [*tasks, collecting], timeout=args.timeout,
+        inject_s = await race(inject(), [*tasks, *watched, collecting], timeout=args.timeout,
                               what="injection")
-        arrivals, duplicates = await race(collecting, tasks, timeout=args.timeout,
+        arrivals, duplicates = await race(collecting, [*tasks, *watched], timeout=args.timeout,
                                           what=f"{args.events} events at the sink")
         cpu.stop()
     finally:
         stop.set()
-        if tasks:
+        if processes is not None:
+            await processes.stop()
+        if stages:
             await asyncio.wait(tasks, timeout=60)
         for stage in stages:
             await stage.stop()
@@ -597,12 +671,193 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
             raise BenchError(f"{task.get_name()} did not stop within 60 s.")
         if task.exception() is not None:
             raise BenchError(f"{task.get_name()} failed: {task.exception()!r}")
-    extra = {"handled": {s.group: s.handled for s in stages}, "sink_records": len(sink.raw)}
+    extra: dict[str, Any] = {"handled": {s.group: s.handled for s in stages},
+                             "sink_records": len(sink.raw)}
+    if processes is not None:
+        extra["stage_exit_codes"] = processes.exit_codes
     result = summarise("raw", args.events, arrivals, duplicates, inject_s, cpu, extra)
     if args.rate > 0:
         result.hop_ms = await hop_latencies(kafka, {k: t.name for k, t in topics.items()},
                                             args.partitions, args.events, decode)
     return result
+
+
+def raw_topics(prefix: str, partitions: int) -> dict[str, Topic[Ping]]:
+    return {name: Topic(f"{prefix}.{name}", Ping, key="key", partitions=partitions,
+                        dead_letters=False) for name in ("in", "ab", "bc", "out")}
+
+
+async def raw_audits(settings: MeshSettings, codec: Codec, prefix: str,
+                     topics: dict[str, Topic[Ping]]) -> dict[str, OutRecord]:
+    """For each raw stage, an audit record such as the mesh's agent would write for one
+    input with one output (the same fields, ids and sizes; built here once, not per
+    input), to a fresh topic laid out as ``mesh.audit``."""
+    target = Topic(f"{prefix}.audit", AuditEvent, key="correlation_id",
+                   partitions=audit_topic.partitions, dead_letters=False)
+    await apply_topics(settings.kafka, [target])
+    await codec.prepare([target])
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    trace = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
+    out = {}
+    for name, src, dst in [("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out")]:
+        event = AuditEvent(
+            kind=CONSUMED, agent=f"{prefix}-{name}", topic=topics[src].name, partition=0,
+            offset=12_345, event_id=ids[0], correlation_id=ids[1], causation_id=ids[2],
+            traceparent=trace, outcome=OK, duration_ms=0.123, attempt=1, size=1_100,
+            details={"replica": f"{platform.node()}:{os.getpid()}"},
+            outputs=[AuditOutput(event_id=ids[3], topic=topics[dst].name, size=1_100,
+                                 traceparent=trace)])
+        value, fingerprint = codec.encode(target, event)
+        out[name] = OutRecord(target.name, value, None, (
+            ("mesh-schema", fingerprint.encode()), ("mesh-source", f"{prefix}-{name}".encode())))
+    return out
+
+
+# --------------------------------------------------------------------------- --processes
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage of run ``run`` (mesh or raw), for a process of its own."""
+
+    run: str
+    bootstrap: str
+    embedded: bool  # the broker's settings profile
+    prefix: str  # of the run's topics and groups
+    name: str
+    source: str  # topic names in the run's dict: "in", "ab", ...
+    target: str
+    partitions: int
+    audit: OutRecord | None = None  # raw-avro-audit: the stage's audit record
+
+
+def stage_main(spec: StageSpec, ready: Any) -> None:
+    """A stage process: builds the stage, sends one message on ``ready`` (a pipe's end)
+    once it is assigned, and runs until SIGTERM."""
+    logging.basicConfig(level=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+                        format=f"%(asctime)s %(levelname)s stage {spec.name}: %(message)s")
+    asyncio.run(_stage(spec, ready))
+
+
+async def _stage(spec: StageSpec, ready: Any) -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    settings = MeshSettings().with_bootstrap(spec.bootstrap, embedded=spec.embedded)
+    if spec.run in MESH_RUNS:
+        settings = mesh_variant(spec.run, settings)[0]
+        topics = mesh_topics(spec.prefix, spec.partitions)
+        mesh = Mesh(settings, [mesh_agent(spec.run, spec.prefix, topics, spec.name,
+                                          spec.source, spec.target)])
+        task = asyncio.create_task(mesh.run(), name=f"mesh stage {spec.name}")
+        try:
+            await race(mesh.wait_assigned(ASSIGN_TIMEOUT_S), [task],
+                       timeout=ASSIGN_TIMEOUT_S + 5, what="the stage's assignment")
+            ready.send("assigned")
+            await race(stop.wait(), [task], timeout=STAGE_MAX_S, what="SIGTERM")
+        finally:
+            mesh.stop_event.set()
+            await asyncio.wait([task], timeout=60)
+        return
+    raw = raw_topics(spec.prefix, spec.partitions)
+    codec: tuple[Codec, Topic[Ping]] | None = None
+    if spec.run.startswith("raw-avro"):
+        mesh_codec = Codec(settings.schema_registry)
+        await mesh_codec.prepare(list(raw.values()))
+        codec = (mesh_codec, raw[spec.source])
+    stage = RawStage(settings.kafka, f"{spec.prefix}-{spec.name}", raw[spec.source].name,
+                     raw[spec.target].name, codec=codec, audit=spec.audit)
+    await stage.start()
+    task = asyncio.create_task(stage.run(stop), name=f"raw stage {spec.name}")
+    try:
+        await race(stage.listener.event.wait(), [task], timeout=ASSIGN_TIMEOUT_S,
+                   what="the stage's assignment")
+        ready.send("assigned")
+        await race(stop.wait(), [task], timeout=STAGE_MAX_S, what="SIGTERM")
+    finally:
+        stop.set()
+        await asyncio.wait([task], timeout=60)
+        await stage.stop()
+
+
+def where(settings: MeshSettings) -> tuple[str, bool]:
+    """The broker a stage process reaches: its bootstrap servers and whether its settings
+    profile is the embedded broker's."""
+    assert settings.kafka.bootstrap_servers is not None  # start_broker set them
+    return settings.kafka.bootstrap_servers, settings.kafka.embedded_profile
+
+
+class StageProcesses:
+    """A run's three stages, each in a process of its own (``--processes``): as agents
+    are deployed, one service each, every stage with its own event loop. Started here
+    and stopped by their pids (SIGTERM, then SIGKILL after 60 s)."""
+
+    def __init__(self, specs: list[StageSpec]) -> None:
+        context = multiprocessing.get_context("spawn")
+        pipes = [context.Pipe(duplex=False) for _ in specs]
+        self._ready = [reader for reader, _ in pipes]
+        self._procs = [context.Process(target=stage_main, args=(spec, writer),
+                                       name=f"stage {spec.name} ({spec.run})", daemon=True)
+                       for spec, (_, writer) in zip(specs, pipes, strict=True)]
+        self._watched: list[asyncio.Task[None]] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs if proc.pid is not None]
+
+    @property
+    def exit_codes(self) -> list[int | None]:
+        return [proc.exitcode for proc in self._procs]
+
+    async def start(self) -> list[asyncio.Task[None]]:
+        """Start the stages; returns once every one is assigned, with a task per stage
+        that fails when its process ends (to watch while the run goes on)."""
+        for proc in self._procs:
+            proc.start()
+        self._watched = [asyncio.create_task(self._ended(proc), name=proc.name)
+                         for proc in self._procs]
+        for reader in self._ready:  # spawning imports the mesh: seconds, not minutes
+            await race(_readable(reader.fileno()), self._watched,
+                       timeout=ASSIGN_TIMEOUT_S + 30, what="the stage processes' assignment")
+            reader.recv()
+        return self._watched
+
+    @staticmethod
+    async def _ended(proc: multiprocessing.process.BaseProcess) -> None:
+        await _readable(proc.sentinel)
+        proc.join(timeout=5)  # it has ended: reaped at once, for its exit code
+        raise BenchError(f"{proc.name} (pid {proc.pid}) exited with {proc.exitcode}")
+
+    async def stop(self) -> None:
+        for task in self._watched:  # the stages end now, as told
+            task.cancel()
+        await asyncio.gather(*self._watched, return_exceptions=True)
+        for proc in self._procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in self._procs:
+            if proc.pid is None:
+                continue
+            try:
+                await asyncio.wait_for(_readable(proc.sentinel), timeout=60)
+            except TimeoutError:
+                proc.kill()  # SIGKILL to our own child, by its pid
+            proc.join(timeout=5)
+
+
+async def _readable(fd: int) -> None:
+    """Wait until ``fd`` is readable (a pipe with a message, a process's sentinel)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 # --------------------------------------------------------------------------- report
@@ -694,21 +949,10 @@ async def main(args: argparse.Namespace) -> int:
             print(f"running {name} (load average {load:.2f}) ...", flush=True)
             cpu = CpuMeter(pids)
             profiler = profilers.get(name)
-            if name == "mesh":
-                results[name] = await run_mesh(settings, args, profiler, cpu)
-            elif name == "mesh-partition":  # one input at a time per partition
-                results[name] = await run_mesh(settings, args, profiler, cpu,
-                                               ordering="partition")
-            elif name == "mesh-blocking":  # no retry tiers: one topic per consumer, as raw
-                results[name] = await run_mesh(settings, args, profiler, cpu,
-                                               RetryPolicy(blocking=True))
-            elif name == "mesh-noaudit":  # the cost of publishing to mesh.audit
-                quiet = settings.model_copy(update={
-                    "audit": settings.audit.model_copy(update={"enabled": False})})
-                results[name] = await run_mesh(quiet, args, profiler, cpu)
+            if name in MESH_RUNS:
+                results[name] = await run_mesh(settings, args, profiler, cpu, name)
             else:
-                results[name] = await run_raw(settings, args, cpu, shared=name == "raw-shared",
-                                              avro=name == "raw-avro")
+                results[name] = await run_raw(settings, args, cpu, name)
             r = results[name]
             r.name = name
             r.extra["load_average_before"] = load
@@ -789,7 +1033,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "mesh-blocking: blocking retries, so no retry-tier topics; "
                         "mesh-partition: ordering='partition', one input at a time per partition; "
                         "raw-shared: the raw stages share one producer, as the mesh's agents; "
-                        "raw-avro: the raw stages decode, validate and encode as the mesh)")
+                        "raw-avro: the raw stages decode, validate and encode as the mesh; "
+                        "raw-avro-audit: raw-avro plus one prebuilt audit record per input)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds allowed for the sink to receive all N")
     parser.add_argument("--broker", choices=("embedded", "apache"), default="embedded",
@@ -800,7 +1045,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="events of an unreported raw run first (warms a JVM broker)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile each mesh run (injection to last arrival)")
+    parser.add_argument("--processes", action="store_true",
+                        help="each stage in a process of its own, as deployed (mesh and raw "
+                        "alike); the injector and sink stay in this one")
     args = parser.parse_args(argv)
+    if args.processes and (args.profile or "raw-shared" in args.runs):
+        parser.error("--processes runs each stage alone: no --profile, no raw-shared")
     if (args.events < 1 or args.size < 0 or args.partitions < 1 or args.inject_batch < 1
             or args.nodes < 1):
         parser.error("--events, --partitions, --inject-batch and --nodes must be >= 1, "

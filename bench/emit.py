@@ -2,7 +2,8 @@
 aiokafka producer sending the same payloads.
 
     .venv/bin/python bench/emit.py [--events N] [--size BYTES] [--batch B]
-                                   [--runs emitter,emitter-noaudit,raw] [--repeat R]
+                                   [--runs emitter,emitter-noaudit,raw,raw-audit]
+                                   [--repeat R]
                                    [--broker embedded|apache] [--nodes N] [--profile]
 
 N ``Ping`` payloads (pydantic models, built before the clock starts) are produced to a
@@ -16,6 +17,11 @@ records:
 * raw: ``AIOKafkaProducer.send(topic, payload.model_dump_json().encode(), key=...)`` for
   each payload, then the call's acks gathered. Same producer settings as the mesh
   (``bench/chain.py``'s ``producer_kwargs``).
+* raw-audit (a floor, not in the default runs): raw, and each payload also sends one
+  record the size of the emitter's ``produced`` audit record (a real one, encoded once
+  before the clock starts), keyed by an id made before the clock starts, to a topic
+  laid out as ``mesh.audit``: the record per event that the audit adds, without
+  building it.
 
 Time runs from the first call to the last acknowledgement. After each run a group-less
 reader checks the topic holds all N ids (nothing lost). With ``--repeat R`` the runs
@@ -58,10 +64,13 @@ from bench.chain import (  # noqa: E402
     timestamps,
 )
 from mesh import Emitter, MeshSettings, Topic, apply_topics  # noqa: E402
+from mesh.kafka.base import OutRecord  # noqa: E402
+from mesh.runtime.audit import PRODUCED, AuditEvent, audit_topic  # noqa: E402
 from mesh.serde.codec import Codec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-RUNS = ("emitter", "emitter-noaudit", "raw")
+RUNS = ("emitter", "emitter-noaudit", "raw", "raw-audit")
+DEFAULT_RUNS = ("emitter", "emitter-noaudit", "raw")
 
 log = logging.getLogger("bench.emit")
 
@@ -131,10 +140,14 @@ async def run_emitter(settings: MeshSettings, name: str, round_: int, events: li
 
 
 async def run_raw(settings: MeshSettings, round_: int, events: list[Ping],
-                  args: argparse.Namespace, pids: list[int]) -> RunResult:
+                  args: argparse.Namespace, pids: list[int], audit: bool = False
+                  ) -> RunResult:
+    """The raw producer; with ``audit`` the ``raw-audit`` floor (see the module's doc)."""
     topic = Topic(f"bench-{uuid.uuid4().hex[:8]}-raw", Ping, key="key",
                   partitions=args.partitions, dead_letters=False)
     await apply_topics(settings.kafka, [topic])
+    extra = await audit_like(settings, topic) if audit else None
+    keys = [str(uuid.uuid4()).encode() for _ in events] if audit else []
     producer = AIOKafkaProducer(**producer_kwargs(settings.kafka))
     await producer.start()
     try:
@@ -142,16 +155,40 @@ async def run_raw(settings: MeshSettings, round_: int, events: list[Ping],
                                      key=events[0].key.encode())
 
         async def send() -> None:
-            for chunk in chunks(events, args.batch):
-                acks = [await producer.send(topic.name, p.model_dump_json().encode(),
-                                            key=p.key.encode()) for p in chunk]
+            for first in range(0, len(events), args.batch):
+                acks = []
+                for i in range(first, min(len(events), first + args.batch)):
+                    p = events[i]
+                    acks.append(await producer.send(topic.name, p.model_dump_json().encode(),
+                                                    key=p.key.encode()))
+                    if extra is not None:
+                        acks.append(await producer.send(extra.topic, extra.value, key=keys[i],
+                                                        headers=list(extra.headers)))
                 await asyncio.gather(*acks)
 
-        result = await timed("raw", round_, len(events), send, pids, None)
+        name = "raw-audit" if audit else "raw"
+        result = await timed(name, round_, len(events), send, pids, None)
     finally:
         await producer.stop()
     await check(settings, topic.name, args, lambda v: (json.loads(v)["id"], 0))
     return result
+
+
+async def audit_like(settings: MeshSettings, topic: Topic[Ping]) -> OutRecord:
+    """A ``produced`` audit record such as the emitter writes for one event on
+    ``topic``, to a fresh topic laid out as ``mesh.audit``."""
+    target = Topic(f"{topic.name}.audit", AuditEvent, key="correlation_id",
+                   partitions=audit_topic.partitions, dead_letters=False)
+    await apply_topics(settings.kafka, [target])
+    codec = Codec(settings.schema_registry)
+    await codec.prepare([target])
+    trace = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
+    value, fingerprint = codec.encode(target, AuditEvent(
+        kind=PRODUCED, agent="bench", topic=topic.name, event_id=str(uuid.uuid4()),
+        correlation_id=str(uuid.uuid4()), traceparent=trace, attempt=1, size=1_100,
+        details={"replica": f"{platform.node()}:{os.getpid()}"}))
+    return OutRecord(target.name, value, None, (("mesh-schema", fingerprint.encode()),
+                                                ("mesh-source", b"bench")))
 
 
 async def check(settings: MeshSettings, topic: str, args: argparse.Namespace,
@@ -176,7 +213,7 @@ def summary(results: list[RunResult]) -> dict[str, Any]:
         of = {r.name: r for r in results if r.round == round_}
         if "raw" not in of:
             continue
-        for name in ("emitter", "emitter-noaudit"):
+        for name in ("emitter", "emitter-noaudit", "raw-audit"):
             if name in of:
                 per_round.setdefault(name, []).append(of[name].per_s / of["raw"].per_s)
     return {f"{name}_over_raw": {"rounds": values,
@@ -199,8 +236,8 @@ async def main(args: argparse.Namespace) -> int:
               flush=True)
         for round_ in range(1, args.repeat + 1):
             for name in runs:
-                if name == "raw":
-                    r = await run_raw(settings, round_, events, args, pids)
+                if name.startswith("raw"):
+                    r = await run_raw(settings, round_, events, args, pids, name == "raw-audit")
                 else:
                     r = await run_emitter(settings, name, round_, events, args, pids,
                                           profiler if name == "emitter" else None)
@@ -241,7 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=500,
                         help="events per emit call (each call waits for its acks)")
     parser.add_argument("--partitions", type=int, default=4, help="partitions of the topic")
-    parser.add_argument("--runs", default=",".join(RUNS), help="which runs, in order")
+    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS),
+                        help=f"which runs, in order, of {', '.join(RUNS)}")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of all runs")
     parser.add_argument("--broker", choices=("embedded", "apache"), default="embedded",
                         help="embedded: Tansu; apache: Apache Kafka (KRaft) from its jars")
