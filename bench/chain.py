@@ -368,20 +368,21 @@ async def passthrough(payload: Ping, ctx: Context) -> Ping:
     return payload.model_copy()
 
 
-def mesh_variant(run: str, settings: MeshSettings
-                 ) -> tuple[MeshSettings, RetryPolicy | None, Ordering]:
-    """The settings, retry policy and ordering of mesh run ``run``."""
+def mesh_settings(run: str, settings: MeshSettings) -> MeshSettings:
+    """The settings of mesh run ``run``: ``mesh-noaudit`` has the audit off."""
     if run == "mesh-noaudit":  # the cost of publishing to mesh.audit
-        settings = settings.model_copy(update={
+        return settings.model_copy(update={
             "audit": settings.audit.model_copy(update={"enabled": False})})
-    retry = RetryPolicy(blocking=True) if run == "mesh-blocking" else None  # no retry tiers
-    return settings, retry, "partition" if run == "mesh-partition" else "key"
+    return settings
 
 
 def mesh_agent(run: str, prefix: str, topics: dict[str, Topic[Ping]], name: str, source: str,
                target: str) -> Agent[Any]:
-    """Stage ``name`` of mesh run ``run``: an agent passing ``source`` on to ``target``."""
-    _, retry, ordering = mesh_variant(run, MeshSettings())
+    """Stage ``name`` of mesh run ``run``, an agent passing ``source`` on to ``target``:
+    ``mesh-blocking`` retries in place (no retry-tier topics to fetch), ``mesh-partition``
+    handles one input at a time per partition."""
+    retry = RetryPolicy(blocking=True) if run == "mesh-blocking" else None
+    ordering: Ordering = "partition" if run == "mesh-partition" else "key"
     return Agent(f"{prefix}-{name}", consumes=topics[source], produces=topics[target],
                  handler=passthrough, retry=retry, ordering=ordering)
 
@@ -389,10 +390,10 @@ def mesh_agent(run: str, prefix: str, topics: dict[str, Topic[Ping]], name: str,
 async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
                    profiler: cProfile.Profile | None, cpu: CpuMeter, run: str = "mesh"
                    ) -> RunResult:
-    """Mesh run ``run`` (``mesh``, ``mesh-noaudit``, ...; see :func:`mesh_variant`): its
-    three agents in one ``Mesh`` here, or with ``--processes`` each in a process of its
-    own."""
-    settings = mesh_variant(run, settings)[0]
+    """Mesh run ``run`` (``mesh``, ``mesh-noaudit``, ...; see :func:`mesh_settings` and
+    :func:`mesh_agent`): its three agents in one ``Mesh`` here, or with ``--processes``
+    each in a process of its own."""
+    settings = mesh_settings(run, settings)
     prefix = f"bench-{uuid.uuid4().hex[:8]}-mesh"
     topics = mesh_topics(prefix, args.partitions)
     await apply_topics(settings.kafka, topics.values())
@@ -656,7 +657,7 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
         stop.set()
         if processes is not None:
             await processes.stop()
-        if stages:
+        if tasks:
             await asyncio.wait(tasks, timeout=60)
         for stage in stages:
             await stage.stop()
@@ -699,7 +700,7 @@ async def raw_audits(settings: MeshSettings, codec: Codec, prefix: str,
     ids = [str(uuid.uuid4()) for _ in range(4)]
     trace = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
     out = {}
-    for name, src, dst in [("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out")]:
+    for name, src, dst in STAGES:
         event = AuditEvent(
             kind=CONSUMED, agent=f"{prefix}-{name}", topic=topics[src].name, partition=0,
             offset=12_345, event_id=ids[0], correlation_id=ids[1], causation_id=ids[2],
@@ -744,7 +745,7 @@ async def _stage(spec: StageSpec, ready: Any) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     settings = MeshSettings().with_bootstrap(spec.bootstrap, embedded=spec.embedded)
     if spec.run in MESH_RUNS:
-        settings = mesh_variant(spec.run, settings)[0]
+        settings = mesh_settings(spec.run, settings)
         topics = mesh_topics(spec.prefix, spec.partitions)
         mesh = Mesh(settings, [mesh_agent(spec.run, spec.prefix, topics, spec.name,
                                           spec.source, spec.target)])
