@@ -86,7 +86,14 @@ from mesh.config import KafkaSettings  # noqa: E402
 from mesh.envelope import CORRELATION_ID  # noqa: E402
 from mesh.kafka.base import Acks, OutRecord  # noqa: E402
 from mesh.kafka.transport import MAX_REQUEST_BYTES, Producer  # noqa: E402
-from mesh.runtime.audit import CONSUMED, OK, AuditEvent, AuditOutput, audit_topic  # noqa: E402
+from mesh.runtime.audit import (  # noqa: E402
+    CONSUMED,
+    OK,
+    AuditEvent,
+    AuditOutput,
+    audit_record,
+    audit_topic,
+)
 
 RESULTS = ROOT / "bench" / "results"
 KEYS = 64  # distinct record keys, spread over the partitions
@@ -359,9 +366,12 @@ def summarise(name: str, n: int, arrivals: list[Arrival], duplicates: int, injec
 # --------------------------------------------------------------------------- mesh run
 
 
-def mesh_topics(prefix: str, partitions: int) -> dict[str, Topic[Ping]]:
-    return {name: Topic(f"{prefix}.{name}", Ping, key="key", partitions=partitions)
-            for name in ("in", "ab", "bc", "out")}
+def chain_topics(prefix: str, partitions: int, *, dead_letters: bool = True
+                 ) -> dict[str, Topic[Ping]]:
+    """A run's four topics, keyed by the ``key`` field (the raw runs have no dead-letter
+    topics: nothing of theirs writes one)."""
+    return {name: Topic(f"{prefix}.{name}", Ping, key="key", partitions=partitions,
+                        dead_letters=dead_letters) for name in ("in", "ab", "bc", "out")}
 
 
 async def passthrough(payload: Ping, ctx: Context) -> Ping:
@@ -395,7 +405,7 @@ async def run_mesh(settings: MeshSettings, args: argparse.Namespace,
     each in a process of its own."""
     settings = mesh_settings(run, settings)
     prefix = f"bench-{uuid.uuid4().hex[:8]}-mesh"
-    topics = mesh_topics(prefix, args.partitions)
+    topics = chain_topics(prefix, args.partitions)
     await apply_topics(settings.kafka, topics.values())
     agents = [mesh_agent(run, prefix, topics, *stage) for stage in STAGES]
     processes = StageProcesses([StageSpec(run, *where(settings), prefix, *stage,
@@ -577,7 +587,7 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
     as ``mesh.audit``. With ``--processes`` each stage runs in a process of its own."""
     shared, avro, audit = run == "raw-shared", run.startswith("raw-avro"), run == "raw-avro-audit"
     prefix = f"bench-{uuid.uuid4().hex[:8]}-raw"
-    topics = raw_topics(prefix, args.partitions)
+    topics = chain_topics(prefix, args.partitions, dead_letters=False)
     await apply_topics(settings.kafka, topics.values())
     kafka = settings.kafka
     one = AIOKafkaProducer(**producer_kwargs(kafka)) if shared else None
@@ -683,20 +693,12 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
     return result
 
 
-def raw_topics(prefix: str, partitions: int) -> dict[str, Topic[Ping]]:
-    return {name: Topic(f"{prefix}.{name}", Ping, key="key", partitions=partitions,
-                        dead_letters=False) for name in ("in", "ab", "bc", "out")}
-
-
 async def raw_audits(settings: MeshSettings, codec: Codec, prefix: str,
                      topics: dict[str, Topic[Ping]]) -> dict[str, OutRecord]:
     """For each raw stage, an audit record such as the mesh's agent would write for one
     input with one output (the same fields, ids and sizes; built here once, not per
     input), to a fresh topic laid out as ``mesh.audit``."""
-    target = Topic(f"{prefix}.audit", AuditEvent, key="correlation_id",
-                   partitions=audit_topic.partitions, dead_letters=False)
-    await apply_topics(settings.kafka, [target])
-    await codec.prepare([target])
+    target = await audit_like_topic(settings, f"{prefix}.audit")
     ids = [str(uuid.uuid4()) for _ in range(4)]
     trace = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
     out = {}
@@ -708,10 +710,18 @@ async def raw_audits(settings: MeshSettings, codec: Codec, prefix: str,
             details={"replica": f"{platform.node()}:{os.getpid()}"},
             outputs=[AuditOutput(event_id=ids[3], topic=topics[dst].name, size=1_100,
                                  traceparent=trace)])
-        value, fingerprint = codec.encode(target, event)
-        out[name] = OutRecord(target.name, value, None, (
-            ("mesh-schema", fingerprint.encode()), ("mesh-source", f"{prefix}-{name}".encode())))
+        out[name] = audit_record(codec, event, source=f"{prefix}-{name}")._replace(
+            topic=target.name, key=None)  # keyed per input by the stage
     return out
+
+
+async def audit_like_topic(settings: MeshSettings, name: str) -> Topic[AuditEvent]:
+    """A fresh topic ``name`` laid out as ``mesh.audit`` (created here), for the raw
+    runs' stand-ins of audit records."""
+    target = Topic(name, AuditEvent, key="correlation_id",
+                   partitions=audit_topic.partitions, dead_letters=False)
+    await apply_topics(settings.kafka, [target])
+    return target
 
 
 # --------------------------------------------------------------------------- --processes
@@ -746,7 +756,7 @@ async def _stage(spec: StageSpec, ready: Any) -> None:
     settings = MeshSettings().with_bootstrap(spec.bootstrap, embedded=spec.embedded)
     if spec.run in MESH_RUNS:
         settings = mesh_settings(spec.run, settings)
-        topics = mesh_topics(spec.prefix, spec.partitions)
+        topics = chain_topics(spec.prefix, spec.partitions)
         mesh = Mesh(settings, [mesh_agent(spec.run, spec.prefix, topics, spec.name,
                                           spec.source, spec.target)])
         task = asyncio.create_task(mesh.run(), name=f"mesh stage {spec.name}")
@@ -759,7 +769,7 @@ async def _stage(spec: StageSpec, ready: Any) -> None:
             mesh.stop_event.set()
             await asyncio.wait([task], timeout=60)
         return
-    raw = raw_topics(spec.prefix, spec.partitions)
+    raw = chain_topics(spec.prefix, spec.partitions, dead_letters=False)
     codec: tuple[Codec, Topic[Ping]] | None = None
     if spec.run.startswith("raw-avro"):
         mesh_codec = Codec(settings.schema_registry)

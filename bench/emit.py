@@ -59,13 +59,14 @@ from bench.chain import (  # noqa: E402
     KEYS,
     CpuMeter,
     Ping,
+    audit_like_topic,
     producer_kwargs,
     start_broker,
     timestamps,
 )
 from mesh import Emitter, MeshSettings, Topic, apply_topics  # noqa: E402
 from mesh.kafka.base import OutRecord  # noqa: E402
-from mesh.runtime.audit import PRODUCED, AuditEvent, audit_topic  # noqa: E402
+from mesh.runtime.audit import PRODUCED, AuditEvent, audit_record  # noqa: E402
 from mesh.serde.codec import Codec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -177,18 +178,13 @@ async def run_raw(settings: MeshSettings, round_: int, events: list[Ping],
 async def audit_like(settings: MeshSettings, topic: Topic[Ping]) -> OutRecord:
     """A ``produced`` audit record such as the emitter writes for one event on
     ``topic``, to a fresh topic laid out as ``mesh.audit``."""
-    target = Topic(f"{topic.name}.audit", AuditEvent, key="correlation_id",
-                   partitions=audit_topic.partitions, dead_letters=False)
-    await apply_topics(settings.kafka, [target])
-    codec = Codec(settings.schema_registry)
-    await codec.prepare([target])
+    target = await audit_like_topic(settings, f"{topic.name}.audit")
     trace = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
-    value, fingerprint = codec.encode(target, AuditEvent(
+    return audit_record(Codec(settings.schema_registry), AuditEvent(
         kind=PRODUCED, agent="bench", topic=topic.name, event_id=str(uuid.uuid4()),
         correlation_id=str(uuid.uuid4()), traceparent=trace, attempt=1, size=1_100,
-        details={"replica": f"{platform.node()}:{os.getpid()}"}))
-    return OutRecord(target.name, value, None, (("mesh-schema", fingerprint.encode()),
-                                                ("mesh-source", b"bench")))
+        details={"replica": f"{platform.node()}:{os.getpid()}"}),
+        source="bench")._replace(topic=target.name, key=None)  # keyed per event
 
 
 async def check(settings: MeshSettings, topic: str, args: argparse.Namespace,
