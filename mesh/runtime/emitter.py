@@ -57,7 +57,7 @@ class Emitter:
         self._settings = settings
         self.codec = codec or Codec(settings.schema_registry)
         self.auditor = Auditor(self.codec, settings.audit, source=source)
-        self._producer = producer or Producer(settings.kafka, batches=True)
+        self._producer = producer or Producer(settings.kafka)
 
     async def __aenter__(self) -> Self:
         if self.auditor.enabled:  # created as declared, not auto-created by a first write

@@ -74,7 +74,7 @@ async def test_a_batching_producer_reports_where_each_record_landed(
                for i in range(60)]
     records[17] = OutRecord(topic.name, b"v17:" + b"y" * 5000, b"k2")  # over a batch
     records[40] = OutRecord(topic.name, b"v40:pinned", b"k0", partition=2)
-    async with Producer(kafka, batches=True) as producer:
+    async with Producer(kafka) as producer:
         positions = await producer.send_all(records)
 
     landed = {(r.partition, r.offset): r for r in await read_all(settings, [topic.name])}
