@@ -14,8 +14,8 @@ from aiokafka.protocol.metadata import MetadataRequest
 
 from mesh.config import KafkaSettings
 from mesh.errors import TransportError
-from mesh.kafka.base import Partition, TopicSpec
-from mesh.kafka.transport import Client, transport_error
+from mesh.kafka.base import Partition, TopicSpec, transport_error
+from mesh.kafka.transport import Client
 
 
 class Admin(Client):

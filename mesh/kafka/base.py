@@ -107,6 +107,11 @@ class Acks:
         return [(m.partition, m.offset) for m in metas]
 
 
+def transport_error(exc: BaseException, what: str) -> TransportError:
+    """A Kafka client's ``exc`` as the mesh's TransportError, saying what failed."""
+    return TransportError(f"{what} failed: {type(exc).__name__}: {exc}")
+
+
 def _ack_failed(error: BaseException) -> TransportError:
     """What a failed acknowledgement raises (from :meth:`Acks.wait` and :meth:`Acks.check`)."""
     return TransportError("Waiting for produce acknowledgements failed: "

@@ -13,10 +13,9 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from itertools import chain
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 from aiokafka import (
     AIOKafkaConsumer,
@@ -38,7 +37,16 @@ from aiokafka.errors import (
 
 from mesh.config import KafkaSettings
 from mesh.errors import CommitFailed, TransportError, UnreadableBatch
-from mesh.kafka.base import Acks, BaseProducer, OutRecord, Partition, RebalanceCallback, Record
+from mesh.kafka.base import (
+    Acks,
+    BaseProducer,
+    OutRecord,
+    Partition,
+    RebalanceCallback,
+    Record,
+    transport_error,
+)
+from mesh.kafka.gather import Gathered
 from mesh.kafka.murmur import default_partitioner
 
 logger = logging.getLogger(__name__)
@@ -62,11 +70,6 @@ def _headers(headers: Sequence[tuple[str, bytes | None]] | None
 
 def _tp(p: Partition) -> TopicPartition:
     return TopicPartition(p.topic, p.partition)
-
-
-def transport_error(exc: KafkaError, what: str) -> TransportError:
-    """aiokafka's ``exc`` as the mesh's TransportError, saying what failed."""
-    return TransportError(f"{what} failed: {type(exc).__name__}: {exc}")
 
 
 class Client:
@@ -109,16 +112,10 @@ class Client:
 class Producer(Client, BaseProducer):
     """Produces records and waits for the broker's acknowledgement.
 
-    Records are gathered per partition and handed to aiokafka as whole batches (its
-    batch API), not one ``send`` per record: a record is queued with its partition
-    (the key's, by the default partitioner, as aiokafka would pick it) and stamped
-    with the time it was sent; one task per partition with queued records builds them
-    into batches and queues each when the partition's batch before it has gone out, so
-    what arrives meanwhile goes out together in the next. A partition's records keep
-    the order they were sent in. This spares each record aiokafka's metadata wait,
-    partitioner call, accumulator lookup and future (about three quarters of its CPU
-    per record here: bench/README.md, "The runtime's sends in batches"). ``stop()``
-    sends what is queued before it disconnects.
+    Records are gathered per partition and handed to aiokafka as whole batches
+    (:mod:`mesh.kafka.gather`): a partition's records keep the order they were sent
+    in, each is stamped with the time it was sent, and ``stop()`` sends what is queued
+    before it disconnects.
 
     Example:
         >>> async with Producer(settings) as producer:  # doctest: +SKIP
@@ -126,7 +123,7 @@ class Producer(Client, BaseProducer):
     """
 
     _role = "producer"
-    _gather = True  # a transactional producer sends record by record (see there)
+    _gathered: Gathered | None = None  # None: a send per record (a transactional producer)
     _auto_idempotence = False  # idempotent by default, not by an explicit setting
 
     def __init__(self, settings: KafkaSettings) -> None:
@@ -134,11 +131,7 @@ class Producer(Client, BaseProducer):
         self._settings = settings
         self._auto_idempotence = settings.idempotence is None and settings.idempotent_producer
         self._client = self._make(idempotent=settings.idempotent_producer)
-        # (topic, partition): the records queued for it and their acks; a partition is
-        # here exactly while its task (in _senders) runs.
-        self._queued: dict[tuple[str, int], list[tuple[OutRecord, int, asyncio.Future[Any]]]] = {}
-        self._senders: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self._partitions: dict[str, list[int]] = {}  # per topic, from the client's metadata
+        self._gathered = Gathered()
 
     def _make(self, *, idempotent: bool) -> AIOKafkaProducer:
         settings = self._settings
@@ -171,141 +164,40 @@ class Producer(Client, BaseProducer):
     async def send(self, record: OutRecord) -> Awaitable[Any]:
         """Queue ``record``; the returned awaitable resolves when the broker acks it
         (to the record's partition and offset)."""
-        if not self._gather:
-            return await self._send_one(record)
-        partitions = self._partitions.get(record.topic) or await self._partitions_of(
-            record.topic)
-        return self._enqueue(record, partitions)
+        gathered = self._gathered
+        if gathered is None:
+            try:
+                ack: Awaitable[Any] = await self._client.send(  # aiokafka: an asyncio.Future
+                    record.topic, record.value, key=record.key, headers=list(record.headers),
+                    partition=record.partition)
+            except KafkaError as exc:
+                raise transport_error(exc, f"Producing to {record.topic}") from exc
+            return ack
+        self._check_started(record.topic)
+        partitions = gathered.partitions.get(record.topic) or await gathered.partitions_of(
+            self._client, record.topic)
+        return gathered.put(self._client, record, partitions)
 
     async def send_many(self, records: Iterable[OutRecord]) -> Acks:
-        if not self._gather:
+        gathered = self._gathered
+        if gathered is None:
             return await super().send_many(records)
-        known, acks = self._partitions, list[Awaitable[Any]]()
+        client, known, acks = self._client, gathered.partitions, list[Awaitable[Any]]()
         for record in records:
-            partitions = known.get(record.topic) or await self._partitions_of(record.topic)
-            acks.append(self._enqueue(record, partitions))
+            self._check_started(record.topic)
+            partitions = known.get(record.topic) or await gathered.partitions_of(
+                client, record.topic)
+            acks.append(gathered.put(client, record, partitions))
         return Acks(acks)
 
-    def _enqueue(self, record: OutRecord, partitions: list[int]) -> asyncio.Future[Any]:
-        """Queue ``record`` for its partition (one of ``partitions``, its topic's) and
-        start the partition's sender if none runs; the record's ack."""
+    def _check_started(self, topic: str) -> None:
         if not self._started:
-            raise TransportError(f"Producing to {record.topic} failed: the producer is "
-                                 "not started")
-        partition = record.partition
-        if partition is None:
-            partition = default_partitioner(record.key, partitions, partitions)
-        elif partition not in partitions:
-            raise TransportError(f"Producing to {record.topic} failed: it has no partition "
-                                 f"{partition} (partitions {partitions[0]}-{partitions[-1]})")
-        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        at = int(time.time() * 1000)  # the record's time is when it was sent, as with send()
-        where = (record.topic, partition)
-        queued = self._queued.get(where)
-        if queued is None:
-            self._queued[where] = [(record, at, ack)]
-            self._senders[where] = asyncio.create_task(self._send_queued(where))
-        else:
-            queued.append((record, at, ack))
-        return ack
-
-    async def _send_one(self, record: OutRecord) -> Awaitable[Any]:
-        try:
-            ack: Awaitable[Any] = await self._client.send(  # aiokafka: an asyncio.Future
-                record.topic, record.value, key=record.key, headers=list(record.headers),
-                partition=record.partition)
-        except KafkaError as exc:
-            raise transport_error(exc, f"Producing to {record.topic}") from exc
-        return ack
-
-    async def _partitions_of(self, topic: str) -> list[int]:
-        try:
-            known = await self._client.partitions_for(topic)  # waits for the metadata
-        except KafkaError as exc:
-            raise transport_error(exc, f"Producing to {topic}") from exc
-        partitions = self._partitions[topic] = sorted(known)
-        return partitions
-
-    async def _send_queued(self, where: tuple[str, int]) -> None:
-        """Send what is queued for ``where`` as batches until nothing is left; each
-        batch is queued in aiokafka once the partition's batch before it went out."""
-        topic, partition = where
-        client = self._client
-        queued = self._queued[where]
-        members: list[tuple[OutRecord, int, asyncio.Future[Any]]] = []  # of the open batch
-        position = 0  # in queued: the records before it are in members or sent batches
-        try:
-            while queued:
-                self._queued[where] = []  # what is sent meanwhile goes in the next round
-                batch, members = client.create_batch(), []
-                for position, item in enumerate(queued):  # noqa: B007 (read on failure)
-                    record, at, ack = item
-                    try:  # a full batch goes out; a new one always takes a record
-                        while batch.append(timestamp=at, key=record.key, value=record.value,
-                                           headers=list(record.headers)) is None:
-                            sent = await client.send_batch(batch, topic, partition=partition)
-                            _settle_when_sent(sent, members, partition)
-                            batch, members = client.create_batch(), []
-                    except (TypeError, ValueError) as exc:  # this record's own fault
-                        ack.set_exception(exc)
-                        continue
-                    members.append(item)
-                position = len(queued)
-                sent = await client.send_batch(batch, topic, partition=partition)
-                _settle_when_sent(sent, members, partition)
-                queued, members, position = self._queued[where], [], 0
-            known = client.client.cluster.partitions_for_topic(topic)
-            if known and len(known) != len(self._partitions.get(topic, ())):
-                self._partitions[topic] = sorted(known)  # the topic grew (or was recreated)
-        except BaseException as exc:
-            failed = transport_error(exc, f"Producing to {topic}") if isinstance(
-                exc, KafkaError) else exc
-            for _, _, ack in (*members, *queued[position:], *self._queued[where]):
-                if ack.done():
-                    continue
-                if isinstance(exc, Exception):
-                    ack.set_exception(failed)
-                else:
-                    ack.cancel()
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            del self._queued[where], self._senders[where]
+            raise TransportError(f"Producing to {topic} failed: the producer is not started")
 
     async def _close(self) -> None:
-        while self._gather and self._senders:  # what is queued goes out first
-            await asyncio.wait(list(self._senders.values()))
+        if self._gathered is not None:
+            await self._gathered.drain()  # what is queued goes out first
         await super()._close()
-
-
-def _settle_when_sent(sent: asyncio.Future[Any],
-                      members: list[tuple[OutRecord, int, asyncio.Future[Any]]],
-                      partition: int) -> None:
-    """Resolve each member's ack when the batch ``sent`` is acknowledged (to the
-    record's own offset) or failed (to its error)."""
-    def settle(done: asyncio.Future[Any]) -> None:
-        if done.cancelled():
-            error: BaseException | None = TransportError(
-                "Producing failed: the batch was cancelled")
-        else:
-            error = done.exception()
-        base = -1 if error is not None else done.result().offset
-        for relative, (_, _, ack) in enumerate(members):
-            if ack.done():
-                continue
-            if error is not None:
-                ack.set_exception(error)
-            else:
-                ack.set_result(Sent(partition, base + relative))
-
-    sent.add_done_callback(settle)
-
-
-class Sent(NamedTuple):
-    """Where an acknowledged record landed."""
-
-    partition: int
-    offset: int
 
 
 class Fenced(TransportError):
@@ -333,7 +225,7 @@ class TransactionalProducer(Producer):
     """
 
     _role = "transactional producer"
-    _gather = False  # its records are sent at once: commit() must find them in aiokafka
+    # Its records are sent at once, not gathered: commit() must find them in aiokafka.
 
     def __init__(self, settings: KafkaSettings, transactional_id: str, *,
                  timeout_ms: int = 60_000) -> None:
