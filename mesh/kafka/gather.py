@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any, NamedTuple
 
@@ -29,7 +30,7 @@ from aiokafka.errors import KafkaError
 
 from mesh.errors import TransportError
 from mesh.kafka.base import OutRecord, transport_error
-from mesh.kafka.murmur import default_partitioner
+from mesh.kafka.murmur import partition_for
 
 # A queued record: the record, when it was sent (ms since the epoch), its ack.
 Queued = tuple[OutRecord, int, "asyncio.Future[Any]"]
@@ -65,9 +66,10 @@ class Gathered:
             partitions: list[int]) -> asyncio.Future[Any]:
         """Queue ``record`` for its partition (one of ``partitions``, its topic's) and
         start the partition's sender if none runs; the record's ack."""
-        partition = record.partition
+        partition, key = record.partition, record.key
         if partition is None:
-            partition = default_partitioner(record.key, partitions, partitions)
+            partition = (random.choice(partitions) if key is None
+                         else partitions[partition_for(key, len(partitions))])
         elif partition not in partitions:
             raise TransportError(f"Producing to {record.topic} failed: it has no partition "
                                  f"{partition} (partitions {partitions[0]}-{partitions[-1]})")

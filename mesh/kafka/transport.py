@@ -184,9 +184,10 @@ class Producer(Client, BaseProducer):
             return await super().send_many(records)
         client, known, acks = self._client, gathered.partitions, list[Awaitable[Any]]()
         for record in records:
+            partitions = known.get(record.topic)
+            if partitions is None:
+                partitions = await gathered.partitions_of(client, record.topic)
             self._check_started(record.topic)
-            partitions = known.get(record.topic) or await gathered.partitions_of(
-                client, record.topic)
             acks.append(gathered.put(client, record, partitions))
         return Acks(acks)
 
