@@ -2,15 +2,16 @@
 and handed to aiokafka as whole batches (its batch API) instead of one
 ``AIOKafkaProducer.send`` per record (:class:`mesh.kafka.transport.Producer` uses it).
 
-A record is queued with its partition (its key's, by the default partitioner, as
-aiokafka would pick it; the topic's partitions are read from the client's metadata
-once and again whenever a partition's queue empties) and stamped with the time it was
-sent. One task per partition with queued records builds them into batches and queues
-each in aiokafka once the partition's batch before it has gone out, so what is sent
-meanwhile goes out together in the next. A partition's records keep the order they
-were sent in; each record's ack resolves to its own partition and offset. This spares
-each record aiokafka's metadata wait, partitioner call, accumulator lookup and future:
-bench/README.md, "The runtime's sends in batches".
+A record is appended, when it is sent, to its partition's open batch (its key's
+partition, by the default partitioner, as aiokafka would pick it; the topic's
+partitions are read from the client's metadata once and again whenever a partition's
+batches are all handed over), stamped with the time it was sent. One task per
+partition with batches to hand over gives them to aiokafka in order; aiokafka takes a
+partition's next batch once the one before it has gone out, and until it does, the
+open batch keeps taking records. A partition's records keep the order they were sent
+in; each record's ack resolves to its own partition and offset. This spares each
+record aiokafka's metadata wait, partitioner call, accumulator lookup and future:
+docs/performance.md, "The runtime's sends in batches".
 
 Example:
     >>> gathered = Gathered()  # doctest: +SKIP
@@ -32,8 +33,8 @@ from mesh.errors import TransportError
 from mesh.kafka.base import OutRecord, transport_error
 from mesh.kafka.murmur import partition_for
 
-# A queued record: the record, when it was sent (ms since the epoch), its ack.
-Queued = tuple[OutRecord, int, "asyncio.Future[Any]"]
+# A batch being filled or handed over: aiokafka's builder and its records' acks.
+AckList = list["asyncio.Future[Any]"]
 
 
 class Sent(NamedTuple):
@@ -43,14 +44,25 @@ class Sent(NamedTuple):
     offset: int
 
 
-class Gathered:
-    """The records of one producer queued per partition, and the tasks sending them."""
+class _Batches:
+    """One partition's batches not yet handed to aiokafka, oldest first; the last one
+    takes records while ``open``."""
+
+    __slots__ = ("batches", "open", "task")
 
     def __init__(self) -> None:
-        # (topic, partition): its queued records; a partition is here exactly while its
-        # task (in _senders) runs.
-        self._queued: dict[tuple[str, int], list[Queued]] = {}
-        self._senders: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self.batches: list[tuple[Any, AckList]] = []
+        self.open = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class Gathered:
+    """The records of one producer gathered per partition, and the tasks handing them
+    to aiokafka."""
+
+    def __init__(self) -> None:
+        # (topic, partition): its batches; a partition is here exactly while its task runs.
+        self._pending: dict[tuple[str, int], _Batches] = {}
         self.partitions: dict[str, list[int]] = {}  # per topic, from the client's metadata
 
     async def partitions_of(self, client: AIOKafkaProducer, topic: str) -> list[int]:
@@ -64,8 +76,9 @@ class Gathered:
 
     def put(self, client: AIOKafkaProducer, record: OutRecord,
             partitions: list[int]) -> asyncio.Future[Any]:
-        """Queue ``record`` for its partition (one of ``partitions``, its topic's) and
-        start the partition's sender if none runs; the record's ack."""
+        """Append ``record`` to its partition's open batch (its partition is one of
+        ``partitions``, its topic's) and start the partition's task if none runs; the
+        record's ack. Raises what aiokafka raises for a record it cannot encode."""
         partition, key = record.partition, record.key
         if partition is None:
             partition = (random.choice(partitions) if key is None
@@ -73,71 +86,73 @@ class Gathered:
         elif partition not in partitions:
             raise TransportError(f"Producing to {record.topic} failed: it has no partition "
                                  f"{partition} (partitions {partitions[0]}-{partitions[-1]})")
-        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        at = int(time.time() * 1000)  # the record's time is when it was sent, as with send()
         where = (record.topic, partition)
-        queued = self._queued.get(where)
-        if queued is None:
-            self._queued[where] = [(record, at, ack)]
-            self._senders[where] = asyncio.create_task(self._send_queued(client, where))
+        pending = self._pending.get(where) or _Batches()  # kept once it holds a record
+        at = int(time.time() * 1000)  # the record's time is when it was sent, as with send()
+        headers = list(record.headers)
+        if pending.open:
+            batch, acks = pending.batches[-1]
+            appended = batch.append(timestamp=at, key=key, value=record.value,
+                                    headers=headers) is not None
         else:
-            queued.append((record, at, ack))
+            appended = False
+        if not appended:  # a new batch: the first, or the open one is full
+            batch, acks = client.create_batch(), []
+            if batch.append(timestamp=at, key=key, value=record.value,
+                            headers=headers) is None:  # an empty batch takes any record
+                raise TransportError(f"Producing to {record.topic} failed: aiokafka took "
+                                     "no record into an empty batch")
+            pending.batches.append((batch, acks))
+            pending.open = True
+        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        acks.append(ack)
+        if pending.task is None:
+            self._pending[where] = pending
+            pending.task = asyncio.create_task(self._hand_over(client, where, pending))
         return ack
 
     async def drain(self) -> None:
-        """Return once everything queued has been handed to aiokafka (or failed)."""
-        while self._senders:
-            await asyncio.wait(list(self._senders.values()))
+        """Return once every batch has been handed to aiokafka (or failed)."""
+        while self._pending:
+            await asyncio.wait([p.task for p in self._pending.values() if p.task is not None])
 
-    async def _send_queued(self, client: AIOKafkaProducer, where: tuple[str, int]) -> None:
-        """Send what is queued for ``where`` as batches until nothing is left; each
-        batch is queued in aiokafka once the partition's batch before it went out."""
+    async def _hand_over(self, client: AIOKafkaProducer, where: tuple[str, int],
+                         pending: _Batches) -> None:
+        """Hand ``where``'s batches to aiokafka in order until none is left. While
+        aiokafka waits for the partition's batch before it to go out, the batch being
+        handed over still takes records if it is the open one."""
         topic, partition = where
-        queued = self._queued[where]
-        members: list[Queued] = []  # of the open batch
-        position = 0  # in queued: the records before it are in members or sent batches
         try:
-            while queued:
-                self._queued[where] = []  # what is sent meanwhile goes in the next round
-                batch, members = client.create_batch(), []
-                for position, item in enumerate(queued):  # noqa: B007 (read on failure)
-                    record, at, ack = item
-                    try:  # a full batch goes out; a new one always takes a record
-                        while batch.append(timestamp=at, key=record.key, value=record.value,
-                                           headers=list(record.headers)) is None:
-                            sent = await client.send_batch(batch, topic, partition=partition)
-                            _settle_when_sent(sent, members, partition)
-                            batch, members = client.create_batch(), []
-                    except (TypeError, ValueError) as exc:  # this record's own fault
-                        ack.set_exception(exc)
-                        continue
-                    members.append(item)
-                position = len(queued)
+            while pending.batches:
+                batch, acks = pending.batches[0]
                 sent = await client.send_batch(batch, topic, partition=partition)
-                _settle_when_sent(sent, members, partition)
-                queued, members, position = self._queued[where], [], 0
+                # aiokafka has it from here: nothing more goes in (no await since).
+                pending.batches.pop(0)
+                if not pending.batches:
+                    pending.open = False
+                _settle_when_sent(sent, acks, partition)
             known = client.client.cluster.partitions_for_topic(topic)
             if known and len(known) != len(self.partitions.get(topic, ())):
                 self.partitions[topic] = sorted(known)  # the topic grew (or was recreated)
         except BaseException as exc:
             failed = transport_error(exc, f"Producing to {topic}") if isinstance(
                 exc, KafkaError) else exc
-            for _, _, ack in (*members, *queued[position:], *self._queued[where]):
-                if ack.done():
-                    continue
-                if isinstance(exc, Exception):
-                    ack.set_exception(failed)
-                else:
-                    ack.cancel()
+            for _, acks in pending.batches:
+                for ack in acks:
+                    if ack.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        ack.set_exception(failed)
+                    else:
+                        ack.cancel()
             if not isinstance(exc, Exception):
                 raise
         finally:
-            del self._queued[where], self._senders[where]
+            del self._pending[where]
 
 
-def _settle_when_sent(sent: asyncio.Future[Any], members: list[Queued],
-                      partition: int) -> None:
-    """Resolve each member's ack when the batch ``sent`` is acknowledged (to the
+def _settle_when_sent(sent: asyncio.Future[Any], acks: AckList, partition: int) -> None:
+    """Resolve each record's ack when the batch ``sent`` is acknowledged (to the
     record's own offset) or failed (to its error)."""
     def settle(done: asyncio.Future[Any]) -> None:
         if done.cancelled():
@@ -146,7 +161,7 @@ def _settle_when_sent(sent: asyncio.Future[Any], members: list[Queued],
         else:
             error = done.exception()
         base = -1 if error is not None else done.result().offset
-        for relative, (_, _, ack) in enumerate(members):
+        for relative, ack in enumerate(acks):
             if ack.done():
                 continue
             if error is not None:
