@@ -173,27 +173,30 @@ class Producer(Client, BaseProducer):
             except KafkaError as exc:
                 raise transport_error(exc, f"Producing to {record.topic}") from exc
             return ack
-        self._check_started(record.topic)
-        partitions = gathered.partitions.get(record.topic) or await gathered.partitions_of(
-            self._client, record.topic)
-        return gathered.put(self._client, record, partitions)
+        return await self._put(gathered, record)
 
     async def send_many(self, records: Iterable[OutRecord]) -> Acks:
         gathered = self._gathered
         if gathered is None:
             return await super().send_many(records)
-        client, known, acks = self._client, gathered.partitions, list[Awaitable[Any]]()
-        for record in records:
+        client, known = self._client, gathered.partitions
+        acks = list[Awaitable[Any]]()
+        for record in records:  # send()'s work without a coroutine per record
             partitions = known.get(record.topic)
-            if partitions is None:
-                partitions = await gathered.partitions_of(client, record.topic)
-            self._check_started(record.topic)
-            acks.append(gathered.put(client, record, partitions))
+            if partitions is None or not self._started:
+                acks.append(await self._put(gathered, record))
+            else:
+                acks.append(gathered.put(client, record, partitions))
         return Acks(acks)
 
-    def _check_started(self, topic: str) -> None:
+    async def _put(self, gathered: Gathered, record: OutRecord) -> Awaitable[Any]:
+        partitions = gathered.partitions.get(record.topic)
+        if partitions is None:  # the topic's first record: wait for its metadata
+            partitions = await gathered.partitions_of(self._client, record.topic)
         if not self._started:
-            raise TransportError(f"Producing to {topic} failed: the producer is not started")
+            raise TransportError(f"Producing to {record.topic} failed: the producer is not "
+                                 "started")
+        return gathered.put(self._client, record, partitions)
 
     async def _close(self) -> None:
         if self._gathered is not None:
