@@ -33,8 +33,10 @@ from mesh.errors import TransportError
 from mesh.kafka.base import OutRecord, transport_error
 from mesh.kafka.murmur import partition_for
 
-# A batch being filled or handed over: aiokafka's builder and its records' acks.
-AckList = list["asyncio.Future[Any]"]
+# A batch being filled or handed over: aiokafka's builder, its records' acks (None for
+# a record whose caller waits for the whole batch) and the batch's own ack.
+AckList = list["asyncio.Future[Any] | None"]
+Batch = tuple[Any, AckList, "asyncio.Future[Sent]"]
 
 
 class Sent(NamedTuple):
@@ -51,7 +53,7 @@ class _Batches:
     __slots__ = ("batches", "open", "task")
 
     def __init__(self) -> None:
-        self.batches: list[tuple[Any, AckList]] = []
+        self.batches: list[Batch] = []
         self.open = False
         self.task: asyncio.Task[None] | None = None
 
@@ -79,6 +81,16 @@ class Gathered:
         """Append ``record`` to its partition's open batch (its partition is one of
         ``partitions``, its topic's) and start the partition's task if none runs; the
         record's ack. Raises what aiokafka raises for a record it cannot encode."""
+        acks, index, _ = self.place(client, record, partitions)
+        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        acks[index] = ack
+        return ack
+
+    def place(self, client: AIOKafkaProducer, record: OutRecord, partitions: list[int]
+              ) -> tuple[AckList, int, asyncio.Future[Sent]]:
+        """:meth:`put` without an ack of the record's own: the acks of its batch, its
+        index there (its offset in the batch) and the batch's ack (to the partition and
+        offset of the batch's first record), for a caller that waits for whole batches."""
         partition, key = record.partition, record.key
         if partition is None:
             partition = (random.choice(partitions) if key is None
@@ -91,7 +103,7 @@ class Gathered:
         at = int(time.time() * 1000)  # the record's time is when it was sent, as with send()
         headers = list(record.headers)
         if pending.open:
-            batch, acks = pending.batches[-1]
+            batch, acks, landed = pending.batches[-1]
             appended = batch.append(timestamp=at, key=key, value=record.value,
                                     headers=headers) is not None
         else:
@@ -102,14 +114,14 @@ class Gathered:
                             headers=headers) is None:  # an empty batch takes any record
                 raise TransportError(f"Producing to {record.topic} failed: aiokafka took "
                                      "no record into an empty batch")
-            pending.batches.append((batch, acks))
+            landed = asyncio.get_running_loop().create_future()
+            pending.batches.append((batch, acks, landed))
             pending.open = True
-        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        acks.append(ack)
+        acks.append(None)
         if pending.task is None:
             self._pending[where] = pending
             pending.task = asyncio.create_task(self._hand_over(client, where, pending))
-        return ack
+        return acks, len(acks) - 1, landed
 
     async def drain(self) -> None:
         """Return once every batch has been handed to aiokafka (or failed)."""
@@ -124,22 +136,22 @@ class Gathered:
         topic, partition = where
         try:
             while pending.batches:
-                batch, acks = pending.batches[0]
+                batch, acks, landed = pending.batches[0]
                 sent = await client.send_batch(batch, topic, partition=partition)
                 # aiokafka has it from here: nothing more goes in (no await since).
                 pending.batches.pop(0)
                 if not pending.batches:
                     pending.open = False
-                _settle_when_sent(sent, acks, partition)
+                _settle_when_sent(sent, acks, landed, partition)
             known = client.client.cluster.partitions_for_topic(topic)
             if known and len(known) != len(self.partitions.get(topic, ())):
                 self.partitions[topic] = sorted(known)  # the topic grew (or was recreated)
         except BaseException as exc:
             failed = transport_error(exc, f"Producing to {topic}") if isinstance(
                 exc, KafkaError) else exc
-            for _, acks in pending.batches:
-                for ack in acks:
-                    if ack.done():
+            for _, acks, landed in pending.batches:
+                for ack in (*acks, landed):
+                    if ack is None or ack.done():
                         continue
                     if isinstance(exc, Exception):
                         ack.set_exception(failed)
@@ -151,9 +163,10 @@ class Gathered:
             del self._pending[where]
 
 
-def _settle_when_sent(sent: asyncio.Future[Any], acks: AckList, partition: int) -> None:
-    """Resolve each record's ack when the batch ``sent`` is acknowledged (to the
-    record's own offset) or failed (to its error)."""
+def _settle_when_sent(sent: asyncio.Future[Any], acks: AckList,
+                      landed: asyncio.Future[Sent], partition: int) -> None:
+    """Resolve the batch's ack and each record's when the batch ``sent`` is
+    acknowledged (to the record's own offset) or failed (to its error)."""
     def settle(done: asyncio.Future[Any]) -> None:
         if done.cancelled():
             error: BaseException | None = TransportError(
@@ -161,8 +174,13 @@ def _settle_when_sent(sent: asyncio.Future[Any], acks: AckList, partition: int) 
         else:
             error = done.exception()
         base = -1 if error is not None else done.result().offset
+        if not landed.done():
+            if error is not None:
+                landed.set_exception(error)
+            else:
+                landed.set_result(Sent(partition, base))
         for relative, ack in enumerate(acks):
-            if ack.done():
+            if ack is None or ack.done():
                 continue
             if error is not None:
                 ack.set_exception(error)

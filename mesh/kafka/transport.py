@@ -173,7 +173,7 @@ class Producer(Client, BaseProducer):
             except KafkaError as exc:
                 raise transport_error(exc, f"Producing to {record.topic}") from exc
             return ack
-        return await self._put(gathered, record)
+        return gathered.put(self._client, record, await self._partitions(gathered, record))
 
     async def send_many(self, records: Iterable[OutRecord]) -> Acks:
         gathered = self._gathered
@@ -182,21 +182,38 @@ class Producer(Client, BaseProducer):
         client, known = self._client, gathered.partitions
         acks = list[Awaitable[Any]]()
         for record in records:  # send()'s work without a coroutine per record
-            partitions = known.get(record.topic)
-            if partitions is None or not self._started:
-                acks.append(await self._put(gathered, record))
-            else:
-                acks.append(gathered.put(client, record, partitions))
+            partitions = known.get(record.topic) if self._started else None
+            if partitions is None:
+                partitions = await self._partitions(gathered, record)
+            acks.append(gathered.put(client, record, partitions))
         return Acks(acks)
 
-    async def _put(self, gathered: Gathered, record: OutRecord) -> Awaitable[Any]:
+    async def send_all(self, records: Iterable[OutRecord]) -> list[tuple[int, int]]:
+        gathered = self._gathered
+        if gathered is None:
+            return await super().send_all(records)
+        client, known = self._client, gathered.partitions
+        placed = []  # per record: its batch's ack and its offset in the batch
+        for record in records:  # waiting for whole batches: no ack per record
+            partitions = known.get(record.topic) if self._started else None
+            if partitions is None:
+                partitions = await self._partitions(gathered, record)
+            _, index, landed = gathered.place(client, record, partitions)
+            placed.append((landed, index))
+        batches = list(dict.fromkeys(landed for landed, _ in placed))
+        firsts = dict(zip(batches, await Acks(list(batches)).wait(), strict=True))
+        return [(firsts[landed][0], firsts[landed][1] + index) for landed, index in placed]
+
+    async def _partitions(self, gathered: Gathered, record: OutRecord) -> list[int]:
+        """The partitions of ``record``'s topic (waiting for its metadata the first
+        time); TransportError when the producer is not started."""
         partitions = gathered.partitions.get(record.topic)
-        if partitions is None:  # the topic's first record: wait for its metadata
+        if partitions is None:
             partitions = await gathered.partitions_of(self._client, record.topic)
         if not self._started:
             raise TransportError(f"Producing to {record.topic} failed: the producer is not "
                                  "started")
-        return gathered.put(self._client, record, partitions)
+        return partitions
 
     async def _close(self) -> None:
         if self._gathered is not None:
