@@ -32,8 +32,8 @@ async def test_records_sent_one_by_one_from_many_tasks_land_in_order_where_acked
     Pass: every record is at the (partition, offset) its ack resolved to, on its key's
     partition (or the pinned one), each task's records of one partition in the order
     it sent them, each record's timestamp between just before and just after its send
-    (the loop is kept busy 3 ms after some sends, so a batch built after that is
-    later). Fail: a record lost, duplicated, reordered, misplaced, or
+    (the loop is kept busy 3 ms after some sends, so a stamp taken when the batch is
+    handed over is later). Fail: a record lost, duplicated, reordered, misplaced, or
     stamped when its batch went out rather than when it was sent."""
     topic = Topic(f"{prefix}.gathered", Item, key="key", partitions=3)
     settings = broker.settings()
@@ -51,7 +51,7 @@ async def test_records_sent_one_by_one_from_many_tasks_land_in_order_where_acked
             ack = await producer.send(record)
             stamps.append((before, int(time.time() * 1000)))
             sent.append((record, ack))  # type: ignore[arg-type]
-            if i % 10 == 0:  # the loop busy for 3 ms: a batch built after it is later
+            if i % 10 == 0:  # the loop busy for 3 ms: a batch handed over after it is later
                 time.sleep(0.003)
             await asyncio.sleep(0)
 
