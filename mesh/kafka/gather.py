@@ -157,6 +157,8 @@ class Gathered:
                         ack.set_exception(failed)
                     else:
                         ack.cancel()
+                if not landed.cancelled():
+                    landed.exception()  # told through the records' acks when none waits
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -177,6 +179,7 @@ def _settle_when_sent(sent: asyncio.Future[Any], acks: AckList,
         if not landed.done():
             if error is not None:
                 landed.set_exception(error)
+                landed.exception()  # told through the records' acks when none waits on it
             else:
                 landed.set_result(Sent(partition, base))
         for relative, ack in enumerate(acks):
