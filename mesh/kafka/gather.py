@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from typing import Any, NamedTuple
 
@@ -31,7 +30,7 @@ from aiokafka.errors import KafkaError
 
 from mesh.errors import TransportError
 from mesh.kafka.base import OutRecord, transport_error
-from mesh.kafka.murmur import partition_for
+from mesh.kafka.murmur import default_partitioner
 
 # A batch being filled or handed over: aiokafka's builder, its records' acks (None for
 # a record whose caller waits for the whole batch) and the batch's own ack.
@@ -48,13 +47,12 @@ class Sent(NamedTuple):
 
 class _Batches:
     """One partition's batches not yet handed to aiokafka, oldest first; the last one
-    takes records while ``open``."""
+    takes records (until aiokafka has it)."""
 
-    __slots__ = ("batches", "open", "task")
+    __slots__ = ("batches", "task")
 
     def __init__(self) -> None:
         self.batches: list[Batch] = []
-        self.open = False
         self.task: asyncio.Task[None] | None = None
 
 
@@ -93,8 +91,7 @@ class Gathered:
         offset of the batch's first record), for a caller that waits for whole batches."""
         partition, key = record.partition, record.key
         if partition is None:
-            partition = (random.choice(partitions) if key is None
-                         else partitions[partition_for(key, len(partitions))])
+            partition = default_partitioner(key, partitions, partitions)
         elif partition not in partitions:
             raise TransportError(f"Producing to {record.topic} failed: it has no partition "
                                  f"{partition} (partitions {partitions[0]}-{partitions[-1]})")
@@ -102,7 +99,7 @@ class Gathered:
         pending = self._pending.get(where) or _Batches()  # kept once it holds a record
         at = int(time.time() * 1000)  # the record's time is when it was sent, as with send()
         headers = list(record.headers)
-        if pending.open:
+        if pending.batches:
             batch, acks, landed = pending.batches[-1]
             appended = batch.append(timestamp=at, key=key, value=record.value,
                                     headers=headers) is not None
@@ -116,7 +113,6 @@ class Gathered:
                                      "no record into an empty batch")
             landed = asyncio.get_running_loop().create_future()
             pending.batches.append((batch, acks, landed))
-            pending.open = True
         acks.append(None)
         if pending.task is None:
             self._pending[where] = pending
@@ -140,8 +136,6 @@ class Gathered:
                 sent = await client.send_batch(batch, topic, partition=partition)
                 # aiokafka has it from here: nothing more goes in (no await since).
                 pending.batches.pop(0)
-                if not pending.batches:
-                    pending.open = False
                 _settle_when_sent(sent, acks, landed, partition)
             known = client.client.cluster.partitions_for_topic(topic)
             if known and len(known) != len(self.partitions.get(topic, ())):
@@ -150,15 +144,7 @@ class Gathered:
             failed = transport_error(exc, f"Producing to {topic}") if isinstance(
                 exc, KafkaError) else exc
             for _, acks, landed in pending.batches:
-                for ack in (*acks, landed):
-                    if ack is None or ack.done():
-                        continue
-                    if isinstance(exc, Exception):
-                        ack.set_exception(failed)
-                    else:
-                        ack.cancel()
-                if not landed.cancelled():
-                    landed.exception()  # told through the records' acks when none waits
+                _fail(acks, landed, failed if isinstance(exc, Exception) else None)
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -170,24 +156,30 @@ def _settle_when_sent(sent: asyncio.Future[Any], acks: AckList,
     """Resolve the batch's ack and each record's when the batch ``sent`` is
     acknowledged (to the record's own offset) or failed (to its error)."""
     def settle(done: asyncio.Future[Any]) -> None:
-        if done.cancelled():
-            error: BaseException | None = TransportError(
-                "Producing failed: the batch was cancelled")
-        else:
-            error = done.exception()
-        base = -1 if error is not None else done.result().offset
+        error = TransportError("Producing failed: the batch was cancelled") if (
+            done.cancelled()) else done.exception()
+        if error is not None:
+            _fail(acks, landed, error)
+            return
+        base = done.result().offset
         if not landed.done():
-            if error is not None:
-                landed.set_exception(error)
-                landed.exception()  # told through the records' acks when none waits on it
-            else:
-                landed.set_result(Sent(partition, base))
+            landed.set_result(Sent(partition, base))
         for relative, ack in enumerate(acks):
-            if ack is None or ack.done():
-                continue
-            if error is not None:
-                ack.set_exception(error)
-            else:
+            if ack is not None and not ack.done():
                 ack.set_result(Sent(partition, base + relative))
 
     sent.add_done_callback(settle)
+
+
+def _fail(acks: AckList, landed: asyncio.Future[Sent], error: BaseException | None) -> None:
+    """Fail a batch's acks with ``error`` (cancel them when None). The batch's own ack is
+    marked read: its records' acks tell the caller when none waits on it."""
+    for ack in (*acks, landed):
+        if ack is None or ack.done():
+            continue
+        if error is None:
+            ack.cancel()
+        else:
+            ack.set_exception(error)
+    if not landed.cancelled():
+        landed.exception()
