@@ -28,9 +28,7 @@ from aiokafka.errors import (
     CommitFailedError,
     CorruptRecordException,
     IllegalStateError,
-    InvalidProducerEpoch,
     KafkaError,
-    ProducerFenced,
     RebalanceInProgressError,
     UnsupportedCodecError,
 )
@@ -47,6 +45,7 @@ from mesh.kafka.base import (
     transport_error,
 )
 from mesh.kafka.gather import Gathered
+from mesh.kafka.holes import Holes
 from mesh.kafka.murmur import default_partitioner
 
 logger = logging.getLogger(__name__)
@@ -221,108 +220,28 @@ class Producer(Client, BaseProducer):
         await super()._close()
 
 
-class Fenced(TransportError):
-    """A transactional producer was fenced: another producer started with the same
-    transactional id (the partition's new owner), or the broker aborted a transaction
-    open longer than its timeout. Nothing of the open transaction is committed."""
-
-    retriable = False
-
-
-class TransactionalProducer(Producer):
-    """A producer whose records are written in Kafka transactions, with the consumed
-    offsets committed in the same transaction (consume-transform-produce).
-
-    ``start()`` registers ``transactional_id`` with the broker (InitProducerId): any
-    earlier producer with the same id is fenced, and its open transaction is aborted
-    (or, if it was committing, completed) before ``start()`` returns. Readers with
-    ``read_committed`` see a transaction's records only once it commits.
-
-    Example:
-        >>> txn = TransactionalProducer(settings, "stage2-orders-0")  # doctest: +SKIP
-        >>> await txn.start(); await txn.begin()  # doctest: +SKIP
-        >>> acks = await txn.send_many(records)  # doctest: +SKIP
-        >>> await txn.commit({Partition("orders", 0): 42}, group_id="stage2")  # doctest: +SKIP
-    """
-
-    _role = "transactional producer"
-    # Its records are sent at once, not gathered: commit() must find them in aiokafka.
-
-    def __init__(self, settings: KafkaSettings, transactional_id: str, *,
-                 timeout_ms: int = 60_000) -> None:
-        Client.__init__(self)
-        self.transactional_id = transactional_id
-        self._client = AIOKafkaProducer(
-            **settings.client_kwargs(), acks=-1, transactional_id=transactional_id,
-            transaction_timeout_ms=timeout_ms, linger_ms=settings.linger_ms,
-            # A transaction begun right after a commit is answered CONCURRENT_TRANSACTIONS
-            # until the commit markers are written: retry soon, not after 100 ms.
-            retry_backoff_ms=20,
-            max_batch_size=settings.max_batch_size, max_request_size=MAX_REQUEST_BYTES,
-        )
-
-    async def start(self) -> None:
-        try:
-            await super().start()
-        except TransportError as exc:
-            self._started = True  # the client's connections are open: stop() closes them
-            raise self._error(exc.__cause__, "Registering the transactional id") from exc
-
-    async def begin(self) -> None:
-        """Open a transaction: records sent from now on belong to it."""
-        try:
-            await self._client.begin_transaction()
-        except KafkaError as exc:
-            raise self._error(exc, "Beginning a transaction") from exc
-
-    async def commit(self, offsets: Mapping[Partition, int], group_id: str) -> None:
-        """Add ``offsets`` (the next offset to read, per consumed partition) of
-        ``group_id`` to the open transaction and commit it: its records and the offsets
-        become visible together, or (on error) neither."""
-        try:
-            if offsets:
-                await self._client.send_offsets_to_transaction(
-                    {_tp(p): o for p, o in offsets.items()}, group_id)
-            await self._client.commit_transaction()
-        except KafkaError as exc:
-            raise self._error(exc, "Committing a transaction") from exc
-
-    async def abort(self) -> None:
-        """Abort the open transaction: its records are never seen by ``read_committed``
-        readers and its offsets never committed."""
-        try:
-            await self._client.abort_transaction()
-        except KafkaError as exc:
-            raise self._error(exc, "Aborting a transaction") from exc
-
-    def _error(self, exc: BaseException | None, what: str) -> TransportError:
-        name = f"{what} of {self.transactional_id}"
-        if isinstance(exc, (ProducerFenced, InvalidProducerEpoch)):
-            return Fenced(f"{name} failed: the producer was fenced ({type(exc).__name__}): "
-                          "another producer registered the same transactional id (the "
-                          "partition's new owner), or the transaction outlived "
-                          "MESH_RUNTIME__TRANSACTION_TIMEOUT_MS.")
-        if isinstance(exc, KafkaError):
-            return transport_error(exc, name)
-        return TransportError(f"{name} failed: {exc}")
-
-
-
-
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, on_assigned: RebalanceCallback, on_revoked: RebalanceCallback) -> None:
-        self._assigned, self._revoked = on_assigned, on_revoked
+    def __init__(self, on_assigned: RebalanceCallback, on_revoked: RebalanceCallback,
+                 holes: Holes | None) -> None:
+        self._assigned, self._revoked, self._holes = on_assigned, on_revoked, holes
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
+        if self._holes is not None:
+            self._holes.forget(revoked)
         await self._revoked([Partition(tp.topic, tp.partition) for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        assigned = list(assigned)
+        if self._holes is not None:  # each starts at its committed offset: looked up later
+            self._holes.forget(assigned)
         await self._assigned([Partition(tp.topic, tp.partition) for tp in assigned])
 
 
 class Consumer(Client):
     """A consumer: in a group with manual commits, or group-less for reading topics.
-    ``stop()`` leaves the group.
+    ``stop()`` leaves the group. With the embedded profile every delivery is checked for
+    records the broker's fetch skipped, which are read again (:mod:`mesh.kafka.holes`).
 
     Example:
         >>> consumer = Consumer(settings, group_id="writer")  # doctest: +SKIP
@@ -339,6 +258,7 @@ class Consumer(Client):
         self._group = group_id
         # None: the settings' (read_uncommitted unless MESH_KAFKA__ISOLATION_LEVEL says)
         self.isolation_level = isolation_level or settings.isolation_level
+        self._holes = Holes() if settings.embedded_profile else None
         timings = settings.group_timings()
         self._client = AIOKafkaConsumer(
             **settings.client_kwargs(), group_id=group_id, enable_auto_commit=False,
@@ -357,7 +277,8 @@ class Consumer(Client):
     def subscribe(self, topics: Sequence[str], *, on_assigned: RebalanceCallback,
                   on_revoked: RebalanceCallback) -> None:
         """Join the group for ``topics``; the callbacks run inside each rebalance."""
-        self._client.subscribe(list(topics), listener=_Listener(on_assigned, on_revoked))
+        self._client.subscribe(list(topics),
+                               listener=_Listener(on_assigned, on_revoked, self._holes))
 
     def unsubscribe(self) -> None:
         """Leave the group's subscription (its partitions move to other members)."""
@@ -365,7 +286,10 @@ class Consumer(Client):
 
     def assign(self, partitions: Sequence[Partition]) -> None:
         """Read ``partitions`` directly, outside any group."""
-        self._client.assign([_tp(p) for p in partitions])
+        tps = [_tp(p) for p in partitions]
+        if self._holes is not None:
+            self._holes.forget(tps)
+        self._client.assign(tps)
 
     async def partitions_of(self, topic: str) -> list[Partition]:
         """The partitions of ``topic`` from broker metadata (empty if it does not exist)."""
@@ -384,6 +308,8 @@ class Consumer(Client):
             raise _unreadable(exc, self._group) from exc
         except KafkaError as exc:
             raise transport_error(exc, "Fetching") from exc
+        if self._holes is not None and batches:
+            await self._read_holes_again(batches)
         return {
             Partition(tp.topic, tp.partition): [
                 Record(m.topic, m.partition, m.offset, m.key, m.value, _headers(m.headers),
@@ -391,6 +317,28 @@ class Consumer(Client):
                 for m in msgs]
             for tp, msgs in batches.items()
         }
+
+    async def _read_holes_again(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        """Cut each partition's delivery at a hole the embedded broker's fetch left and
+        seek back to it (:mod:`mesh.kafka.holes`); a group's partition is checked from
+        its committed offset, where its first fetch after an assignment starts."""
+        holes = self._holes
+        assert holes is not None
+        for tp, msgs in list(batches.items()):
+            if self._group is not None and not holes.known(tp):
+                with contextlib.suppress(KafkaError):  # unknown: checked from its first
+                    committed = await self._client.committed(tp)
+                    if committed is not None:
+                        holes.expect(tp, committed)
+            index = holes.cut(tp, msgs)
+            if index is None:
+                continue
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile: not ours
+                self._client.seek(tp, holes.resume_at(tp))
+            if index:
+                batches[tp] = msgs[:index]
+            else:
+                del batches[tp]
 
     def assignment(self) -> set[Partition]:
         return {Partition(tp.topic, tp.partition) for tp in self._client.assignment()}
@@ -419,10 +367,17 @@ class Consumer(Client):
         return await self._client.committed(_tp(partition))  # type: ignore[no-any-return]
 
     def seek(self, partition: Partition, offset: int) -> None:
-        self._client.seek(_tp(partition), offset)
+        tp = _tp(partition)
+        self._client.seek(tp, offset)
+        if self._holes is not None:
+            self._holes.expect(tp, offset)
 
     async def seek_to_beginning(self, partitions: Sequence[Partition]) -> None:
-        await self._client.seek_to_beginning(*[_tp(p) for p in partitions])
+        tps = [_tp(p) for p in partitions]
+        await self._client.seek_to_beginning(*tps)
+        if self._holes is not None:
+            for tp in tps:  # known once the seek returns: no request
+                self._holes.expect(tp, await self._client.position(tp))
 
     async def position(self, partition: Partition) -> int:
         return await self._client.position(_tp(partition))  # type: ignore[no-any-return]

@@ -59,7 +59,7 @@ from mesh.config import MeshSettings
 from mesh.envelope import now_ms
 from mesh.errors import ConfigError, TransportError
 from mesh.kafka.base import Acks, BaseProducer, OutRecord, Partition, Record
-from mesh.kafka.transport import Fenced, TransactionalProducer
+from mesh.kafka.transactional import Fenced, TransactionalProducer
 from mesh.runtime import retry
 from mesh.runtime.lanes import Handle, Lane, Lanes, Spawn
 from mesh.runtime.runner import AgentRunner, bounded
