@@ -358,7 +358,11 @@ def summarise(name: str, n: int, arrivals: list[Arrival], duplicates: int, injec
     latencies = [(a.recv_ns - a.sent_at_ns) / 1e6 for a in arrivals]
     extra = {**extra, "client_cpu_s": cpu.client_s, "broker_cpu_s": cpu.broker_s,
              "client_cpu_us_per_event": None if cpu.client_s is None else cpu.client_s / n * 1e6,
-             "broker_cpu_us_per_event": None if cpu.broker_s is None else cpu.broker_s / n * 1e6}
+             "broker_cpu_us_per_event": None if cpu.broker_s is None else cpu.broker_s / n * 1e6,
+             # how much of the machine the run kept busy (client and broker CPU over the
+             # run's time): a paced rate is "far below capacity" only when this is low
+             "cores_busy": None if cpu.client_s is None else (
+                 (cpu.client_s + (cpu.broker_s or 0.0)) / elapsed)}
     return RunResult(name, n, duplicates, inject_s, elapsed, n / elapsed,
                      percentiles(latencies), extra)
 
@@ -970,7 +974,8 @@ async def main(args: argparse.Namespace) -> int:
             print(f"  {name}: {r.throughput:.0f} events/s, p50 {r.latency_ms['p50']:.1f} ms, "
                   f"p99 {r.latency_ms['p99']:.1f} ms; CPU per event: client "
                   f"{r.extra['client_cpu_us_per_event'] or 0:.0f} us, broker "
-                  f"{r.extra['broker_cpu_us_per_event'] or 0:.0f} us", flush=True)
+                  f"{r.extra['broker_cpu_us_per_event'] or 0:.0f} us; busy "
+                  f"{r.extra['cores_busy'] or 0:.2f} of {os.cpu_count()} cores", flush=True)
     print_table(results)
     print_hops(results)
     rat = ratios(results)
