@@ -71,7 +71,8 @@ def run_chain(rate: float, broker: str, mode: str, seconds: int) -> Path:
         command += ["--warmup", "1000"]
     if mode == "processes":
         command.append("--processes")
-    print(f"$ {' '.join(command[1:])}  (load average {os.getloadavg()[0]:.2f})", flush=True)
+    shown = ["bench/chain.py", *command[2:]]
+    print(f"$ {' '.join(shown)}  (load average {os.getloadavg()[0]:.2f})", flush=True)
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           check=False)
     found = [line.split("results:", 1)[1].strip() for line in done.stdout.splitlines()
