@@ -52,6 +52,12 @@ logger = logging.getLogger(__name__)
 
 # The producer may need to dead-letter a record larger than the mesh's own limit.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
+# How much longer than its timeout a poll may wait. aiokafka's getmany waits for a
+# rebalance's assignment whatever its timeout, so a poll loop would not see its stop
+# while a rebalance does not end (a member frozen, or a broker that never completes it).
+POLL_GRACE_S = 1.0
+# How long a poll may wait for a partition's committed offset (the holes check's start).
+COMMITTED_WAIT_S = 5.0
 
 
 def _headers(headers: Sequence[tuple[str, bytes | None]] | None
@@ -301,9 +307,19 @@ class Consumer(Client):
         return [Partition(topic, p) for p in sorted(parts or ())]
 
     async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Partition, list[Record]]:
-        """Fetch what is ready on the assigned, unpaused partitions."""
+        """Fetch what is ready on the assigned, unpaused partitions; nothing when a
+        rebalance keeps aiokafka waiting past the timeout (and ``POLL_GRACE_S``)."""
+        bound = asyncio.timeout(timeout_ms / 1000 + POLL_GRACE_S)
         try:
-            batches = await self._client.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            async with bound:
+                batches = await self._client.getmany(timeout_ms=timeout_ms,
+                                                     max_records=max_records)
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            # aiokafka takes records from its buffer without awaiting, so a poll cut
+            # while it waits has taken none: they are delivered by a later poll.
+            return {}
         except (UnsupportedCodecError, CorruptRecordException) as exc:
             raise _unreadable(exc, self._group) from exc
         except KafkaError as exc:
@@ -326,8 +342,12 @@ class Consumer(Client):
         assert holes is not None
         for tp, msgs in list(batches.items()):
             if self._group is not None and not holes.known(tp):
-                with contextlib.suppress(KafkaError):  # unknown: checked from its first
-                    committed = await self._client.committed(tp)
+                # Unknown (no answer, or none within the bound: aiokafka retries this
+                # request for as long as the coordinator is unavailable): the partition
+                # is checked from its first delivery.
+                with contextlib.suppress(KafkaError, TimeoutError):
+                    async with asyncio.timeout(COMMITTED_WAIT_S):
+                        committed = await self._client.committed(tp)
                     if committed is not None:
                         holes.expect(tp, committed)
             index = holes.cut(tp, msgs)

@@ -264,7 +264,11 @@ class AgentRunner:
                 await asyncio.wait([committing])
             raise
         if committing is not None:
-            await committing
+            if committing.done():
+                committing.result()
+            else:  # closing the lanes commits next: a broker that does not answer is
+                committing.cancel()  # waited for once, not twice
+                await asyncio.wait([committing])
 
     async def _wait_released(self, stop: asyncio.Event) -> None:
         """Wait for :meth:`release` or ``stop``. Unsubscribed, aiokafka's getmany would
