@@ -271,8 +271,9 @@ class AgentRunner:
                 await asyncio.wait([committing])
 
     async def _wait_released(self, stop: asyncio.Event) -> None:
-        """Wait for :meth:`release` or ``stop``. Unsubscribed, aiokafka's getmany would
-        wait for a new assignment (ignoring its timeout) and never see ``stop``."""
+        """Wait for :meth:`release` or ``stop``. Unsubscribed, aiokafka's getmany waits
+        for a new assignment whatever its timeout, so each poll would only end at the
+        consumer's bound on it (``POLL_GRACE_S`` past the timeout) with nothing."""
         waits = [asyncio.ensure_future(stop.wait()),
                  asyncio.ensure_future(self._released.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -1,8 +1,9 @@
 """The mesh's consumer keeps its poll's timeout while a rebalance does not end: aiokafka's
 getmany waits for the rebalance's assignment whatever its timeout, so an agent's poll
 loop would not see its stop (a SIGTERM during a rebalance held by a frozen member, or by
-a broker that never completes it; seen in CI on the embedded broker: two `mesh run`
-workers ignored SIGTERM for 60 s). The poll is cut; the records come with a later one."""
+a broker that never completes it; the likely cause of a CI failure on the embedded
+broker, where two `mesh run` workers did not exit within 60 s of SIGTERM during a
+rebalance). The poll is cut; the records come with a later one."""
 
 from __future__ import annotations
 
