@@ -187,7 +187,9 @@ class RuntimeSettings(BaseModel):
     max_uncommitted: int = Field(default=1000, gt=0)
     max_records_per_poll: int = Field(default=500, gt=0)
     commit_interval_ms: int = Field(default=200, ge=0)
-    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    # The whole shutdown, from the stop to the exit, every step that may wait for a
+    # broker included (runner.Deadline); below Kubernetes' default 30 s grace period.
+    shutdown_timeout_s: float = Field(default=25.0, gt=0)
     # An agent whose broker does not answer for this long stops with an error rather
     # than retrying silently forever; a broker that answers as another cluster (a new
     # cluster id: a memory-only broker restarted, a recreated cluster) stops it at once.

@@ -43,7 +43,7 @@ async def _serve(agents: list[Agent[Any]], settings: MeshSettings, apply: bool) 
             mesh.metrics.serve(settings.metrics.port, host=settings.metrics.host)  # logs where
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, mesh.stop_event.set)
+            loop.add_signal_handler(sig, mesh.request_stop)
         names = ", ".join(a.name for a in agents)
         announce = asyncio.create_task(_announce(mesh, names))
         try:

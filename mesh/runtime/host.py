@@ -18,7 +18,7 @@ from mesh.kafka.transport import Producer
 from mesh.runtime.audit import audit_topic
 from mesh.runtime.liveness import BrokerWatch
 from mesh.runtime.metrics import MeshMetrics
-from mesh.runtime.runner import AgentRunner, bounded
+from mesh.runtime.runner import AgentRunner, Deadline, bounded
 from mesh.runtime.transactions import require_transactions, runner_for
 from mesh.serde.codec import Codec
 
@@ -58,8 +58,11 @@ class Mesh:
         self.agents = list(agents)
         self.codec = Codec(settings.schema_registry)
         self.producer = Producer(settings.kafka)
+        # One bound for the whole shutdown, every runner's steps and the flush included.
+        self.deadline = Deadline(settings.runtime.shutdown_timeout_s)
         self.runners: list[AgentRunner] = [
-            runner_for(a, settings, producer=self.producer, codec=self.codec)
+            runner_for(a, settings, producer=self.producer, codec=self.codec,
+                       deadline=self.deadline)
             for a in self.agents]
         self.stop_event = asyncio.Event()
         # Set once the topics are checked (or created) and the producer runs: from then
@@ -100,16 +103,20 @@ class Mesh:
         self.started.set()
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self.watch.run(self.stop_event), name="broker-watch")
-                for runner in self.runners:
-                    tasks.create_task(runner.run(self.stop_event), name=runner.agent.name)
+                watch = tasks.create_task(self.watch.run(self.stop_event), name="broker-watch")
+                await asyncio.wait([tasks.create_task(runner.run(self.stop_event),
+                                                      name=runner.agent.name)
+                                    for runner in self.runners])
+                # The agents have stopped: a check still waiting for a broker that does
+                # not answer must not hold the shutdown past its bound.
+                watch.cancel()
         except* TransportError as group:
             raise _first(group) from None
         finally:
             # Undelivered batches wait for a broker that may be gone: bound the flush
             # (their inputs were not committed, so they are redelivered).
-            await bounded(self.producer.stop(), self.settings.runtime.shutdown_timeout_s,
-                          "flushing the producer")
+            self.deadline.start()
+            await bounded(self.producer.stop(), self.deadline.left(), "flushing the producer")
 
     async def start(self) -> None:
         """Run in the background (for tests and ``mesh dev``)."""
@@ -132,9 +139,16 @@ class Mesh:
         if missing:
             raise TransportError(f"Agents {missing} got no partitions within {timeout:.0f} s.")
 
-    async def stop(self) -> None:
-        """Finish in-flight work, commit, leave the groups."""
+    def request_stop(self) -> None:
+        """Ask the mesh to stop, without waiting (``mesh run``'s SIGTERM and SIGINT): the
+        shutdown's bound, ``runtime.shutdown_timeout_s``, counts from now."""
+        self.deadline.start()
         self.stop_event.set()
+
+    async def stop(self) -> None:
+        """Finish in-flight work, commit, leave the groups (within
+        ``runtime.shutdown_timeout_s`` in all)."""
+        self.request_stop()
         if self._task is not None:
             task, self._task = self._task, None
             await task

@@ -40,7 +40,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.agent import Agent
 from mesh.config import MeshSettings
@@ -49,6 +49,9 @@ from mesh.errors import CommitFailed
 from mesh.kafka.base import Acks, Partition, Record
 from mesh.kafka.transport import Consumer
 from mesh.runtime import retry
+
+if TYPE_CHECKING:
+    from mesh.runtime.runner import Deadline
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +147,7 @@ class Lanes:
         # (a task per key would cost a task and a semaphore waiter per input).
         self.max_workers = concurrency
         self.consumer: Consumer | None = None  # set by the runner while it runs
+        self.deadline: Deadline | None = None  # the runner's shutdown bound
         self._lanes: dict[Partition, Lane] = {}
         self._partition_set: frozenset[Partition] | None = None  # of _lanes; None: to build again
         # One commit at a time (the poll loop's runs beside it, a close's may come
@@ -177,7 +181,8 @@ class Lanes:
         waiting past max.poll.interval.ms gets the member removed from the group: stay
         well below it."""
         poll_s = self.settings.kafka.max_poll_interval_ms / 1000
-        return min(self.settings.runtime.shutdown_timeout_s, poll_s / 2)
+        left = self.deadline.left() if self.deadline is not None else float("inf")
+        return min(self.settings.runtime.shutdown_timeout_s, poll_s / 2, left)
 
     def feed(self, partition: Partition, records: Sequence[Record]) -> None:
         """Hand the lane of ``partition`` (opened if need be) records just fetched."""
@@ -212,10 +217,13 @@ class Lanes:
                 lane.halted.set()
             tasks = [lane.task for lane in lanes if lane.task is not None]
             if tasks:
-                _, late = await asyncio.wait(tasks, timeout=self.close_timeout)
+                bound = self.close_timeout
+                if self.deadline is not None and self.deadline.started:
+                    bound = min(bound, self.deadline.left() / 2)  # the rest: commit, leave
+                _, late = await asyncio.wait(tasks, timeout=bound)
                 for task in late:  # nothing past `done` is committed: cancelling is safe
                     logger.warning("agent %s: %s still busy after %.0f s, cancelled",
-                                   self.agent.name, task.get_name(), self.close_timeout)
+                                   self.agent.name, task.get_name(), bound)
                     task.cancel()
                 late |= {w for lane in lanes for w in lane.workers}
                 for task in late:

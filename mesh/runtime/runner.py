@@ -50,7 +50,8 @@ from mesh.runtime.process import Observer, Outcome, RecordProcessor
 from mesh.serde.codec import Codec
 from mesh.state import tables_for
 
-__all__ = ["AgentRunner", "Outcome", "RateLimit", "bounded"]  # Outcome: its home is process
+# Outcome: its home is process
+__all__ = ["AgentRunner", "Deadline", "Outcome", "RateLimit", "bounded"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class AgentRunner:
     lanes_kind: type[Lanes] = Lanes  # the exactly-once runner's lanes use transactions
 
     def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: BaseProducer,
-                 codec: Codec) -> None:
+                 codec: Codec, deadline: Deadline | None = None) -> None:
         self.agent = agent
         self.settings = settings
         self.producer = producer
@@ -93,6 +94,9 @@ class AgentRunner:
         self.lanes = self.lanes_kind(agent, settings, handle=self._take, spawn=self._spawn,
                                      ready=self._state_ready,
                                      held_until=lambda: self._held_until)
+        # The shutdown's one bound, shared with the host's other runners and its flush.
+        self.deadline = deadline or Deadline(settings.runtime.shutdown_timeout_s)
+        self.lanes.deadline = self.deadline
         self.processor = RecordProcessor(agent, settings, codec=codec, send=self._send,
                                          context=self._context)
         self.observers: list[Observer] = self.processor.observers  # metrics, heartbeats
@@ -134,16 +138,19 @@ class AgentRunner:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
                 self._subscribe()
-                for interval, timer in self.agent.timers:
-                    tasks.create_task(self._every(interval, timer, stop),
-                                      name=f"{self.agent.name}:timer")
+                timers = [tasks.create_task(self._every(interval, timer, stop),
+                                            name=f"{self.agent.name}:timer")
+                          for interval, timer in self.agent.timers]
                 await self._poll(consumer, stop)
+                self.deadline.start()
                 self._stopping = True
                 await self.lanes.close(self.lanes.partitions())
+                await _settle(timers, self.deadline.left())  # a run's sends, acknowledged
         finally:
             self._tasks = None
+            self.deadline.start()  # also when the agent failed
             # Leaving the group needs the broker; without one, do not hang the shutdown.
-            await bounded(consumer.stop(), self.settings.runtime.shutdown_timeout_s,
+            await bounded(consumer.stop(), self.deadline.left(),
                           f"agent {self.agent.name}: leaving the group")
             logger.info("agent %s stopped: %d handled, %d dead-lettered", self.agent.name,
                         self.handled, self.dead_lettered)
@@ -425,6 +432,52 @@ class RateLimit:
                     self._tokens -= 1.0
                     return
                 await asyncio.sleep((1.0 - self._tokens) / rate)  # until the next token
+
+
+class Deadline:
+    """The one bound of a shutdown (``runtime.shutdown_timeout_s``). It starts when the
+    stop is seen (the first :meth:`start`), and each step that may wait for a broker
+    gets what is left of it: the in-flight inputs up to half of it (:class:`Lanes`), then
+    the commit, the timers' last sends, leaving the group and the producer's flush. So a
+    process stops within the bound of SIGTERM even with its broker gone, as a pod's
+    grace period (30 s by default on Kubernetes) expects; bounds per step would add up.
+
+    Example:
+        >>> deadline = Deadline(30.0)
+        >>> deadline.left()  # not started: all of it
+        30.0
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._at: float | None = None
+
+    def start(self) -> None:
+        """Start counting (once; later calls change nothing)."""
+        if self._at is None:
+            self._at = time.monotonic() + self.seconds
+
+    @property
+    def started(self) -> bool:
+        """Whether the shutdown has begun."""
+        return self._at is not None
+
+    def left(self) -> float:
+        """Seconds left: all of them before :meth:`start`, never below 0."""
+        if self._at is None:
+            return self.seconds
+        return max(0.0, self._at - time.monotonic())
+
+
+async def _settle(tasks: list[asyncio.Task[None]], timeout: float) -> None:
+    """Wait up to ``timeout`` for ``tasks``; cancel the ones still running."""
+    if not tasks:
+        return
+    _, late = await asyncio.wait(tasks, timeout=timeout)
+    for task in late:
+        task.cancel()
+    if late:
+        await asyncio.wait(late)
 
 
 async def bounded(work: Awaitable[Any], timeout: float, what: str) -> None:

@@ -62,7 +62,7 @@ from mesh.kafka.base import Acks, BaseProducer, OutRecord, Partition, Record
 from mesh.kafka.transactional import Fenced, TransactionalProducer
 from mesh.runtime import retry
 from mesh.runtime.lanes import Handle, Lane, Lanes, Spawn
-from mesh.runtime.runner import AgentRunner, bounded
+from mesh.runtime.runner import AgentRunner, Deadline, bounded
 from mesh.serde.codec import Codec
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,10 @@ def transactional_id(group: str, partition: Partition) -> str:
 
 
 def runner_for(agent: Agent[Any], settings: MeshSettings, *, producer: BaseProducer,
-               codec: Codec) -> AgentRunner:
+               codec: Codec, deadline: Deadline | None = None) -> AgentRunner:
     """The runner ``agent`` needs: transactional when it runs exactly-once."""
     kind = TransactionalRunner if exactly_once(agent, settings) else AgentRunner
-    return kind(agent, settings, producer=producer, codec=codec)
+    return kind(agent, settings, producer=producer, codec=codec, deadline=deadline)
 
 
 async def require_transactions(settings: MeshSettings, agents: Sequence[Agent[Any]]) -> None:
@@ -437,11 +437,11 @@ class TransactionalRunner(AgentRunner):
     lanes: TransactionalLanes
 
     def __init__(self, agent: Agent[Any], settings: MeshSettings, *, producer: BaseProducer,
-                 codec: Codec) -> None:
+                 codec: Codec, deadline: Deadline | None = None) -> None:
         # Inputs and state tables are read committed: never an aborted transaction's.
         kafka = settings.kafka.model_copy(update={"isolation_level": "read_committed"})
         super().__init__(agent, settings.model_copy(update={"kafka": kafka}),
-                         producer=producer, codec=codec)
+                         producer=producer, codec=codec, deadline=deadline)
         self.processor.send = self.lanes.send
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -6,7 +6,11 @@ its pid; the agent is a real `mesh run` process.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 from mesh import Codec, EmbeddedBroker, apply_topics
@@ -16,8 +20,9 @@ from tests.support import AgentProcess, encode, inject, make_items, wait_for_cou
 
 
 async def _running_stage(prefix: str, tmp_path: Path, embedded: EmbeddedBroker,
-                         **env: str) -> tuple[AgentProcess, Path]:
-    """stage1 as a process on ``embedded``, having handled 20 events."""
+                         *, slow: int = 0, **env: str) -> tuple[AgentProcess, Path]:
+    """stage1 as a process on ``embedded``, having handled 20 events, then taken
+    ``slow`` more whose handler takes 3 s each."""
     broker = _with_mesh_topics(BrokerUnderTest(embedded.bootstrap, True, "embedded"))
     app = build(prefix)
     stage1 = app.agents[0]
@@ -30,6 +35,11 @@ async def _running_stage(prefix: str, tmp_path: Path, embedded: EmbeddedBroker,
     await inject(settings, [encode(codec, stage1.consumes[0], i)
                             for i in make_items(keys=4, per_key=5)])
     await wait_for_count(settings, [stage1.produces[0].name], 20)
+    if slow:
+        items = [item.model_copy(update={"sleep_ms": 3_000})
+                 for item in make_items(keys=slow, per_key=1)]
+        await inject(settings, [encode(codec, stage1.consumes[0], i) for i in items])
+        await asyncio.sleep(1)  # fetched within a poll or two (the broker's fetch wait is 100 ms)
     return agent, path
 
 
@@ -94,3 +104,34 @@ async def test_sigterm_stops_an_agent_whose_broker_is_gone(
         embedded.stop()
     assert agent.alive(), log.read_text()
     agent.terminate(timeout=90)  # raises if SIGTERM is ignored
+
+
+async def test_sigterm_with_a_broker_that_answers_nothing_stops_within_one_bound(
+        prefix: str, tmp_path: Path) -> None:
+    """Pass: inputs in flight, the broker frozen (SIGSTOP: its connections stay open and
+    nothing answers, as in a network partition), their handlers finish, so their
+    outputs wait for acks that do not come; SIGTERM: the agent exits with code 0 within
+    MESH_RUNTIME__SHUTDOWN_TIMEOUT_S (6 s) plus its interpreter's exit. Its steps (the
+    in-flight inputs, the commit, leaving the group, the producer's flush) share that
+    bound; bounded one by one, they added up to twice the bound (15 s)."""
+    embedded = EmbeddedBroker().__enter__()
+    try:
+        agent, log = await _running_stage(prefix, tmp_path, embedded, slow=4,
+                                          MESH_RUNTIME__BROKER_TIMEOUT_S="600",
+                                          MESH_RUNTIME__SHUTDOWN_TIMEOUT_S="6")
+        assert embedded.pid is not None
+        os.kill(embedded.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(3)  # the handlers finish; their outputs wait
+            assert agent.alive(), log.read_text()
+            began = time.monotonic()
+            code = agent.terminate(timeout=90)
+            took = time.monotonic() - began
+        finally:
+            os.kill(embedded.pid, signal.SIGCONT)
+    finally:
+        embedded.stop()
+    output = log.read_text()
+    assert "still busy" in output, output  # waiting for acks, then cancelled
+    assert took < 6 + 4, f"stopped {took:.1f} s after SIGTERM\n{output}"
+    assert code == 0, output  # a stop asked for, not a failure

@@ -14,7 +14,7 @@ from mesh import Agent, Context, MeshSettings, Topic
 from mesh.errors import TransportError
 from mesh.kafka.base import Acks, Partition, Record
 from mesh.runtime.lanes import Lanes
-from mesh.runtime.runner import AgentRunner
+from mesh.runtime.runner import AgentRunner, Deadline
 from mesh.serde.codec import Codec
 
 PART = Partition("orders", 0)
@@ -324,3 +324,33 @@ async def test_a_runner_that_stops_while_its_tables_restore_takes_no_partition()
         await assigning  # raises the AssertionError on the old code
     assert runner.assignment() == frozenset()
     assert runner._fatal is None and not runner.assigned.is_set()
+
+
+async def test_at_shutdown_a_close_gives_inputs_in_flight_half_of_what_is_left() -> None:
+    """Pass: the shutdown's bound (2 s) started, an input whose handler never returns:
+    closing its lane waits about half the bound for it (not the 25 s a rebalance's close
+    may wait), then cancels it uncommitted, leaving the rest to the commit and to
+    leaving the group; the lane is gone."""
+    harness = Harness()
+    entered, never = asyncio.Event(), asyncio.Event()
+
+    async def handle(rec: Record) -> Acks:
+        entered.set()
+        await never.wait()
+        raise AssertionError("the handler returned")
+
+    harness.lanes.handle = handle
+    deadline = Deadline(2.0)
+    harness.lanes.deadline = deadline
+    harness.lanes.feed(PART, [record(0, b"a")])
+    async with asyncio.timeout(10):
+        await entered.wait()
+    loop = asyncio.get_running_loop()
+    deadline.start()
+    began = loop.time()
+    async with asyncio.timeout(10):
+        await harness.close()
+    took = loop.time() - began
+    assert 0.9 <= took < 1.6, took
+    assert harness.lanes.partitions() == []
+    assert 0.0 < deadline.left() <= 1.1
