@@ -22,6 +22,11 @@ records:
   before the clock starts), keyed by an id made before the clock starts, to a topic
   laid out as ``mesh.audit``: the record per event that the audit adds, without
   building it.
+* raw-records (a floor, not in the default runs): the raw producer sending exactly the
+  records the emitter produces (Avro values with the envelope's seven headers, and each
+  event's ``produced`` audit record, to a topic laid out as ``mesh.audit``), built by
+  an ``Emitter`` before the clock starts: the wire's share of the emit path, the
+  building set aside.
 
 Time runs from the first call to the last acknowledgement. After each run a group-less
 reader checks the topic holds all N ids (nothing lost). With ``--repeat R`` the runs
@@ -65,12 +70,13 @@ from bench.chain import (  # noqa: E402
     timestamps,
 )
 from mesh import Emitter, MeshSettings, Topic, apply_topics  # noqa: E402
+from mesh.envelope import now_ms  # noqa: E402
 from mesh.kafka.base import OutRecord  # noqa: E402
-from mesh.runtime.audit import PRODUCED, AuditEvent, audit_record  # noqa: E402
+from mesh.runtime.audit import PRODUCED, AuditEvent, audit_record, audit_topic  # noqa: E402
 from mesh.serde.codec import Codec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-RUNS = ("emitter", "emitter-noaudit", "raw", "raw-audit")
+RUNS = ("emitter", "emitter-noaudit", "raw", "raw-audit", "raw-records")
 DEFAULT_RUNS = ("emitter", "emitter-noaudit", "raw")
 
 log = logging.getLogger("bench.emit")
@@ -140,20 +146,52 @@ async def run_emitter(settings: MeshSettings, name: str, round_: int, events: li
     return result
 
 
+async def emitted_records(settings: MeshSettings, topic: Topic[Ping], events: list[Ping],
+                          batch: int) -> list[list[OutRecord]]:
+    """Per emit call, the records ``Emitter.emit`` would produce for ``events`` on
+    ``topic`` (its audit records on a topic laid out as ``mesh.audit``)."""
+    target = await audit_like_topic(settings, f"{topic.name}.audit")
+    emitter = Emitter(settings, source="bench")
+    await emitter.codec.prepare([topic, audit_topic])
+    calls = []
+    for chunk in chunks(events, batch):
+        built = [emitter.record(topic, ping) for ping in chunk]
+        audits = emitter.auditor.produced([(env, record) for record, env in built],
+                                          at_ms=now_ms())
+        calls.append([record for record, _ in built]
+                     + [a._replace(topic=target.name) for a in audits])
+    return calls
+
+
 async def run_raw(settings: MeshSettings, round_: int, events: list[Ping],
-                  args: argparse.Namespace, pids: list[int], audit: bool = False
+                  args: argparse.Namespace, pids: list[int], name: str = "raw"
                   ) -> RunResult:
-    """The raw producer; with ``audit`` the ``raw-audit`` floor (see the module's doc)."""
+    """The raw producer; ``raw-audit`` and ``raw-records``: the floors (see the
+    module's doc)."""
+    audit = name == "raw-audit"
     topic = Topic(f"bench-{uuid.uuid4().hex[:8]}-raw", Ping, key="key",
                   partitions=args.partitions, dead_letters=False)
     await apply_topics(settings.kafka, [topic])
     extra = await audit_like(settings, topic) if audit else None
     keys = [str(uuid.uuid4()).encode() for _ in events] if audit else []
+    calls = (await emitted_records(settings, topic, events, args.batch)
+             if name == "raw-records" else [])
     producer = AIOKafkaProducer(**producer_kwargs(settings.kafka))
     await producer.start()
     try:
-        await producer.send_and_wait(topic.name, events[0].model_dump_json().encode(),
-                                     key=events[0].key.encode())
+        if calls:  # connections made, metadata known: as the emitter's first call does
+            first = calls[0][0]
+            await producer.send_and_wait(first.topic, first.value, key=first.key,
+                                         headers=list(first.headers))
+        else:
+            await producer.send_and_wait(topic.name, events[0].model_dump_json().encode(),
+                                         key=events[0].key.encode())
+
+        async def send_records() -> None:
+            for records in calls:
+                await asyncio.gather(*[await producer.send(r.topic, r.value, key=r.key,
+                                                           headers=list(r.headers))
+                                       for r in records])
 
         async def send() -> None:
             for first in range(0, len(events), args.batch):
@@ -167,11 +205,15 @@ async def run_raw(settings: MeshSettings, round_: int, events: list[Ping],
                                                         headers=list(extra.headers)))
                 await asyncio.gather(*acks)
 
-        name = "raw-audit" if audit else "raw"
-        result = await timed(name, round_, len(events), send, pids, None)
+        result = await timed(name, round_, len(events), send_records if calls else send,
+                             pids, None)
     finally:
         await producer.stop()
-    await check(settings, topic.name, args, lambda v: (json.loads(v)["id"], 0))
+    if calls:
+        serde = Codec().serde(Ping)
+        await check(settings, topic.name, args, lambda v: (serde.decode(v).id, 0))  # type: ignore[attr-defined]
+    else:
+        await check(settings, topic.name, args, lambda v: (json.loads(v)["id"], 0))
     return result
 
 
@@ -209,7 +251,7 @@ def summary(results: list[RunResult]) -> dict[str, Any]:
         of = {r.name: r for r in results if r.round == round_}
         if "raw" not in of:
             continue
-        for name in ("emitter", "emitter-noaudit", "raw-audit"):
+        for name in ("emitter", "emitter-noaudit", "raw-audit", "raw-records"):
             if name in of:
                 per_round.setdefault(name, []).append(of[name].per_s / of["raw"].per_s)
     return {f"{name}_over_raw": {"rounds": values,
@@ -233,7 +275,7 @@ async def main(args: argparse.Namespace) -> int:
         for round_ in range(1, args.repeat + 1):
             for name in runs:
                 if name.startswith("raw"):
-                    r = await run_raw(settings, round_, events, args, pids, name == "raw-audit")
+                    r = await run_raw(settings, round_, events, args, pids, name)
                 else:
                     r = await run_emitter(settings, name, round_, events, args, pids,
                                           profiler if name == "emitter" else None)

@@ -8,7 +8,9 @@ partitions are read from the client's metadata once and again whenever a partiti
 batches are all handed over), stamped with the time it was sent. One task per
 partition with batches to hand over gives them to aiokafka in order; aiokafka takes a
 partition's next batch once the one before it has gone out, and until it does, the
-open batch keeps taking records. A partition's records keep the order they were sent
+open batch keeps taking records. A batch handed over is closed, so aiokafka sends it
+at once instead of holding it ``linger_ms`` for records that can no longer join it
+(the gathering was done here). A partition's records keep the order they were sent
 in; each record's ack resolves to its own partition and offset. This spares each
 record aiokafka's metadata wait, partitioner call, accumulator lookup and future:
 docs/performance.md, "The runtime's sends in batches".
@@ -134,8 +136,11 @@ class Gathered:
             while pending.batches:
                 batch, acks, landed = pending.batches[0]
                 sent = await client.send_batch(batch, topic, partition=partition)
-                # aiokafka has it from here: nothing more goes in (no await since).
+                # aiokafka has it from here: nothing more goes in (no await since), so
+                # closed, as a full batch is: aiokafka would otherwise hold it for
+                # linger_ms for records that can no longer come (the gathering was here).
                 pending.batches.pop(0)
+                batch.close()
                 _settle_when_sent(sent, acks, landed, partition)
             known = client.client.cluster.partitions_for_topic(topic)
             if known and len(known) != len(self.partitions.get(topic, ())):

@@ -124,3 +124,27 @@ async def test_a_bad_record_fails_alone(broker: BrokerUnderTest, prefix: str) ->
     good = [f"{p}{i}".encode() for p in "ab" for i in range(10)]
     assert [landed[position] for position in positions] == good  # each at its ack's offset
     assert sorted(landed.values()) == sorted([*good, b"c0"])
+
+
+async def test_a_gathered_batch_goes_out_at_once_not_after_linger_ms(
+        broker: BrokerUnderTest, prefix: str) -> None:
+    """With ``linger_ms`` at 5 s, an emit-sized `send_all` (200 records) and a single
+    `send` are acknowledged within 2.5 s each, and so is a send while the partition's
+    previous batch is still on its way. Pass: each batch handed to aiokafka is closed
+    (nothing more can go into it once handed over), so aiokafka sends it at once. Fail:
+    aiokafka holds each for linger_ms waiting for records that cannot come (every
+    emitter call waited 5 ms for nothing: 0.46x of a raw producer, 0.62x since)."""
+    topic = Topic(f"{prefix}.linger", Item, key="key", partitions=2)
+    settings = broker.settings()
+    await apply_topics(settings.kafka, [topic])
+    kafka = settings.kafka.model_copy(update={"linger_ms": 5_000})
+    async with Producer(kafka) as producer:
+        await producer.send_all([OutRecord(topic.name, b"warm", b"k")])  # metadata known
+        async with asyncio.timeout(2.5):
+            await producer.send_all([OutRecord(topic.name, f"v{i}".encode(), f"k{i}".encode())
+                                     for i in range(200)])
+        async with asyncio.timeout(2.5):
+            first = await producer.send(OutRecord(topic.name, b"one", partition=0))
+            second = await producer.send(OutRecord(topic.name, b"two", partition=0))
+            await Acks([first, second]).wait()
+    assert len(await read_all(settings, [topic.name])) == 203
