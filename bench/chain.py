@@ -49,6 +49,7 @@ import pstats
 import resource
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -60,6 +61,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import aiokafka  # noqa: E402
+import confluent_kafka  # noqa: E402
 from aiokafka import (  # noqa: E402
     AIOKafkaConsumer,
     AIOKafkaProducer,
@@ -98,8 +100,9 @@ from mesh.runtime.audit import (  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 KEYS = 64  # distinct record keys, spread over the partitions
 MESH_RUNS = ("mesh", "mesh-noaudit", "mesh-blocking", "mesh-partition")
-RAW_RUNS = ("raw", "raw-shared", "raw-avro", "raw-avro-audit")
-COMPARED = (*MESH_RUNS, "raw-shared", "raw-avro", "raw-avro-audit")  # each reported over raw
+RDKAFKA_RUNS = ("rdkafka", "rdkafka-avro-audit")  # the raw stages on librdkafka
+RAW_RUNS = ("raw", "raw-shared", "raw-avro", "raw-avro-audit", *RDKAFKA_RUNS)
+COMPARED = (*MESH_RUNS, "raw-shared", "raw-avro", "raw-avro-audit", *RDKAFKA_RUNS)  # over raw
 HOPS = (("in", "ab"), ("ab", "bc"), ("bc", "out"))  # each stage's input and output topic
 STAGES = (("a", "in", "ab"), ("b", "ab", "bc"), ("c", "bc", "out"))  # name, source, target
 ASSIGN_TIMEOUT_S = 60.0
@@ -580,6 +583,114 @@ class RawStage:
             await self.producer.stop()
 
 
+def rdkafka_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """librdkafka's names for the settings ``consumer_kwargs`` and ``producer_kwargs``
+    give aiokafka (fetch sizes left at librdkafka's defaults). Plaintext only: the
+    benchmark runs on loopback."""
+    if kafka.security_protocol != "PLAINTEXT":
+        raise BenchError("the rdkafka runs take a PLAINTEXT broker only")
+    timings = kafka.group_timings()
+    return {"bootstrap.servers": kafka.bootstrap_servers, "client.id": kafka.client_id,
+            "session.timeout.ms": timings["session_timeout_ms"],
+            "heartbeat.interval.ms": timings["heartbeat_interval_ms"],
+            "fetch.wait.max.ms": timings["fetch_max_wait_ms"],
+            "max.poll.interval.ms": kafka.max_poll_interval_ms,
+            "acks": -1 if kafka.acks == "all" else int(kafka.acks),
+            "enable.idempotence": kafka.idempotent_producer, "linger.ms": kafka.linger_ms,
+            "batch.size": kafka.max_batch_size,
+            "partitioner": "murmur2_random",  # Java's (and the mesh's) partitioner
+            "log_level": 4}  # warnings up: not each idle connection the broker closes
+
+
+class RdStage:
+    """``RawStage`` on librdkafka (confluent-kafka), the way its users write a stage:
+    in a thread of its own, ``consume`` a batch (up to 500 records, 200 ms) ->
+    ``produce`` each output (``json``, or with ``codec`` the schema work of ``raw-avro``
+    and with ``audit`` its prebuilt audit record) -> ``flush`` (every ack) -> a
+    synchronous commit of the batch's offsets. librdkafka fetches, batches, partitions
+    and sends in its own threads, in C, outside the interpreter's lock: what moving the
+    mesh's transport onto it could gain (bench/README.md)."""
+
+    def __init__(self, kafka: KafkaSettings, group: str, source: str, target: str, *,
+                 codec: tuple[Codec, Topic[Ping]] | None = None,
+                 audit: OutRecord | None = None) -> None:
+        config = rdkafka_config(kafka)
+        producing = ("acks", "enable.idempotence", "linger.ms", "batch.size", "partitioner")
+        self.consumer = confluent_kafka.Consumer(
+            {k: v for k, v in config.items() if k not in producing}
+            | {"group.id": group, "enable.auto.commit": False,
+               "auto.offset.reset": "earliest"})
+        self.producer = confluent_kafka.Producer(
+            {k: config[k] for k in ("bootstrap.servers", "client.id", "log_level", *producing)})
+        self.source, self.target, self.group = source, target, group
+        self.codec, self.audit = codec, audit
+        self.listener = _Assigned()
+        self.handled = 0
+        self.failed: list[str] = []  # delivery errors, from librdkafka's callbacks
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.consumer.subscribe([self.source], on_assign=self._assigned)
+
+    def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+        if partitions and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.listener.event.set)
+
+    def _delivered(self, error: Any, message: Any) -> None:
+        if error is not None:
+            self.failed.append(str(error))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        halt = threading.Event()
+        watcher = asyncio.create_task(stop.wait())
+        watcher.add_done_callback(lambda _: halt.set())
+        try:
+            await asyncio.to_thread(self._loop, halt)
+        finally:
+            watcher.cancel()
+
+    def _loop(self, halt: threading.Event) -> None:
+        consumer, producer, target = self.consumer, self.producer, self.target
+        serde = self.codec[0].serde(Ping) if self.codec is not None else None
+        while not halt.is_set():
+            messages: list[Any] = consumer.consume(MAX_RECORDS, POLL_MS / 1000)
+            if not messages:
+                continue
+            offsets: dict[tuple[str, int], int] = {}
+            sent = 0
+            for m in messages:
+                if m.error() is not None:
+                    raise BenchError(f"{self.group}: {m.error()}")
+                if serde is None:
+                    producer.produce(target, json.dumps(json.loads(m.value())).encode(),
+                                     key=m.key(), on_delivery=self._delivered)
+                else:
+                    assert self.codec is not None
+                    codec, topic = self.codec
+                    ping = serde.decode(m.value()).model_copy()
+                    headers = m.headers() or []
+                    producer.produce(target, codec.encode(topic, ping)[0], key=m.key(),
+                                     headers=headers, on_delivery=self._delivered)
+                    if self.audit is not None:
+                        correlation = next(v for k, v in headers if k == CORRELATION_ID)
+                        producer.produce(self.audit.topic, self.audit.value, key=correlation,
+                                         headers=list(self.audit.headers),
+                                         on_delivery=self._delivered)
+                        sent += 1
+                sent += 1
+                offsets[(m.topic(), m.partition())] = m.offset() + 1
+            if producer.flush(60) or self.failed:
+                raise BenchError(f"{self.group}: outputs not acknowledged: {self.failed[:3]}")
+            consumer.commit(offsets=[confluent_kafka.TopicPartition(t, p, o)
+                                     for (t, p), o in offsets.items()], asynchronous=False)
+            self.handled += sent
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.consumer.close)
+        await asyncio.to_thread(self.producer.flush, 30)
+
+
 async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMeter,
                   run: str = "raw") -> RunResult:
     """The raw chain, run ``run``. ``raw-shared``: its three stages produce through one
@@ -589,7 +700,11 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
     are injected as ``mesh emit`` builds them; ``raw-avro-audit``: as ``raw-avro``, and
     each input also sends an audit record of the size of the mesh's, to a topic laid out
     as ``mesh.audit``. With ``--processes`` each stage runs in a process of its own."""
-    shared, avro, audit = run == "raw-shared", run.startswith("raw-avro"), run == "raw-avro-audit"
+    rdkafka = run in RDKAFKA_RUNS
+    shared = run == "raw-shared"
+    avro, audit = run.endswith(("-avro", "-avro-audit")), run.endswith("-avro-audit")
+    if rdkafka and args.processes:
+        raise BenchError(f"{run} runs its stages in threads of this process only")
     prefix = f"bench-{uuid.uuid4().hex[:8]}-raw"
     topics = chain_topics(prefix, args.partitions, dead_letters=False)
     await apply_topics(settings.kafka, topics.values())
@@ -602,7 +717,10 @@ async def run_raw(settings: MeshSettings, args: argparse.Namespace, cpu: CpuMete
     processes = StageProcesses([StageSpec(run, *where(settings), prefix, *stage,
                                           args.partitions, audits.get(stage[0]))
                                 for stage in STAGES]) if args.processes else None
-    stages = [] if processes else [
+    stages: list[RawStage | RdStage] = [] if processes else [
+        RdStage(kafka, f"{prefix}-{name}", topics[src].name, topics[dst].name,
+                codec=(codec, topics[src]) if avro else None, audit=audits.get(name))
+        if rdkafka else
         RawStage(kafka, f"{prefix}-{name}", topics[src].name, topics[dst].name, one,
                  codec=(codec, topics[src]) if avro else None, audit=audits.get(name))
         for name, src, dst in STAGES]
@@ -1050,7 +1168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "mesh-partition: ordering='partition', one input at a time per partition; "
                         "raw-shared: the raw stages share one producer, as the mesh's agents; "
                         "raw-avro: the raw stages decode, validate and encode as the mesh; "
-                        "raw-avro-audit: raw-avro plus one prebuilt audit record per input)")
+                        "raw-avro-audit: raw-avro plus one prebuilt audit record per input; "
+                        "rdkafka, rdkafka-avro-audit: raw and raw-avro-audit with the stages "
+                        "on librdkafka (confluent-kafka), each in a thread)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds allowed for the sink to receive all N")
     parser.add_argument("--broker", choices=("embedded", "apache"), default="embedded",

@@ -151,15 +151,15 @@ async def emitted_records(settings: MeshSettings, topic: Topic[Ping], events: li
     """Per emit call, the records ``Emitter.emit`` would produce for ``events`` on
     ``topic`` (its audit records on a topic laid out as ``mesh.audit``)."""
     target = await audit_like_topic(settings, f"{topic.name}.audit")
-    emitter = Emitter(settings, source="bench")
-    await emitter.codec.prepare([topic, audit_topic])
     calls = []
-    for chunk in chunks(events, batch):
-        built = [emitter.record(topic, ping) for ping in chunk]
-        audits = emitter.auditor.produced([(env, record) for record, env in built],
-                                          at_ms=now_ms())
-        calls.append([record for record, _ in built]
-                     + [a._replace(topic=target.name) for a in audits])
+    async with Emitter(settings, source="bench") as emitter:  # its producer sends nothing
+        await emitter.codec.prepare([topic, audit_topic])
+        for chunk in chunks(events, batch):
+            built = [emitter.record(topic, ping) for ping in chunk]
+            audits = emitter.auditor.produced([(env, record) for record, env in built],
+                                              at_ms=now_ms())
+            calls.append([record for record, _ in built]
+                         + [a._replace(topic=target.name) for a in audits])
     return calls
 
 
