@@ -104,9 +104,9 @@ class Mesh:
         try:
             async with asyncio.TaskGroup() as tasks:
                 watch = tasks.create_task(self.watch.run(self.stop_event), name="broker-watch")
-                await asyncio.wait([tasks.create_task(runner.run(self.stop_event),
-                                                      name=runner.agent.name)
-                                    for runner in self.runners])
+                runs = [tasks.create_task(runner.run(self.stop_event), name=runner.agent.name)
+                        for runner in self.runners]
+                await (asyncio.wait(runs) if runs else self.stop_event.wait())
                 # The agents have stopped: a check still waiting for a broker that does
                 # not answer must not hold the shutdown past its bound.
                 watch.cancel()
