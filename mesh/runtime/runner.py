@@ -145,7 +145,8 @@ class AgentRunner:
                 self.deadline.start()
                 self._stopping = True
                 await self.lanes.close(self.lanes.partitions())
-                await _settle(timers, self.deadline.left())  # a run's sends, acknowledged
+                await bounded(asyncio.gather(*timers), self.deadline.left(),
+                              f"agent {self.agent.name}: the timers' last sends")
         finally:
             self._tasks = None
             self.deadline.start()  # also when the agent failed
@@ -467,17 +468,6 @@ class Deadline:
         if self._at is None:
             return self.seconds
         return max(0.0, self._at - time.monotonic())
-
-
-async def _settle(tasks: list[asyncio.Task[None]], timeout: float) -> None:
-    """Wait up to ``timeout`` for ``tasks``; cancel the ones still running."""
-    if not tasks:
-        return
-    _, late = await asyncio.wait(tasks, timeout=timeout)
-    for task in late:
-        task.cancel()
-    if late:
-        await asyncio.wait(late)
 
 
 async def bounded(work: Awaitable[Any], timeout: float, what: str) -> None:
