@@ -14,6 +14,9 @@ partition count::
 * mesh: three ``Agent`` s in one ``Mesh`` (one consumer group each, the mesh's shared
   producer, Avro single-object values and mesh headers). Each handler returns a copy
   of its input. Events are injected with the mesh's codec and envelope headers.
+* mesh-eos: the mesh run exactly-once (``runtime.exactly_once``: Kafka transactions of
+  a consumed partition's inputs, their outputs and offsets; ``--broker apache`` only),
+  every consumer and the sink reading committed records only.
 * raw: the same chain written directly with aiokafka: per stage an
   ``AIOKafkaConsumer`` in its own group (manual commits) and an ``AIOKafkaProducer``;
   consume a batch -> ``json.loads`` -> produce ``json.dumps`` -> wait for all acks ->
@@ -99,7 +102,7 @@ from mesh.runtime.audit import (  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 KEYS = 64  # distinct record keys, spread over the partitions
-MESH_RUNS = ("mesh", "mesh-noaudit", "mesh-blocking", "mesh-partition")
+MESH_RUNS = ("mesh", "mesh-noaudit", "mesh-blocking", "mesh-partition", "mesh-eos")
 RDKAFKA_RUNS = ("rdkafka", "rdkafka-avro-audit")  # the raw stages on librdkafka
 RAW_RUNS = ("raw", "raw-shared", "raw-avro", "raw-avro-audit", *RDKAFKA_RUNS)
 COMPARED = (*MESH_RUNS, "raw-shared", "raw-avro", "raw-avro-audit", *RDKAFKA_RUNS)  # over raw
@@ -152,7 +155,8 @@ class BenchError(RuntimeError):
 def consumer_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
     """The consumer settings the mesh's transport.Consumer uses, for raw clients."""
     return dict(**kafka.client_kwargs(), enable_auto_commit=False,
-                auto_offset_reset="earliest", max_poll_interval_ms=kafka.max_poll_interval_ms,
+                auto_offset_reset="earliest", isolation_level=kafka.isolation_level,
+                max_poll_interval_ms=kafka.max_poll_interval_ms,
                 fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=MAX_REQUEST_BYTES,
                 **kafka.group_timings())
 
@@ -386,10 +390,16 @@ async def passthrough(payload: Ping, ctx: Context) -> Ping:
 
 
 def mesh_settings(run: str, settings: MeshSettings) -> MeshSettings:
-    """The settings of mesh run ``run``: ``mesh-noaudit`` has the audit off."""
+    """The settings of mesh run ``run``: ``mesh-noaudit`` has the audit off, ``mesh-eos``
+    runs its agents exactly-once (Kafka transactions) and reads, the sink too, committed
+    records only."""
     if run == "mesh-noaudit":  # the cost of publishing to mesh.audit
         return settings.model_copy(update={
             "audit": settings.audit.model_copy(update={"enabled": False})})
+    if run == "mesh-eos":  # the cost of exactly-once
+        return settings.model_copy(update={
+            "runtime": settings.runtime.model_copy(update={"exactly_once": True}),
+            "kafka": settings.kafka.model_copy(update={"isolation_level": "read_committed"})})
     return settings
 
 
@@ -1064,6 +1074,9 @@ async def main(args: argparse.Namespace) -> int:
     if not runs or any(r not in (*MESH_RUNS, *RAW_RUNS) for r in runs):
         raise SystemExit(f"--runs takes {', '.join((*MESH_RUNS, *RAW_RUNS))}, got "
                          f"{args.runs!r}")
+    if "mesh-eos" in runs and args.broker == "embedded":
+        raise SystemExit("mesh-eos needs Kafka transactions, which the embedded broker does "
+                         "not have: run it with --broker apache")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     profilers = {name: cProfile.Profile() for name in runs
                  if args.profile and name in MESH_RUNS}
@@ -1166,6 +1179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="which runs, in order (mesh-noaudit: audit publishing off; "
                         "mesh-blocking: blocking retries, so no retry-tier topics; "
                         "mesh-partition: ordering='partition', one input at a time per partition; "
+                        "mesh-eos: exactly-once (Kafka transactions, --broker apache only), "
+                        "read committed to the sink; "
                         "raw-shared: the raw stages share one producer, as the mesh's agents; "
                         "raw-avro: the raw stages decode, validate and encode as the mesh; "
                         "raw-avro-audit: raw-avro plus one prebuilt audit record per input; "

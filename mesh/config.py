@@ -54,9 +54,10 @@ class KafkaSettings(BaseModel):
     max_poll_interval_ms: int = Field(default=300_000, gt=0)
     # >= 50 on the embedded broker only (checked below); Apache Kafka takes any wait
     fetch_max_wait_ms: int | None = Field(default=None, ge=0)
-    # How long a record sent alone (a transactional producer's sends) waits for others
-    # to share its batch. The other producers gather a partition's records while its
-    # previous batch is on its way and hand each batch over closed: it goes at once.
+    # aiokafka's linger_ms: how long a batch that is not full waits for more records.
+    # The mesh's producers (the transactional one too) gather a partition's records
+    # while its previous batch is on its way and hand each batch over closed, so their
+    # batches go at once; raw aiokafka clients given these settings (bench/) linger.
     linger_ms: int = Field(default=5, ge=0)
     max_batch_size: int = Field(default=262_144, gt=0)
     # acks=0 would make "committed after the broker acknowledged" untrue: not offered.

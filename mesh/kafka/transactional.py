@@ -1,8 +1,9 @@
 """The transactional producer: records and consumed offsets committed together.
 
-Split from :mod:`mesh.kafka.transport`, whose client lifecycle and error translation it
-shares; its records are sent per record, not gathered (:mod:`mesh.kafka.gather`), so
-that ``commit()`` finds every one of them in aiokafka.
+Split from :mod:`mesh.kafka.transport`, whose client lifecycle, error translation and
+gathered sends (:mod:`mesh.kafka.gather`) it shares. ``commit()`` and ``abort()`` first
+hand every gathered batch to aiokafka, which sends them all before it ends the
+transaction.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 from mesh.config import KafkaSettings
 from mesh.errors import TransportError
 from mesh.kafka.base import Partition, transport_error
+from mesh.kafka.gather import Gathered
 from mesh.kafka.transport import MAX_REQUEST_BYTES, Client, Producer, _tp
 
 
@@ -43,7 +45,6 @@ class TransactionalProducer(Producer):
     """
 
     _role = "transactional producer"
-    # Its records are sent at once, not gathered: commit() must find them in aiokafka.
 
     def __init__(self, settings: KafkaSettings, transactional_id: str, *,
                  timeout_ms: int = 60_000) -> None:
@@ -57,6 +58,7 @@ class TransactionalProducer(Producer):
             retry_backoff_ms=20,
             max_batch_size=settings.max_batch_size, max_request_size=MAX_REQUEST_BYTES,
         )
+        self._gathered = Gathered()
 
     async def start(self) -> None:
         try:
@@ -77,6 +79,7 @@ class TransactionalProducer(Producer):
         ``group_id`` to the open transaction and commit it: its records and the offsets
         become visible together, or (on error) neither."""
         try:
+            await self._gathered.drain()  # every record in aiokafka, which sends it first
             if offsets:
                 await self._client.send_offsets_to_transaction(
                     {_tp(p): o for p, o in offsets.items()}, group_id)
@@ -88,6 +91,7 @@ class TransactionalProducer(Producer):
         """Abort the open transaction: its records are never seen by ``read_committed``
         readers and its offsets never committed."""
         try:
+            await self._gathered.drain()  # none handed over once the transaction is gone
             await self._client.abort_transaction()
         except KafkaError as exc:
             raise self._error(exc, "Aborting a transaction") from exc

@@ -128,7 +128,6 @@ class Producer(Client, BaseProducer):
     """
 
     _role = "producer"
-    _gathered: Gathered | None = None  # None: a send per record (a transactional producer)
     _auto_idempotence = False  # idempotent by default, not by an explicit setting
 
     def __init__(self, settings: KafkaSettings) -> None:
@@ -136,7 +135,7 @@ class Producer(Client, BaseProducer):
         self._settings = settings
         self._auto_idempotence = settings.idempotence is None and settings.idempotent_producer
         self._client = self._make(idempotent=settings.idempotent_producer)
-        self._gathered = Gathered()
+        self._gathered = Gathered()  # the transactional producer has one too
 
     def _make(self, *, idempotent: bool) -> AIOKafkaProducer:
         settings = self._settings
@@ -170,20 +169,10 @@ class Producer(Client, BaseProducer):
         """Queue ``record``; the returned awaitable resolves when the broker acks it
         (to the record's partition and offset)."""
         gathered = self._gathered
-        if gathered is None:
-            try:
-                ack: Awaitable[Any] = await self._client.send(  # aiokafka: an asyncio.Future
-                    record.topic, record.value, key=record.key, headers=list(record.headers),
-                    partition=record.partition)
-            except KafkaError as exc:
-                raise transport_error(exc, f"Producing to {record.topic}") from exc
-            return ack
         return gathered.put(self._client, record, await self._partitions(gathered, record))
 
     async def send_many(self, records: Iterable[OutRecord]) -> Acks:
         gathered = self._gathered
-        if gathered is None:
-            return await super().send_many(records)
         client, known = self._client, gathered.partitions
         acks = list[Awaitable[Any]]()
         for record in records:  # send()'s work without a coroutine per record
@@ -195,8 +184,6 @@ class Producer(Client, BaseProducer):
 
     async def send_all(self, records: Iterable[OutRecord]) -> list[tuple[int, int]]:
         gathered = self._gathered
-        if gathered is None:
-            return await super().send_all(records)
         client, known = self._client, gathered.partitions
         placed = []  # per record: its batch's ack and its offset in the batch
         for record in records:  # waiting for whole batches: no ack per record
@@ -221,8 +208,7 @@ class Producer(Client, BaseProducer):
         return partitions
 
     async def _close(self) -> None:
-        if self._gathered is not None:
-            await self._gathered.drain()  # what is queued goes out first
+        await self._gathered.drain()  # what is queued goes out first
         await super()._close()
 
 

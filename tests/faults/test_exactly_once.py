@@ -22,8 +22,9 @@ from pydantic import BaseModel
 from mesh import Agent, Codec, Context, EmbeddedBroker, Mesh, MeshSettings, Topic, apply_topics
 from mesh.agent import Ordering
 from mesh.errors import ConfigError, Held, TransportError
-from mesh.kafka.base import Partition
+from mesh.kafka.base import OutRecord, Partition
 from mesh.kafka.reader import TopicReader
+from mesh.kafka.transactional import TransactionalProducer
 from mesh.kafka.transport import Consumer
 from mesh.runtime.transactions import exactly_once, transactional_id
 from mesh.testing.checker import check
@@ -202,6 +203,43 @@ async def test_an_aborted_transaction_commits_no_output_state_or_offset(
     async with Consumer(settings.kafka, group_id=agent.group) as group:
         committed = [await group.committed(Partition(inbox.name, p)) for p in (0, 1)]
     assert committed == [1 + max((o for p, o in ends if p == q), default=-1) for q in (0, 1)]
+
+
+async def test_a_transactions_gathered_records_are_committed_or_aborted_with_it(
+        broker: BrokerUnderTest, prefix: str) -> None:
+    """The transactional producer gathers its records into batches as the other
+    producers do. Pass: records sent without waiting for their acks and committed at
+    once are all in the committed log, in each partition in the order sent and each at
+    its ack's offset; records sent and aborted at once are in the log but never seen
+    read_committed; a send outside a transaction fails its ack. Fail: commit() or abort()
+    ends the transaction while batches are still on their way to aiokafka."""
+    needs_transactions(broker)
+    topic = Topic(f"{prefix}.txn", Item, key="key", partitions=2)
+    settings = broker.settings()
+    await apply_topics(settings.kafka, [topic])
+    kept = [OutRecord(topic.name, f"kept-{i}".encode(), f"k{i % 5}".encode()) for i in range(200)]
+    dropped = [OutRecord(topic.name, f"dropped-{i}".encode(), f"k{i % 5}".encode())
+               for i in range(50)]
+    async with TransactionalProducer(settings.kafka, f"{prefix}-txn") as producer:
+        await producer.begin()
+        acks = await producer.send_many(kept)
+        await producer.commit({}, f"{prefix}-group")
+        landed = await acks.wait()
+        await producer.begin()
+        await producer.send_many(dropped)
+        await producer.abort()
+        ack = await producer.send(OutRecord(topic.name, b"outside", b"k0"))
+        with pytest.raises(Exception, match="transaction"):
+            await ack
+    async with TopicReader(settings.kafka, [topic.name],
+                           isolation_level="read_committed") as reader:
+        committed = await reader.read_to_end(timeout=60)
+    assert [r.value for r in committed if r.partition == 0] == [
+        r.value for r, (p, _) in zip(kept, landed, strict=True) if p == 0]
+    assert {(r.partition, r.offset): r.value for r in committed} == {
+        where: r.value for r, where in zip(kept, landed, strict=True)}
+    everything = await read(settings, topic.name, "read_uncommitted")
+    assert len(everything) == len(kept) + len(dropped)
 
 
 async def test_kill_9_mid_transaction_leaves_no_duplicate_in_the_committed_log(
