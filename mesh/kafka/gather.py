@@ -146,10 +146,12 @@ class Gathered:
             if known and len(known) != len(self.partitions.get(topic, ())):
                 self.partitions[topic] = sorted(known)  # the topic grew (or was recreated)
         except BaseException as exc:
+            # aiokafka's errors, KafkaError or not (IllegalOperation: a transactional
+            # producer's batch outside a transaction), as the mesh's TransportError
             failed = transport_error(exc, f"Producing to {topic}") if isinstance(
-                exc, KafkaError) else exc
+                exc, Exception) else None
             for _, acks, landed in pending.batches:
-                _fail(acks, landed, failed if isinstance(exc, Exception) else None)
+                _fail(acks, landed, failed)
             if not isinstance(exc, Exception):
                 raise
         finally:

@@ -168,8 +168,8 @@ class Producer(Client, BaseProducer):
     async def send(self, record: OutRecord) -> Awaitable[Any]:
         """Queue ``record``; the returned awaitable resolves when the broker acks it
         (to the record's partition and offset)."""
-        gathered = self._gathered
-        return gathered.put(self._client, record, await self._partitions(gathered, record))
+        return self._gathered.put(self._client, record,
+                                  await self._partitions(self._gathered, record))
 
     async def send_many(self, records: Iterable[OutRecord]) -> Acks:
         gathered = self._gathered
