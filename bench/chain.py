@@ -3,6 +3,7 @@
     .venv/bin/python bench/chain.py [--events N] [--size BYTES] [--runs mesh,raw]
                                     [--partitions P] [--rate EVENTS_PER_S] [--profile]
                                     [--broker embedded|apache] [--nodes N] [--processes]
+                                    [--loop-lag]
 
 All runs share one broker (the embedded Tansu broker, or Apache Kafka started from its
 jars; loopback only, stopped by pid) and this process (with ``--processes`` each stage
@@ -180,6 +181,38 @@ async def schedule(n: int, size: int, rate: float) -> AsyncIterator[range]:
             if delay > 0:
                 await asyncio.sleep(delay)  # pacing the injection schedule, not a wait
         yield range(first, min(n, first + size))
+
+
+class LoopLag:
+    """Stalls of this process's event loop during a run (``--loop-lag``): a task that
+    sleeps ``TICK_S`` at a time notes each wake-up more than ``THRESHOLD_S`` late, so a
+    tail of slow hops can be told apart from a busy process. Stage processes
+    (``--processes``) are not watched."""
+
+    TICK_S = 0.005
+    THRESHOLD_S = 0.03
+
+    def __init__(self) -> None:
+        self.stalls_ms: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.stalls_ms = []
+        self._task = asyncio.create_task(self._watch(), name="loop lag")
+
+    async def stop(self) -> list[float]:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        return self.stalls_ms
+
+    async def _watch(self) -> None:
+        while True:  # until stop() cancels it, at the end of the run
+            due = time.monotonic() + self.TICK_S
+            await asyncio.sleep(self.TICK_S)
+            late = time.monotonic() - due
+            if late > self.THRESHOLD_S:
+                self.stalls_ms.append(round(late * 1000, 1))
 
 
 class CpuMeter:
@@ -1095,13 +1128,24 @@ async def main(args: argparse.Namespace) -> int:
             print(f"running {name} (load average {load:.2f}) ...", flush=True)
             cpu = CpuMeter(pids)
             profiler = profilers.get(name)
-            if name in MESH_RUNS:
-                results[name] = await run_mesh(settings, args, profiler, cpu, name)
-            else:
-                results[name] = await run_raw(settings, args, cpu, name)
+            lag = LoopLag() if args.loop_lag else None
+            if lag is not None:
+                lag.start()
+            try:
+                if name in MESH_RUNS:
+                    results[name] = await run_mesh(settings, args, profiler, cpu, name)
+                else:
+                    results[name] = await run_raw(settings, args, cpu, name)
+            finally:
+                stalls = [] if lag is None else await lag.stop()
             r = results[name]
             r.name = name
             r.extra["load_average_before"] = load
+            if lag is not None:
+                r.extra["loop_stalls_ms"] = stalls
+                print(f"  {name}: {len(stalls)} event-loop stalls over "
+                      f"{LoopLag.THRESHOLD_S * 1000:.0f} ms in this process"
+                      f"{f', the longest {max(stalls):.0f} ms' if stalls else ''}", flush=True)
             print(f"  {name}: {r.throughput:.0f} events/s, p50 {r.latency_ms['p50']:.1f} ms, "
                   f"p99 {r.latency_ms['p99']:.1f} ms; CPU per event: client "
                   f"{r.extra['client_cpu_us_per_event'] or 0:.0f} us, broker "
@@ -1196,6 +1240,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="events of an unreported raw run first (warms a JVM broker)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile each mesh run (injection to last arrival)")
+    parser.add_argument("--loop-lag", action="store_true",
+                        help="watch this process's event loop during each run and report "
+                        "its stalls over 30 ms (a tail of slow hops, or a busy process?)")
     parser.add_argument("--processes", action="store_true",
                         help="each stage in a process of its own, as deployed (mesh and raw "
                         "alike); the injector and sink stay in this one")
