@@ -28,7 +28,7 @@ import time
 from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalOperation, KafkaError
 
 from mesh.errors import TransportError
 from mesh.kafka.base import OutRecord, transport_error
@@ -149,9 +149,9 @@ class Gathered:
             # aiokafka's errors, KafkaError or not (IllegalOperation: a transactional
             # producer's batch outside a transaction), as the mesh's TransportError
             failed = transport_error(exc, f"Producing to {topic}") if isinstance(
-                exc, Exception) else None
+                exc, (KafkaError, IllegalOperation)) else exc
             for _, acks, landed in pending.batches:
-                _fail(acks, landed, failed)
+                _fail(acks, landed, failed if isinstance(exc, Exception) else None)
             if not isinstance(exc, Exception):
                 raise
         finally:
