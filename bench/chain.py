@@ -695,7 +695,10 @@ class RdStage:
 
     def _loop(self, halt: threading.Event) -> None:
         consumer, producer, target = self.consumer, self.producer, self.target
-        serde = self.codec[0].serde(Ping) if self.codec is not None else None
+        serde = None
+        if self.codec is not None:  # raw-avro's schema work
+            codec, topic = self.codec
+            serde = codec.serde(Ping)
         while not halt.is_set():
             messages: list[Any] = consumer.consume(MAX_RECORDS, POLL_MS / 1000)
             if not messages:
@@ -709,8 +712,6 @@ class RdStage:
                     producer.produce(target, json.dumps(json.loads(m.value())).encode(),
                                      key=m.key(), on_delivery=self._delivered)
                 else:
-                    assert self.codec is not None
-                    codec, topic = self.codec
                     ping = serde.decode(m.value()).model_copy()
                     headers = m.headers() or []
                     producer.produce(target, codec.encode(topic, ping)[0], key=m.key(),
