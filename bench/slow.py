@@ -185,8 +185,7 @@ class Sink:
         kwargs = consumer_kwargs(kafka)
         for key in ("session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms"):
             kwargs.pop(key)
-        self._consumer = AIOKafkaConsumer(group_id=None, isolation_level=kafka.isolation_level,
-                                          **kwargs)
+        self._consumer = AIOKafkaConsumer(group_id=None, **kwargs)  # kwargs: isolation too
         self._parts = [TopicPartition(topic, p) for p in range(partitions)]
         self._decode = decode
 
