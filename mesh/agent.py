@@ -159,8 +159,9 @@ class Context:
 
     def put(self, topic: Topic[M], key: str, value: M) -> None:
         """Stage ``key`` = ``value`` in the state table. Applied and persisted only if the
-        handler succeeds, with its outputs (acknowledged before the input's offset is
-        committed); a failed attempt's writes are dropped."""
+        handler succeeds, with its outputs (before them with :attr:`Agent.state_first`;
+        acknowledged before the input's offset is committed); a failed attempt's writes
+        are dropped."""
         self.staged.append((topic.name, key, value, self.table(topic).record_of(key, value)))
 
     def delete(self, topic: Topic[M], key: str) -> None:
@@ -261,6 +262,14 @@ class Agent(Generic[P]):
             replicas together: each takes the share of its partitions), so a wide
             concurrency does not trip a provider's rate limit. None: no limit.
     """
+
+    #: Send an input's outputs only once its state writes (``ctx.put``) are acknowledged.
+    #: At least once, a crash can otherwise keep an output and lose the state that
+    #: caused it, and whoever acts on that output meets a restarted replica whose state
+    #: lags until the input is redelivered. Costs one more produce round trip per input
+    #: that writes state and emits; exactly-once commits both together anyway. The
+    #: coordinator sets it (people act on its approval requests).
+    state_first: bool = False
 
     def __init__(self, name: str, *, consumes: Topic[P] | Sequence[Topic[Any]],
                  produces: Topic[Any] | Sequence[Topic[Any]] = (),

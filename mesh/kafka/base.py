@@ -68,6 +68,10 @@ class Acks:
     def __init__(self, futures: list[Awaitable[Any]]) -> None:
         self._futures = futures
 
+    def __add__(self, other: Acks) -> Acks:
+        """The acks of both sends."""
+        return Acks(self._futures + other._futures)
+
     def done(self) -> bool:
         """Whether every record was acknowledged (or failed)."""
         return all(f.done() for f in self._futures)  # type: ignore[attr-defined]

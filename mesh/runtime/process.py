@@ -20,6 +20,10 @@ about one input):
   the observers (metrics, heartbeats).
 * ``Held`` (a breaker open) is not a failure: it propagates to the lane, which keeps
   the input and hands it over again when the hold ends.
+* With ``state_first`` (an agent's ``state_first``, at least once), an input's outputs
+  are sent only once its state writes are acknowledged: no one sees an output whose
+  state a crash could still lose, to act on it while a restarted replica's state lags
+  (a person approving a step that the restored workflow has not asked for yet).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any, NamedTuple
 from mesh.agent import Agent, Context
 from mesh.config import MeshSettings
 from mesh.envelope import TRACESTATE, Envelope, now_ms, read_headers
-from mesh.errors import DecodeError, Held, InputError, PayloadTooLarge
+from mesh.errors import DecodeError, Held, InputError, PayloadTooLarge, TransportError
 from mesh.kafka.base import Acks, OutRecord, Record
 from mesh.runtime import retry
 from mesh.runtime.audit import DEAD_LETTER, OK, RETRY, Auditor
@@ -126,6 +130,9 @@ class RecordProcessor:
         send: sends what one input produced (the shared producer at least once; the
             exactly-once lanes send in the input partition's transaction).
         context: the handler's :class:`~mesh.agent.Context` for an event.
+        state_first: send an input's outputs only once its state writes are acknowledged
+            (the at-least-once runner, for an agent with ``state_first``; a transaction
+            makes both visible together anyway).
 
     Example:
         >>> processor = RecordProcessor(agent, settings, codec=codec, send=send,
@@ -135,11 +142,13 @@ class RecordProcessor:
     """
 
     def __init__(self, agent: Agent[Any], settings: MeshSettings, *, codec: Codec, send: Send,
-                 context: Callable[[Envelope[Any]], Context]) -> None:
+                 context: Callable[[Envelope[Any]], Context],
+                 state_first: bool = False) -> None:
         self.agent = agent
         self.codec = codec
         self.send = send
         self.context = context
+        self.state_first = state_first
         self.max_bytes = settings.runtime.max_message_bytes
         self.outputs = Outputs(codec, self.max_bytes)
         self.auditor = Auditor(codec, settings.audit, source=agent.name)
@@ -289,9 +298,26 @@ class RecordProcessor:
                 return acks, attempt, exc, [], DEAD_LETTER
             self.handled += 1
             audit = earlier + self._audit(record, this, OK, tried, emitted=emitted, ctx=ctx)
+            if self.state_first and emitted and len(records) > len(emitted):
+                acks = await self._state_first(record, records[len(emitted):],
+                                               records[:len(emitted)] + audit)
+                return acks, attempt, None, records, OK
             return (await self.send(record, records + audit), attempt, None, records,
                     OK)
         raise AssertionError("unreachable: the last attempt returns or dead-letters")
+
+    async def _state_first(self, record: Record, state: list[OutRecord],
+                           rest: list[OutRecord]) -> Acks:
+        """Send ``state`` and, once the broker has it, ``rest`` (the outputs and the
+        audit). A failed state write sends nothing more: its acks fail the input as any
+        failed ack does (the lane stops, the input is not committed, the next owner
+        handles it again), and nothing it caused was seen."""
+        written = await self.send(record, state)
+        try:
+            await written.wait()
+        except TransportError:
+            return written
+        return written + await self.send(record, rest)
 
     async def _to_retry_topic(self, record: Record, event: Envelope[Any], tried: float,
                               error: Exception, ctx: Context) -> Acks:

@@ -98,7 +98,7 @@ class AgentRunner:
         self.deadline = deadline or Deadline(settings.runtime.shutdown_timeout_s)
         self.lanes.deadline = self.deadline
         self.processor = RecordProcessor(agent, settings, codec=codec, send=self._send,
-                                         context=self._context)
+                                         context=self._context, state_first=agent.state_first)
         self.observers: list[Observer] = self.processor.observers  # metrics, heartbeats
         # Foreign producers: keys in another partition than murmur2's (retry topics keep
         # their input's partition on purpose, so only the inputs are checked), and

@@ -443,6 +443,7 @@ class TransactionalRunner(AgentRunner):
         super().__init__(agent, settings.model_copy(update={"kafka": kafka}),
                          producer=producer, codec=codec, deadline=deadline)
         self.processor.send = self.lanes.send
+        self.processor.state_first = False  # the transaction shows outputs and state together
 
     async def run(self, stop: asyncio.Event) -> None:
         try:

@@ -37,7 +37,10 @@ pytestmark = [
 # the cleaner run; tombstones go 100 ms after their segment was cleaned.
 FAST = {"segment_ms": 100, "min_cleanable_dirty_ratio": 0.01, "delete_retention_ms": 100}
 CLEANER_TIMEOUT_S = 150.0  # the cleaner looks for work every 15 s when it found none
-NUDGE_S = 0.5  # the pace of writes that roll the active segments meanwhile
+# The pace of writes that roll the active segments meanwhile: each adds three records
+# the cleaner must catch up with (at 0.5 s, a loaded CI machine's cleaners did not: 95
+# records > 84 after 150 s), and any pace over segment_ms rolls them.
+NUDGE_S = 2.0
 
 
 class Row(BaseModel):
@@ -59,13 +62,16 @@ async def _compacted(broker: BrokerUnderTest, table: CompactedTable[Any], *,
     ``until`` records; fail after ``CLEANER_TIMEOUT_S``."""
     deadline = time.monotonic() + CLEANER_TIMEOUT_S
     live = sorted(table.items())[:3]
+    seen: list[int] = []
     while True:
         records = await read_all(broker.settings(), [table.topic.name])
         if len(records) <= until:
             return records
+        seen.append(len(records))
         if time.monotonic() > deadline:
             raise AssertionError(f"{table.topic.name} still holds {len(records)} records "
-                                 f"(> {until}) after {CLEANER_TIMEOUT_S:.0f} s: not compacted")
+                                 f"(> {until}) after {CLEANER_TIMEOUT_S:.0f} s: not compacted "
+                                 f"(counts read: {seen[:5]} ... {seen[-5:]}, least {min(seen)})")
         await _write(broker, table, live)
         with contextlib.suppress(TimeoutError):  # pacing the nudges, bounded by the deadline
             await asyncio.wait_for(asyncio.Event().wait(), NUDGE_S)

@@ -30,7 +30,9 @@ specialists run only tasks that check (:mod:`mesh.patterns.delegation.signing`),
 decisions are applied.
 
 Kafka semantics: the workflow's state lives in a compacted workflows topic, written
-with the handler's outputs and acknowledged before the input's offset is committed. A
+before the handler's outputs (they are sent once it is acknowledged, so nothing a
+person or a specialist sees can come from a state that a crash loses) and before the
+input's offset is committed. A
 coordinator killed -9 restarts from that topic (a step waiting for approval still
 waits); an input it had applied and that is redelivered (the same record) re-sends only
 what it caused that is still pending, so a step whose result was recorded is never
@@ -126,6 +128,10 @@ class Coordinator(Agent[Any]):
             does not say (``approval_timeout_s``); then it is rejected.
         check_every_s: the timer's period for approval deadlines and wall time.
     """
+
+    # Its plans, tasks, approval requests and events go out once the workflow's state is
+    # written: a person who approves a requested step after a crash finds it waiting.
+    state_first = True
 
     def __init__(self, name: str, *, topics: DelegationTopics, planner: Planner,
                  reviewer: Reviewer | None = None, synthesizer: Synthesizer = collect,
