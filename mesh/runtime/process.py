@@ -170,7 +170,7 @@ class RecordProcessor:
             logger.warning("agent %s: bad input %s[%d]@%d: %s", self.agent.name, record.topic,
                            record.partition, record.offset, exc)
             audit = self._audit(record, None, DEAD_LETTER, started, exc)
-            acks = await self._dead_letter(record, exc, attempts=1, extra=audit)
+            acks = await self.send(record, [*audit, self._dead_letter(record, exc, attempts=1)])
             self._observe(record, None, started, attempts=1, error=exc, outputs=(),
                           result=DEAD_LETTER)
             return acks
@@ -298,26 +298,27 @@ class RecordProcessor:
                 return acks, attempt, exc, [], DEAD_LETTER
             self.handled += 1
             audit = earlier + self._audit(record, this, OK, tried, emitted=emitted, ctx=ctx)
-            if self.state_first and emitted and len(records) > len(emitted):
-                acks = await self._state_first(record, records[len(emitted):],
-                                               records[:len(emitted)] + audit)
-                return acks, attempt, None, records, OK
-            return (await self.send(record, records + audit), attempt, None, records,
-                    OK)
+            return (await self._send_produced(record, records, len(emitted), audit),
+                    attempt, None, records, OK)
         raise AssertionError("unreachable: the last attempt returns or dead-letters")
 
-    async def _state_first(self, record: Record, state: list[OutRecord],
-                           rest: list[OutRecord]) -> Acks:
-        """Send ``state`` and, once the broker has it, ``rest`` (the outputs and the
-        audit). A failed state write sends nothing more: its acks fail the input as any
-        failed ack does (the lane stops, the input is not committed, the next owner
-        handles it again), and nothing it caused was seen."""
-        written = await self.send(record, state)
+    async def _send_produced(self, record: Record, records: list[OutRecord], outputs: int,
+                             rest: list[OutRecord]) -> Acks:
+        """Send what a handler (or failure handler) produced: ``records``, its first
+        ``outputs`` outputs and then its state writes, with ``rest`` (audit records, a
+        dead letter). With ``state_first``, when there are both, the state writes go
+        alone and the rest once the broker has them; a failed state write sends nothing
+        more: its acks fail the input as any failed ack does (the lane stops, the input
+        is not committed, the next owner handles it again), and nothing it caused was
+        seen."""
+        if not (self.state_first and 0 < outputs < len(records)):
+            return await self.send(record, records + rest)
+        written = await self.send(record, records[outputs:])
         try:
             await written.wait()
         except TransportError:
             return written
-        return written + await self.send(record, rest)
+        return written + await self.send(record, records[:outputs] + rest)
 
     async def _to_retry_topic(self, record: Record, event: Envelope[Any], tried: float,
                               error: Exception, ctx: Context) -> Acks:
@@ -354,14 +355,13 @@ class RecordProcessor:
             records = [r for _, r in emitted] + ctx.commit_state()
         except Exception:  # the failure handler failed too: the dead letter still goes
             logger.exception("agent %s: on_failure raised", self.agent.name)
-        return await self._dead_letter(record, error, attempts=attempts,
-                                       extra=[*records, *audit(emitted)],
-                                       first_failure_ms=first_failure_ms)
+        return await self._send_produced(record, records, len(emitted), [
+            *audit(emitted), self._dead_letter(record, error, attempts=attempts,
+                                               first_failure_ms=first_failure_ms)])
 
-    async def _dead_letter(self, record: Record, error: BaseException, *, attempts: int,
-                           extra: Sequence[OutRecord] = (),
-                           first_failure_ms: int | None = None) -> Acks:
+    def _dead_letter(self, record: Record, error: BaseException, *, attempts: int,
+                     first_failure_ms: int | None = None) -> OutRecord:
+        """The dead letter of ``record`` (counted), to send with what else it produced."""
         self.dead_lettered += 1
-        return await self.send(record, [
-            *extra, dead_letter(record, error, agent=self.agent.name, attempts=attempts,
-                                first_failure_ms=first_failure_ms)])
+        return dead_letter(record, error, agent=self.agent.name, attempts=attempts,
+                           first_failure_ms=first_failure_ms)

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from mesh import Agent, Context, MeshSettings, Topic
+from mesh import Agent, Context, MeshSettings, RetryPolicy, Topic
 from mesh.envelope import Envelope
 from mesh.kafka.base import Acks, OutRecord, Record
 from mesh.patterns.delegation.coordinator import Coordinator
@@ -59,12 +59,26 @@ class Broker:
                 future.set_exception(error)
 
 
-async def processor(state_first: bool) -> tuple[RecordProcessor, Broker, Record]:
+async def fail(ask: Ask, ctx: Context) -> None:
+    raise ValueError("no answer")
+
+
+async def remember_the_failure(ask: Ask, ctx: Context, error: BaseException) -> None:
+    ctx.put(rows, ask.ask_id, Row(ask_id=ask.ask_id, seen=0))
+    ctx.emit(answers, ask)
+
+
+async def processor(state_first: bool, *, failing: bool = False
+                    ) -> tuple[RecordProcessor, Broker, Record]:
     settings = MeshSettings()
     codec = Codec()
     await codec.prepare([asks, rows, answers])
-    agent = Agent("sf", consumes=asks, produces=answers, state=[rows],
-                  handler=remember_and_answer)
+    if failing:  # fails for good at once; its failure handler writes state and emits
+        agent = Agent("sf", consumes=asks, produces=answers, state=[rows], handler=fail,
+                      on_failure=remember_the_failure, retry=RetryPolicy(attempts=1))
+    else:
+        agent = Agent("sf", consumes=asks, produces=answers, state=[rows],
+                      handler=remember_and_answer)
     table: CompactedTable[Row] = CompactedTable(rows, settings.kafka, codec)
     broker = Broker()
 
@@ -111,6 +125,21 @@ async def test_a_failed_state_write_sends_nothing_it_caused() -> None:
         assert "NotEnoughReplicas" in str(exc)
     else:
         raise AssertionError("the failed state write's acks did not fail")
+
+
+async def test_a_failure_handlers_outputs_and_dead_letter_wait_for_its_state_write() -> None:
+    """Pass: an input that fails for good, whose failure handler writes state and
+    emits: the state row goes out alone; the output, the audit record and the dead
+    letter follow once the broker acknowledged it."""
+    proc, broker, record = await processor(state_first=True, failing=True)
+    handling = asyncio.ensure_future(proc.process(record))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert broker.calls == [[rows.name]]
+    assert not handling.done()
+    broker.ack(0)
+    await asyncio.wait_for(handling, 5)
+    assert broker.calls == [[rows.name], [answers.name, "mesh.audit", asks.dlq_name]]
 
 
 async def test_without_state_first_everything_goes_in_one_send() -> None:
