@@ -247,11 +247,11 @@ async def test_kill_9_mid_transaction_leaves_no_duplicate_in_the_committed_log(
         broker: BrokerUnderTest, prefix: str, tmp_path: Path) -> None:
     """Pass: a chain of three exactly-once `mesh run` processes (MESH_RUNTIME__
     EXACTLY_ONCE=true) under load, stage2 killed -9 at 20 %, 50 % and 80 % of its
-    committed output (with transactions open) and restarted, each restart in its group
-    before the next kill: a read_committed reader of the output finds
-    nothing lost, per-key order kept and zero duplicates in the log (the checker's
-    log duplicates), while stage2's output topic holds aborted records (the kills did
-    hit open transactions)."""
+    committed output, each once a transaction of it was seen open, and restarted, each
+    restart in its group before the next kill: a read_committed reader of the output
+    finds nothing lost, per-key order kept and zero duplicates in the log (the checker's
+    log duplicates), while stage2's output topic holds aborted records (a kill did hit
+    an open transaction, as the broker's offsets right after it show)."""
     needs_transactions(broker)
     app = build(prefix)
     settings = read_committed(broker.settings())
@@ -262,12 +262,16 @@ async def test_kill_9_mid_transaction_leaves_no_duplicate_in_the_committed_log(
     codec = Codec()
     log = (tmp_path / "agents.log").open("wb")
     env = {"MESH_RUNTIME__EXACTLY_ONCE": "true"}
+    # stage2's transactions last up to 1 s (not 100 ms), so one is open most of the time
+    # and a kill right after one was seen open seldom lands just after its commit: timed
+    # by its output only, a loaded CI run once had all three kills fall between two.
+    slow = {**env, "MESH_RUNTIME__TRANSACTION_MAX_MS": "1000"}
     procs = {name: AgentProcess(broker, f"tests.apps.stages:{name}", prefix=prefix, log=log,
-                                env=env)
+                                env=slow if name == "stage2" else env)
              for name in ("stage1", "stage2", "stage3")}
     for proc in procs.values():
         proc.start()
-    killed = []
+    killed, hits = [], 0
     try:
         # The kills follow stage2's own committed output, not the sink: stage3 may lag
         # far behind it, and a kill timed by the sink once came when stage2 was almost
@@ -277,8 +281,11 @@ async def test_kill_9_mid_transaction_leaves_no_duplicate_in_the_committed_log(
             await inject(settings, [encode(codec, source, i) for i in items])
             for n, fraction in enumerate((0.2, 0.5, 0.8), start=2):
                 await written.reached(int(len(items) * fraction), timeout=180)
+                await until_open(settings, middle.name, middle.partitions)
                 killed.append(procs["stage2"].pid)
                 procs["stage2"].kill9()
+                # nothing commits or aborts until the restart fences the killed producer
+                hits += bool(await open_transactions(settings, middle.name, middle.partitions))
                 procs["stage2"].start()
                 # the next kill hits a stage2 that has joined its group and taken the
                 # partitions (fencing the killed one's transactions)
@@ -293,6 +300,7 @@ async def test_kill_9_mid_transaction_leaves_no_duplicate_in_the_committed_log(
     assert codes == {"stage1": 0, "stage2": 0, "stage3": 0}, \
         (tmp_path / "agents.log").read_text()
     assert len(set(killed)) == 3
+    assert hits, "none of the 3 kills left a transaction of stage2 open"
     aborted = (set(await read(settings, middle.name, "read_uncommitted"))
                - set(await read(settings, middle.name, "read_committed")))
     assert aborted, "no aborted record in stage2's output: no kill hit an open transaction"
