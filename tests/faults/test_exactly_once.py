@@ -13,6 +13,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -81,6 +82,17 @@ async def until_open(settings: MeshSettings, topic: str, partitions: int,
             return False
         await asyncio.sleep(0.05)  # ListOffsets has no change event: ask again, bounded
     return True
+
+
+async def kill9_mid_transaction(proc: AgentProcess, settings: MeshSettings,
+                                topic: Topic[Any]) -> bool:
+    """Kill ``proc`` -9 once a transaction of it with records on ``topic`` is open; whether
+    the kill left one open. Asked right after it: nothing of the killed producer commits
+    or aborts until its restart fences it. It can still miss: a commit may land between
+    the broker's answer and the signal, and the next transaction not have written yet."""
+    await until_open(settings, topic.name, topic.partitions)
+    proc.kill9()
+    return bool(await open_transactions(settings, topic.name, topic.partitions))
 
 
 async def assigned_times(log: Path, agent: str, times: int, timeout: float = 120.0) -> None:
@@ -281,11 +293,8 @@ async def test_kill_9_mid_transaction_leaves_no_duplicate_in_the_committed_log(
             await inject(settings, [encode(codec, source, i) for i in items])
             for n, fraction in enumerate((0.2, 0.5, 0.8), start=2):
                 await written.reached(int(len(items) * fraction), timeout=180)
-                await until_open(settings, middle.name, middle.partitions)
                 killed.append(procs["stage2"].pid)
-                procs["stage2"].kill9()
-                # nothing commits or aborts until the restart fences the killed producer
-                hits += bool(await open_transactions(settings, middle.name, middle.partitions))
+                hits += await kill9_mid_transaction(procs["stage2"], settings, middle)
                 procs["stage2"].start()
                 # the next kill hits a stage2 that has joined its group and taken the
                 # partitions (fencing the killed one's transactions)
@@ -335,19 +344,14 @@ async def test_kill_9_with_many_inputs_in_flight_on_many_keys_stays_exactly_once
     try:
         async with Progress(settings, sink.name) as progress:
             await inject(settings, [encode(codec, source, i) for i in items])
-            # Two kills must leave a transaction open. One can still miss: a commit may
-            # land between the broker's answer and the signal, and the next transaction
-            # may not have written yet. Whether it hit is asked right after it (nothing
-            # commits or aborts until the restart fences the killed producer); a miss
-            # is killed again further on, at most five kills in all.
+            # Two kills must leave a transaction open; a miss (kill9_mid_transaction says
+            # how one happens) is killed again further on, at most five kills in all.
             for fraction in (0.2, 0.35, 0.5, 0.65, 0.8):
                 if hits == 2:
                     break
                 await progress.reached(int(len(items) * fraction), timeout=180)
-                await until_open(settings, sink.name, sink.partitions)
                 killed.append(proc.pid)
-                proc.kill9()
-                hits += bool(await open_transactions(settings, sink.name, sink.partitions))
+                hits += await kill9_mid_transaction(proc, settings, sink)
                 proc.start()
             await progress.reached(len(items), timeout=240)
         assert proc.alive()

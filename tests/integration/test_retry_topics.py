@@ -7,12 +7,12 @@ from mesh.envelope import ATTEMPT
 from mesh.kafka.base import OutRecord
 from mesh.policy import RetryPolicy
 from mesh.runtime.dead_letter import DLQ_ATTEMPTS, DLQ_ERROR_CLASS, DLQ_OFFSET, DLQ_TOPIC
-from mesh.runtime.retry import FIRST_FAILURE, LAST_FAILURE, RETRY_DUE
+from mesh.runtime.retry import FIRST_FAILURE, LAST_FAILURE, RETRY_DUE, headers_of
 from mesh.testing.checker import check
 from tests.apps.retry import build
 from tests.apps.stages import Item
 from tests.conftest import BrokerUnderTest
-from tests.support import encode, history, inject, make_items, read_all, wait_for_count
+from tests.support import encode, event_id, history, inject, make_items, read_all, wait_for_count
 
 
 async def test_retriable_failures_go_through_retry_topics_without_blocking_the_partition(
@@ -53,11 +53,11 @@ async def test_retriable_failures_go_through_retry_topics_without_blocking_the_p
     # trail the failure by more than the delay (a loaded CI run on Apache Kafka had it).
     due_of = {}
     for record in retried:
-        headers = {k: v.decode() for k, v in record.headers}
+        headers = headers_of(record)
         failed_attempt = int(headers[ATTEMPT]) - 1
         assert (int(headers[RETRY_DUE]) - int(headers[LAST_FAILURE])
                 == agent.retry.delay_ms(failed_attempt) == 300 * 2 ** (failed_attempt - 1))
-        due_of[headers["mesh-event-id"]] = int(headers[RETRY_DUE])
+        due_of[event_id(record)] = int(headers[RETRY_DUE])
     # ...and no retry was handled before it was due: the output it made was written later
     for record, item in zip(outputs, decoded, strict=True):
         if item.source_id in flaky:  # type: ignore[attr-defined]
